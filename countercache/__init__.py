@@ -1,0 +1,53 @@
+"""countercache: denormalized counter columns kept exact by SQLAlchemy 2.x.
+
+Declare a counter on the parent class; the library keeps it equal to the
+number of children as the application inserts, deletes and re-parents rows::
+
+    from countercache import counter_cache
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        question_count: Mapped[int] = counter_cache("questions")
+
+How updates reach the database is chosen per counter or in configuration:
+``"bulk"`` (one aggregated UPDATE after each flush, the default) or
+``"per_row"`` (an UPDATE per changed child row).
+"""
+
+from __future__ import annotations
+
+from .config import configure as configure
+from .config import configure_from_file as configure_from_file
+from .config import configured_strategy as configured_strategy
+from .declaration import CounterCache as CounterCache
+from .declaration import counter_cache as counter_cache
+from .declaration import uninstall as uninstall
+from .errors import AssignmentError as AssignmentError
+from .errors import ConfigurationError as ConfigurationError
+from .errors import CounterCacheError as CounterCacheError
+from .tracking import suspended as suspended
+
+__all__ = [
+    "counter_cache",
+    "CounterCache",
+    "configure",
+    "configure_from_file",
+    "configured_strategy",
+    "suspended",
+    "uninstall",
+    "CounterCacheError",
+    "ConfigurationError",
+    "AssignmentError",
+]
+
+__version__ = "0.1.0"
+
+
+def _reset_for_tests() -> None:
+    """Forget configuration and the counters of classes declared since import (tests only)."""
+    from . import _registry, config
+
+    config._reset()
+    _registry.restore(([], {}, set()))

@@ -1,0 +1,86 @@
+"""The process-wide registry of declared counters (private).
+
+Counters are added when their class's mapper is constructed and resolved
+when mappers are configured. Tests snapshot and restore this state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect
+
+from .errors import CounterCacheError
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+
+_counters: list[CounterCache] = []
+_by_name: dict[str, list[CounterCache]] = {}
+
+
+def add(counter: CounterCache) -> None:
+    _counters.append(counter)
+    _by_name.setdefault(counter.name, []).append(counter)
+
+
+def remove(counter: CounterCache) -> None:
+    if counter in _counters:
+        _counters.remove(counter)
+        _by_name[counter.name].remove(counter)
+        if not _by_name[counter.name]:
+            del _by_name[counter.name]
+
+
+def all_counters() -> list[CounterCache]:
+    return list(_counters)
+
+
+def by_name(name: str) -> list[CounterCache]:
+    return _by_name.get(name, [])
+
+
+def class_names() -> set[str]:
+    return {c.cls.__name__ for c in _counters if c.cls is not None} | _declared_classes
+
+
+def counter_names(class_name: str) -> list[str]:
+    return sorted(c.key for c in _counters if c.cls is not None and c.cls.__name__ == class_name)
+
+
+# Names of every mapped class seen since install, counters or not, so that an
+# override naming a class without counters is caught at configure().
+_declared_classes: set[str] = set()
+
+
+def lookup(counter: Any) -> CounterCache:
+    """Find the definition behind ``User.question_count`` (or its name)."""
+    if isinstance(counter, str):
+        found = by_name(counter)
+        if len(found) != 1:
+            raise CounterCacheError(
+                f"{counter}: "
+                + ("no such counter" if not found else "several classes declare this counter")
+            )
+        return found[0]
+    try:
+        prop = inspect(counter).property
+        column = prop.columns[0]
+    except Exception:
+        raise CounterCacheError(f"{counter!r} is not a counter attribute") from None
+    definition = column.info.get("countercache")
+    if definition is None or definition.cls is None:
+        raise CounterCacheError(f"{counter} is not a counter declared with counter_cache()")
+    return definition
+
+
+def snapshot() -> tuple[list[CounterCache], dict[str, list[CounterCache]], set[str]]:
+    return list(_counters), {k: list(v) for k, v in _by_name.items()}, set(_declared_classes)
+
+
+def restore(state: tuple[list[CounterCache], dict[str, list[CounterCache]], set[str]]) -> None:
+    _counters[:] = state[0]
+    _by_name.clear()
+    _by_name.update(state[1])
+    _declared_classes.clear()
+    _declared_classes.update(state[2])

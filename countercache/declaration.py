@@ -1,0 +1,236 @@
+"""Declaring a counter: :func:`counter_cache` and the :class:`CounterCache` it builds.
+
+A counter is a column on the parent class whose value the library keeps
+equal to the number of children on a one-to-many relationship::
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        question_count: Mapped[int] = counter_cache("questions")
+
+The definition travels with the column in ``Column.info["countercache"]``.
+It is bound to its class when the class's mapper is constructed and resolved
+(relationship looked up, child mapper instrumented) when mappers are
+configured; every misuse raises :class:`~countercache.CounterCacheError`
+naming the counter at that moment.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Integer, event
+from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty, mapped_column
+from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
+
+from . import _registry, config
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Column
+    from sqlalchemy.orm import MappedColumn
+
+    from .writer import ParentTable
+
+__all__ = ["counter_cache", "CounterCache"]
+
+
+class CounterCache:
+    """The definition of one counter, carried by its column's ``info``.
+
+    Built by :func:`counter_cache`; application code reads it through
+    ``User.question_count.property.columns[0].info["countercache"]`` or
+    :func:`countercache.configured_strategy`.
+    """
+
+    def __init__(self, relationship: str, strategy: str | None) -> None:
+        self.relationship = relationship
+        self.declared_strategy = strategy
+        self.cls: type | None = None
+        self.key: str | None = None
+        self.column: Column[Any] | None = None
+        self.mapper: Mapper[Any] | None = None
+        self.parent: ParentTable | None = None
+        self.child_mapper: Mapper[Any] | None = None
+        # Child attribute keys of the foreign key, in the parent key's order.
+        self.fk_keys: tuple[str, ...] = ()
+        #: Index of this counter among its table's counters (see ParentTable).
+        self.slot = -1
+        self._strategy_cache: tuple[int, str] = (-1, "")
+
+    @property
+    def name(self) -> str:
+        """``"User.question_count"``: how configuration and errors name it."""
+        if self.cls is None:
+            return f"<unbound counter over {self.relationship!r}>"
+        return f"{self.cls.__name__}.{self.key}"
+
+    def strategy(self) -> str:
+        """The strategy in force now (configuration included)."""
+        generation, name = self._strategy_cache
+        if generation != config._config.generation:
+            name = config.resolve(self)
+            self._strategy_cache = (config._config.generation, name)
+        return name
+
+    def __repr__(self) -> str:
+        return f"<CounterCache {self.name} over {self.relationship!r}>"
+
+    # -- binding and resolution -------------------------------------------
+
+    def _bind(self, mapper: Mapper[Any], column: Column[Any]) -> None:
+        self.cls = mapper.class_
+        self.mapper = mapper
+        self.column = column
+        self.key = mapper.get_property_by_column(column).key
+        if self.declared_strategy is not None:
+            config.check_strategy(self.declared_strategy, self.name)
+        _registry.add(self)
+
+    def _resolve(self, mapper: Mapper[Any]) -> None:
+        from . import memory, tracking
+        from .writer import ParentTable
+
+        prop = self._relationship_property(mapper)
+        parent_cols = [local for local, _ in prop.local_remote_pairs]
+        pk = list(mapper.primary_key)
+        if sorted(map(id, parent_cols)) != sorted(map(id, pk)) or len(parent_cols) != len(pk):
+            raise ConfigurationError(
+                f"{self.name}: relationship {self.relationship!r} must join on "
+                f"{mapper.class_.__name__}'s primary key; joins on other columns are not supported"
+            )
+        remote_by_local = {id(local): remote for local, remote in prop.local_remote_pairs}
+        child_mapper = prop.mapper
+        fk_keys = []
+        for col in pk:
+            remote = remote_by_local[id(col)]
+            try:
+                fk_keys.append(child_mapper.get_property_by_column(remote).key)
+            except Exception:
+                raise ConfigurationError(
+                    f"{self.name}: column {remote} is not mapped on {child_mapper.class_.__name__}"
+                ) from None
+        self.child_mapper = child_mapper
+        self.fk_keys = tuple(fk_keys)
+        self.parent = ParentTable.for_column(mapper, self.column)
+        self.parent.add(self)
+        memory.guard_assignment(self)
+        tracking.track_child(child_mapper, self)
+
+    def _relationship_property(self, mapper: Mapper[Any]) -> RelationshipProperty[Any]:
+        prop: MapperProperty[Any] | None = mapper.attrs.get(self.relationship)
+        if prop is None:
+            raise ConfigurationError(
+                f"{self.name}: {mapper.class_.__name__} has no relationship {self.relationship!r}"
+            )
+        if not isinstance(prop, RelationshipProperty):
+            raise ConfigurationError(
+                f"{self.name}: {self.relationship!r} is not a relationship() "
+                f"but a {type(prop).__name__}"
+            )
+        if prop.direction is MANYTOONE:
+            raise ConfigurationError(
+                f"{self.name}: {self.relationship!r} is many-to-one; a counter counts the "
+                "children of a one-to-many relationship (declare it on the other class)"
+            )
+        if prop.direction is MANYTOMANY or prop.secondary is not None:
+            raise ConfigurationError(
+                f"{self.name}: many-to-many relationship {self.relationship!r} is not "
+                "supported yet (unsupported construct)"
+            )
+        return prop
+
+
+def counter_cache(
+    relationship: str,
+    *,
+    strategy: str | None = None,
+    **column_kwargs: Any,
+) -> MappedColumn[Any]:
+    """Declare a counter of the children on ``relationship``.
+
+    :param relationship: the name of a one-to-many relationship on the same
+        class; the child class may be declared later in the module.
+    :param strategy: ``"bulk"`` (one aggregated UPDATE per flush, the
+        default) or ``"per_row"`` (an UPDATE per changed child row). The
+        configuration may override it (:func:`countercache.configure`).
+    :param column_kwargs: passed to :func:`~sqlalchemy.orm.mapped_column`
+        (``name=``, ``type_=BigInteger``, ``index=True``, ``comment=``...).
+
+    Returns the column: Integer, ``nullable=False``, ``default=0``,
+    ``server_default="0"``. The column is the library's: assigning to it
+    raises :class:`~countercache.CounterCacheError`.
+    """
+    for unsupported in ("where", "sum"):
+        if unsupported in column_kwargs:
+            raise ConfigurationError(
+                f"counter_cache({relationship!r}): {unsupported}= is not supported yet"
+            )
+    if not isinstance(relationship, str) or not relationship:
+        raise ConfigurationError(
+            f"counter_cache({relationship!r}): the relationship must be given by name, as a string"
+        )
+    definition = CounterCache(relationship, strategy)
+    info = dict(column_kwargs.pop("info", None) or {})
+    info["countercache"] = definition
+    column_kwargs.setdefault("nullable", False)
+    column_kwargs.setdefault("default", 0)
+    column_kwargs.setdefault("server_default", "0")
+    type_ = column_kwargs.pop("type_", Integer)
+    _install()
+    return mapped_column(type_, info=info, **column_kwargs)
+
+
+# -- mapper-level hooks (global, installed once, removable) -----------------
+
+
+def _after_mapper_constructed(mapper: Mapper[Any], class_: type) -> None:
+    _registry._declared_classes.add(class_.__name__)
+    found = False
+    for column in mapper.columns:
+        definition = column.info.get("countercache")
+        if isinstance(definition, CounterCache) and definition.cls is None:
+            definition._bind(mapper, column)
+            found = True
+    if found or class_.__name__ in {k.split(".")[0] for k in config._config.overrides}:
+        config.check_overrides_for(class_.__name__)
+
+
+def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    for column in mapper.columns:
+        definition = column.info.get("countercache")
+        if isinstance(definition, CounterCache) and definition.mapper is mapper and definition.parent is None:
+            definition._resolve(mapper)
+
+
+_HOOKS = (
+    (Mapper, "after_mapper_constructed", _after_mapper_constructed),
+    (Mapper, "mapper_configured", _mapper_configured),
+)
+
+
+def _install() -> None:
+    from . import tracking
+
+    for target, name, fn in _HOOKS:
+        if not event.contains(target, name, fn):
+            event.listen(target, name, fn)
+    tracking.install()
+
+
+def uninstall() -> None:
+    """Remove every listener countercache registered.
+
+    Counters stop being maintained (in every session) until the next class
+    declaring a counter is mapped. Meant for tests and for applications that
+    hand maintenance to something else; ``reconcile()`` repairs what happened
+    meanwhile.
+    """
+    from . import memory, tracking
+
+    for target, name, fn in _HOOKS:
+        if event.contains(target, name, fn):
+            event.remove(target, name, fn)
+    tracking.uninstall()
+    memory.uninstall()

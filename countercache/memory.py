@@ -1,0 +1,87 @@
+"""Keeping parents in memory right (private).
+
+After the UPDATE, every parent instance in the session's identity map gets
+the new value with ``set_committed_value`` (from ``UPDATE ... RETURNING``),
+or has the counter expired where the backend cannot return it (MariaDB).
+Neither marks the parent dirty, so the counter never shows in
+``session.dirty`` and a ``version_id_col`` is not bumped.
+
+Direct assignment to a counter attribute is refused: the column is the
+library's. ``session.merge()`` copies loaded state and is let through,
+keeping the value the target session already holds.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from .errors import AssignmentError
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+    from .writer import ParentTable, Results
+
+_guarded: list[tuple[Any, Any]] = []
+
+
+def apply(session: Session, parent: ParentTable, results: Results) -> None:
+    """Show ``results`` of one UPDATE on the parents in ``session``'s identity map."""
+    identity_map = session.identity_map
+    key_from_pk = parent.mapper.identity_key_from_primary_key
+    counter_keys = None
+    for pk, values in results:
+        obj = identity_map.get(key_from_pk(pk))
+        if obj is None:
+            continue
+        if values is None:
+            if counter_keys is None:
+                counter_keys = [c.key for c in parent.counters]
+            session.expire(obj, counter_keys)
+        else:
+            for key, value in values.items():
+                set_committed_value(obj, key, value)
+
+
+def _is_merge() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "merge" and frame.f_globals.get("__name__", "").startswith("sqlalchemy.orm"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def guard_assignment(counter: CounterCache) -> None:
+    attribute = getattr(counter.cls, counter.key)  # type: ignore[arg-type]
+
+    def refuse(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+        if _is_merge():
+            # merge() copies what another session loaded: keep ours when we
+            # have it, so a stale copy never overwrites a fresher counter.
+            return value if oldvalue is _NO_VALUE or oldvalue is _NEVER_SET else oldvalue
+        raise AssignmentError(
+            f"{counter.name} is maintained by countercache and cannot be assigned "
+            f"(tried to set it to {value!r}); use countercache.reconcile() to correct it"
+        )
+
+    if not any(a is attribute for a, _ in _guarded):
+        event.listen(attribute, "set", refuse, retval=True)
+        _guarded.append((attribute, refuse))
+
+
+def uninstall() -> None:
+    while _guarded:
+        attribute, fn = _guarded.pop()
+        if event.contains(attribute, "set", fn):
+            event.remove(attribute, "set", fn)
+
+
+from sqlalchemy.orm.base import NEVER_SET as _NEVER_SET  # noqa: E402
+from sqlalchemy.orm.base import NO_VALUE as _NO_VALUE  # noqa: E402

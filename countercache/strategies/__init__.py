@@ -1,0 +1,19 @@
+"""The strategies: when and how a flush's deltas reach the database.
+
+Change tracking (:mod:`countercache.tracking`) calls a strategy with
+``add(counter, parent_key, delta)`` for every change of a child row, then
+``row_done(connection)`` after each row and ``flush_done()`` in
+``after_flush``. The SQL itself is :meth:`countercache.writer.ParentTable.apply`.
+"""
+
+from __future__ import annotations
+
+from .bulk import BulkStrategy
+from .per_row import PerRowStrategy
+
+STRATEGY_CLASSES = {
+    "bulk": BulkStrategy,
+    "per_row": PerRowStrategy,
+}
+
+__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy"]

@@ -1,0 +1,44 @@
+"""What every strategy shares: summing deltas per parent table and key (private)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from ..declaration import CounterCache
+    from ..tracking import FlushState
+    from ..writer import Deltas, ParentTable
+
+
+class Strategy:
+    """Sums deltas per parent table, parent key and counter slot."""
+
+    def __init__(self, flush: FlushState) -> None:
+        self.flush = flush
+        self.pending: dict[ParentTable, Deltas] = {}
+
+    def add(self, counter: CounterCache, key: tuple[Any, ...], delta: int) -> None:
+        parent = counter.parent
+        by_key = self.pending.get(parent)  # type: ignore[arg-type]
+        if by_key is None:
+            by_key = self.pending[parent] = {}  # type: ignore[index]
+        vector = by_key.get(key)
+        if vector is None:
+            vector = by_key[key] = parent.new_vector()  # type: ignore[union-attr]
+        vector[counter.slot] += delta
+
+    def write(self, connection_for: Any) -> None:
+        """Apply and forget everything pending, parent tables in name order."""
+        pending, self.pending = self.pending, {}
+        for parent in sorted(pending, key=lambda p: p.table.fullname):
+            results = parent.apply(connection_for(parent), pending[parent])
+            if results:
+                self.flush.results.append((parent, results))
+
+    def row_done(self, connection: Connection) -> None:
+        """One child row's changes are all added."""
+
+    def flush_done(self) -> None:
+        """``after_flush``: every row of the flush is written."""

@@ -1,0 +1,326 @@
+"""Change tracking: what a flush did to counted children, as per-parent deltas.
+
+This is the one place that turns a flush into deltas. A strategy only
+decides when and how the deltas reach the database.
+
+How a flush is read:
+
+* ``before_flush`` (session) keeps the flush's ``UOWTransaction`` for the
+  mapper hooks below. That is all it does: the children a flush touches are
+  only fully known inside the flush (delete-orphan cascades, foreign keys
+  copied from parents that get their primary key in the same flush).
+* ``after_insert`` (child mapper): +1 to the parent the row points at. The
+  foreign key is already copied from a pending parent by then.
+* ``before_update`` / ``before_delete`` (child mapper): the first call for a
+  child class in a flush reads, in one ``SELECT ... ORDER BY pk FOR UPDATE``,
+  the current foreign key of every row of that class the flush will delete
+  or re-parent. The database row, not the in-memory history, says where the
+  child was: a concurrent transaction may have moved it, and a row another
+  transaction already deleted is not there to decrement (two sessions
+  deleting one child count once). Rows whose foreign key did not change are
+  not read.
+* ``after_update`` / ``after_delete``: -1 to the old parent, +1 to the new.
+
+Work is proportional to what the flush changed; a flush that touches no
+counted class runs none of the mapper hooks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+from sqlalchemy import event, select, tuple_
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.base import NO_VALUE
+
+from .strategies import STRATEGY_CLASSES
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm.state import InstanceState
+    from sqlalchemy.orm.unitofwork import UOWTransaction
+
+    from .declaration import CounterCache
+    from .writer import ParentTable
+
+__all__ = ["suspended"]
+
+#: Rows per SELECT of the pre-read.
+PRELOCK_CHUNK = 5000
+
+_GONE = object()
+
+
+class _Child:
+    """The counters fed by one child mapper, and what the pre-read needs."""
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        self.counters: list[CounterCache] = []
+        self.fk_keys: tuple[str, ...] = ()
+
+    def add(self, counter: CounterCache) -> None:
+        if counter not in self.counters:
+            self.counters.append(counter)
+            keys = list(self.fk_keys)
+            keys.extend(k for k in counter.fk_keys if k not in keys)
+            self.fk_keys = tuple(keys)
+
+
+#: Child mapper -> its counters (inherited ones included, filled lazily).
+_children: weakref.WeakKeyDictionary[Mapper[Any], _Child] = weakref.WeakKeyDictionary()
+_child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.WeakKeyDictionary()
+
+
+class FlushState:
+    """What one flush has found so far (kept per session, for one flush)."""
+
+    __slots__ = ("session", "uow", "old", "read", "strategies", "results")
+
+    def __init__(self, session: Session, uow: UOWTransaction) -> None:
+        self.session = session
+        self.uow = uow
+        #: child state -> {fk key: value in the database before the flush}, or _GONE
+        self.old: dict[InstanceState[Any], Any] = {}
+        #: child infos whose rows were pre-read in this flush
+        self.read: set[_Child] = set()
+        #: strategy name -> strategy instance for this flush (created on first use)
+        self.strategies: dict[str, Any] = {}
+        #: (parent table, results) to show on in-memory parents after the flush
+        self.results: list[tuple[ParentTable, Any]] = []
+
+    def strategy(self, name: str) -> Any:
+        found = self.strategies.get(name)
+        if found is None:
+            found = self.strategies[name] = STRATEGY_CLASSES[name](self)
+        return found
+
+
+_flushes: weakref.WeakKeyDictionary[Session, FlushState] = weakref.WeakKeyDictionary()
+_suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+
+
+def _child_for(mapper: Mapper[Any]) -> _Child | None:
+    try:
+        return _child_cache[mapper]
+    except KeyError:
+        pass
+    merged: _Child | None = None
+    for m in mapper.iterate_to_root():
+        own = _children.get(m)
+        if own is not None:
+            if merged is None:
+                merged = _Child(mapper)
+            for counter in own.counters:
+                merged.add(counter)
+    _child_cache[mapper] = merged
+    return merged
+
+
+def track_child(child_mapper: Mapper[Any], counter: CounterCache) -> None:
+    """Start feeding ``counter`` from ``child_mapper``'s rows."""
+    child = _children.get(child_mapper)
+    if child is None:
+        child = _children[child_mapper] = _Child(child_mapper)
+    child.add(counter)
+    _child_cache.clear()
+    for name, fn in _MAPPER_HOOKS:
+        if not event.contains(child_mapper, name, fn):
+            event.listen(child_mapper, name, fn, raw=True, propagate=True)
+
+
+def _key(d: dict[str, Any], fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+    key = tuple(d.get(k) for k in fk_keys)
+    return None if None in key else key
+
+
+def _changed(fs: FlushState, connection: Connection, counters: list[CounterCache],
+             old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+    """Hand one child row's change (old and new foreign keys) to the strategies."""
+    touched = None
+    for counter in counters:
+        old_key = _key(old, counter.fk_keys) if old is not None else None
+        new_key = _key(new, counter.fk_keys) if new is not None else None
+        if old_key == new_key:
+            continue
+        strategy = fs.strategy(counter.strategy())
+        if old_key is not None:
+            strategy.add(counter, old_key, -1)
+        if new_key is not None:
+            strategy.add(counter, new_key, 1)
+        if touched is None:
+            touched = {strategy}
+        else:
+            touched.add(strategy)
+    if touched:
+        for strategy in touched:
+            strategy.row_done(connection)
+
+
+# -- mapper hooks -------------------------------------------------------------
+
+
+def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    child = _child_for(mapper)
+    if child is not None:
+        _changed(fs, connection, child.counters, None, state.dict)
+
+
+def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    child = _child_for(mapper)
+    if child is not None and child not in fs.read:
+        _pre_read(fs, connection, child)
+
+
+def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    old = fs.old.get(state)
+    if old is None or old is _GONE:
+        return  # foreign keys unchanged (or the row is gone: the ORM raises)
+    child = _child_for(mapper)
+    if child is not None:
+        _changed(fs, connection, child.counters, old, state.dict)
+
+
+def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    old = fs.old.get(state)
+    if old is _GONE:
+        return  # deleted by someone else first: their delete counted it
+    child = _child_for(mapper)
+    if child is None:
+        return
+    if old is None:
+        committed = state.committed_state
+        old = {k: committed.get(k, state.dict.get(k)) for k in child.fk_keys}
+    _changed(fs, connection, child.counters, old, None)
+
+
+_MAPPER_HOOKS = (
+    ("after_insert", _after_insert),
+    ("before_update", _before_write),
+    ("before_delete", _before_write),
+    ("after_update", _after_update),
+    ("after_delete", _after_delete),
+)
+
+
+def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
+    """Read (and lock) the database's foreign keys of rows this flush deletes or moves."""
+    fs.read.add(child)
+    fk_keys = child.fk_keys
+    wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
+    deleting = False
+    for state, (isdelete, listonly) in fs.uow.states.items():
+        if listonly or state.key is None or _child_for(state.mapper) is not child:
+            continue
+        if isdelete:
+            deleting = True
+        elif not any(k in state.committed_state for k in fk_keys):
+            continue
+        wanted[state.key[1]] = state
+    if not wanted:
+        return
+    mapper = child.mapper
+    table = mapper.get_property(fk_keys[0]).columns[0].table  # type: ignore[attr-defined]
+    pk = list(table.primary_key.columns)
+    fk_cols = [mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
+    pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
+    keys = sorted(wanted)
+    found = {}
+    for start in range(0, len(keys), PRELOCK_CHUNK):
+        chunk = keys[start : start + PRELOCK_CHUNK]
+        stmt = (
+            select(*pk, *fk_cols)
+            .where(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk))
+            .order_by(*pk)
+            .with_for_update(key_share=not deleting)
+        )
+        for row in connection.execute(stmt):
+            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :]))
+    for key, state in wanted.items():
+        fs.old[state] = found.get(key, _GONE)
+
+
+# -- session hooks ------------------------------------------------------------
+
+
+def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
+    if _suspended.get(session):
+        _flushes.pop(session, None)
+    else:
+        _flushes[session] = FlushState(session, uow)
+
+
+def _after_flush(session: Session, uow: UOWTransaction) -> None:
+    fs = _flushes.get(session)
+    if fs is not None:
+        for strategy in fs.strategies.values():
+            strategy.flush_done()
+
+
+def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
+    from . import memory
+
+    fs = _flushes.pop(session, None)
+    if fs is not None:
+        for parent, results in fs.results:
+            memory.apply(session, parent, results)
+
+
+_SESSION_HOOKS = (
+    ("before_flush", _before_flush),
+    ("after_flush", _after_flush),
+    ("after_flush_postexec", _after_flush_postexec),
+)
+
+
+def install() -> None:
+    for name, fn in _SESSION_HOOKS:
+        if not event.contains(Session, name, fn):
+            event.listen(Session, name, fn)
+
+
+def uninstall() -> None:
+    for name, fn in _SESSION_HOOKS:
+        if event.contains(Session, name, fn):
+            event.remove(Session, name, fn)
+    for mapper in list(_children):
+        for name, fn in _MAPPER_HOOKS:
+            if event.contains(mapper, name, fn):
+                event.remove(mapper, name, fn)
+    _children.clear()
+    _child_cache.clear()
+
+
+@contextmanager
+def suspended(session: Any) -> Iterator[None]:
+    """Turn counter maintenance off for ``session`` inside the block.
+
+    What is flushed inside the block is never counted, even if it is committed
+    after the block; run :func:`countercache.reconcile` afterwards. Meant for
+    bulk imports. Accepts a :class:`~sqlalchemy.orm.Session` or an
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
+    """
+    sync = getattr(session, "sync_session", session)
+    _suspended[sync] = _suspended.get(sync, 0) + 1
+    try:
+        yield
+    finally:
+        left = _suspended[sync] - 1
+        if left:
+            _suspended[sync] = left
+        else:
+            del _suspended[sync]

@@ -1,0 +1,272 @@
+"""Writing counter deltas to a parent table (private).
+
+Every strategy ends here: it hands :meth:`ParentTable.apply` a mapping
+``{parent primary key: [delta per counter slot]}`` and gets back the new
+values where the backend can return them. The statement increments in SQL
+(``SET n = n + :delta``), never writes a value read into Python, locks the
+parent rows in primary-key order, and emits nothing for a net-zero change.
+
+The statement form is chosen per dialect; each was measured against the
+alternatives on this project's benchmark machine (2 cores, PostgreSQL 15,
+MariaDB 10.11, SQLite 3.40; one flush adding 10,000 children over 100
+parents, and 1,000 one-child transactions):
+
+* **PostgreSQL**: one ``UPDATE ... FROM (SELECT ... FROM parent JOIN
+  unnest(:keys, :deltas) ... ORDER BY pk FOR NO KEY UPDATE OF parent)``
+  ``RETURNING``. The locking sub-select takes the row locks in key order
+  before the UPDATE touches a row (a plain ``UPDATE ... FROM (VALUES ...)``
+  locks in join order and deadlocks under concurrent flushes). The SQL text
+  is the same for any number of parents (arrays, not a VALUES list), so
+  SQLAlchemy's compiled cache and psycopg's prepared statements apply; and
+  ``RETURNING`` gives the new values in the same round trip, which an
+  executemany cannot (psycopg has no executemany RETURNING for UPDATE).
+* **SQLite**: ``UPDATE ... FROM json_each(:rows) ... RETURNING``: one fixed
+  statement, no parameter-count limit; SQLite has no row locks to order.
+* **MariaDB / MySQL**: single-table ``UPDATE ... SET n = n + CASE ... END
+  WHERE pk IN (...) ORDER BY pk``: the only single statement whose lock
+  order the server guarantees (a multi-table ``UPDATE ... JOIN`` cannot take
+  ``ORDER BY``). There is no ``UPDATE ... RETURNING``, so in-memory parents
+  are expired instead. Above :data:`MYSQL_CHUNK` parents the statement is
+  split into key-ordered chunks.
+
+A single parent (the common small transaction, and every ``per_row``
+insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, text
+from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    from sqlalchemy import Column
+    from sqlalchemy.orm import Mapper
+
+    from .declaration import CounterCache
+
+#: Parents per statement on MariaDB/MySQL (the CASE list grows with it).
+MYSQL_CHUNK = 1000
+
+Key = tuple[Any, ...]
+Deltas = dict[Key, list[int]]
+#: What an apply returns: ``(primary key, {attribute key: new value})`` rows, or
+#: ``(primary key, None)`` where the backend cannot say (expire instead).
+Results = list[tuple[Key, "dict[str, Any] | None"]]
+
+
+class ParentTable:
+    """The counters that live on one table, and how to update them."""
+
+    _instances: weakref.WeakKeyDictionary[Table, ParentTable] = weakref.WeakKeyDictionary()
+
+    def __init__(self, mapper: Mapper[Any], table: Table) -> None:
+        self.mapper = mapper
+        self.table = table
+        self.pk_cols: tuple[Column[Any], ...] = tuple(table.primary_key.columns)
+        self.counters: list[CounterCache] = []
+        self._statements: dict[tuple[Any, ...], Any] = {}
+
+    @classmethod
+    def for_column(cls, mapper: Mapper[Any], column: Column[Any]) -> ParentTable:
+        found = cls._instances.get(column.table)
+        if found is None or found.mapper is not mapper:
+            found = cls._instances[column.table] = cls(mapper, column.table)
+        return found
+
+    def add(self, counter: CounterCache) -> None:
+        if counter not in self.counters:
+            counter.slot = len(self.counters)
+            self.counters.append(counter)
+            self._statements.clear()
+
+    def new_vector(self) -> list[int]:
+        return [0] * len(self.counters)
+
+    def __repr__(self) -> str:
+        return f"<ParentTable {self.table.name}>"
+
+    # -- applying ----------------------------------------------------------
+
+    def apply(self, connection: Connection, deltas: Deltas) -> Results:
+        """Add ``deltas`` to the counters; return the new values where known."""
+        changed = {k: v for k, v in deltas.items() if any(v)}
+        if not changed:
+            return []
+        slots = tuple(i for i in range(len(self.counters)) if any(v[i] for v in changed.values()))
+        keys = sorted(changed)
+        dialect = connection.dialect.name
+        if len(keys) == 1:
+            return self._apply_one(connection, slots, keys[0], changed[keys[0]])
+        if dialect == "postgresql":
+            return self._apply_postgresql(connection, slots, keys, changed)
+        if dialect == "sqlite":
+            return self._apply_sqlite(connection, slots, keys, changed)
+        if dialect in ("mysql", "mariadb"):
+            return self._apply_mysql(connection, slots, keys, changed)
+        return self._apply_each(connection, slots, keys, changed)
+
+    def _q(self, connection: Connection, name: str) -> str:
+        return connection.dialect.identifier_preparer.quote(name)
+
+    def _table_name(self, connection: Connection) -> str:
+        return connection.dialect.identifier_preparer.format_table(self.table)
+
+    def _returning(self, connection: Connection) -> bool:
+        return bool(connection.dialect.update_returning)
+
+    def _results(self, rows: Sequence[Any], slots: tuple[int, ...]) -> Results:
+        n = len(self.pk_cols)
+        attr_keys = [self.counters[i].key for i in slots]
+        return [(tuple(row[:n]), dict(zip(attr_keys, row[n:]))) for row in rows]  # type: ignore[arg-type]
+
+    def _no_results(self, keys: list[Key]) -> Results:
+        return [(k, None) for k in keys]
+
+    def _cached(self, connection: Connection, kind: str, slots: tuple[int, ...], build: Any) -> Any:
+        key = (connection.dialect.name, kind, slots)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            stmt = self._statements[key] = build()
+        return stmt
+
+    def _set_list(self, connection: Connection, slots: tuple[int, ...], rhs: Any, prefix: str = "") -> str:
+        return ", ".join(
+            f"{self._q(connection, self.counters[i].column.name)} = "  # type: ignore[union-attr]
+            f"{prefix}{self._q(connection, self.counters[i].column.name)} + {rhs(i)}"  # type: ignore[union-attr]
+            for i in slots
+        )
+
+    def _returning_list(self, connection: Connection, slots: tuple[int, ...], prefix: str = "") -> str:
+        cols = [c.name for c in self.pk_cols] + [self.counters[i].column.name for i in slots]  # type: ignore[union-attr]
+        return ", ".join(prefix + self._q(connection, c) for c in cols)
+
+    def _apply_one(self, connection: Connection, slots: tuple[int, ...], key: Key, vector: list[int]) -> Results:
+        returning = self._returning(connection)
+
+        def build() -> Any:
+            sql = (
+                f"UPDATE {self._table_name(connection)} SET "
+                + self._set_list(connection, slots, lambda i: f":d{i}")
+                + " WHERE "
+                + " AND ".join(f"{self._q(connection, c.name)} = :k{j}" for j, c in enumerate(self.pk_cols))
+            )
+            if returning:
+                sql += " RETURNING " + self._returning_list(connection, slots)
+            return text(sql)
+
+        stmt = self._cached(connection, "one", slots, build)
+        params = {f"k{j}": v for j, v in enumerate(key)}
+        params.update({f"d{i}": vector[i] for i in slots})
+        result = connection.execute(stmt, params)
+        if returning:
+            return self._results(result.fetchall(), slots)
+        return self._no_results([key])
+
+    def _apply_postgresql(
+        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
+    ) -> Results:
+        def build() -> Any:
+            dialect = connection.dialect
+            t = self._table_name(connection)
+            pk = [self._q(connection, c.name) for c in self.pk_cols]
+            arrays = [f"CAST(:k{j} AS {c.type.compile(dialect)}[])" for j, c in enumerate(self.pk_cols)]
+            arrays += [
+                f"CAST(:d{i} AS {self.counters[i].column.type.compile(dialect)}[])"  # type: ignore[union-attr]
+                for i in slots
+            ]
+            v_cols = [f"k{j}" for j in range(len(pk))] + [f"d{i}" for i in slots]
+            sql = (
+                f"UPDATE {t} AS p SET "
+                + self._set_list(connection, slots, lambda i: f"l.d{i}", prefix="p.")
+                + " FROM (SELECT "
+                + ", ".join([f"{t}.{c} AS k{j}" for j, c in enumerate(pk)] + [f"v.d{i}" for i in slots])
+                + f" FROM {t} JOIN unnest({', '.join(arrays)}) AS v({', '.join(v_cols)}) ON "
+                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
+                + " ORDER BY "
+                + ", ".join(f"{t}.{c}" for c in pk)
+                + f" FOR NO KEY UPDATE OF {t}) AS l WHERE "
+                + " AND ".join(f"p.{c} = l.k{j}" for j, c in enumerate(pk))
+                + " RETURNING "
+                + self._returning_list(connection, slots, prefix="p.")
+            )
+            return text(sql)
+
+        stmt = self._cached(connection, "pg", slots, build)
+        params: dict[str, Any] = {f"k{j}": [k[j] for k in keys] for j in range(len(self.pk_cols))}
+        params.update({f"d{i}": [deltas[k][i] for k in keys] for i in slots})
+        return self._results(connection.execute(stmt, params).fetchall(), slots)
+
+    def _apply_sqlite(
+        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
+    ) -> Results:
+        n = len(self.pk_cols)
+
+        def build() -> Any:
+            t = self._table_name(connection)
+            pk = [self._q(connection, c.name) for c in self.pk_cols]
+            cols = [f"json_extract(value, '$[{j}]') AS k{j}" for j in range(n)]
+            cols += [f"json_extract(value, '$[{n + m}]') AS d{i}" for m, i in enumerate(slots)]
+            sql = (
+                f"UPDATE {t} SET "
+                + self._set_list(connection, slots, lambda i: f"v.d{i}", prefix=f"{t}.")
+                + f" FROM (SELECT {', '.join(cols)} FROM json_each(:rows)) AS v WHERE "
+                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
+                + " RETURNING "
+                + self._returning_list(connection, slots)
+            )
+            return text(sql)
+
+        stmt = self._cached(connection, "sqlite", slots, build)
+        processors = [c.type._cached_bind_processor(connection.dialect) for c in self.pk_cols]
+        rows = []
+        for k in keys:
+            row = [p(v) if p else v for p, v in zip(processors, k)]
+            row.extend(deltas[k][i] for i in slots)
+            rows.append(row)
+        return self._results(connection.execute(stmt, {"rows": json.dumps(rows)}).fetchall(), slots)
+
+    def _apply_mysql(
+        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
+    ) -> Results:
+        t = self._table_name(connection)
+        pk = [self._q(connection, c.name) for c in self.pk_cols]
+        key_sql = pk[0] if len(pk) == 1 else "(" + ", ".join(pk) + ")"
+        for start in range(0, len(keys), MYSQL_CHUNK):
+            chunk = keys[start : start + MYSQL_CHUNK]
+            params: dict[str, Any] = {}
+            key_refs = []
+            for m, k in enumerate(chunk):
+                refs = []
+                for j, v in enumerate(k):
+                    params[f"k{m}_{j}"] = v
+                    refs.append(f":k{m}_{j}")
+                key_refs.append(refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")")
+            sets = []
+            for i in slots:
+                col = self._q(connection, self.counters[i].column.name)  # type: ignore[union-attr]
+                whens = []
+                for m, k in enumerate(chunk):
+                    if deltas[k][i]:
+                        params[f"d{m}_{i}"] = deltas[k][i]
+                        whens.append(f"WHEN {key_sql} = {key_refs[m]} THEN :d{m}_{i}")
+                sets.append(f"{col} = {col} + CASE {' '.join(whens)} ELSE 0 END")
+            sql = (
+                f"UPDATE {t} SET {', '.join(sets)} WHERE {key_sql} IN ({', '.join(key_refs)}) "
+                f"ORDER BY {', '.join(pk)}"
+            )
+            connection.execute(text(sql), params)
+        return self._no_results(keys)
+
+    def _apply_each(
+        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
+    ) -> Results:
+        """Any other dialect: one single-row UPDATE per parent, in key order."""
+        results: Results = []
+        for k in keys:
+            results.extend(self._apply_one(connection, slots, k, deltas[k]))
+        return results
