@@ -46,8 +46,9 @@ __version__ = "0.1.0"
 
 
 def _reset_for_tests() -> None:
-    """Forget configuration and the counters of classes declared since import (tests only)."""
+    """Forget configuration, counters and listeners (tests only: each test declares its models)."""
     from . import _registry, config
 
     config._reset()
     _registry.restore(([], {}, set()))
+    uninstall()

@@ -90,6 +90,10 @@ def configure(
         checked[key] = check_strategy(value, f"override {key}")
     for key in checked:
         _check_override_names_counter(key)
+    if checked:
+        from .declaration import _install
+
+        _install()  # so that classes declared later are checked against the overrides
     _config.default_strategy = default_strategy
     _config.overrides = checked
     _config.generation += 1
