@@ -77,7 +77,7 @@ _child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.We
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "read", "strategies", "results")
+    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans")
 
     def __init__(self, session: Session, uow: UOWTransaction) -> None:
         self.session = session
@@ -90,15 +90,27 @@ class FlushState:
         self.strategies: dict[str, Any] = {}
         #: (parent table, results) to show on in-memory parents after the flush
         self.results: list[tuple[ParentTable, Any]] = []
+        #: child -> (counters with their strategy objects, per-row strategies)
+        self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
 
-    def strategy(self, name: str) -> Any:
-        found = self.strategies.get(name)
+    def plan(self, child: _Child) -> tuple[list[tuple[CounterCache, Any]], list[Any]]:
+        """The child's counters paired with this flush's strategy objects (resolved once)."""
+        found = self.plans.get(child)
         if found is None:
-            found = self.strategies[name] = STRATEGY_CLASSES[name](self)
+            pairs = []
+            for counter in child.counters:
+                name = counter.strategy()
+                strategy = self.strategies.get(name)
+                if strategy is None:
+                    strategy = self.strategies[name] = STRATEGY_CLASSES[name](self)
+                pairs.append((counter, strategy))
+            per_row = list({id(s): s for _, s in pairs if s.per_row}.values())
+            found = self.plans[child] = (pairs, per_row)
         return found
 
 
-_flushes: weakref.WeakKeyDictionary[Session, FlushState] = weakref.WeakKeyDictionary()
+#: Session.hash_key (= InstanceState.session_id) -> the flush under way.
+_flushes: dict[int, FlushState] = {}
 _suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
 
 
@@ -131,48 +143,46 @@ def track_child(child_mapper: Mapper[Any], counter: CounterCache) -> None:
             event.listen(child_mapper, name, fn, raw=True, propagate=True)
 
 
-def _key(d: dict[str, Any], fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+def _key(d: dict[str, Any] | None, fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+    if d is None:
+        return None
     key = tuple(d.get(k) for k in fk_keys)
     return None if None in key else key
 
 
-def _changed(fs: FlushState, connection: Connection, counters: list[CounterCache],
+def _changed(fs: FlushState, connection: Connection, child: _Child,
              old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
-    """Hand one child row's change (old and new foreign keys) to the strategies."""
-    touched = None
-    for counter in counters:
-        old_key = _key(old, counter.fk_keys) if old is not None else None
-        new_key = _key(new, counter.fk_keys) if new is not None else None
-        if old_key == new_key:
-            continue
-        strategy = fs.strategy(counter.strategy())
-        if old_key is not None:
-            strategy.add(counter, old_key, -1)
-        if new_key is not None:
-            strategy.add(counter, new_key, 1)
-        if touched is None:
-            touched = {strategy}
-        else:
-            touched.add(strategy)
-    if touched:
-        for strategy in touched:
-            strategy.row_done(connection)
+    """Hand one child row's change (old and new foreign keys) to the strategies.
+
+    This runs once per changed child row: keep it lean.
+    """
+    pairs, per_row = fs.plan(child)
+    for counter, strategy in pairs:
+        old_key = _key(old, counter.fk_keys)
+        new_key = _key(new, counter.fk_keys)
+        if old_key != new_key:
+            if old_key is not None:
+                strategy.add(counter, old_key, -1)
+            if new_key is not None:
+                strategy.add(counter, new_key, 1)
+    for strategy in per_row:
+        strategy.row_done(connection)
 
 
 # -- mapper hooks -------------------------------------------------------------
 
 
 def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
-    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
     child = _child_for(mapper)
     if child is not None:
-        _changed(fs, connection, child.counters, None, state.dict)
+        _changed(fs, connection, child, None, state.dict)
 
 
 def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
-    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
     child = _child_for(mapper)
@@ -181,7 +191,7 @@ def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 
 
 def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
-    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
     old = fs.old.get(state)
@@ -189,11 +199,11 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         return  # foreign keys unchanged (or the row is gone: the ORM raises)
     child = _child_for(mapper)
     if child is not None:
-        _changed(fs, connection, child.counters, old, state.dict)
+        _changed(fs, connection, child, old, state.dict)
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
-    fs = _flushes.get(state.session)  # type: ignore[arg-type]
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
     old = fs.old.get(state)
@@ -205,7 +215,7 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     if old is None:
         committed = state.committed_state
         old = {k: committed.get(k, state.dict.get(k)) for k in child.fk_keys}
-    _changed(fs, connection, child.counters, old, None)
+    _changed(fs, connection, child, old, None)
 
 
 _MAPPER_HOOKS = (
@@ -259,13 +269,13 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
 
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
     if _suspended.get(session):
-        _flushes.pop(session, None)
+        _flushes.pop(session.hash_key, None)
     else:
-        _flushes[session] = FlushState(session, uow)
+        _flushes[session.hash_key] = FlushState(session, uow)
 
 
 def _after_flush(session: Session, uow: UOWTransaction) -> None:
-    fs = _flushes.get(session)
+    fs = _flushes.get(session.hash_key)
     if fs is not None:
         for strategy in fs.strategies.values():
             strategy.flush_done()
@@ -274,16 +284,22 @@ def _after_flush(session: Session, uow: UOWTransaction) -> None:
 def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
     from . import memory
 
-    fs = _flushes.pop(session, None)
+    fs = _flushes.pop(session.hash_key, None)
     if fs is not None:
         for parent, results in fs.results:
             memory.apply(session, parent, results)
+
+
+def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    # A flush that failed never reached after_flush_postexec: forget it.
+    _flushes.pop(session.hash_key, None)
 
 
 _SESSION_HOOKS = (
     ("before_flush", _before_flush),
     ("after_flush", _after_flush),
     ("after_flush_postexec", _after_flush_postexec),
+    ("after_soft_rollback", _after_soft_rollback),
 )
 
 

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 class Strategy:
     """Sums deltas per parent table, parent key and counter slot."""
 
+    #: Whether ``row_done`` writes (tracking calls it only for such strategies).
+    per_row = False
+
     def __init__(self, flush: FlushState) -> None:
         self.flush = flush
         self.pending: dict[ParentTable, Deltas] = {}

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 class PerRowStrategy(Strategy):
     name = "per_row"
+    per_row = True
 
     def row_done(self, connection: Connection) -> None:
         self.write(lambda parent: connection)

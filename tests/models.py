@@ -1,0 +1,54 @@
+"""Model factories for the tests: every call builds fresh classes on a new DeclarativeBase."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from countercache import counter_cache
+
+
+def qa(strategy: str | None = "bulk", *, cascade: str = "save-update, merge",
+       parent_cascade: str | None = None, version: bool = False) -> SimpleNamespace:
+    """Users with questions: ``User.question_count`` counts ``User.questions``.
+
+    ``cascade`` is the cascade of ``User.questions`` (add ``delete-orphan``
+    or ``delete`` for those cases).
+    """
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+        name: Mapped[str] = mapped_column(String(50), default="")
+        questions: Mapped[list["Question"]] = relationship(back_populates="user", cascade=cascade)
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+        if version:
+            version_id: Mapped[int] = mapped_column(default=1)
+            __mapper_args__ = {"version_id_col": version_id}
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+        title: Mapped[str] = mapped_column(String(50), default="")
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+
+    class Tag(Base):
+        """A table with no counter, for flushes that touch no counted class."""
+
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+        name: Mapped[str] = mapped_column(String(50), default="")
+
+    def real(session_or_conn, user_id: int) -> int:
+        return session_or_conn.scalar(
+            select(func.count()).select_from(Question.__table__).where(Question.__table__.c.user_id == user_id)
+        )
+
+    return SimpleNamespace(Base=Base, User=User, Question=Question, Tag=Tag, real=real)

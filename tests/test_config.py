@@ -1,0 +1,118 @@
+"""Configuration (SPEC §3): precedence, replacement, files and the errors they name."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column
+
+import countercache
+from countercache import CounterCacheError, configure, configured_strategy
+from helpers import assert_counts
+from models import qa
+
+
+def test_precedence():
+    declared = qa("per_row")
+    plain = qa(None)
+    configure_mappers()
+    assert configured_strategy(plain.User.question_count) == "bulk"
+    assert configured_strategy(declared.User.question_count) == "per_row"
+    configure(default_strategy="per_row")
+    assert configured_strategy(plain.User.question_count) == "per_row"
+    configure(default_strategy="per_row", overrides={"User.question_count": "bulk"})
+    assert configured_strategy(declared.User.question_count) == "bulk"
+    assert configured_strategy(plain.User.question_count) == "bulk"
+    configure()  # restores the defaults
+    assert configured_strategy(declared.User.question_count) == "per_row"
+    assert configured_strategy(plain.User.question_count) == "bulk"
+
+
+def test_configure_replaces_everything():
+    m = qa(None)
+    configure_mappers()
+    configure(default_strategy="per_row", overrides={"User.question_count": "per_row"})
+    configure(overrides={})
+    assert configured_strategy(m.User.question_count) == "bulk"
+
+
+def test_unknown_strategy_fails_at_once_and_changes_nothing():
+    m = qa(None)
+    configure_mappers()
+    configure(default_strategy="per_row")
+    with pytest.raises(CounterCacheError, match=r"default_strategy: unknown strategy 'fast'.*'bulk', 'per_row'"):
+        configure(default_strategy="fast")
+    with pytest.raises(CounterCacheError, match=r"override User\.question_count: unknown strategy 'x'.*'bulk'"):
+        configure(overrides={"User.question_count": "x"})
+    assert configured_strategy(m.User.question_count) == "per_row"
+
+
+def test_override_naming_no_counter_of_declared_class_fails_at_configure():
+    qa(None)
+    with pytest.raises(CounterCacheError, match=r"override User\.answer_count: .*no counter.*question_count"):
+        configure(overrides={"User.answer_count": "bulk"})
+
+
+def test_override_for_class_declared_later_fails_at_mapping():
+    configure(overrides={"Later.nothing": "bulk"})  # class unknown yet: accepted for now
+
+    class Base(DeclarativeBase):
+        pass
+
+    with pytest.raises(CounterCacheError, match=r"override Later\.nothing"):
+        class Later(Base):
+            __tablename__ = "later"
+            id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_override_applies_at_next_flush(engine, statements):
+    m = qa(None)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        user = m.User()
+        s.add(user)
+        s.commit()
+        configure(overrides={"User.question_count": "per_row"})
+        with statements.record() as rec:
+            s.add_all([m.Question(user=user) for _ in range(3)])
+            s.flush()
+        assert len(rec.updates_to("users")) == 3
+        configure()
+        with statements.record() as rec:
+            s.add_all([m.Question(user=user) for _ in range(3)])
+            s.flush()
+        assert len(rec.updates_to("users")) == 1
+        s.commit()
+        user_id = user.id
+    assert assert_counts(engine)[user_id] == 6
+
+
+def test_configure_from_file(tmp_path):
+    m = qa(None)
+    configure_mappers()
+    path = tmp_path / "setup.cfg"
+    path.write_text(textwrap.dedent("""
+        [metadata]
+        name = app
+
+        [countercache]
+        default_strategy = per_row
+        User.question_count = bulk
+    """))
+    countercache.configure_from_file(path)
+    assert configured_strategy(m.User.question_count) == "bulk"
+    assert countercache.config._config.default_strategy == "per_row"
+    (tmp_path / "bad.ini").write_text("[countercache]\nUser.question_count = sometimes\n")
+    with pytest.raises(CounterCacheError, match="User.question_count: unknown strategy 'sometimes'"):
+        countercache.configure_from_file(tmp_path / "bad.ini")
+    with pytest.raises(CounterCacheError, match="no \\[countercache\\] section"):
+        (tmp_path / "empty.ini").write_text("[other]\n")
+        countercache.configure_from_file(tmp_path / "empty.ini")
+
+
+def test_configured_strategy_of_non_counter():
+    m = qa(None)
+    configure_mappers()
+    with pytest.raises(CounterCacheError, match="not a counter"):
+        configured_strategy(m.User.name)

@@ -1,0 +1,153 @@
+"""Declaring counters (SPEC §1): the column, and every misuse failing at configuration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from sqlalchemy import BigInteger, ForeignKey, Integer, Table, Column
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
+
+from countercache import CounterCache, CounterCacheError, counter_cache
+
+
+def make(counter_kwargs=None, relationship_name="questions", child=True, **user_extra):
+    """Declare User (with a counter built from ``counter_kwargs``) and Question; configure."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        question_count: Mapped[int] = counter_cache(relationship_name, **(counter_kwargs or {}))
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+
+    configure_mappers()
+    return User, Question
+
+
+def test_column_shape_and_info():
+    User, _ = make()
+    column = User.__table__.c.question_count
+    assert isinstance(column.type, Integer)
+    assert column.nullable is False
+    assert column.default.arg == 0
+    assert column.server_default.arg == "0"
+    definition = column.info["countercache"]
+    assert isinstance(definition, CounterCache)
+    assert definition.name == "User.question_count"
+    assert definition.relationship == "questions"
+
+
+def test_column_kwargs_pass_through():
+    User, _ = make({"name": "n_questions", "type_": BigInteger, "index": True, "comment": "answers"})
+    column = User.__table__.c.n_questions
+    assert isinstance(column.type, BigInteger)
+    assert column.index is True and column.comment == "answers"
+    assert User.question_count.property.columns[0] is column
+
+
+def test_child_declared_later_in_module():
+    class Base(DeclarativeBase):
+        pass
+
+    class Forum(Base):
+        __tablename__ = "forums"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        post_count: Mapped[int] = counter_cache("posts")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        forum_id: Mapped[int] = mapped_column(ForeignKey("forums.id"))
+
+    configure_mappers()
+    assert Forum.post_count.property.columns[0].info["countercache"].child_mapper.class_ is Post
+
+
+@pytest.mark.parametrize(
+    "kwargs, relationship_name, pattern",
+    [
+        ({}, "answers", r"User\.question_count: User has no relationship 'answers'"),
+        ({}, "id", r"User\.question_count: 'id' is not a relationship"),
+        ({"strategy": "eventually"}, "questions", r"User\.question_count: unknown strategy 'eventually'.*'bulk', 'per_row'"),
+    ],
+)
+def test_misuse_names_the_counter(kwargs, relationship_name, pattern):
+    with pytest.raises(CounterCacheError, match=pattern):
+        make(kwargs, relationship_name)
+
+
+def test_many_to_one_refused():
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+        user: Mapped[User] = relationship()
+        user_count: Mapped[int] = counter_cache("user")
+
+    with pytest.raises(CounterCacheError, match=r"Question\.user_count: 'user' is many-to-one"):
+        configure_mappers()
+
+
+def test_many_to_many_refused_for_now():
+    class Base(DeclarativeBase):
+        pass
+
+    link = Table("post_tags", Base.metadata,
+                 Column("post_id", ForeignKey("posts.id"), primary_key=True),
+                 Column("tag_id", ForeignKey("tags.id"), primary_key=True))
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=link)
+        post_count: Mapped[int] = counter_cache("posts")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    with pytest.raises(CounterCacheError, match=r"Tag\.post_count: many-to-many .* not supported"):
+        configure_mappers()
+
+
+@pytest.mark.parametrize("option", ["where", "sum"])
+def test_options_not_yet_implemented_are_refused(option):
+    with pytest.raises(CounterCacheError, match=f"{option}= is not supported"):
+        counter_cache("questions", **{option: "x"})
+
+
+def test_join_on_non_primary_key_refused():
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        handle: Mapped[str] = mapped_column(unique=True)
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_handle: Mapped[str] = mapped_column(ForeignKey("users.handle"))
+
+    with pytest.raises(CounterCacheError, match=r"User\.question_count: .*primary key"):
+        configure_mappers()

@@ -1,0 +1,112 @@
+"""Parents in memory (SPEC §5): fresh after the flush, never dirty, never assigned."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+import countercache
+from countercache import CounterCacheError
+from helpers import assert_counts
+from models import qa
+
+STRATEGIES = ["bulk", "per_row"]
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request):
+    return request.param
+
+
+def setup(engine, strategy, **kw):
+    m = qa(strategy, **kw)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([m.User(name="a"), m.User(name="b")])
+        s.commit()
+    return m
+
+
+def test_new_value_without_select_where_returning_exists(engine, strategy, statements, backend):
+    m = setup(engine, strategy)
+    with Session(engine) as s:
+        a, b = s.scalars(select(m.User).order_by(m.User.id)).all()
+        assert (a.question_count, b.question_count) == (0, 0)
+        a.questions.extend([m.Question(), m.Question()])
+        s.add(m.Question(user_id=b.id))
+        s.flush()
+        with statements.record() as rec:
+            values = (a.question_count, b.question_count)
+        assert values == (2, 1)
+        if backend == "mariadb":  # no UPDATE ... RETURNING: expired, read back on access
+            assert len(rec) >= 1
+        else:
+            assert len(rec) == 0, rec.sql()
+        s.commit()
+
+
+def test_counter_never_makes_parent_dirty(engine, strategy):
+    m = setup(engine, strategy)
+    with Session(engine) as s:
+        a = s.scalars(select(m.User).order_by(m.User.id)).first()
+        s.add(m.Question(user=a))
+        s.flush()
+        assert a not in s.dirty
+        assert not s.is_modified(a)
+        assert a.question_count == 1
+        assert a not in s.dirty
+        s.commit()
+
+
+def test_version_id_not_bumped(engine, strategy):
+    m = setup(engine, strategy, version=True)
+    with Session(engine) as s:
+        a = s.scalars(select(m.User).order_by(m.User.id)).first()
+        version = a.version_id
+        a.questions.append(m.Question())
+        s.commit()
+        assert a.question_count == 1
+        assert a.version_id == version
+        a.name = "renamed"  # the user's own change still versions, and does not conflict
+        s.commit()
+        assert a.version_id == version + 1
+    assert_counts(engine)
+
+
+def test_assignment_refused(engine, strategy):
+    m = setup(engine, strategy)
+    with Session(engine) as s:
+        a = s.scalars(select(m.User)).first()
+        with pytest.raises(CounterCacheError, match=r"User\.question_count"):
+            a.question_count = 5
+        with pytest.raises(CounterCacheError, match=r"User\.question_count"):
+            m.User(question_count=3)
+        assert a.question_count == 0 and not s.dirty
+
+
+def test_merge_of_loaded_parent_is_not_assignment(engine, strategy):
+    m = setup(engine, strategy)
+    with Session(engine) as s:
+        detached = s.scalars(select(m.User).order_by(m.User.id)).first()
+        s.expunge(detached)
+    with Session(engine) as s:
+        s.add(m.Question(user_id=detached.id))
+        s.commit()
+        merged = s.merge(detached)
+        assert merged.question_count == 1
+        s.commit()
+    assert_counts(engine)
+
+
+def test_suspended_flush_is_never_counted(engine, strategy):
+    m = setup(engine, strategy)
+    with Session(engine) as s:
+        a = s.scalars(select(m.User).order_by(m.User.id)).first()
+        with countercache.suspended(s):
+            s.add_all([m.Question(user=a), m.Question(user=a)])
+            s.flush()
+        s.add(m.Question(user=a))
+        s.commit()
+        assert a.question_count == 1
+        assert m.real(s, a.id) == 3

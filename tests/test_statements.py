@@ -1,0 +1,115 @@
+"""Statement counts the contract promises (SPEC §2)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from helpers import assert_counts
+from models import qa
+
+
+def setup(engine, strategy, n_users=10, **kw):
+    m = qa(strategy, **kw)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all(m.User(name=f"u{i}") for i in range(n_users))
+        s.commit()
+        ids = list(s.scalars(select(m.User.id).order_by(m.User.id)))
+    return m, ids
+
+
+def test_bulk_one_update_per_parent_table_per_flush(engine, statements):
+    m, ids = setup(engine, "bulk")
+    with Session(engine) as s:
+        with statements.record() as rec:
+            s.add_all(m.Question(user_id=ids[i % 10]) for i in range(50))
+            s.flush()
+        assert len(rec.updates_to("users")) == 1
+        s.commit()
+    with Session(engine) as s:
+        questions = s.scalars(select(m.Question).order_by(m.Question.id)).all()
+        with statements.record() as rec:
+            for q in questions[:20]:
+                s.delete(q)
+            for q in questions[20:35]:
+                q.user_id = ids[(q.user_id - ids[0] + 3) % 10]
+            s.flush()
+        assert len(rec.updates_to("users")) == 1
+        s.commit()
+    assert sum(assert_counts(engine).values()) == 30
+
+
+def test_per_row_one_update_per_changed_child_row(engine, statements):
+    m, ids = setup(engine, "per_row")
+    with Session(engine) as s:
+        with statements.record() as rec:
+            s.add_all(m.Question(user_id=ids[i % 10]) for i in range(12))
+            s.flush()
+        assert len(rec.updates_to("users")) == 12
+        s.commit()
+    with Session(engine) as s:
+        questions = s.scalars(select(m.Question).order_by(m.Question.id)).all()
+        with statements.record() as rec:
+            s.delete(questions[0])
+            questions[1].user_id = ids[5]  # moves: old -1 and new +1 in one statement
+            questions[2].title = "not counted"
+            s.flush()
+        assert len(rec.updates_to("users")) == 2
+        s.commit()
+    assert sum(assert_counts(engine).values()) == 11
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row"])
+def test_net_zero_emits_nothing(engine, statements, strategy):
+    m, ids = setup(engine, strategy)
+    with Session(engine) as s:
+        s.add_all([m.Question(user_id=ids[0]), m.Question(user_id=ids[1])])
+        s.commit()
+    with Session(engine) as s:
+        q0, q1 = s.scalars(select(m.Question).order_by(m.Question.id)).all()
+        with statements.record() as rec:
+            q0.user_id = ids[2]
+            q0.user_id = ids[0]  # one child's changes cancel out
+            if strategy == "bulk":
+                q1.user_id = ids[0]  # parents' deltas cancel within the flush
+                s.delete(q0)
+                s.add(m.Question(user_id=ids[1]))
+            s.flush()
+        assert rec.updates_to("users") == []
+        s.commit()
+    assert_counts(engine)
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row"])
+def test_flush_without_counted_changes_emits_nothing_extra(engine, statements, strategy):
+    m, ids = setup(engine, strategy)
+    with Session(engine) as s:
+        s.add(m.Question(user_id=ids[0]))
+        s.commit()
+    with Session(engine) as s:
+        q = s.scalars(select(m.Question)).one()
+        user = s.get(m.User, ids[1])
+        with statements.record() as rec:
+            s.add(m.Tag(name="x"))
+            q.title = "edited"
+            user.name = "renamed"
+            s.flush()
+        kinds = sorted(sql.split()[0].upper() for sql in rec.sql())
+        assert kinds == ["INSERT", "UPDATE", "UPDATE"], rec.sql()
+        s.commit()
+    assert_counts(engine)
+
+
+def test_bulk_orders_parent_tables_and_skips_deleted_parents(engine, statements):
+    m, ids = setup(engine, "bulk", cascade="all, delete-orphan")
+    with Session(engine) as s:
+        for uid in ids[:3]:
+            s.add_all([m.Question(user_id=uid), m.Question(user_id=uid)])
+        s.commit()
+    with Session(engine) as s:
+        s.delete(s.get(m.User, ids[0]))  # its questions go with it; no error for the gone parent
+        s.add(m.Question(user_id=ids[1]))
+        s.commit()
+    assert assert_counts(engine)[ids[1]] == 3
