@@ -101,6 +101,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "mariadb_only: with the engine fixture, only run on MariaDB"
     )
+    config.addinivalue_line(
+        "markers", "servers_only: with the engine fixture, only run on PostgreSQL and MariaDB"
+    )
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -120,7 +123,11 @@ def selected_backends(config: pytest.Config) -> list[str]:
     return [b for b in ALL_BACKENDS if b in chosen]
 
 
-_ONLY_MARKERS = {"postgresql_only": "postgresql", "mariadb_only": "mariadb"}
+_ONLY_MARKERS = {
+    "postgresql_only": {"postgresql"},
+    "mariadb_only": {"mariadb"},
+    "servers_only": {"postgresql", "mariadb"},
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -131,7 +138,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec is not None else None
         if backend is not None:
-            only = {b for m, b in _ONLY_MARKERS.items() if item.get_closest_marker(m)}
+            only = {b for m, bs in _ONLY_MARKERS.items() if item.get_closest_marker(m) for b in bs}
             if backend not in wanted or (only and backend not in only):
                 dropped.append(item)
                 continue
