@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Optional
 
-from sqlalchemy import ForeignKey, create_engine, event, func, select, text
+from sqlalchemy import ForeignKey, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache

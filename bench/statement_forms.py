@@ -51,7 +51,7 @@ DEFAULT_URLS = [
 ]
 SHAPES = [(1, 200), (100, 200), (10_000, 20)]
 WARMUP = {1: 10, 100: 10, 10_000: 2}
-BUDGET_S = 12.0  # per form and shape
+BUDGET_S = 10.0  # per form and shape
 MYSQL_CHUNK = 1000  # as countercache.writer.MYSQL_CHUNK
 
 T = "parents"
@@ -137,12 +137,22 @@ def per_row(conn: Connection, deltas: Deltas, c: str) -> None:
     return None
 
 
+PG_SELECT = text(f"SELECT id, n FROM {T} WHERE id = ANY(CAST(:k AS INTEGER[])) ORDER BY id")
+
+
+def pg_d_select(conn: Connection, deltas: Deltas, c: str) -> list[tuple[int, int]]:
+    executemany(conn, deltas, c)
+    return [tuple(r) for r in conn.execute(PG_SELECT, {"k": sorted(deltas)}).fetchall()]
+
+
 PG_FORMS = [
     Form("a", "writer: UPDATE FROM (unnest JOIN ... ORDER BY FOR NO KEY UPDATE) RETURNING", pg_a, True, "yes"),
     Form("b", "lock SELECT; UPDATE FROM unnest RETURNING", pg_b, True, "yes", statements="2"),
     Form("c", "lock SELECT; UPDATE FROM (VALUES ...) RETURNING", pg_c, True, "yes", True, "2"),
     Form("d", "executemany single-row UPDATE (no RETURNING)", executemany, False, "yes", statements="1 (pipelined xP)"),
     Form("e", "single-row UPDATE RETURNING per parent", per_row_returning, True, "yes", statements="P"),
+    Form("d+sel*", "(d) then SELECT id, n WHERE id = ANY(:k) for the new values", pg_d_select, True, "yes",
+         statements="2"),
 ]
 
 
@@ -190,6 +200,14 @@ def sqlite_d(conn: Connection, deltas: Deltas, c: str) -> list[tuple[int, int]]:
     return [tuple(r) for r in conn.execute(text(sql), params).fetchall()]
 
 
+SQLITE_SELECT = text(f"SELECT id, n FROM {T} WHERE id IN (SELECT value FROM json_each(:k))")
+
+
+def sqlite_c_select(conn: Connection, deltas: Deltas, c: str) -> list[tuple[int, int]]:
+    executemany(conn, deltas, c)
+    return [tuple(r) for r in conn.execute(SQLITE_SELECT, {"k": json.dumps(sorted(deltas))}).fetchall()]
+
+
 SQLITE_FORMS = [
     Form("a", "writer: UPDATE FROM json_each(:rows) RETURNING", sqlite_a, True, "n/a"),
     Form("b", "UPDATE SET n = n + CASE id WHEN ... END WHERE id IN (...) RETURNING", sqlite_b, True, "n/a", True),
@@ -197,6 +215,8 @@ SQLITE_FORMS = [
     Form("d", "UPDATE FROM (VALUES ...) RETURNING", sqlite_d, True, "n/a", True),
     Form("e*", "single-row UPDATE RETURNING per parent (writer's P=1 path)", per_row_returning, True, "n/a",
          statements="P"),
+    Form("c+sel*", "(c) then SELECT id, n WHERE id IN json_each(:k) for the new values", sqlite_c_select, True,
+         "n/a", statements="2"),
 ]
 
 
@@ -251,6 +271,16 @@ def mysql_d(conn: Connection, deltas: Deltas, c: str) -> None:
     return None
 
 
+def mysql_d_locked(conn: Connection, deltas: Deltas, c: str) -> None:
+    keys = sorted(deltas)
+    conn.execute(
+        text(f"SELECT id FROM {T} WHERE id IN ({', '.join(f':k{m}' for m in range(len(keys)))}) "
+             f"ORDER BY id FOR UPDATE{c}"),
+        {f"k{m}": k for m, k in enumerate(keys)},
+    ).fetchall()
+    return mysql_d(conn, deltas, c)
+
+
 MYSQL_FORMS = [
     Form("a", "writer: UPDATE SET n = n + CASE WHEN ... END WHERE id IN (...) ORDER BY id", mysql_a, False, "yes",
          True, "ceil(P/1000)"),
@@ -259,6 +289,8 @@ MYSQL_FORMS = [
     Form("d", "UPDATE JOIN JSON_TABLE(:json) (no ORDER BY)", mysql_d, False, "NO"),
     Form("e*", "single-row UPDATE per parent, execute() each (writer's P=1 path)", per_row, False, "yes",
          statements="P"),
+    Form("f*", "SELECT ... WHERE id IN (...) ORDER BY id FOR UPDATE; then (d)", mysql_d_locked, False, "yes",
+         True, "2"),
 ]
 
 
@@ -358,7 +390,7 @@ def bench(url: str, quick: bool) -> None:
             sys.stdout.write(".")
             sys.stdout.flush()
     print()
-    header = f"{'form':<8}{'RET':<5}{'lock':<6}" + "".join(f"{'P=' + format(p, ','):>16}" for p, _ in shapes)
+    header = f"{'form':<9}{'RET':<5}{'lock':<6}" + "".join(f"{'P=' + format(p, ','):>16}" for p, _ in shapes)
     print(header + "   statement")
     notes = []
     for (label, variant), results in table.items():
@@ -376,16 +408,25 @@ def bench(url: str, quick: bool) -> None:
             if res.wrong:
                 notes.append(f"  {name} P={p}: {res.wrong}")
         ret = "yes" if form.returns else "no"
-        print(f"{name:<8}{ret:<5}{form.lock_order:<6}" + "".join(cells) + f"   {form.doc}")
+        print(f"{name:<9}{ret:<5}{form.lock_order:<6}" + "".join(cells) + f"   {form.doc}")
     print("  (median µs per application / repetitions timed; RET: new values come back; "
           "lock: rows locked in key order)")
+    returning = bool(engine.dialect.update_returning)
     for p, _ in shapes:
         ok = [(res.median_us, label) for (label, variant), results in table.items()
               if not variant and (res := results.get(p)) and not res.wrong and res.median_us == res.median_us]
-        locked = [(t, lb) for t, lb in ok if next(f for f in forms if f.label == lb).lock_order != "NO"]
-        if locked:
-            best = min(locked)
-            print(f"  fastest correct (lock-ordered) at P={p:,}: {best[1]} ({best[0]:,.0f} µs)")
+        byl = {f.label: f for f in forms}
+        locked = [(t, lb) for t, lb in ok if byl[lb].lock_order != "NO"]
+        line = f"  P={p:,}: fastest correct, key-ordered locks: " + (
+            "%s (%s µs)" % (min(locked)[1], format(min(locked)[0], ",.0f")) if locked else "-")
+        if returning:
+            ret = [(t, lb) for t, lb in locked if byl[lb].returns]
+            if ret:
+                line += "; of those returning new values: %s (%s µs)" % (min(ret)[1], format(min(ret)[0], ",.0f"))
+        unl = [(t, lb) for t, lb in ok if byl[lb].lock_order == "NO"]
+        if unl and min(unl)[0] < min(locked)[0]:
+            line += "; faster but lock order NOT guaranteed: %s (%s µs)" % (min(unl)[1], format(min(unl)[0], ",.0f"))
+        print(line)
     if notes:
         print("WRONG / errors:")
         print("\n".join(notes))

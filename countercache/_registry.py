@@ -45,7 +45,7 @@ def class_names() -> set[str]:
 
 
 def counter_names(class_name: str) -> list[str]:
-    return sorted(c.key for c in _counters if c.cls is not None and c.cls.__name__ == class_name)
+    return sorted(str(c.key) for c in _counters if c.cls is not None and c.cls.__name__ == class_name)
 
 
 # Names of every mapped class seen since install, counters or not, so that an

@@ -113,6 +113,7 @@ class CounterCache:
                 ) from None
         self.child_mapper = child_mapper
         self.fk_keys = tuple(fk_keys)
+        assert self.column is not None
         self.parent = ParentTable.for_column(mapper, self.column)
         self.parent.add(self)
         memory.guard_assignment(self)

@@ -99,7 +99,7 @@ def run(engine: Engine, strategy: str, seed: int = 7) -> Run:
                 result.transactions += 1
             for user in users:
                 real = session.scalar(select(func.count()).where(Question.user_id == user.id))
-                result.rows.append((user.name, user.question_count, real))
+                result.rows.append((user.name, user.question_count, real or 0))
     finally:
         event.remove(engine, "before_cursor_execute", count)
         configure()

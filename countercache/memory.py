@@ -14,6 +14,7 @@ keeping the value the target session already holds.
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -40,7 +41,7 @@ def apply(session: Session, parent: ParentTable, results: Results) -> None:
             continue
         if values is None:
             if counter_keys is None:
-                counter_keys = [c.key for c in parent.counters]
+                counter_keys = [str(c.key) for c in parent.counters]
             session.expire(obj, counter_keys)
         else:
             for key, value in values.items():
@@ -48,7 +49,7 @@ def apply(session: Session, parent: ParentTable, results: Results) -> None:
 
 
 def _is_merge() -> bool:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(4):
         if frame is None:
             return False

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import event, select, tuple_
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.base import NO_VALUE
 
 from .strategies import STRATEGY_CLASSES
 
@@ -259,7 +258,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
             .with_for_update(key_share=not deleting)
         )
         for row in connection.execute(stmt):
-            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :]))
+            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :], strict=False))
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)
 
@@ -314,9 +313,9 @@ def uninstall() -> None:
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     for mapper in list(_children):
-        for name, fn in _MAPPER_HOOKS:
-            if event.contains(mapper, name, fn):
-                event.remove(mapper, name, fn)
+        for hook, listener in _MAPPER_HOOKS:
+            if event.contains(mapper, hook, listener):
+                event.remove(mapper, hook, listener)
     _children.clear()
     _child_cache.clear()
 

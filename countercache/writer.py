@@ -122,7 +122,7 @@ class ParentTable:
     def _results(self, rows: Sequence[Any], slots: tuple[int, ...]) -> Results:
         n = len(self.pk_cols)
         attr_keys = [self.counters[i].key for i in slots]
-        return [(tuple(row[:n]), dict(zip(attr_keys, row[n:]))) for row in rows]  # type: ignore[arg-type]
+        return [(tuple(row[:n]), dict(zip(attr_keys, row[n:], strict=False))) for row in rows]  # type: ignore[arg-type]
 
     def _no_results(self, keys: list[Key]) -> Results:
         return [(k, None) for k in keys]
@@ -225,7 +225,7 @@ class ParentTable:
         processors = [c.type._cached_bind_processor(connection.dialect) for c in self.pk_cols]
         rows = []
         for k in keys:
-            row = [p(v) if p else v for p, v in zip(processors, k)]
+            row = [p(v) if p else v for p, v in zip(processors, k, strict=False)]
             row.extend(deltas[k][i] for i in slots)
             rows.append(row)
         return self._results(connection.execute(stmt, {"rows": json.dumps(rows)}).fetchall(), slots)

@@ -27,7 +27,6 @@ import gc
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pytest

@@ -32,7 +32,7 @@ def seed(engine, m, per_user=(3, 2, 0)):
     """Users with the given numbers of questions; returns their ids."""
     with Session(engine) as s:
         users = [m.User(name=f"u{i}") for i in range(len(per_user))]
-        for user, n in zip(users, per_user):
+        for user, n in zip(users, per_user, strict=False):
             user.questions.extend(m.Question(title=f"q{j}") for j in range(n))
         s.add_all(users)
         s.commit()
@@ -261,7 +261,7 @@ def test_many_flushes_and_autoflush_in_one_transaction(engine, strategy):
     a, b, c = seed(engine, m)
     with Session(engine) as s:
         ua, uc = s.get(m.User, a), s.get(m.User, c)
-        for i in range(4):
+        for _i in range(4):
             s.add(m.Question(user_id=c))
             # the query autoflushes the pending question
             moved = s.scalars(select(m.Question).where(m.Question.user_id == a)).first()
