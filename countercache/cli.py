@@ -3,6 +3,12 @@
 ``countercache demo [--url URL] [--strategy bulk|per_row]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
 the real counts. Errors print one line on stderr and exit with code 2.
+
+``countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
+[--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]`` times
+the counters against the alternatives; it runs the ``bench`` package of the
+source checkout (``bench/`` next to ``countercache/``), which parses its own
+options (``countercache bench --help``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from .config import STRATEGIES
@@ -29,7 +36,34 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the example Q&A application and show its counters")
     demo.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
     demo.add_argument("--strategy", choices=STRATEGIES, help="one strategy (default: each in turn)")
+    commands.add_parser(
+        "bench", add_help=False,  # its options and --help belong to bench.main
+        help="time the counters against the alternatives (source checkout only; see bench --help)",
+    )
     return parser
+
+
+def _bench(argv: list[str]) -> int:
+    """Run ``bench.main.main(argv)`` from the source checkout this package lives in."""
+    import importlib
+
+    from . import __file__ as package_file
+
+    bench_dir = Path(package_file).resolve().parent.parent / "bench"
+    if not (bench_dir / "main.py").is_file():
+        raise CounterCacheError(
+            f"the bench package is not at {bench_dir}: `countercache bench` runs from a "
+            "source checkout (pip install -e .)"
+        )
+    root = str(bench_dir.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    bench_main = importlib.import_module("bench.main")
+    if Path(bench_main.__file__).resolve().parent != bench_dir:
+        raise CounterCacheError(
+            f"`import bench` found {Path(bench_main.__file__).parent}, not {bench_dir}"
+        )
+    return int(bench_main.main(argv, prog="countercache bench"))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -70,8 +104,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command == "bench":
+            return _bench(rest)
         if args.command == "demo":
             return _demo(args)
     except (CounterCacheError, OSError) as exc:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["configure", "configure_from_file", "configured_strategy", "STRATEGIES"]
 
 #: The strategies this version implements, in the order the docs present them.
-STRATEGIES: tuple[str, ...] = ("bulk", "per_row")
+STRATEGIES: tuple[str, ...] = ("bulk", "per_row", "deferred")
 
 DEFAULT_STRATEGY = "bulk"
 SECTION = "countercache"

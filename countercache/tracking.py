@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import event, select, tuple_
 from sqlalchemy.orm import Mapper, Session
 
+from . import memory, transactions
 from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
@@ -46,8 +47,11 @@ if TYPE_CHECKING:
 
 __all__ = ["suspended"]
 
-#: Rows per SELECT of the pre-read.
+#: Rows per SELECT of the pre-read. On MariaDB/MySQL an IN list of 1,000
+#: values or more becomes a subquery join that may scan (and lock) the whole
+#: primary key, so chunks stay well below that there.
 PRELOCK_CHUNK = 5000
+PRELOCK_CHUNK_MYSQL = 500
 
 _GONE = object()
 
@@ -249,8 +253,9 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
     keys = sorted(wanted)
     found = {}
-    for start in range(0, len(keys), PRELOCK_CHUNK):
-        chunk = keys[start : start + PRELOCK_CHUNK]
+    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+    for start in range(0, len(keys), size):
+        chunk = keys[start : start + size]
         stmt = (
             select(*pk, *fk_cols)
             .where(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk))
@@ -281,12 +286,11 @@ def _after_flush(session: Session, uow: UOWTransaction) -> None:
 
 
 def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
-    from . import memory
-
     fs = _flushes.pop(session.hash_key, None)
     if fs is not None:
         for parent, results in fs.results:
             memory.apply(session, parent, results)
+            transactions.remember_refreshed(session, parent, [pk for pk, _ in results])
 
 
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
@@ -303,13 +307,13 @@ _SESSION_HOOKS = (
 
 
 def install() -> None:
-    for name, fn in _SESSION_HOOKS:
+    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
 
 
 def uninstall() -> None:
-    for name, fn in _SESSION_HOOKS:
+    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     for mapper in list(_children):

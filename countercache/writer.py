@@ -6,10 +6,9 @@ values where the backend can return them. The statement increments in SQL
 (``SET n = n + :delta``), never writes a value read into Python, locks the
 parent rows in primary-key order, and emits nothing for a net-zero change.
 
-The statement form is chosen per dialect; each was measured against the
-alternatives on this project's benchmark machine (2 cores, PostgreSQL 15,
-MariaDB 10.11, SQLite 3.40; one flush adding 10,000 children over 100
-parents, and 1,000 one-child transactions):
+The statement form is chosen per dialect by measurement
+(``bench/statement_forms.py``: median microseconds to apply deltas to 1, 100
+and 10,000 parents, 2 cores, PostgreSQL 15, MariaDB 10.11, SQLite 3.40):
 
 * **PostgreSQL**: one ``UPDATE ... FROM (SELECT ... FROM parent JOIN
   unnest(:keys, :deltas) ... ORDER BY pk FOR NO KEY UPDATE OF parent)``
@@ -20,14 +19,28 @@ parents, and 1,000 one-child transactions):
   SQLAlchemy's compiled cache and psycopg's prepared statements apply; and
   ``RETURNING`` gives the new values in the same round trip, which an
   executemany cannot (psycopg has no executemany RETURNING for UPDATE).
+  Measured at 100 / 10,000 parents: this form 969 / 57,533 us; a separate
+  lock SELECT then the same UPDATE 729 / 61,962 (a tie within this machine's
+  noise, one statement more); lock SELECT then ``UPDATE ... FROM (VALUES)``
+  1,760 / 523,483 (its text changes with the count: no cache); executemany
+  1,395 / 123,177 before the SELECT it would need for new values.
 * **SQLite**: ``UPDATE ... FROM json_each(:rows) ... RETURNING``: one fixed
   statement, no parameter-count limit; SQLite has no row locks to order.
+  280 / 21,744 us at 100 / 10,000 parents, against 986 / 326,029 for
+  ``CASE``, 785 / 148,774 for ``FROM (VALUES)`` and 471 / 40,659 for an
+  executemany plus the SELECT for new values.
 * **MariaDB / MySQL**: single-table ``UPDATE ... SET n = n + CASE ... END
   WHERE pk IN (...) ORDER BY pk``: the only single statement whose lock
   order the server guarantees (a multi-table ``UPDATE ... JOIN`` cannot take
   ``ORDER BY``). There is no ``UPDATE ... RETURNING``, so in-memory parents
   are expired instead. Above :data:`MYSQL_CHUNK` parents the statement is
-  split into key-ordered chunks.
+  split into key-ordered chunks. 1,163 us at 100 parents, against 8,834 for
+  an executemany and 1,552 for a lock SELECT followed by an unordered
+  ``UPDATE ... JOIN JSON_TABLE``; at 10,000 parents that last form is faster
+  (121,069 against 184,365 us): a candidate for very wide flushes. Chunks
+  stay under 1,000 keys because MariaDB rewrites an ``IN`` list of 1,000
+  values or more into a subquery (``in_predicate_conversion_threshold``),
+  which gives up the key-range scan and its lock order.
 
 A single parent (the common small transaction, and every ``per_row``
 insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
@@ -49,8 +62,8 @@ if TYPE_CHECKING:
 
     from .declaration import CounterCache
 
-#: Parents per statement on MariaDB/MySQL (the CASE list grows with it).
-MYSQL_CHUNK = 1000
+#: Parents per statement on MariaDB/MySQL (below in_predicate_conversion_threshold).
+MYSQL_CHUNK = 500
 
 Key = tuple[Any, ...]
 Deltas = dict[Key, list[int]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Optional
 
-from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy import CheckConstraint, ForeignKey, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from countercache import counter_cache
@@ -34,6 +34,8 @@ def qa(strategy: str | None = "bulk", *, cascade: str = "save-update, merge",
 
     class Question(Base):
         __tablename__ = "questions"
+        # lets a test fail a flush halfway on every backend (title="invalid")
+        __table_args__ = (CheckConstraint("title <> 'invalid'", name="ck_questions_title"),)
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
         title: Mapped[str] = mapped_column(String(50), default="")
         user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)

@@ -113,3 +113,43 @@ def test_bulk_orders_parent_tables_and_skips_deleted_parents(engine, statements)
         s.add(m.Question(user_id=ids[1]))
         s.commit()
     assert assert_counts(engine)[ids[1]] == 3
+
+
+def test_deferred_one_update_per_parent_table_per_transaction(engine, statements):
+    m, ids = setup(engine, "deferred")
+    with Session(engine, expire_on_commit=False) as s:
+        users = s.scalars(select(m.User).order_by(m.User.id)).all()
+        with statements.record() as rec:
+            for round_ in range(3):  # three flushes, one of them an autoflush
+                s.add_all(m.Question(user_id=ids[(i + round_) % 10]) for i in range(7))
+                if round_ == 1:
+                    s.scalars(select(m.Question)).all()
+                else:
+                    s.flush()
+        assert rec.updates_to("users") == []  # nothing before the commit
+        assert users[0].question_count == 0
+        with statements.record() as rec:
+            s.commit()
+        assert len(rec.updates_to("users")) == 1
+        assert sum(u.question_count for u in users) == 21
+    assert sum(assert_counts(engine).values()) == 21
+
+
+def test_deferred_net_zero_transaction_emits_nothing(engine, statements):
+    m, ids = setup(engine, "deferred")
+    with Session(engine) as s:
+        s.add(m.Question(user_id=ids[0]))
+        s.commit()
+    with Session(engine) as s:
+        q = s.scalars(select(m.Question)).one()
+        with statements.record() as rec:
+            q.user_id = ids[1]
+            s.flush()
+            q.user_id = ids[0]  # moved back in a second flush: the transaction nets to zero
+            s.flush()
+            s.add(m.Question(user_id=ids[2]))
+            s.flush()
+            s.delete(s.scalars(select(m.Question).where(m.Question.user_id == ids[2])).one())
+            s.commit()
+        assert rec.updates_to("users") == []
+    assert assert_counts(engine)[ids[0]] == 1

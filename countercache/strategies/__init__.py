@@ -9,11 +9,13 @@ Change tracking (:mod:`countercache.tracking`) calls a strategy with
 from __future__ import annotations
 
 from .bulk import BulkStrategy
+from .deferred import DeferredStrategy
 from .per_row import PerRowStrategy
 
 STRATEGY_CLASSES = {
     "bulk": BulkStrategy,
     "per_row": PerRowStrategy,
+    "deferred": DeferredStrategy,
 }
 
-__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy"]
+__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy"]

@@ -1,0 +1,34 @@
+"""``deferred``: one UPDATE per parent table per transaction, right before COMMIT.
+
+Every flush of the transaction adds its deltas to the transaction's running
+sum (savepoints keep their own, handed up when released and dropped when
+rolled back). At the outermost commit, after the final flush, the sums are
+written in one UPDATE per parent table, parents in primary-key order, and
+the parents in memory get their new values. Parent rows are therefore locked
+only for the moment of the commit: concurrent transactions touching the same
+parents cannot deadlock on counters, and a hot parent's lock is held for the
+shortest time. Until the commit, the counters (in the database and in
+memory) do not include the transaction's own changes.
+"""
+
+from __future__ import annotations
+
+from .. import transactions
+from ._base import Strategy
+
+
+class DeferredStrategy(Strategy):
+    name = "deferred"
+
+    def flush_done(self) -> None:
+        session = self.flush.session
+        if transactions.is_committing(session):
+            # The commit's own final flush (or one made by another
+            # before_commit hook): the commit is now, write at once.
+            transaction = self.flush.uow.transaction
+            self.write(lambda parent: transaction.connection(parent.mapper))
+            return
+        entry = transactions.current_entry(session)
+        for parent, deltas in self.pending.items():
+            transactions.add_deltas(entry.deferred, parent, deltas)
+        self.pending = {}

@@ -1,0 +1,163 @@
+"""Rollbacks, savepoints and failed flushes (SPEC §4, §5): nothing rolled back stays counted."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from helpers import assert_counts
+from models import qa
+
+
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
+def strategy(request):
+    return request.param
+
+
+def prepare(engine, strategy):
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        users = [m.User(name=n) for n in "ab"]
+        users[0].questions.append(m.Question(title="first"))
+        s.add_all(users)
+        s.commit()
+        return m, [u.id for u in users]
+
+
+def memory_equals_real(s, m, *users):
+    for user in users:
+        assert user.question_count == m.real(s, user.id), f"user {user.id} wrong in memory"
+
+
+def test_savepoint_rollback_discards_its_work(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua, ub = s.get(m.User, a), s.get(m.User, b)
+        ua.questions.append(m.Question(title="outer before"))
+        s.flush()
+        nested = s.begin_nested()
+        # through the foreign key: the parents stay clean, so SQLAlchemy's own
+        # savepoint rollback would not expire them
+        s.add_all([m.Question(title="inner", user_id=a), m.Question(title="inner", user_id=b)])
+        s.flush()
+        assert ua not in s.dirty and ub not in s.dirty
+        assert ua.question_count == (1 if strategy == "deferred" else 3)  # deferred: at commit
+        nested.rollback()
+        if strategy != "deferred":
+            memory_equals_real(s, m, ua, ub)  # expired by the library, read back
+        ub.questions.append(m.Question(title="outer after"))
+        s.commit()
+        memory_equals_real(s, m, ua, ub)
+    assert assert_counts(engine) == {a: 2, b: 1}
+
+
+def test_released_savepoint_counts(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua = s.get(m.User, a)
+        with s.begin_nested():
+            ua.questions.append(m.Question())
+        with s.begin_nested():
+            ua.questions.append(m.Question())
+            with s.begin_nested() as inner:
+                ua.questions.append(m.Question())
+                s.flush()
+                inner.rollback()
+            ua.questions.append(m.Question())
+        s.commit()
+        memory_equals_real(s, m, ua)
+    assert assert_counts(engine) == {a: 4, b: 0}
+
+
+def test_commit_with_savepoint_still_open(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ub = s.get(m.User, b)
+        ub.questions.append(m.Question())
+        s.begin_nested()
+        ub.questions.append(m.Question())
+        s.commit()  # releases the savepoint and commits
+        memory_equals_real(s, m, ub)
+    assert assert_counts(engine) == {a: 1, b: 2}
+
+
+def test_root_rollback_discards_every_flush(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua = s.get(m.User, a)
+        for _ in range(3):
+            ua.questions.append(m.Question())
+            s.flush()
+        s.rollback()
+        memory_equals_real(s, m, ua)
+        ua.questions.append(m.Question())
+        s.commit()
+        memory_equals_real(s, m, ua)
+    assert assert_counts(engine) == {a: 2, b: 0}
+
+
+def test_failed_flush_leaves_counters_as_the_rows(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua, ub = s.get(m.User, a), s.get(m.User, b)
+        ub.questions.append(m.Question())
+        s.flush()  # this one stays in the transaction...
+        ua.questions.extend([m.Question(title="x"), m.Question(title="y")])
+        ub.questions.append(m.Question(title="invalid"))  # ...this flush fails halfway
+        with pytest.raises(DBAPIError):
+            s.flush()
+        s.rollback()  # the whole transaction goes, the first flush included
+        memory_equals_real(s, m, ua, ub)
+    assert assert_counts(engine) == {a: 1, b: 0}
+
+
+def test_failed_flush_inside_savepoint(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua, ub = s.get(m.User, a), s.get(m.User, b)
+        ua.questions.append(m.Question())
+        s.flush()
+        with pytest.raises(DBAPIError):
+            with s.begin_nested():
+                ub.questions.append(m.Question())
+                s.flush()
+                ub.questions.append(m.Question(title="invalid"))  # CHECK violation
+                s.flush()
+        # the savepoint rolled back; the outer transaction goes on
+        for q in list(ub.questions):
+            if q in s.new:
+                s.expunge(q)
+        s.expire(ub, ["questions"])
+        s.add(m.Question(title="after", user_id=b))
+        s.commit()
+        memory_equals_real(s, m, ua, ub)
+    assert assert_counts(engine) == {a: 2, b: 1}
+
+
+def test_exception_in_users_before_flush(engine, strategy):
+    m, (a, b) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        ua = s.get(m.User, a)
+        fail = {"now": False}
+
+        @event.listens_for(s, "before_flush")
+        def users_hook(session, flush_context, instances):
+            if fail["now"]:
+                raise RuntimeError("the application's own check failed")
+
+        ua.questions.append(m.Question())
+        s.flush()
+        fail["now"] = True
+        ua.questions.append(m.Question())
+        with pytest.raises(RuntimeError):
+            s.flush()
+        s.rollback()
+        memory_equals_real(s, m, ua)
+        fail["now"] = False
+        ua.questions.append(m.Question())
+        s.commit()
+        memory_equals_real(s, m, ua)
+    assert assert_counts(engine) == {a: 2, b: 0}
