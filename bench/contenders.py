@@ -1,0 +1,326 @@
+"""The contenders: every way a user has of keeping ``parent.child_count``.
+
+Each runs in the same process, on the same database, against the same
+workloads. A contender declares the schema (:meth:`Contender.models`), may
+install things in the database once the set-up data is in
+(:meth:`Contender.install`), and undoes its process-wide state in
+:meth:`Contender.teardown`.
+
+* ``none``: the counter column exists but nobody keeps it: the floor.
+* one contender per countercache strategy (``countercache.config.STRATEGIES``).
+* ``listener``: hand-written mapper ``after_insert`` / ``after_delete`` /
+  ``after_update`` listeners issuing one ``UPDATE ... SET n = n + 1`` per row,
+  what a user writes without a library (and what ``per_row`` is held to).
+* ``pg_row_trigger``: a plpgsql ``FOR EACH ROW`` trigger (PostgreSQL only).
+* ``pg_statement_trigger``: ``FOR EACH STATEMENT`` triggers with transition
+  tables, aggregating per parent (PostgreSQL only).
+* ``aggregated``: SQLAlchemy-Utils' ``aggregated`` (a recount by correlated
+  subquery of every parent of every child in the session, after each flush).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import get_history
+
+from . import schema
+from .schema import CHILDREN, COUNTER, PARENTS, Models
+
+
+class Contender:
+    name = ""
+    #: Whether the counter is meant to be right (checked after every run).
+    keeps_count = True
+    description = ""
+
+    def skip_reason(self, dialect: str) -> str | None:
+        """Why this contender does not apply to ``dialect`` (None: it does)."""
+        return None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this contender cannot run at all here (a missing package...)."""
+        return None
+
+    def models(self) -> Models:
+        return schema.build()
+
+    def install(self, connection: Connection) -> None:
+        """Set-up data is in: create database objects (triggers)."""
+
+    def uninstall(self, connection: Connection) -> None:
+        """Drop what :meth:`install` created beyond the tables."""
+
+    def teardown(self) -> None:
+        """Forget process-wide state (listeners, registries)."""
+
+
+class NoCounter(Contender):
+    name = "none"
+    keeps_count = False
+    description = "no counter kept (the floor)"
+
+
+class CounterCacheStrategy(Contender):
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        self.name = strategy
+        self.description = f"countercache, strategy={strategy!r}"
+
+    def models(self) -> Models:
+        from countercache import counter_cache
+
+        strategy = self.strategy
+        models = schema.build(lambda child: counter_cache("children", strategy=strategy))
+        sa.orm.configure_mappers()
+        return models
+
+    def teardown(self) -> None:
+        import countercache
+
+        countercache._reset_for_tests()
+
+
+_INCREMENT = text(f"UPDATE {PARENTS} SET {COUNTER} = {COUNTER} + 1 WHERE id = :id")
+_DECREMENT = text(f"UPDATE {PARENTS} SET {COUNTER} = {COUNTER} - 1 WHERE id = :id")
+
+
+def _listener_after_insert(mapper: Any, connection: Connection, target: Any) -> None:
+    if target.parent_id is not None:
+        connection.execute(_INCREMENT, {"id": target.parent_id})
+
+
+def _listener_after_delete(mapper: Any, connection: Connection, target: Any) -> None:
+    if target.parent_id is not None:
+        connection.execute(_DECREMENT, {"id": target.parent_id})
+
+
+def _listener_after_update(mapper: Any, connection: Connection, target: Any) -> None:
+    history = get_history(target, "parent_id")
+    if not history.has_changes():
+        return
+    for old in history.deleted:
+        if old is not None:
+            connection.execute(_DECREMENT, {"id": old})
+    for new in history.added:
+        if new is not None:
+            connection.execute(_INCREMENT, {"id": new})
+
+
+class Listener(Contender):
+    name = "listener"
+    description = "hand-written after_insert/after_delete/after_update UPDATE per row"
+
+    def models(self) -> Models:
+        models = schema.build()
+        for name, fn in (
+            ("after_insert", _listener_after_insert),
+            ("after_delete", _listener_after_delete),
+            ("after_update", _listener_after_update),
+        ):
+            event.listen(models.Child, name, fn)
+        sa.orm.configure_mappers()
+        return models
+
+
+class _PostgresTrigger(Contender):
+    functions: tuple[str, ...] = ()
+
+    def skip_reason(self, dialect: str) -> str | None:
+        return None if dialect == "postgresql" else "skipped: PostgreSQL only"
+
+    def ddl(self) -> list[str]:
+        raise NotImplementedError
+
+    def install(self, connection: Connection) -> None:
+        for statement in self.ddl():
+            connection.exec_driver_sql(statement)
+
+    def uninstall(self, connection: Connection) -> None:
+        for fn in self.functions:
+            connection.exec_driver_sql(f"DROP FUNCTION IF EXISTS {fn}() CASCADE")
+
+
+class PgRowTrigger(_PostgresTrigger):
+    name = "pg_row_trigger"
+    description = "PostgreSQL plpgsql FOR EACH ROW trigger"
+    functions = ("ccbench_row_counter",)
+
+    def ddl(self) -> list[str]:
+        return [
+            f"""CREATE OR REPLACE FUNCTION ccbench_row_counter() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    UPDATE {PARENTS} SET {COUNTER} = {COUNTER} + 1 WHERE id = NEW.parent_id;
+  ELSIF TG_OP = 'DELETE' THEN
+    UPDATE {PARENTS} SET {COUNTER} = {COUNTER} - 1 WHERE id = OLD.parent_id;
+  ELSIF NEW.parent_id IS DISTINCT FROM OLD.parent_id THEN
+    UPDATE {PARENTS} SET {COUNTER} = {COUNTER} - 1 WHERE id = OLD.parent_id;
+    UPDATE {PARENTS} SET {COUNTER} = {COUNTER} + 1 WHERE id = NEW.parent_id;
+  END IF;
+  RETURN NULL;
+END $$""",
+            f"""CREATE TRIGGER ccbench_row_counter
+AFTER INSERT OR DELETE OR UPDATE OF parent_id ON {CHILDREN}
+FOR EACH ROW EXECUTE FUNCTION ccbench_row_counter()""",
+        ]
+
+
+class PgStatementTrigger(_PostgresTrigger):
+    name = "pg_statement_trigger"
+    description = "PostgreSQL FOR EACH STATEMENT triggers over transition tables"
+    functions = ("ccbench_stmt_insert", "ccbench_stmt_delete", "ccbench_stmt_update")
+
+    def ddl(self) -> list[str]:
+        def function(name: str, deltas: str) -> str:
+            return f"""CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE {PARENTS} AS p SET {COUNTER} = p.{COUNTER} + d.n
+  FROM ({deltas}) AS d
+  WHERE p.id = d.parent_id;
+  RETURN NULL;
+END $$"""
+
+        return [
+            function(
+                "ccbench_stmt_insert",
+                "SELECT parent_id, count(*) AS n FROM new_rows "
+                "WHERE parent_id IS NOT NULL GROUP BY parent_id",
+            ),
+            function(
+                "ccbench_stmt_delete",
+                "SELECT parent_id, -count(*) AS n FROM old_rows "
+                "WHERE parent_id IS NOT NULL GROUP BY parent_id",
+            ),
+            function(
+                "ccbench_stmt_update",
+                "SELECT parent_id, sum(n) AS n FROM ("
+                "SELECT parent_id, 1 AS n FROM new_rows "
+                "UNION ALL SELECT parent_id, -1 AS n FROM old_rows) AS u "
+                "WHERE parent_id IS NOT NULL GROUP BY parent_id HAVING sum(n) <> 0",
+            ),
+            (
+                f"CREATE TRIGGER ccbench_stmt_insert AFTER INSERT ON {CHILDREN} "
+                "REFERENCING NEW TABLE AS new_rows "
+                "FOR EACH STATEMENT EXECUTE FUNCTION ccbench_stmt_insert()"
+            ),
+            (
+                f"CREATE TRIGGER ccbench_stmt_delete AFTER DELETE ON {CHILDREN} "
+                "REFERENCING OLD TABLE AS old_rows "
+                "FOR EACH STATEMENT EXECUTE FUNCTION ccbench_stmt_delete()"
+            ),
+            (
+                f"CREATE TRIGGER ccbench_stmt_update AFTER UPDATE ON {CHILDREN} "
+                "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                "FOR EACH STATEMENT EXECUTE FUNCTION ccbench_stmt_update()"
+            ),
+        ]
+
+
+class Aggregated(Contender):
+    """SQLAlchemy-Utils ``aggregated``.
+
+    Importing ``sqlalchemy_utils.aggregates`` registers global listeners
+    (``Mapper.after_configured``, ``Session.after_flush``) whose ``after_flush``
+    walks every object of every session: they are removed at once and
+    attached only while this contender runs, so that they cost the others
+    nothing. Its registries are global too (``aggregated_attrs`` and the
+    manager's), and grow on every ``configure_mappers()``: they are emptied
+    after each run.
+    """
+
+    name = "aggregated"
+    description = "SQLAlchemy-Utils aggregated (recount by correlated subquery after each flush)"
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+        self._module: Any = None
+        try:
+            from sqlalchemy_utils import aggregates  # type: ignore[import-untyped]
+        except ImportError as exc:
+            self._reason = (
+                f"unavailable: sqlalchemy-utils is not installed ({exc}); "
+                "pip install -e '.[bench]'"
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - an import that breaks on this SQLAlchemy
+            self._reason = f"unavailable: importing sqlalchemy_utils failed: {_first_line(exc)}"
+            return
+        self._module = aggregates
+        self._listen(False)
+
+    def _hooks(self) -> list[tuple[Any, str, Any]]:
+        manager = self._module.manager
+        return [
+            (sa.orm.Mapper, "after_configured", manager.update_generator_registry),
+            (Session, "after_flush", manager.construct_aggregate_queries),
+        ]
+
+    def _listen(self, on: bool) -> None:
+        for target, name, fn in self._hooks():
+            if on and not event.contains(target, name, fn):
+                event.listen(target, name, fn)
+            elif not on and event.contains(target, name, fn):
+                event.remove(target, name, fn)
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+    def models(self) -> Models:
+        aggregates = self._module
+        aggregates.aggregated_attrs.clear()
+        aggregates.manager.reset()
+        self._listen(True)
+
+        def column(child: Any) -> Any:
+            @aggregates.aggregated("children", sa.Column(sa.Integer, default=0))
+            def child_count(self: Any) -> Any:
+                return sa.func.count(child().id)
+
+            return child_count
+
+        models = schema.build(column)
+        sa.orm.configure_mappers()
+        registered = sum(len(v) for v in aggregates.manager.generator_registry.values())
+        if registered != 1:
+            raise RuntimeError(
+                f"aggregated registered {registered} aggregate(s) for one declaration"
+            )
+        return models
+
+    def teardown(self) -> None:
+        if self._module is not None:
+            self._listen(False)
+            self._module.aggregated_attrs.clear()
+            self._module.manager.reset()
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(exc).strip()
+    return f"{type(exc).__name__}: {text_.splitlines()[0]}" if text_ else type(exc).__name__
+
+
+def all_contenders() -> list[Contender]:
+    """Every contender, in report order; strategies from ``STRATEGIES``."""
+    from countercache.config import STRATEGIES
+
+    return [
+        NoCounter(),
+        *(CounterCacheStrategy(s) for s in STRATEGIES),
+        Listener(),
+        PgRowTrigger(),
+        PgStatementTrigger(),
+        Aggregated(),
+    ]
+
+
+def contender_names() -> list[str]:
+    from countercache.config import STRATEGIES
+
+    return ["none", *STRATEGIES, "listener", "pg_row_trigger", "pg_statement_trigger", "aggregated"]

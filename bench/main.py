@@ -1,0 +1,137 @@
+"""The command line of the benchmark.
+
+::
+
+    countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
+                       [--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]
+
+Default database: a SQLite file in the temp directory. Usage and connection
+errors print one line on stderr and exit with code 2. Exit code 1 when a
+countercache strategy drifted or failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from .workloads import WORKLOADS, Sizes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"countercache: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _positive(minimum: int) -> Any:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {number}")
+        return number
+
+    return parse
+
+
+def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
+    from .contenders import contender_names
+
+    p = _Parser(
+        prog=prog,
+        description="Time countercache against the alternatives (median of repetitions, "
+        "ratio to no counter in the same run) and check every counter afterwards.",
+    )
+    p.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
+    p.add_argument("--workload", action="extend", nargs="+", metavar="NAME", choices=list(WORKLOADS),
+                   help=f"workloads to run (default: all of {', '.join(WORKLOADS)})")
+    p.add_argument("--contender", action="extend", nargs="+", metavar="NAME", choices=contender_names(),
+                   help=f"contenders to run (default: all of {', '.join(contender_names())}; "
+                   "`none` is always added)")
+    p.add_argument("--repeat", type=_positive(1), default=3, help="repetitions (median taken; default 3)")
+    p.add_argument("--children", type=_positive(2), default=10_000,
+                   help="children per batch (txn: a tenth, delete/move: a half; default 10000)")
+    p.add_argument("--parents", type=_positive(2), default=100, help="parents (default 100)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the ratios into a PNG file (matplotlib)")
+    return p
+
+
+def default_url() -> str:
+    return "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache-bench.sqlite")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "countercache bench") -> int:
+    args = parser(prog).parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # a database or driver error: one line, no traceback
+        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+        from countercache.errors import CounterCacheError
+
+        if isinstance(exc, (SQLAlchemyError, ArgumentError, CounterCacheError, ImportError, OSError)):
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            sys.stderr.write(f"countercache: error: {first}\n")
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import countercache
+    from countercache.config import STRATEGIES
+
+    from . import contenders as contenders_mod
+    from . import report, runner
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    countercache._reset_for_tests()
+    wanted = set(args.contender or contenders_mod.contender_names()) | {"none"}
+    chosen = [c for c in contenders_mod.all_contenders() if c.name in wanted]
+    workloads = [w for w in WORKLOADS if w in set(args.workload or WORKLOADS)]
+    sizes = Sizes(children=args.children, parents=args.parents)
+    url = args.url or default_url()
+
+    err = Console(stderr=True)
+    if err.is_terminal and not args.json:
+        with err.status("countercache bench") as status:
+            result = runner.run(url, chosen, workloads, sizes, args.repeat,
+                                progress=lambda m: status.update(f"countercache bench: {m}"))
+    else:
+        result = runner.run(url, chosen, workloads, sizes, args.repeat)
+
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_json(result), indent=2) + "\n")
+    else:
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=200)  # a pipe or a file: do not wrap the table at 80 columns
+        report.print_table(result, out)
+    if args.plot:
+        report.plot(result, args.plot)
+        if not args.json:
+            Console().print(f"plot written to {args.plot}")
+    bad = [
+        cell for cell in result.cells.values()
+        if cell.contender in STRATEGIES and cell.status in ("WRONG", "error")
+    ]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Showing a run: the rich table, the JSON document, the plot, the targets.
+
+A contender whose counters drifted is shown as WRONG, never with a ratio: a
+wrong counter is not a fast one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .runner import Cell, Run
+
+
+@dataclass
+class Target:
+    """One of the project's performance targets (set on PostgreSQL)."""
+
+    name: str
+    value: float | None
+    limit: float | None
+    met: bool | None  # None: cannot be judged in this run
+    note: str = ""
+
+
+def _ratio(run: Run, workload: str, contender: str) -> float | None:
+    cell = run.cells.get((workload, contender))
+    return cell.ratio if cell is not None and cell.status == "ok" else None
+
+
+def targets(run: Run) -> list[Target]:
+    """The project targets, evaluated on this run (ratios to ``none``)."""
+    from countercache.config import STRATEGIES
+
+    found: list[Target] = []
+
+    def ceiling(name: str, workload: str, contender: str, limit: float, against: str | None = None) -> None:
+        if workload not in run.workloads or contender not in run.contenders:
+            return
+        cell = run.cells[(workload, contender)]
+        if cell.status == "WRONG":
+            found.append(Target(name, None, limit, False, "WRONG: counters drifted"))
+            return
+        value = _ratio(run, workload, contender)
+        if against is not None:
+            other = _ratio(run, workload, against) if against in run.contenders else None
+            if value is None or other is None:
+                found.append(Target(name, None, limit, None, f"{against} not measured"))
+                return
+            value = value / other
+        if value is None:
+            found.append(Target(name, None, limit, None, cell.note or "not measured"))
+            return
+        found.append(Target(name, value, limit, value <= limit))
+
+    for workload, limit in (("batch", 1.05), ("txn", 1.10), ("delete", 1.15), ("move", 1.20)):
+        ceiling(f"bulk {workload} <= x{limit:.2f}", workload, "bulk", limit)
+    for workload in ("batch", "delete"):
+        for other in ("pg_row_trigger", "pg_statement_trigger", "aggregated"):
+            if workload not in run.workloads or "bulk" not in run.contenders or other not in run.contenders:
+                continue
+            mine, theirs = _ratio(run, workload, "bulk"), _ratio(run, workload, other)
+            name = f"bulk {workload} below {other}"
+            if mine is None or theirs is None:
+                missing = other if theirs is None else "bulk"
+                found.append(Target(name, None, None, None, f"{missing}: {run.cells[(workload, missing)].note or 'not measured'}"))
+            else:
+                found.append(Target(name, mine, theirs, mine < theirs))
+    for workload in ("batch", "txn", "delete", "move"):
+        ceiling(f"per_row {workload} <= 1.10 x listener", workload, "per_row", 1.10, against="listener")
+    for strategy in STRATEGIES:
+        ceiling(f"{strategy} noop <= x1.02", "noop", strategy, 1.02)
+    return found
+
+
+def _cell_text(cell: Cell) -> str:
+    if cell.status == "WRONG":
+        return f"[bold red]WRONG[/bold red] ({cell.drift} off)"
+    if cell.status in ("skipped", "unavailable"):
+        return "[dim]-[/dim]"
+    if cell.status == "error":
+        return "[red]error[/red]"
+    seconds = cell.seconds
+    if seconds is None:
+        return "[dim]-[/dim]"
+    ratio = f" x{cell.ratio:.2f}" if cell.ratio is not None else ""
+    return f"{seconds:.3f}{ratio}"
+
+
+def print_table(run: Run, console: Any, with_targets: bool = True) -> None:
+    from rich.table import Table
+
+    title = (
+        f"countercache bench on {run.backend} {run.server_version}: "
+        f"{run.sizes.children:,} children over {run.sizes.parents:,} parents, "
+        f"median of {run.repeat}"
+    )
+    table = Table(title=title, caption="seconds and ratio to `none` in this run; drift checked after every run")
+    table.add_column("contender")
+    for workload in run.workloads:
+        table.add_column(workload, justify="right")
+    table.add_column("drift", justify="right")
+    table.add_column("notes")
+    for contender in run.contenders:
+        cells = [run.cells[(w, contender)] for w in run.workloads]
+        drifts = [c.drift for c in cells if c.drift is not None]
+        drift = str(max(drifts)) if drifts else ("[dim]not kept[/dim]" if contender == "none" else "-")
+        notes = sorted({c.note for c in cells if c.note and c.status != "WRONG"})
+        table.add_row(contender, *(_cell_text(c) for c in cells), drift, "; ".join(notes))
+    console.print(table)
+    for workload in run.workloads:
+        console.print(f"  [bold]{workload}[/bold]: {run.descriptions[workload]}")
+    if with_targets:
+        found = targets(run)
+        if found:
+            checks = Table(title=f"project targets (set on PostgreSQL; this run: {run.backend})")
+            checks.add_column("target")
+            checks.add_column("measured", justify="right")
+            checks.add_column("limit", justify="right")
+            checks.add_column("")
+            for t in found:
+                verdict = {True: "[green]met[/green]", False: "[bold red]MISSED[/bold red]", None: "[dim]n/a[/dim]"}[t.met]
+                checks.add_row(
+                    t.name,
+                    f"{t.value:.3f}" if t.value is not None else "-",
+                    f"{t.limit:.3f}" if t.limit is not None else "-",
+                    verdict + (f" {t.note}" if t.note else ""),
+                )
+            console.print(checks)
+
+
+def as_json(run: Run) -> dict[str, Any]:
+    return {
+        "backend": run.backend,
+        "server_version": run.server_version,
+        "url": run.url,
+        "sizes": {
+            "children": run.sizes.children,
+            "parents": run.sizes.parents,
+            "repeat": run.repeat,
+            "workloads": {
+                w: {"rows": _rows(run, w), "description": run.descriptions[w]} for w in run.workloads
+            },
+        },
+        "workloads": run.workloads,
+        "contenders": run.contenders,
+        "results": [
+            {
+                "workload": w,
+                "contender": c,
+                "status": cell.status,
+                "note": cell.note,
+                "seconds": cell.seconds,
+                "ratio": cell.ratio,
+                "drift": cell.drift,
+                "drift_total": cell.drift_total,
+                "times": cell.times,
+            }
+            for w in run.workloads
+            for c in run.contenders
+            for cell in (run.cells[(w, c)],)
+        ],
+        "targets": [t.__dict__ for t in targets(run)],
+    }
+
+
+def _rows(run: Run, workload: str) -> int:
+    from .workloads import WORKLOADS
+
+    return WORKLOADS[workload].rows(run.sizes)
+
+
+def plot(run: Run, path: str) -> None:
+    """Grouped bars of the ratios to ``none``, one group per workload (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contenders = [c for c in run.contenders if any(run.cells[(w, c)].measured for w in run.workloads)]
+    width = 0.8 / max(1, len(contenders))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(run.workloads) + 2), 4.5))
+    colors = plt.get_cmap("tab10")
+    highest = 1.0
+    for i, contender in enumerate(contenders):
+        xs, ys, wrong = [], [], []
+        for j, workload in enumerate(run.workloads):
+            cell = run.cells[(workload, contender)]
+            if not cell.measured or cell.ratio is None:
+                continue
+            xs.append(j + (i - (len(contenders) - 1) / 2) * width)
+            ys.append(cell.ratio)
+            wrong.append(cell.status == "WRONG")
+            highest = max(highest, cell.ratio)
+        bars = ax.bar(xs, ys, width, label=contender, color=colors(i % 10))
+        for bar, is_wrong in zip(bars, wrong, strict=True):
+            if is_wrong:
+                bar.set_hatch("xx")
+                bar.set_edgecolor("red")
+                ax.annotate("WRONG", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7, color="red", rotation=90)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    if highest > 4:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(run.workloads)), run.workloads)
+    ax.set_ylabel("time / time of `none` (same run)")
+    ax.set_title(
+        f"countercache bench, {run.backend} {run.server_version}: "
+        f"{run.sizes.children:,} children / {run.sizes.parents:,} parents, median of {run.repeat}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

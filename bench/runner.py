@@ -1,0 +1,194 @@
+"""Running the matrix: repetitions x workloads x contenders, interleaved.
+
+For every repetition, every workload runs once per contender before the
+next workload starts, the contenders' order rotating from one repetition to
+the next: a slow minute of the machine hits all of them alike. Each
+contender run gets a fresh schema (drop, create), a fresh engine, fresh
+model classes; only the workload's timed callable is timed. After each run
+every parent's counter is compared with ``SELECT count(*)`` of its children.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import clear_mappers
+
+from . import schema
+from .contenders import Contender, _first_line
+from .workloads import WORKLOADS, Sizes
+
+
+@dataclass
+class Cell:
+    """One workload x contender: its timings and verdict."""
+
+    workload: str
+    contender: str
+    #: ok | WRONG | skipped | unavailable | error
+    status: str = "ok"
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    #: parents whose counter was off after a run (max over runs); None: not kept
+    drift: int | None = None
+    #: sum of absolute errors (max over runs)
+    drift_total: int | None = None
+    ratio: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+    @property
+    def measured(self) -> bool:
+        return self.status in ("ok", "WRONG") and bool(self.times)
+
+
+@dataclass
+class Run:
+    backend: str
+    server_version: str
+    url: str
+    sizes: Sizes
+    repeat: int
+    workloads: list[str]
+    contenders: list[str]
+    cells: dict[tuple[str, str], Cell]
+    descriptions: dict[str, str]
+
+    def cell(self, workload: str, contender: str) -> Cell:
+        return self.cells[(workload, contender)]
+
+
+def probe(url: str) -> tuple[str, str]:
+    """Connect once: ``(backend name, server version)``; raises on failure."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            info = connection.dialect.server_version_info or ()
+            dialect = connection.dialect
+            name = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+            return name, ".".join(str(p) for p in info)
+    finally:
+        engine.dispose()
+
+
+def _drop_everything(engine: Engine, contender: Contender, models: schema.Models) -> None:
+    with engine.begin() as connection:
+        models.metadata.drop_all(connection)
+        contender.uninstall(connection)
+
+
+def run_one(url: str, contender: Contender, workload: str, sizes: Sizes) -> tuple[float, tuple[int, int] | None]:
+    """One contender on one workload: ``(seconds, (parents off, total error) or None)``."""
+    models: schema.Models | None = None
+    engine: Engine | None = None
+    cleanup: Callable[[], None] = lambda: None
+    try:
+        models = contender.models()
+        engine = create_engine(url)
+        _drop_everything(engine, contender, models)
+        with engine.begin() as connection:
+            models.metadata.create_all(connection)
+        timed, cleanup = WORKLOADS[workload].prepare(engine, models, sizes, contender.install)
+        gc.collect()
+        start = time.perf_counter()
+        timed()
+        elapsed = time.perf_counter() - start
+        cleanup()
+        cleanup = lambda: None
+        drift = None
+        if contender.keeps_count:
+            with engine.connect() as connection:
+                drift = schema.drift(connection, models)
+        return elapsed, drift
+    finally:
+        try:
+            cleanup()
+            if engine is not None and models is not None:
+                _drop_everything(engine, contender, models)
+        finally:
+            if engine is not None:
+                engine.dispose()
+            contender.teardown()
+            clear_mappers()
+
+
+def run(
+    url: str,
+    contenders: list[Contender],
+    workloads: list[str],
+    sizes: Sizes,
+    repeat: int,
+    progress: Callable[[str], Any] = lambda message: None,
+) -> Run:
+    backend, version = probe(url)
+    cells: dict[tuple[str, str], Cell] = {}
+    for contender in contenders:
+        reason = contender.skip_reason(backend) or contender.unavailable_reason()
+        for workload in workloads:
+            cell = cells[(workload, contender.name)] = Cell(workload, contender.name)
+            if reason:
+                cell.status, cell.note = reason.split(":", 1)[0], reason
+    for rep in range(repeat):
+        for workload in workloads:
+            shift = rep % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                cell = cells[(workload, contender.name)]
+                if cell.status not in ("ok", "WRONG"):
+                    continue
+                progress(f"{rep + 1}/{repeat} {workload} {contender.name}")
+                try:
+                    elapsed, drift = run_one(url, contender, workload, sizes)
+                except sa.exc.OperationalError:
+                    raise  # the database went away: stop the whole run
+                except Exception as exc:  # noqa: BLE001 - reported per contender
+                    _fail(cells, contender, workload, exc)
+                    continue
+                cell.times.append(elapsed)
+                if drift is not None:
+                    off, total = drift
+                    cell.drift = max(cell.drift or 0, off)
+                    cell.drift_total = max(cell.drift_total or 0, total)
+                    if off:
+                        cell.status = "WRONG"
+                        cell.note = f"{cell.drift} parents off by {cell.drift_total} in all"
+    for workload in workloads:
+        floor = cells.get((workload, "none"))
+        base = floor.seconds if floor is not None and floor.measured else None
+        for contender in contenders:
+            cell = cells[(workload, contender.name)]
+            if cell.measured and base:
+                cell.ratio = cell.seconds / base  # type: ignore[operator]
+    return Run(
+        backend=backend,
+        server_version=version,
+        url=sa.engine.make_url(url).render_as_string(hide_password=True),
+        sizes=sizes,
+        repeat=repeat,
+        workloads=workloads,
+        contenders=[c.name for c in contenders],
+        cells=cells,
+        descriptions={w: WORKLOADS[w].describe(sizes) for w in workloads},
+    )
+
+
+def _fail(cells: dict[tuple[str, str], Cell], contender: Contender, workload: str, exc: BaseException) -> None:
+    """A contender that raised: unavailable everywhere if it cannot even declare its models."""
+    message = _first_line(exc)
+    if contender.name == "aggregated":
+        # a third-party package that may not support this SQLAlchemy: say so
+        for (w, c), cell in cells.items():
+            if c == contender.name:
+                cell.status, cell.note, cell.times = "unavailable", f"unavailable: {message}", []
+        return
+    cell = cells[(workload, contender.name)]
+    cell.status, cell.note, cell.times = "error", f"error: {message}", []
