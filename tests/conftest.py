@@ -103,6 +103,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "servers_only: with the engine fixture, only run on PostgreSQL and MariaDB"
     )
+    config.addinivalue_line(
+        "markers", "sqlite_postgresql_only: with the engine fixture, only run on SQLite and PostgreSQL"
+    )
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -126,6 +129,7 @@ _ONLY_MARKERS = {
     "postgresql_only": {"postgresql"},
     "mariadb_only": {"mariadb"},
     "servers_only": {"postgresql", "mariadb"},
+    "sqlite_postgresql_only": {"sqlite", "postgresql"},
 }
 
 

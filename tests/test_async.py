@@ -1,0 +1,91 @@
+"""AsyncSession with aiosqlite and asyncpg (SPEC §4): the same guarantees as Session."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import countercache
+from helpers import assert_counts
+from models import qa
+
+pytestmark = pytest.mark.sqlite_postgresql_only
+
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
+def strategy(request):
+    return request.param
+
+
+def run(engine, backend, body):
+    url = engine.url.set(drivername=ASYNC_DRIVERS[backend])
+
+    async def main():
+        async_engine = create_async_engine(url)
+        try:
+            await body(async_engine)
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_add_delete_move_and_savepoint(engine, backend, strategy):
+    m = qa(strategy, cascade="all, delete-orphan")
+    m.Base.metadata.create_all(engine)
+    seen = {}
+
+    async def body(async_engine):
+        async with AsyncSession(async_engine, expire_on_commit=False) as s:
+            a, b = m.User(name="a"), m.User(name="b")
+            s.add_all([a, b, m.Question(user=a), m.Question(user=a), m.Question(user=b)])
+            await s.flush()
+            if strategy != "deferred":
+                seen["after flush"] = (a.question_count, b.question_count)  # no IO needed
+            await s.commit()
+            seen["after commit"] = (a.question_count, b.question_count)
+
+            questions = (await s.scalars(select(m.Question).where(m.Question.user_id == a.id))).all()
+            questions[0].user = b
+            await s.delete(questions[1])
+            async with s.begin_nested() as nested:
+                s.add(m.Question(user_id=a.id))
+                await s.flush()
+                await nested.rollback()
+            await s.commit()
+            await s.refresh(a)
+            await s.refresh(b)
+            seen["end"] = (a.question_count, b.question_count)
+
+    run(engine, backend, body)
+    if strategy != "deferred":
+        assert seen["after flush"] == (2, 1)
+    assert seen["after commit"] == (2, 1)
+    assert seen["end"] == (0, 2)
+    assert sorted(assert_counts(engine).values()) == [0, 2]
+
+
+def test_suspended_async(engine, backend, strategy):
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+
+    async def body(async_engine):
+        async with AsyncSession(async_engine, expire_on_commit=False) as s:
+            user = m.User(name="a")
+            s.add(user)
+            await s.commit()
+            with countercache.suspended(s):
+                s.add(m.Question(user_id=user.id))
+                await s.commit()
+
+    run(engine, backend, body)
+    with engine.connect() as conn:
+        from sqlalchemy import text
+
+        assert conn.execute(text("SELECT question_count FROM users")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM questions")).scalar() == 1
