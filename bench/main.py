@@ -89,7 +89,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "countercache bench") ->
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    import countercache
     from countercache.config import STRATEGIES
 
     from . import contenders as contenders_mod
@@ -100,20 +99,20 @@ def _run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install -e '.[bench]'") from None
-    countercache._reset_for_tests()
+    url = args.url or default_url()
+    probed = runner.probe(url)  # connection errors surface here, before any model is declared
     wanted = set(args.contender or contenders_mod.contender_names()) | {"none"}
     chosen = [c for c in contenders_mod.all_contenders() if c.name in wanted]
     workloads = [w for w in WORKLOADS if w in set(args.workload or WORKLOADS)]
     sizes = Sizes(children=args.children, parents=args.parents)
-    url = args.url or default_url()
 
     err = Console(stderr=True)
     if err.is_terminal and not args.json:
         with err.status("countercache bench") as status:
-            result = runner.run(url, chosen, workloads, sizes, args.repeat,
+            result = runner.run(url, chosen, workloads, sizes, args.repeat, probed,
                                 progress=lambda m: status.update(f"countercache bench: {m}"))
     else:
-        result = runner.run(url, chosen, workloads, sizes, args.repeat)
+        result = runner.run(url, chosen, workloads, sizes, args.repeat, probed)
 
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(result), indent=2) + "\n")

@@ -128,9 +128,10 @@ def run(
     workloads: list[str],
     sizes: Sizes,
     repeat: int,
+    probed: tuple[str, str] | None = None,
     progress: Callable[[str], Any] = lambda message: None,
 ) -> Run:
-    backend, version = probe(url)
+    backend, version = probed or probe(url)
     cells: dict[tuple[str, str], Cell] = {}
     for contender in contenders:
         reason = contender.skip_reason(backend) or contender.unavailable_reason()
