@@ -10,20 +10,23 @@ The statement form is chosen per dialect by measurement
 (``bench/statement_forms.py``: median microseconds to apply deltas to 1, 100
 and 10,000 parents, 2 cores, PostgreSQL 15, MariaDB 10.11, SQLite 3.40):
 
-* **PostgreSQL**: one ``UPDATE ... FROM (SELECT ... FROM parent JOIN
-  unnest(:keys, :deltas) ... ORDER BY pk FOR NO KEY UPDATE OF parent)``
-  ``RETURNING``. The locking sub-select takes the row locks in key order
-  before the UPDATE touches a row (a plain ``UPDATE ... FROM (VALUES ...)``
-  locks in join order and deadlocks under concurrent flushes). The SQL text
-  is the same for any number of parents (arrays, not a VALUES list), so
-  SQLAlchemy's compiled cache and psycopg's prepared statements apply; and
-  ``RETURNING`` gives the new values in the same round trip, which an
+* **PostgreSQL**: ``SELECT 1 FROM parent JOIN unnest(:keys) ... ORDER BY pk
+  FOR NO KEY UPDATE`` and then ``UPDATE parent SET n = n + v.d FROM
+  unnest(:keys, :deltas) AS v ... RETURNING``. The SELECT takes the row locks
+  in key order before the UPDATE touches a row (a plain ``UPDATE ... FROM``
+  locks in join order and deadlocks under concurrent flushes). The lock
+  must be its own statement: folded into the UPDATE as a locking sub-select
+  (measured 969 us at 100 parents against 729 for the pair) the UPDATE's
+  snapshot predates the lock waits, and the re-check of rows changed
+  meanwhile deadlocked once in 320 transactions of the concurrency test.
+  The SQL text is the same for any number of parents (arrays, not a VALUES
+  list), so SQLAlchemy's compiled cache and psycopg's prepared statements
+  apply; ``RETURNING`` gives the new values in the same round trip, which an
   executemany cannot (psycopg has no executemany RETURNING for UPDATE).
-  Measured at 100 / 10,000 parents: this form 969 / 57,533 us; a separate
-  lock SELECT then the same UPDATE 729 / 61,962 (a tie within this machine's
-  noise, one statement more); lock SELECT then ``UPDATE ... FROM (VALUES)``
-  1,760 / 523,483 (its text changes with the count: no cache); executemany
-  1,395 / 123,177 before the SELECT it would need for new values.
+  Measured at 100 / 10,000 parents: 729 / 61,962 us; lock SELECT then
+  ``UPDATE ... FROM (VALUES)`` 1,760 / 523,483 (its text changes with the
+  count: no cache); executemany 1,395 / 123,177 before the SELECT it would
+  need for new values.
 * **SQLite**: ``UPDATE ... FROM json_each(:rows) ... RETURNING``: one fixed
   statement, no parameter-count limit; SQLite has no row locks to order.
   280 / 21,744 us at 100 / 10,000 parents, against 986 / 326,029 for
@@ -183,36 +186,43 @@ class ParentTable:
     def _apply_postgresql(
         self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
     ) -> Results:
-        def build() -> Any:
-            dialect = connection.dialect
-            t = self._table_name(connection)
-            pk = [self._q(connection, c.name) for c in self.pk_cols]
+        dialect = connection.dialect
+        t = self._table_name(connection)
+        pk = [self._q(connection, c.name) for c in self.pk_cols]
+        keys_unnest = "unnest(" + ", ".join(
+            f"CAST(:k{j} AS {c.type.compile(dialect)}[])" for j, c in enumerate(self.pk_cols)
+        ) + ")"
+
+        def build_lock() -> Any:
+            return text(
+                f"SELECT 1 FROM {t} JOIN {keys_unnest} AS v({', '.join(f'k{j}' for j in range(len(pk)))}) ON "
+                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
+                + " ORDER BY " + ", ".join(f"{t}.{c}" for c in pk)
+                + f" FOR NO KEY UPDATE OF {t}"
+            )
+
+        def build_update() -> Any:
             arrays = [f"CAST(:k{j} AS {c.type.compile(dialect)}[])" for j, c in enumerate(self.pk_cols)]
             arrays += [
                 f"CAST(:d{i} AS {self.counters[i].column.type.compile(dialect)}[])"  # type: ignore[union-attr]
                 for i in slots
             ]
             v_cols = [f"k{j}" for j in range(len(pk))] + [f"d{i}" for i in slots]
-            sql = (
+            return text(
                 f"UPDATE {t} AS p SET "
-                + self._set_list(connection, slots, lambda i: f"l.d{i}", prefix="p.")
-                + " FROM (SELECT "
-                + ", ".join([f"{t}.{c} AS k{j}" for j, c in enumerate(pk)] + [f"v.d{i}" for i in slots])
-                + f" FROM {t} JOIN unnest({', '.join(arrays)}) AS v({', '.join(v_cols)}) ON "
-                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
-                + " ORDER BY "
-                + ", ".join(f"{t}.{c}" for c in pk)
-                + f" FOR NO KEY UPDATE OF {t}) AS l WHERE "
-                + " AND ".join(f"p.{c} = l.k{j}" for j, c in enumerate(pk))
+                + self._set_list(connection, slots, lambda i: f"v.d{i}", prefix="p.")
+                + f" FROM unnest({', '.join(arrays)}) AS v({', '.join(v_cols)}) WHERE "
+                + " AND ".join(f"p.{c} = v.k{j}" for j, c in enumerate(pk))
                 + " RETURNING "
                 + self._returning_list(connection, slots, prefix="p.")
             )
-            return text(sql)
 
-        stmt = self._cached(connection, "pg", slots, build)
+        lock = self._cached(connection, "pg-lock", (), build_lock)
+        update = self._cached(connection, "pg", slots, build_update)
         params: dict[str, Any] = {f"k{j}": [k[j] for k in keys] for j in range(len(self.pk_cols))}
+        connection.execute(lock, params)
         params.update({f"d{i}": [deltas[k][i] for k in keys] for i in slots})
-        return self._results(connection.execute(stmt, params).fetchall(), slots)
+        return self._results(connection.execute(update, params).fetchall(), slots)
 
     def _apply_sqlite(
         self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas

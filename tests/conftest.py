@@ -141,8 +141,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec is not None else None
         if backend is not None:
-            only = {b for m, bs in _ONLY_MARKERS.items() if item.get_closest_marker(m) for b in bs}
-            if backend not in wanted or (only and backend not in only):
+            # several markers (module-level and on the test) narrow each other
+            allowed = set(ALL_BACKENDS)
+            for marker, backends in _ONLY_MARKERS.items():
+                if item.get_closest_marker(marker):
+                    allowed &= backends
+            if backend not in wanted or backend not in allowed:
                 dropped.append(item)
                 continue
         keep.append(item)
