@@ -202,6 +202,9 @@ def plot(run: Run, path: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     if highest > 4:
         ax.set_yscale("log")
+        ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= highest * 1.2]
+        ax.set_yticks(ticks, [f"x{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xticks(range(len(run.workloads)), run.workloads)
     ax.set_ylabel("time / time of `none` (same run)")
     ax.set_title(

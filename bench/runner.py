@@ -87,8 +87,17 @@ def _drop_everything(engine: Engine, contender: Contender, models: schema.Models
         contender.uninstall(connection)
 
 
-def run_one(url: str, contender: Contender, workload: str, sizes: Sizes) -> tuple[float, tuple[int, int] | None]:
-    """One contender on one workload: ``(seconds, (parents off, total error) or None)``."""
+def run_one(
+    url: str,
+    contender: Contender,
+    workload: str,
+    sizes: Sizes,
+    around: Callable[[Callable[[], None]], None] | None = None,
+) -> tuple[float, tuple[int, int] | None]:
+    """One contender on one workload: ``(seconds, (parents off, total error) or None)``.
+
+    ``around(timed)``, when given, runs the timed part (a profiler, say).
+    """
     models: schema.Models | None = None
     engine: Engine | None = None
     cleanup: Callable[[], None] = lambda: None
@@ -101,7 +110,10 @@ def run_one(url: str, contender: Contender, workload: str, sizes: Sizes) -> tupl
         timed, cleanup = WORKLOADS[workload].prepare(engine, models, sizes, contender.install)
         gc.collect()
         start = time.perf_counter()
-        timed()
+        if around is None:
+            timed()
+        else:
+            around(timed)
         elapsed = time.perf_counter() - start
         cleanup()
         cleanup = lambda: None
