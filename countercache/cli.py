@@ -1,6 +1,6 @@
 """The ``countercache`` command line.
 
-``countercache demo [--url URL] [--strategy bulk|per_row]`` runs the example
+``countercache demo [--url URL] [--strategy bulk|per_row|deferred]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
 the real counts. Errors print one line on stderr and exit with code 2.
 
