@@ -82,8 +82,9 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans")
 
-    def __init__(self, session: Session, uow: UOWTransaction) -> None:
+    def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
+        #: the flush's unit of work; None for an ORM bulk statement
         self.uow = uow
         #: child state -> {fk key: value in the database before the flush}, or _GONE
         self.old: dict[InstanceState[Any], Any] = {}
@@ -95,6 +96,21 @@ class FlushState:
         self.results: list[tuple[ParentTable, Any]] = []
         #: child -> (counters with their strategy objects, per-row strategies)
         self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
+
+    def connection_for(self, parent: ParentTable) -> Connection:
+        """The connection the flush (or the statement) runs on, for this parent's table."""
+        if self.uow is not None:
+            return self.uow.transaction.connection(parent.mapper)
+        return self.session.connection(bind_arguments={"mapper": parent.mapper})
+
+    def finish(self) -> None:
+        """Write what the strategies hold for now and show it on parents in memory."""
+        for strategy in self.strategies.values():
+            strategy.flush_done()
+        for parent, results in self.results:
+            memory.apply(self.session, parent, results)
+            transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
+        self.results = []
 
     def plan(self, child: _Child) -> tuple[list[tuple[CounterCache, Any]], list[Any]]:
         """The child's counters paired with this flush's strategy objects (resolved once)."""
@@ -160,6 +176,13 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
     This runs once per changed child row: keep it lean.
     """
     pairs, per_row = fs.plan(child)
+    _add_row(pairs, old, new)
+    for strategy in per_row:
+        strategy.row_done(connection)
+
+
+def _add_row(pairs: list[tuple[CounterCache, Any]], old: dict[str, Any] | None,
+             new: dict[str, Any] | None) -> None:
     for counter, strategy in pairs:
         old_key = _key(old, counter.fk_keys)
         new_key = _key(new, counter.fk_keys)
@@ -168,8 +191,6 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
                 strategy.add(counter, old_key, -1)
             if new_key is not None:
                 strategy.add(counter, new_key, 1)
-    for strategy in per_row:
-        strategy.row_done(connection)
 
 
 # -- mapper hooks -------------------------------------------------------------
@@ -236,7 +257,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     fk_keys = child.fk_keys
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = False
-    for state, (isdelete, listonly) in fs.uow.states.items():
+    for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
         if listonly or state.key is None or _child_for(state.mapper) is not child:
             continue
         if isdelete:
@@ -246,26 +267,59 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         wanted[state.key[1]] = state
     if not wanted:
         return
+    found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
+    for key, state in wanted.items():
+        fs.old[state] = found.get(key, _GONE)
+
+
+def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
+                      *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
+    """``{child primary key: {fk attribute: value}}`` of the rows with these keys
+    (or matching ``where``), read in key order and, unless ``lock`` is None,
+    locked (``"update"`` or ``"no key update"``) until the transaction ends."""
     mapper = child.mapper
+    fk_keys = child.fk_keys
     table = mapper.get_property(fk_keys[0]).columns[0].table  # type: ignore[attr-defined]
     pk = list(table.primary_key.columns)
     fk_cols = [mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
-    keys = sorted(wanted)
-    found = {}
-    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
-    for start in range(0, len(keys), size):
-        chunk = keys[start : start + size]
-        stmt = (
-            select(*pk, *fk_cols)
-            .where(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk))
-            .order_by(*pk)
-            .with_for_update(key_share=not deleting)
-        )
+
+    def statement(criteria: Any) -> Any:
+        stmt = select(*pk, *fk_cols).where(criteria).order_by(*pk)
+        if lock is not None:
+            stmt = stmt.with_for_update(key_share=lock == "no key update")
+        return stmt
+
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def collect(stmt: Any) -> None:
         for row in connection.execute(stmt):
-            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :], strict=False))
-    for key, state in wanted.items():
-        fs.old[state] = found.get(key, _GONE)
+            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :]))
+
+    if keys is None:
+        collect(statement(where))
+        return found
+    ordered = sorted(keys)
+    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start : start + size]
+        collect(statement(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)))
+    return found
+
+
+def record_rows(session: Session, mapper: Mapper[Any],
+                rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]]) -> None:
+    """Count rows changed outside a flush (ORM bulk statements): ``(old, new)``
+    foreign-key dicts per row, None for a row inserted or deleted. Written at
+    once by ``bulk`` and ``per_row``, kept for the commit by ``deferred``."""
+    child = _child_for(mapper)
+    if child is None or not rows or _suspended.get(session):
+        return
+    fs = FlushState(session, None)
+    pairs, _ = fs.plan(child)
+    for old, new in rows:
+        _add_row(pairs, old, new)
+    fs.finish()
 
 
 # -- session hooks ------------------------------------------------------------

@@ -16,5 +16,4 @@ class BulkStrategy(Strategy):
     name = "bulk"
 
     def flush_done(self) -> None:
-        transaction = self.flush.uow.transaction
-        self.write(lambda parent: transaction.connection(parent.mapper))
+        self.write(self.flush.connection_for)

@@ -25,8 +25,7 @@ class DeferredStrategy(Strategy):
         if transactions.is_committing(session):
             # The commit's own final flush (or one made by another
             # before_commit hook): the commit is now, write at once.
-            transaction = self.flush.uow.transaction
-            self.write(lambda parent: transaction.connection(parent.mapper))
+            self.write(self.flush.connection_for)
             return
         entry = transactions.current_entry(session)
         for parent, deltas in self.pending.items():

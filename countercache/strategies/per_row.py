@@ -5,7 +5,9 @@ Runs inside the mapper's ``after_insert`` / ``after_update`` /
 like a row trigger would. A re-parented child updates both parents in one
 statement (in key order); a child whose changes cancel out emits nothing.
 Costs one round trip per child row: choose it when code reads the counter
-inside the flush (in ``after_insert`` of another mapper, say).
+inside the flush (in ``after_insert`` of another mapper, say). An ORM bulk
+statement (``session.execute(insert(Child), [...])``) is one change: it gets
+one UPDATE per parent table, like ``bulk``.
 """
 
 from __future__ import annotations
@@ -24,3 +26,8 @@ class PerRowStrategy(Strategy):
 
     def row_done(self, connection: Connection) -> None:
         self.write(lambda parent: connection)
+
+    def flush_done(self) -> None:
+        # Nothing is left after a flush (every row wrote its own); an ORM bulk
+        # statement has no rows of its own, so it is written as one change.
+        self.write(self.flush.connection_for)
