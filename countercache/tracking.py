@@ -31,7 +31,8 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import event, select, tuple_
+from sqlalchemy import any_, bindparam, event, select, tuple_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 
 from . import memory, transactions
@@ -96,6 +97,18 @@ class FlushState:
         self.results: list[tuple[ParentTable, Any]] = []
         #: child -> (counters with their strategy objects, per-row strategies)
         self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
+
+    def holds_any(self, parent: ParentTable, keys: Any) -> bool:
+        """Is any of these parents in the session (so the UPDATE should return values)?
+
+        Parents inserted by this flush are not in the identity map yet: a
+        flush that saved any row of the parent's class counts as holding.
+        """
+        if self.uow is not None and self.uow.mappers.get(parent.mapper.base_mapper):
+            return True
+        identity_map = self.session.identity_map
+        key_from_pk = parent.mapper.identity_key_from_primary_key
+        return any(key_from_pk(list(k)) in identity_map for k in keys)
 
     def connection_for(self, parent: ParentTable) -> Connection:
         """The connection the flush (or the statement) runs on, for this parent's table."""
@@ -165,6 +178,9 @@ def track_child(child_mapper: Mapper[Any], counter: CounterCache) -> None:
 def _key(d: dict[str, Any] | None, fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
     if d is None:
         return None
+    if len(fk_keys) == 1:
+        value = d.get(fk_keys[0])
+        return None if value is None else (value,)
     key = tuple(d.get(k) for k in fk_keys)
     return None if None in key else key
 
@@ -283,6 +299,11 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     pk = list(table.primary_key.columns)
     fk_cols = [mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
+
+    if keys is not None and len(pk) == 1 and connection.dialect.name == "postgresql":
+        # one array parameter: psycopg parses a fixed text, not 5,000 placeholders
+        where, keys = pk[0] == any_(bindparam("countercache_keys", [k[0] for k in keys],
+                                                type_=ARRAY(pk[0].type))), None
 
     def statement(criteria: Any) -> Any:
         stmt = select(*pk, *fk_cols).where(criteria).order_by(*pk)

@@ -52,18 +52,20 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 if TYPE_CHECKING:
-    from sqlalchemy import Column
+    from sqlalchemy import Column, Table
     from sqlalchemy.orm import Mapper
 
     from .declaration import CounterCache
+
+#: Most parents the one-statement ``few`` form takes (per_row: one child row).
+FEW = 4
 
 #: Parents per statement on MariaDB/MySQL (below in_predicate_conversion_threshold).
 MYSQL_CHUNK = 500
@@ -78,8 +80,6 @@ Results = list[tuple[Key, "dict[str, Any] | None"]]
 class ParentTable:
     """The counters that live on one table, and how to update them."""
 
-    _instances: weakref.WeakKeyDictionary[Table, ParentTable] = weakref.WeakKeyDictionary()
-
     def __init__(self, mapper: Mapper[Any], table: Table) -> None:
         self.mapper = mapper
         self.table = table
@@ -89,10 +89,13 @@ class ParentTable:
 
     @classmethod
     def for_column(cls, mapper: Mapper[Any], column: Column[Any]) -> ParentTable:
-        found = cls._instances.get(column.table)
-        if found is None or found.mapper is not mapper:
-            found = cls._instances[column.table] = cls(mapper, column.table)
-        return found
+        from . import _registry
+
+        for counter in _registry.all_counters():
+            known = counter.parent
+            if known is not None and known.table is column.table and known.mapper is mapper:
+                return known
+        return cls(mapper, column.table)
 
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
@@ -108,8 +111,16 @@ class ParentTable:
 
     # -- applying ----------------------------------------------------------
 
-    def apply(self, connection: Connection, deltas: Deltas) -> Results:
-        """Add ``deltas`` to the counters; return the new values where known."""
+    def apply(self, connection: Connection, deltas: Deltas, *, values: bool = True,
+              few: bool = False) -> Results:
+        """Add ``deltas`` to the counters; return the new values where known.
+
+        ``values=False``: no parent of these is in memory, so skip
+        ``RETURNING``. ``few=True`` (``per_row``: the parents of one child
+        row): one ``UPDATE ... CASE ... WHERE pk IN (...)`` instead of the
+        lock-then-update pair; the primary-key index scan takes the locks in
+        key order, but without the separate lock the order is the plan's.
+        """
         changed = {k: v for k, v in deltas.items() if any(v)}
         if not changed:
             return []
@@ -117,14 +128,18 @@ class ParentTable:
         keys = sorted(changed)
         dialect = connection.dialect.name
         if len(keys) == 1:
-            return self._apply_one(connection, slots, keys[0], changed[keys[0]])
+            return self._apply_one(connection, slots, keys[0], changed[keys[0]], values)
+        if few and dialect in ("postgresql", "sqlite") and len(keys) <= FEW:
+            return self._apply_case(connection, slots, keys, changed, values)
         if dialect == "postgresql":
-            return self._apply_postgresql(connection, slots, keys, changed)
-        if dialect == "sqlite":
-            return self._apply_sqlite(connection, slots, keys, changed)
-        if dialect in ("mysql", "mariadb"):
-            return self._apply_mysql(connection, slots, keys, changed)
-        return self._apply_each(connection, slots, keys, changed)
+            results = self._apply_postgresql(connection, slots, keys, changed)
+        elif dialect == "sqlite":
+            results = self._apply_sqlite(connection, slots, keys, changed)
+        elif dialect in ("mysql", "mariadb"):
+            results = self._apply_mysql(connection, slots, keys, changed)
+        else:
+            results = self._apply_each(connection, slots, keys, changed)
+        return results if values else []
 
     def _q(self, connection: Connection, name: str) -> str:
         return connection.dialect.identifier_preparer.quote(name)
@@ -161,8 +176,9 @@ class ParentTable:
         cols = [c.name for c in self.pk_cols] + [self.counters[i].column.name for i in slots]  # type: ignore[union-attr]
         return ", ".join(prefix + self._q(connection, c) for c in cols)
 
-    def _apply_one(self, connection: Connection, slots: tuple[int, ...], key: Key, vector: list[int]) -> Results:
-        returning = self._returning(connection)
+    def _apply_one(self, connection: Connection, slots: tuple[int, ...], key: Key, vector: list[int],
+                   values: bool) -> Results:
+        returning = values and self._returning(connection)
 
         def build() -> Any:
             sql = (
@@ -175,13 +191,48 @@ class ParentTable:
                 sql += " RETURNING " + self._returning_list(connection, slots)
             return text(sql)
 
-        stmt = self._cached(connection, "one", slots, build)
+        stmt = self._cached(connection, "one+" if returning else "one", slots, build)
         params = {f"k{j}": v for j, v in enumerate(key)}
         params.update({f"d{i}": vector[i] for i in slots})
         result = connection.execute(stmt, params)
         if returning:
             return self._results(result.fetchall(), slots)
-        return self._no_results([key])
+        return self._no_results([key]) if values else []
+
+    def _apply_case(self, connection: Connection, slots: tuple[int, ...], keys: list[Key],
+                    deltas: Deltas, values: bool) -> Results:
+        n = len(keys)
+
+        def build() -> Any:
+            pk = [self._q(connection, c.name) for c in self.pk_cols]
+            key_sql = pk[0] if len(pk) == 1 else "(" + ", ".join(pk) + ")"
+
+            def ref(m: int) -> str:
+                refs = [f":k{m}_{j}" for j in range(len(pk))]
+                return refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")"
+
+            sql = (
+                f"UPDATE {self._table_name(connection)} SET "
+                + self._set_list(
+                    connection, slots,
+                    lambda i: "CASE " + " ".join(f"WHEN {key_sql} = {ref(m)} THEN :d{m}_{i}" for m in range(n))
+                    + " ELSE 0 END",
+                )
+                + f" WHERE {key_sql} IN ({', '.join(ref(m) for m in range(n))})"
+            )
+            if values:
+                sql += " RETURNING " + self._returning_list(connection, slots)
+            return text(sql)
+
+        stmt = self._cached(connection, f"case{n}{'+' if values else ''}", slots, build)
+        params: dict[str, Any] = {}
+        for m, k in enumerate(keys):
+            for j, v in enumerate(k):
+                params[f"k{m}_{j}"] = v
+            for i in slots:
+                params[f"d{m}_{i}"] = deltas[k][i]
+        result = connection.execute(stmt, params)
+        return self._results(result.fetchall(), slots) if values else []
 
     def _apply_postgresql(
         self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
@@ -291,5 +342,5 @@ class ParentTable:
         """Any other dialect: one single-row UPDATE per parent, in key order."""
         results: Results = []
         for k in keys:
-            results.extend(self._apply_one(connection, slots, k, deltas[k]))
+            results.extend(self._apply_one(connection, slots, k, deltas[k], True))
         return results

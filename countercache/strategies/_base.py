@@ -32,11 +32,16 @@ class Strategy:
             vector = by_key[key] = parent.new_vector()  # type: ignore[union-attr]
         vector[counter.slot] += delta
 
+    #: Whether the SQL may be the one-statement form for a few parents.
+    few = False
+
     def write(self, connection_for: Any) -> None:
         """Apply and forget everything pending, parent tables in name order."""
         pending, self.pending = self.pending, {}
         for parent in sorted(pending, key=lambda p: p.table.fullname):
-            results = parent.apply(connection_for(parent), pending[parent])
+            deltas = pending[parent]
+            results = parent.apply(connection_for(parent), deltas,
+                                   values=self.flush.holds_any(parent, deltas), few=self.few)
             if results:
                 self.flush.results.append((parent, results))
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class PerRowStrategy(Strategy):
     name = "per_row"
     per_row = True
+    few = True
 
     def row_done(self, connection: Connection) -> None:
         self.write(lambda parent: connection)

@@ -1,0 +1,336 @@
+"""Autogenerate: a counter column added by a migration comes with its backfill.
+
+One comparator, run after Alembic's own (it reads the operations they
+produced):
+
+* for every ``add_column`` of a column whose ``info["countercache"]`` holds a
+  :class:`~countercache.CounterCache`, it appends
+  ``op.backfill_counter(...)`` with ``parent_key`` written out, so that the
+  migration also runs offline (``--sql``);
+* for every counter whose column already exists, it compares the counter's
+  ``where_sql`` / ``sum_sql`` (SQL text, ``None`` for a plain count) with what
+  the latest migration that backfilled it recorded, i.e. the ``where=`` and
+  ``sum=`` of the last ``op.backfill_counter(table, column, ...)`` call found in
+  the ``upgrade()`` of the revisions from head down to base; when they differ
+  it appends a new backfill. A counter that was never backfilled by a
+  migration counts as recorded with neither.
+
+A counter on a table created in the same migration gets no backfill: the
+table is empty. The backfills go at the end of the upgrade, after every
+table they read has been created or altered (and outside any
+``batch_alter_table`` block).
+
+The comparator is switched on two ways, which may be combined:
+
+* ``context.configure(..., autogenerate_plugins=["alembic.autogenerate.*",
+  "countercache"])`` (Alembic 1.18+; the package publishes this module
+  under the name ``countercache`` in the ``alembic.plugins`` entry-point
+  group). Name Alembic's own comparators too: the list replaces the
+  default ``["alembic.autogenerate.*"]``;
+* ``import countercache.alembic`` (any Alembic version): :func:`install`
+  registers it in Alembic's global comparators. ``"~countercache"`` in
+  ``autogenerate_plugins`` switches this one off as well.
+
+Both together still give one backfill per counter: a backfill already in
+the upgrade for the same column is not added twice.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect
+from sqlalchemy.sql.elements import ClauseElement
+
+from ..declaration import CounterCache
+from ..errors import CounterCacheError
+
+if TYPE_CHECKING:
+    # Not at run time: Alembic imports this module (its plugin entry point)
+    # while Alembic itself is still half-imported; alembic.operations and
+    # .operations are imported when the comparator runs.
+    from alembic.autogenerate.api import AutogenContext
+    from alembic.operations import ops
+    from alembic.runtime.plugins import Plugin
+    from sqlalchemy import Column
+
+    from .operations import BackfillCounterOp
+
+__all__ = ["setup", "install", "uninstall", "compare_counters"]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "countercache"
+
+
+# -- the comparator ---------------------------------------------------------
+
+
+def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps) -> Any:
+    """Append the backfills this migration needs to ``upgrade_ops``."""
+    from alembic.operations import ops
+
+    from .operations import BackfillCounterOp
+
+    metadata = autogen_context.metadata
+    if metadata is None:
+        return _continue()
+    counters = [
+        (col, col.info["countercache"])
+        for md in (metadata if isinstance(metadata, (list, tuple)) else [metadata])
+        for tbl in md.tables.values()
+        for col in tbl.columns
+        if isinstance(col.info.get("countercache"), CounterCache)
+    ]
+    if not counters:
+        return _continue()
+
+    present = {op.key for op in _walk(upgrade_ops) if isinstance(op, BackfillCounterOp)}
+    added = {
+        (op.schema, op.table_name, op.column.name)
+        for op in _walk(upgrade_ops)
+        if isinstance(op, ops.AddColumnOp)
+    }
+    created = {
+        (op.schema, op.table_name) for op in _walk(upgrade_ops) if isinstance(op, ops.CreateTableOp)
+    }
+    dialect = autogen_context.dialect
+    recorded: dict[tuple[str | None, str, str], tuple[str | None, str | None]] | None = None
+    existing: dict[tuple[str | None, str], set[str]] = {}
+
+    for col, definition in counters:
+        key = (col.table.schema, col.table.name, col.name)
+        if key in present or key[:2] in created:
+            continue
+        where = _sql(getattr(definition, "where_sql", None), dialect)
+        sum_ = _sql(getattr(definition, "sum_sql", None), dialect)
+        if key not in added:
+            if key[:2] not in existing:
+                existing[key[:2]] = _db_columns(autogen_context, *key[:2])
+            if col.name not in existing[key[:2]]:
+                continue  # not in the database and not added: filtered out by env.py
+            if recorded is None:
+                recorded = _recorded_backfills(autogen_context)
+            before = recorded.get(key, (None, None))
+            if (_norm(before[0]), _norm(before[1])) == (_norm(where), _norm(sum_)):
+                continue
+        op = _backfill_for(col, definition, where, sum_)
+        upgrade_ops.ops.append(op)
+        present.add(key)
+        log.info("Detected counter %s: backfill %s.%s", definition.name, key[1], key[2])
+    return _continue()
+
+
+def _backfill_for(
+    col: Column[Any], definition: CounterCache, where: str | None, sum_: str | None
+) -> BackfillCounterOp:
+    from .operations import BackfillCounterOp
+
+    mapper = definition.mapper
+    if mapper is None:
+        raise CounterCacheError(
+            f"countercache autogenerate: column {col.table.name}.{col.name} carries a counter "
+            "that is not mapped to a class"
+        )
+    from sqlalchemy.orm import configure_mappers
+
+    configure_mappers()
+    prop = mapper.relationships[definition.relationship]
+    pairs = list(prop.local_remote_pairs)
+    child = pairs[0][1].table
+    keys = [local.name for local, _ in pairs]
+    fks = [remote.name for _, remote in pairs]
+    return BackfillCounterOp(
+        col.table.name,
+        col.name,
+        child.name,  # type: ignore[attr-defined]
+        fks[0] if len(fks) == 1 else tuple(fks),
+        where=where,
+        sum=sum_,
+        parent_key=keys[0] if len(keys) == 1 else tuple(keys),
+        schema=col.table.schema,
+    )
+
+
+def _walk(container: ops.OpContainer) -> Any:
+    from alembic.operations import ops
+
+    for op in container.ops:
+        yield op
+        if isinstance(op, ops.OpContainer):
+            yield from _walk(op)
+
+
+def _db_columns(autogen_context: AutogenContext, schema: str | None, name: str) -> set[str]:
+    insp = inspect(autogen_context.connection)
+    if not insp.has_table(name, schema=schema):
+        return set()
+    return {c["name"] for c in insp.get_columns(name, schema=schema)}
+
+
+def _sql(value: Any, dialect: Any) -> str | None:
+    """A counter's where/sum as SQL text (``None`` when it has none)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, ClauseElement):
+        return str(value.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    raise CounterCacheError(f"countercache autogenerate: cannot render {value!r} as SQL text")
+
+
+def _norm(sql: str | None) -> str | None:
+    return None if sql is None else re.sub(r"\s+", " ", sql).strip()
+
+
+# -- what earlier migrations recorded ----------------------------------------
+
+
+def _recorded_backfills(
+    autogen_context: AutogenContext,
+) -> dict[tuple[str | None, str, str], tuple[str | None, str | None]]:
+    """``{(schema, table, column): (where, sum)}`` of the latest backfill of each counter."""
+    script = getattr(autogen_context.migration_context, "script", None)
+    found: dict[tuple[str | None, str, str], tuple[str | None, str | None]] = {}
+    if script is None:  # compare_metadata() outside a script directory
+        return found
+    for revision in script.walk_revisions():  # from the heads down to base
+        try:
+            with open(revision.path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):  # pragma: no cover - a .pyc-only revision
+            continue
+        calls: list[tuple[tuple[str | None, str, str], tuple[str | None, str | None]]] = []
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "upgrade":
+                calls.extend(_backfill_calls(node))
+        for key, value in reversed(calls):  # the last call of a revision wins
+            found.setdefault(key, value)
+    return found
+
+
+_UNKNOWN = "<not a literal>"
+
+
+def _backfill_calls(fn: ast.FunctionDef) -> list[Any]:
+    calls = []
+    for node in ast.walk(fn):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "backfill_counter"
+            and len(node.args) >= 2
+        ):
+            continue
+        try:
+            table_name, column_name = (ast.literal_eval(a) for a in node.args[:2])
+        except ValueError:
+            continue
+        kw: dict[str, Any] = {"where": None, "sum": None, "schema": None}
+        for k in node.keywords:
+            if k.arg in kw:
+                try:
+                    kw[k.arg] = ast.literal_eval(k.value)
+                except ValueError:
+                    kw[k.arg] = _UNKNOWN  # compares unequal: a new backfill is safe
+        calls.append(
+            ((node.lineno, node.col_offset),
+             (kw["schema"], table_name, column_name), (kw["where"], kw["sum"]))
+        )
+    # ast.walk is breadth-first: put the calls back in source order
+    return [(key, value) for _, key, value in sorted(calls, key=lambda c: c[0])]
+
+
+# -- registration -----------------------------------------------------------
+
+
+def _priority() -> Any:
+    from alembic.util import DispatchPriority
+
+    return DispatchPriority.LAST
+
+
+def _continue() -> Any:
+    try:
+        from alembic.util import PriorityDispatchResult
+    except ImportError:  # Alembic < 1.18
+        return None
+    return PriorityDispatchResult.CONTINUE
+
+
+def setup(plugin: Plugin) -> None:
+    """Alembic 1.18+ plugin entry point (``alembic.plugins`` group, name ``countercache``).
+
+    Alembic calls it while it is itself still being imported, so the package
+    was imported without its registrations (see ``countercache/alembic/__init__.py``);
+    it is forgotten here so that the next ``import countercache.alembic``
+    runs them.
+    """
+    plugin.add_autogenerate_comparator(compare_counters, "autogenerate", priority=_priority())
+    package = sys.modules.get(__package__ or "")
+    if package is not None and getattr(package, "_deferred", False):
+        del sys.modules[package.__name__]
+        parent = sys.modules.get(package.__name__.rpartition(".")[0])
+        if parent is not None and getattr(parent, "alembic", None) is package:
+            delattr(parent, "alembic")
+
+
+def _global_comparator(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, *rest: Any) -> Any:
+    plugins = autogen_context.migration_context.opts.get("autogenerate_plugins") or ()
+    if f"~{PLUGIN_NAME}" in plugins:
+        return _continue()
+    return compare_counters(autogen_context, upgrade_ops)
+
+
+_installed: list[tuple[Any, tuple[Any, ...]]] = []
+
+
+def install() -> None:
+    """Register the comparator in Alembic's global comparators (idempotent).
+
+    Global: every autogenerate run in this process adds counters' backfills
+    (unless its ``autogenerate_plugins`` holds ``"~countercache"``);
+    :func:`uninstall` takes it back.
+    """
+    if _installed:
+        return
+    from alembic.autogenerate import comparators
+
+    try:
+        key: tuple[Any, ...] = ("autogenerate", "default", _priority())
+        comparators.dispatch_for("autogenerate", priority=_priority())(_global_comparator)
+        entry: Any = (_global_comparator, None)
+    except ImportError:  # pragma: no cover - Alembic < 1.18: a list-valued Dispatcher
+        # "schema" comparators run in registration order, after Alembic's tables
+        comparators.dispatch_for("schema")(_global_comparator)
+        key = ("schema", "default")
+        entry = _global_comparator
+    _installed.append((entry, key))
+
+
+def uninstall() -> None:
+    """Remove what :func:`install` registered."""
+    from alembic.autogenerate import comparators
+
+    while _installed:
+        entry, key = _installed.pop()
+        registered = comparators._registry.get(key)
+        if isinstance(registered, list) and entry in registered:
+            registered.remove(entry)
+
+
+def _register_plugin_without_entry_point() -> None:
+    """Alembic 1.18+, package not installed (no entry point): register the plugin here."""
+    try:
+        from alembic.runtime.plugins import Plugin, _all_plugins
+    except ImportError:  # pragma: no cover - Alembic < 1.18
+        return
+    from importlib import metadata
+
+    if PLUGIN_NAME in _all_plugins:
+        return
+    if any(ep.name == PLUGIN_NAME for ep in metadata.entry_points(group="alembic.plugins")):
+        return  # Alembic loads it (or is loading it) through the entry point
+    Plugin.setup_plugin_from_module(sys.modules[__name__], PLUGIN_NAME)
