@@ -1,8 +1,9 @@
 """The ``countercache`` command line.
 
-``countercache demo [--url URL] [--strategy bulk|per_row|deferred]`` runs the example
+``countercache demo [--url URL] [--strategy bulk|per_row|deferred] [--migrate]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
-the real counts. Errors print one line on stderr and exit with code 2.
+the real counts (``--migrate``: schema by ``alembic upgrade head`` with the
+checkout's ``migrations/``). Errors print one line on stderr and exit with code 2.
 
 ``countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
 [--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]`` times
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the example Q&A application and show its counters")
     demo.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
     demo.add_argument("--strategy", choices=STRATEGIES, help="one strategy (default: each in turn)")
+    demo.add_argument(
+        "--migrate", action="store_true",
+        help="create the schema with `alembic upgrade head` (migrations/) instead of create_all",
+    )
     commands.add_parser(
         "bench", add_help=False,  # its options and --help belong to bench.main
         help="time the counters against the alternatives (source checkout only; see bench --help)",
@@ -77,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
     engine = create_engine(url)
     console = Console()
     console.print(f"countercache demo on [bold]{engine.url.render_as_string()}[/bold]")
-    runs = [demo.run(engine, s) for s in ([args.strategy] if args.strategy else STRATEGIES)]
+    runs = [demo.run(engine, s, migrate=args.migrate) for s in ([args.strategy] if args.strategy else STRATEGIES)]
     engine.dispose()
 
     for run in runs:

@@ -55,11 +55,47 @@ class Run:
         return all(stored == real for _, stored, real in self.rows)
 
 
-def run(engine: Engine, strategy: str, seed: int = 7) -> Run:
-    """Reset the schema, play the scripted workload with ``strategy``, report."""
-    configure(default_strategy=strategy)
+def upgrade_schema(engine: Engine) -> None:
+    """Drop the example's tables and run ``alembic upgrade head`` with ``migrations/``.
+
+    ``migrations/`` is the example's Alembic environment in the source
+    checkout (next to ``countercache/``).
+    """
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import MetaData, Table
+
+    from .errors import CounterCacheError
+
+    script_location = Path(__file__).resolve().parent.parent / "migrations"
+    if not (script_location / "env.py").is_file():
+        raise CounterCacheError(
+            f"the example's migrations are not at {script_location}: --migrate runs from a "
+            "source checkout (pip install -e .)"
+        )
     Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
+    Table("alembic_version", MetaData()).drop(engine, checkfirst=True)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+def run(engine: Engine, strategy: str, seed: int = 7, *, migrate: bool = False) -> Run:
+    """Reset the schema, play the scripted workload with ``strategy``, report.
+
+    With ``migrate``, the schema comes from ``alembic upgrade head`` (see
+    :func:`upgrade_schema`) instead of ``create_all()``.
+    """
+    configure(default_strategy=strategy)
+    if migrate:
+        upgrade_schema(engine)
+    else:
+        Base.metadata.drop_all(engine)
+        Base.metadata.create_all(engine)
     result = Run(strategy)
     rng = random.Random(seed)
 
