@@ -31,7 +31,7 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import any_, bindparam, event, select, tuple_
+from sqlalchemy import any_, bindparam, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 
@@ -288,6 +288,16 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         fs.old[state] = found.get(key, _GONE)
 
 
+def is_suspended(session: Session) -> bool:
+    return bool(_suspended.get(session))
+
+
+def child_primary_key(child: _Child) -> list[Any]:
+    """Primary-key columns of the table holding the child's foreign keys."""
+    table = child.mapper.get_property(child.fk_keys[0]).columns[0].table  # type: ignore[attr-defined]
+    return list(table.primary_key.columns)
+
+
 def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
                       *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
     """``{child primary key: {fk attribute: value}}`` of the rows with these keys
@@ -295,8 +305,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     locked (``"update"`` or ``"no key update"``) until the transaction ends."""
     mapper = child.mapper
     fk_keys = child.fk_keys
-    table = mapper.get_property(fk_keys[0]).columns[0].table  # type: ignore[attr-defined]
-    pk = list(table.primary_key.columns)
+    pk = child_primary_key(child)
     fk_cols = [mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
 
@@ -318,7 +327,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
             found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :]))
 
     if keys is None:
-        collect(statement(where))
+        collect(statement(where if where is not None else true()))
         return found
     ordered = sorted(keys)
     size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
@@ -382,15 +391,21 @@ _SESSION_HOOKS = (
 
 
 def install() -> None:
+    from . import bulk_dml
+
     for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
+    bulk_dml.install()
 
 
 def uninstall() -> None:
+    from . import bulk_dml
+
     for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
+    bulk_dml.uninstall()
     for mapper in list(_children):
         for hook, listener in _MAPPER_HOOKS:
             if event.contains(mapper, hook, listener):

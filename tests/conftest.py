@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover
     DatabaseJanitor = None
 
 ALL_BACKENDS = ["sqlite", "postgresql", "mariadb"]
-TEST_DBNAME = "countercache_test"
+# One database per test process, so that concurrent runs never share one.
+TEST_DBNAME = os.environ.get("COUNTERCACHE_TEST_DB") or f"countercache_test_{os.getpid()}"
 
 PG_HOST = os.environ.get("COUNTERCACHE_PG_HOST") or "127.0.0.1"
 PG_PORT = int(os.environ.get("COUNTERCACHE_PG_PORT") or 5432)

@@ -43,7 +43,7 @@ def test_select_one(engine, backend):
         default_port = {"postgresql": 5432, "mariadb": 3306}[backend]
         assert engine.url.port == int(os.environ.get(f"{prefix}_PORT") or default_port)
         assert engine.url.host == (os.environ.get(f"{prefix}_HOST") or "127.0.0.1")
-        assert engine.url.database == "countercache_test"
+        assert engine.url.database.startswith("countercache_test")
 
 
 def test_recorder_counts_executemany_once(engine, statements, real_count):

@@ -1,0 +1,165 @@
+"""ORM-enabled bulk statements run through a session (private).
+
+``session.execute(insert(Child), [...])``, ``session.execute(update(Child)
+.where(...).values(parent_id=...))`` and ``session.execute(delete(Child)
+.where(...))`` do not go through the flush, so the mapper hooks never see
+their rows. The ``do_orm_execute`` hook does:
+
+* **INSERT**: the parameters say which parents gain children; counted after
+  the statement succeeded.
+* **DELETE**, and **UPDATE** of a foreign key a counter uses: the rows the
+  statement would touch are first read and locked (``SELECT pk, fk ... WHERE
+  <the statement's criteria> ORDER BY pk FOR UPDATE``), then the statement
+  runs restricted to those keys (its own criteria still apply, and its
+  ``RETURNING``, ``rowcount`` and ``synchronize_session`` work as before).
+  Exactly the rows it changed are counted: a row another transaction deleted
+  first is not there to lock, and a row inserted meanwhile is left alone, as
+  if the statement had run at the moment of the lock.
+* An UPDATE that sets no counted foreign key costs nothing extra.
+
+What a statement changed reaches the database like a flush's changes
+(``bulk`` and ``per_row`` at once, ``deferred`` at commit), and parents in
+the session show the new values.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from . import tracking
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper, ORMExecuteState
+
+
+def _do_orm_execute(state: ORMExecuteState) -> Any:
+    if not (state.is_insert or state.is_update or state.is_delete):
+        return None
+    mapper = state.bind_mapper
+    if mapper is None:
+        return None
+    child = tracking._child_for(mapper)
+    if child is None or tracking.is_suspended(state.session):
+        return None
+    if state.is_insert:
+        return _insert(state, mapper, child)
+    if state.is_delete:
+        return _delete(state, mapper, child)
+    return _update(state, mapper, child)
+
+
+def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Values of the ``keys`` attributes in a parameter dict or ``.values()``
+    mapping (keyed by attribute name, column name or column)."""
+    found: dict[str, Any] = {}
+    if not values:
+        return found
+    by_column = {mapper.get_property(k).columns[0].key: k for k in keys}  # type: ignore[attr-defined]
+    for name, value in values.items():
+        name = getattr(name, "key", name)
+        if name in keys:
+            found[name] = value
+        elif name in by_column:
+            found[by_column[name]] = value
+    return found
+
+
+def _statement_values(statement: Any) -> dict[Any, Any]:
+    return dict(getattr(statement, "_values", None) or {})
+
+
+def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
+    params = state.parameters
+    rows = params if isinstance(params, list) else [params] if params else []
+    inline = _statement_values(state.statement)
+    multi = getattr(state.statement, "_multi_values", None)
+    result = state.invoke_statement()
+    new_rows = []
+    for values in rows or ([inline] if inline else []):
+        new_rows.append(_attribute_values(mapper, {**inline, **values}, child.fk_keys))
+    for batch in multi or ():
+        for values in batch:
+            if isinstance(values, dict):
+                new_rows.append(_attribute_values(mapper, values, child.fk_keys))
+    tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
+    return result
+
+
+def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
+    session = state.session
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    return tracking.read_foreign_keys(
+        connection, child, where=state.statement.whereclause,
+        lock="update" if deleting else "no key update",
+    )
+
+
+def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
+    # ORM attributes, not bare columns, so that synchronize_session="evaluate"
+    # can evaluate the added criterion in Python
+    pk = [getattr(mapper.class_, mapper.get_property_by_column(c).key) for c in tracking.child_primary_key(child)]
+    if len(pk) == 1:
+        return statement.where(pk[0].in_([k[0] for k in keys]))
+    from sqlalchemy import tuple_
+
+    return statement.where(tuple_(*pk).in_(keys))
+
+
+def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
+    if isinstance(state.parameters, list):  # bulk DELETE by primary key (executemany)
+        return _by_primary_key(state, mapper, child, deleting=True)
+    locked = _locked(state, mapper, child, deleting=True)
+    result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
+    tracking.record_rows(state.session, mapper, [(old, None) for old in locked.values()])
+    return result
+
+
+def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
+    if isinstance(state.parameters, list):  # bulk UPDATE by primary key (executemany)
+        return _by_primary_key(state, mapper, child, deleting=False)
+    if not _attribute_values(mapper, _statement_values(state.statement), child.fk_keys):
+        return None  # no counted foreign key changes: nothing to do, nothing extra
+    locked = _locked(state, mapper, child, deleting=False)
+    result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
+    # the new keys may be expressions: read them back (the rows are ours, locked)
+    connection = state.session.connection(bind_arguments={"mapper": mapper})
+    after = tracking.read_foreign_keys(connection, child, list(locked), lock=None)
+    tracking.record_rows(state.session, mapper,
+                         [(old, after.get(key)) for key, old in locked.items()])
+    return result
+
+
+def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
+    params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
+    if not deleting and not any(_attribute_values(mapper, p, child.fk_keys) for p in params):
+        return None
+    pk_keys = [mapper.get_property_by_column(c).key for c in tracking.child_primary_key(child)]
+    keys = [tuple(p.get(k) for k in pk_keys) for p in params]
+    connection = state.session.connection(bind_arguments={"mapper": mapper})
+    locked = tracking.read_foreign_keys(connection, child, keys,
+                                        lock="update" if deleting else "no key update")
+    result = state.invoke_statement()
+    rows = []
+    for key, p in zip(keys, params):
+        old = locked.get(key)
+        if old is None:
+            continue  # no such row (gone): nothing changed
+        if deleting:
+            rows.append((old, None))
+        else:
+            rows.append((old, {**old, **_attribute_values(mapper, p, child.fk_keys)}))
+    tracking.record_rows(state.session, mapper, rows)
+    return result
+
+
+def install() -> None:
+    if not event.contains(Session, "do_orm_execute", _do_orm_execute):
+        event.listen(Session, "do_orm_execute", _do_orm_execute)
+
+
+def uninstall() -> None:
+    if event.contains(Session, "do_orm_execute", _do_orm_execute):
+        event.remove(Session, "do_orm_execute", _do_orm_execute)

@@ -1,0 +1,161 @@
+"""ORM-enabled bulk statements through the session (SPEC §4): counted exactly,
+the user's result unchanged, other columns' updates at no extra cost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
+
+import countercache
+from helpers import assert_counts
+from models import qa
+
+
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
+def strategy(request):
+    return request.param
+
+
+def prepare(engine, strategy, per_user=(3, 2, 0)):
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        users = [m.User(name=f"u{i}") for i in range(len(per_user))]
+        for user, n in zip(users, per_user):
+            user.questions.extend(m.Question(title=f"q{j}") for j in range(n))
+        s.add_all(users)
+        s.commit()
+        return m, [u.id for u in users]
+
+
+def loaded(s, m, ids):
+    return [s.get(m.User, i) for i in ids]
+
+
+def test_insert_list_of_dicts(engine, strategy):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        users = loaded(s, m, (a, b, c))
+        s.execute(insert(m.Question), [{"user_id": a}, {"user_id": c}, {"user_id": c}, {"title": "orphan"}])
+        ids = s.scalars(insert(m.Question).returning(m.Question.id), [{"user_id": b}, {"user_id": b}]).all()
+        assert len(ids) == 2  # the caller's RETURNING rows, untouched
+        if strategy != "deferred":
+            assert [u.question_count for u in users] == [4, 4, 2]
+        s.commit()
+        assert [u.question_count for u in users] == [4, 4, 2]
+    assert assert_counts(engine) == {a: 4, b: 4, c: 2}
+
+
+@pytest.mark.parametrize("sync", [False, "evaluate", "fetch", "auto"])
+def test_update_foreign_key_with_criteria(engine, strategy, sync):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        users = loaded(s, m, (a, b, c))
+        moved = s.scalars(select(m.Question).where(m.Question.user_id == a)).all()  # in the session
+        result = s.execute(
+            update(m.Question).where(m.Question.user_id == a, m.Question.title != "q0").values(user_id=c),
+            execution_options={"synchronize_session": sync},
+        )
+        assert result.rowcount == 2
+        result = s.execute(
+            update(m.Question).where(m.Question.user_id == b).values(user_id=None),
+            execution_options={"synchronize_session": sync},
+        )
+        assert result.rowcount == 2
+        s.commit()
+        assert [u.question_count for u in users] == [1, 0, 2]
+        if sync:
+            assert sorted(q.user_id or 0 for q in moved) == sorted([a, c, c])
+    assert assert_counts(engine) == {a: 1, b: 0, c: 2}
+
+
+def test_update_by_primary_key(engine, strategy):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        ids = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).all()
+        s.execute(update(m.Question), [{"id": ids[0], "user_id": b}, {"id": ids[1], "user_id": c},
+                                       {"id": ids[2], "title": "renamed"}])
+        s.commit()
+    assert assert_counts(engine) == {a: 1, b: 3, c: 1}
+
+
+@pytest.mark.parametrize("sync", [False, "evaluate", "fetch"])
+def test_delete_with_criteria(engine, strategy, sync):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        users = loaded(s, m, (a, b, c))
+        result = s.execute(delete(m.Question).where(m.Question.user_id.in_([a, b]), m.Question.title != "q1"),
+                           execution_options={"synchronize_session": sync})
+        assert result.rowcount == 3
+        s.commit()
+        assert [u.question_count for u in users] == [1, 1, 0]
+    assert assert_counts(engine) == {a: 1, b: 1, c: 0}
+
+
+def test_delete_returning_rows_unchanged(engine, strategy, backend):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        titles = s.scalars(delete(m.Question).where(m.Question.user_id == a).returning(m.Question.title)).all()
+        assert sorted(titles) == ["q0", "q1", "q2"]
+        s.commit()
+    assert assert_counts(engine) == {a: 0, b: 2, c: 0}
+
+
+def test_update_of_other_columns_costs_nothing(engine, statements):
+    m, (a, b, c) = prepare(engine, "bulk")
+    with Session(engine) as s:
+        s.connection()
+        with statements.record() as rec:
+            s.execute(update(m.Question).where(m.Question.user_id == a).values(title="same parent"),
+                      execution_options={"synchronize_session": False})
+        assert len(rec) == 1 and rec.sql()[0].lstrip().upper().startswith("UPDATE QUESTIONS")
+        s.commit()
+
+
+def test_bulk_statement_emits_one_counter_update(engine, statements):
+    m, (a, b, c) = prepare(engine, "bulk")
+    with Session(engine) as s:
+        with statements.record() as rec:
+            s.execute(insert(m.Question), [{"user_id": (a, b, c)[i % 3]} for i in range(30)])
+        assert len(rec.updates_to("users")) == 1
+        s.commit()
+    assert assert_counts(engine) == {a: 13, b: 12, c: 10}
+
+
+def test_suspended_bulk_statement_not_counted(engine, strategy):
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        with countercache.suspended(s):
+            s.execute(insert(m.Question), [{"user_id": c}])
+        s.commit()
+        assert s.get(m.User, c).question_count == 0
+
+
+@pytest.mark.servers_only
+def test_concurrent_bulk_deletes_count_once(engine, strategy):
+    m, (a, b, c) = prepare(engine, strategy)
+    s1, s2 = Session(engine), Session(engine)
+    s1.execute(delete(m.Question).where(m.Question.user_id == a))  # holds the rows' locks
+    errors = []
+
+    def second():
+        try:
+            result = s2.execute(delete(m.Question).where(m.Question.user_id == a))
+            assert result.rowcount == 0  # the rows were gone once the lock was released
+            s2.commit()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.5)
+    s1.commit()
+    thread.join(30)
+    s1.close()
+    s2.close()
+    assert not errors, errors
+    assert assert_counts(engine) == {a: 0, b: 2, c: 0}
