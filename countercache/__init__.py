@@ -26,6 +26,9 @@ from .declaration import counter_cache as counter_cache
 from .declaration import uninstall as uninstall
 from .errors import AssignmentError as AssignmentError
 from .errors import ConfigurationError as ConfigurationError
+from .reconcile import Drift as Drift
+from .reconcile import check as check
+from .reconcile import reconcile as reconcile
 from .errors import CounterCacheError as CounterCacheError
 from .tracking import suspended as suspended
 
@@ -36,6 +39,9 @@ __all__ = [
     "configure_from_file",
     "configured_strategy",
     "suspended",
+    "check",
+    "reconcile",
+    "Drift",
     "uninstall",
     "CounterCacheError",
     "ConfigurationError",

@@ -1,0 +1,201 @@
+"""Finding and repairing drift: :func:`check` and :func:`reconcile`.
+
+Counters drift when rows change behind the ORM's back: raw SQL, Core
+statements on a connection, a database-level ``ON DELETE CASCADE`` from some
+other table, or work done inside :func:`countercache.suspended`. ::
+
+    drifts = countercache.check(engine, User.question_count, batch_size=1000)
+    fixed = countercache.reconcile(engine, User.question_count)
+
+Both walk the parent table in primary-key batches (memory stays bounded by
+``batch_size``) and return :class:`Drift` records. ``reconcile()`` writes the
+true value with one set-based statement per batch that computes and writes in
+the same statement (``UPDATE parent SET n = (SELECT count(*) ...) WHERE ...
+AND n <> (SELECT count(*) ...)``), touching only the rows that differ; before
+it, the batch's parent rows are locked in key order, so that a concurrent
+writer's increment is either already visible to the recount or waits for it.
+
+Given an Engine, ``reconcile()`` commits each batch itself; given a
+Connection or Session it works in the caller's transaction and the caller
+commits (on MariaDB/MySQL, whose REPEATABLE READ snapshot dates from the
+transaction's first read, prefer an Engine for a live system).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, configure_mappers
+
+from . import _registry, memory
+from .errors import CounterCacheError
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+
+__all__ = ["Drift", "check", "reconcile"]
+
+#: ``progress(counter, parents_done)``: called after each batch.
+Progress = Callable[["CounterCache", int], None]
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One parent whose stored counter differs from the real count.
+
+    ``counter`` is the counter attribute (``User.question_count``), ``pk`` the
+    parent's primary key (a tuple for a composite key), ``stored`` the value
+    in the column, ``actual`` the value counted from the children.
+    """
+
+    counter: Any
+    pk: Any
+    stored: int
+    actual: int
+
+
+def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
+          progress: Progress | None = None) -> list[Drift]:
+    """Every parent whose counter differs from its real count, for the given
+    counters (all registered counters when none is named)."""
+    return _walk(bind, counters, batch_size, progress, repair=False)
+
+
+def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
+              progress: Progress | None = None) -> list[Drift]:
+    """Correct every drifted counter; return what was fixed (as :func:`check` saw it)."""
+    return _walk(bind, counters, batch_size, progress, repair=True)
+
+
+def resolve_counters(counters: tuple[Any, ...]) -> list[CounterCache]:
+    """The definitions behind the given attributes or names (all when empty)."""
+    configure_mappers()
+    found = [_registry.lookup(c) for c in counters] if counters else [
+        c for c in _registry.all_counters() if c.parent is not None
+    ]
+    for counter in found:
+        if counter.parent is None:
+            raise CounterCacheError(f"{counter.name}: its mapper is not configured")
+    return found
+
+
+class _Sql:
+    """The statements of one counter."""
+
+    def __init__(self, counter: CounterCache) -> None:
+        assert counter.parent is not None and counter.child_mapper is not None
+        self.counter = counter
+        self.table = counter.parent.table
+        self.pk = list(counter.parent.pk_cols)
+        self.column = self.table.c[counter.column.key]  # type: ignore[union-attr]
+        child = counter.child_mapper
+        fk_cols = [child.get_property(k).columns[0] for k in counter.fk_keys]  # type: ignore[attr-defined]
+        child_table = fk_cols[0].table
+        self.actual = (
+            select(func.count())
+            .select_from(child_table)
+            .where(and_(*(fk == pk for fk, pk in zip(fk_cols, self.pk))))
+            .correlate(self.table)
+            .scalar_subquery()
+        )
+        self.key = self.pk[0] if len(self.pk) == 1 else tuple_(*self.pk)
+
+    def key_value(self, row: Any) -> Any:
+        return row[0] if len(self.pk) == 1 else tuple(row[: len(self.pk)])
+
+    def batch_keys(self, conn: Connection, after: Any, size: int) -> list[Any]:
+        stmt = select(*self.pk).order_by(*self.pk).limit(size)
+        if after is not None:
+            stmt = stmt.where(self.key > (after if len(self.pk) == 1 else tuple_(*after)))
+        return [self.key_value(r) for r in conn.execute(stmt)]
+
+    def in_range(self, lo: Any, hi: Any) -> Any:
+        if len(self.pk) == 1:
+            return self.key.between(lo, hi)
+        return and_(self.key >= tuple_(*lo), self.key <= tuple_(*hi))
+
+    def drifts(self, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
+        actual = self.actual.label("actual")
+        stmt = (
+            select(*self.pk, self.column, actual)
+            .where(self.in_range(lo, hi), self.column != self.actual)
+            .order_by(*self.pk)
+        )
+        attribute = getattr(self.counter.cls, self.counter.key)  # type: ignore[arg-type]
+        n = len(self.pk)
+        return [Drift(attribute, self.key_value(r), r[n], r[n + 1]) for r in conn.execute(stmt)]
+
+
+
+@contextmanager
+def _connection(bind: Any, counter: CounterCache, per_batch: bool) -> Iterator[Callable[[], Any]]:
+    """Yields a factory of context managers giving the connection for one batch."""
+    if isinstance(bind, Session):
+        conn = bind.connection(bind_arguments={"mapper": counter.mapper})
+        yield lambda: _same(conn)
+    elif isinstance(bind, Connection):
+        yield lambda: _same(bind)
+    elif isinstance(bind, Engine):
+        if per_batch:
+            yield bind.begin
+        else:
+            with bind.connect() as conn:
+                yield lambda: _same(conn)
+    else:
+        raise CounterCacheError(f"bind must be an Engine, Connection or Session, not {type(bind).__name__}")
+
+
+@contextmanager
+def _same(conn: Connection) -> Iterator[Connection]:
+    yield conn
+
+
+def _walk(bind: Any, counters: tuple[Any, ...], batch_size: int, progress: Progress | None,
+          *, repair: bool) -> list[Drift]:
+    if batch_size < 1:
+        raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
+    found: list[Drift] = []
+    for counter in resolve_counters(counters):
+        sql = _Sql(counter)
+        done = 0
+        after = None
+        with _connection(bind, counter, per_batch=repair) as batch:
+            while True:
+                with batch() as conn:
+                    keys = sql.batch_keys(conn, after, batch_size)
+                    if not keys:
+                        break
+                    lo, hi = keys[0], keys[-1]
+                    if repair:
+                        drifts = _repair_batch(sql, conn, lo, hi)
+                    else:
+                        drifts = sql.drifts(conn, lo, hi)
+                found.extend(drifts)
+                if repair and drifts and isinstance(bind, Session):
+                    assert counter.parent is not None
+                    memory.expire(bind, counter.parent, [d.pk if isinstance(d.pk, tuple) else (d.pk,) for d in drifts])
+                done += len(keys)
+                after = hi
+                if progress is not None:
+                    progress(counter, done)
+    return found
+
+
+def _repair_batch(sql: _Sql, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
+    # lock, then report what differs, then write the true values in one statement
+    if conn.dialect.name != "sqlite":
+        conn.execute(select(*sql.pk).where(sql.in_range(lo, hi)).order_by(*sql.pk)
+                     .with_for_update(key_share=conn.dialect.name == "postgresql"))
+    drifts = sql.drifts(conn, lo, hi)
+    if drifts:
+        conn.execute(
+            sql.table.update()
+            .where(sql.in_range(lo, hi), sql.column != sql.actual)
+            .values({sql.column: sql.actual})
+        )
+    return drifts
