@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
         "--migrate", action="store_true",
         help="create the schema with `alembic upgrade head` (migrations/) instead of create_all",
     )
+    for name, summary in (
+        ("check", "find counters that differ from the real counts (exit 1 when any does)"),
+        ("reconcile", "correct counters that differ from the real counts"),
+    ):
+        sub = commands.add_parser(name, help=summary)
+        sub.add_argument("--url", required=True, help="database URL")
+        sub.add_argument("--models", required=True, action="append",
+                         help="importable module that declares the models (repeatable)")
+        sub.add_argument("--counter", action="append", default=[],
+                         help="Class.attribute of a counter (repeatable; default: every counter)")
+        sub.add_argument("--batch-size", type=int, default=1000, help="parents per batch (default 1000)")
+        sub.add_argument("--json", action="store_true", help="print one JSON document")
+        if name == "reconcile":
+            sub.add_argument("--dry-run", action="store_true",
+                             help="only report, like check (exit 1 when drift is found)")
     commands.add_parser(
         "bench", add_help=False,  # its options and --help belong to bench.main
         help="time the counters against the alternatives (source checkout only; see bench --help)",
@@ -69,6 +84,92 @@ def _bench(argv: list[str]) -> int:
             f"`import bench` found {Path(bench_main.__file__).parent}, not {bench_dir}"
         )
     return int(bench_main.main(argv, prog="countercache bench"))
+
+
+def _repair(args: argparse.Namespace) -> int:
+    """``check`` and ``reconcile``: exit 0 when clean (or repaired), 1 on drift found, 2 on error."""
+    import importlib
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+    from sqlalchemy import create_engine, func, select, text
+
+    from . import repair
+
+    if args.batch_size < 1:
+        raise CounterCacheError(f"--batch-size must be at least 1, not {args.batch_size}")
+    sys.path.insert(0, os.getcwd())
+    for module in args.models:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise CounterCacheError(f"--models {module}: cannot import it ({exc})") from None
+    counters = repair.resolve_counters(tuple(args.counter))
+    if not counters:
+        raise CounterCacheError(f"--models {', '.join(args.models)}: declares no counter")
+    fix = args.command == "reconcile" and not args.dry_run
+    engine = create_engine(args.url)
+    with engine.connect() as conn:  # a bad URL or server: one line, exit 2
+        conn.execute(text("SELECT 1"))
+    console = Console(stderr=True)
+    show_progress = console.is_terminal and not args.json
+    drifts: list[repair.Drift] = []
+    try:
+        if show_progress:
+            with Progress(TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed:,}/{task.total:,} parents"),
+                          TimeElapsedColumn(), console=console) as bar:
+                for counter in counters:
+                    with engine.connect() as conn:
+                        total = conn.scalar(select(func.count()).select_from(counter.parent.table))  # type: ignore[union-attr]
+                    task = bar.add_task(counter.name, total=total)
+                    run = repair.reconcile if fix else repair.check
+                    drifts += run(engine, getattr(counter.cls, counter.key),  # type: ignore[arg-type]
+                                  batch_size=args.batch_size,
+                                  progress=lambda c, done, task=task: bar.update(task, completed=done))
+        else:
+            run = repair.reconcile if fix else repair.check
+            drifts = run(engine, *(getattr(c.cls, c.key) for c in counters),  # type: ignore[arg-type]
+                         batch_size=args.batch_size)
+    finally:
+        engine.dispose()
+
+    def name(d: repair.Drift) -> str:
+        return f"{d.counter.class_.__name__}.{d.counter.key}"
+
+    if args.json:
+        doc = {
+            "drift": [{"counter": name(d), "pk": d.pk, "stored": d.stored, "actual": d.actual} for d in drifts],
+            "counters": [c.name for c in counters],
+            "drifted": len(drifts),
+            "repaired": len(drifts) if fix else 0,
+        }
+        print(json.dumps(doc, default=str))
+    else:
+        out = Console()
+        table = Table(title=("repaired" if fix else "drift found") if drifts else None)
+        for column in ("counter", "pk", "stored", "actual"):
+            table.add_column(column, justify="left" if column == "counter" else "right")
+        per_counter: dict[str, int] = {}
+        for d in drifts:
+            per_counter[name(d)] = per_counter.get(name(d), 0) + 1
+        for d in drifts[:50]:
+            table.add_row(name(d), str(d.pk), str(d.stored), str(d.actual))
+        if drifts:
+            out.print(table)
+            if len(drifts) > 50:
+                out.print(f"... and {len(drifts) - 50} more")
+        summary = Table(title="summary")
+        summary.add_column("counter")
+        summary.add_column("drifted parents", justify="right")
+        for counter in counters:
+            summary.add_row(counter.name, str(per_counter.get(counter.name, 0)))
+        out.print(summary)
+        verb = "repaired" if fix else "found"
+        out.print(f"{len(drifts)} drifted counter value(s) {verb}")
+    return 1 if drifts and not fix else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -116,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(rest)
+        if args.command in ("check", "reconcile"):
+            return _repair(args)
         if args.command == "demo":
             return _demo(args)
     except (CounterCacheError, OSError) as exc:

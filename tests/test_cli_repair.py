@@ -1,0 +1,91 @@
+"""``countercache check`` and ``countercache reconcile``, run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+TESTS = Path(__file__).resolve().parent
+
+
+def countercache(*args):
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.run([sys.executable, "-m", "countercache.cli", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture
+def url(engine):
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE cli_forums (id INTEGER PRIMARY KEY, post_count INTEGER NOT NULL DEFAULT 0)"))
+        conn.execute(text("CREATE TABLE cli_posts (id INTEGER PRIMARY KEY, forum_id INTEGER REFERENCES cli_forums (id))"))
+        conn.execute(text("INSERT INTO cli_forums (id, post_count) VALUES (1, 2), (2, 0), (3, 1)"))
+        conn.execute(text("INSERT INTO cli_posts (id, forum_id) VALUES (1, 1), (2, 1), (3, 3)"))
+    return engine.url.render_as_string(hide_password=False)
+
+
+def common(url, *extra):
+    return ("--url", url, "--models", "cli_models", *extra)
+
+
+def test_check_clean_then_drift_then_reconcile(url, engine):
+    done = countercache("check", *common(url))
+    assert done.returncode == 0, done.stderr
+    assert "0 drifted" in done.stdout
+
+    with engine.begin() as conn:  # raw SQL behind the ORM's back
+        conn.execute(text("INSERT INTO cli_posts (id, forum_id) VALUES (4, 2), (5, 2)"))
+        conn.execute(text("UPDATE cli_forums SET post_count = 9 WHERE id = 3"))
+
+    done = countercache("check", *common(url, "--json", "--batch-size", "2"))
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["drift"] == [
+        {"counter": "Forum.post_count", "pk": 2, "stored": 0, "actual": 2},
+        {"counter": "Forum.post_count", "pk": 3, "stored": 9, "actual": 1},
+    ]
+    assert doc["drifted"] == 2
+
+    done = countercache("reconcile", *common(url, "--dry-run", "--counter", "Forum.post_count"))
+    assert done.returncode == 1 and "2 drifted" in done.stdout
+
+    done = countercache("reconcile", *common(url, "--json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["repaired"] == 2
+
+    done = countercache("check", *common(url))
+    assert done.returncode == 0 and "0 drifted" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--counter", "Forum.thread_count"), "Forum.thread_count: no such counter"),
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(url, extra, message):
+    done = countercache("check", *common(url, *extra))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"countercache: error: {message}"] or message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "--url", "postgresql+psycopg://nobody@127.0.0.1:1/none", "--models", "cli_models"),
+        ("check", "--url", "sqlite://", "--models", "no_such_module"),
+        ("reconcile", "--models", "cli_models"),
+    ],
+)
+def test_connection_and_usage_errors(args):
+    done = countercache(*args)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
