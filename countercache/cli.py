@@ -168,7 +168,7 @@ def _repair(args: argparse.Namespace) -> int:
             summary.add_row(counter.name, str(per_counter.get(counter.name, 0)))
         out.print(summary)
         verb = "repaired" if fix else "found"
-        out.print(f"{len(drifts)} drifted counter value(s) {verb}")
+        out.print(f"{len(drifts)} drifted counter value(s) {verb}", highlight=False)
     return 1 if drifts and not fix else 0
 
 
