@@ -187,7 +187,7 @@ def _statements(operations: Operations, op: BackfillCounterOp) -> list[Any]:
     total = (
         func.count()
         if op.sum is None
-        else func.coalesce(func.sum(literal_column(f"({op.sum})")), 0)
+        else func.coalesce(func.sum(literal_column(f"({op.sum})")), literal_column("0"))
     )
     counted = select(total).select_from(child).where(
         and_(*(child.c[fk] == parent.c[key] for fk, key in zip(fks, keys)))
