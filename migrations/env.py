@@ -47,7 +47,7 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-def _run(connection) -> None:  # noqa: ANN001
+def _run(connection) -> None:
     context.configure(
         connection=connection, target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite", **PLUGINS,

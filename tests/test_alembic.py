@@ -16,8 +16,9 @@ import shutil
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -79,15 +80,15 @@ def models_v2(strategy: str | None = None) -> tuple[type, type, sa.MetaData]:
         __tablename__ = "users"
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(sa.String(50))
-        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        questions: Mapped[list[Question]] = relationship(back_populates="user")
         question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
 
     class Question(Base):
         __tablename__ = "questions"
         id: Mapped[int] = mapped_column(primary_key=True)
         title: Mapped[str] = mapped_column(sa.String(200))
-        user_id: Mapped[Optional[int]] = mapped_column(sa.ForeignKey("users.id"), index=True)
-        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+        user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id"), index=True)
+        user: Mapped[User | None] = relationship(back_populates="questions")
 
     sa.orm.configure_mappers()
     return User, Question, Base.metadata
@@ -407,7 +408,7 @@ def test_backfill_while_writers_run(env: Env, engine: sa.Engine) -> None:
         op.backfill_counter("users", "question_count", "questions", "user_id", parent_key="id")
     """, imports="import countercache.alembic")
 
-    User, Question, _ = models_v2()
+    _, Question, _ = models_v2()
     stop = threading.Event()
     done = {"tx": 0, "errors": 0}
     failures: list[BaseException] = []

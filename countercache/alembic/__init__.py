@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["BackfillCounterOp", "NoOpBackfillOp", "BackfillError", "autogenerate", "operations"]
+__all__ = ["BackfillCounterOp", "BackfillError", "NoOpBackfillOp", "autogenerate", "operations"]
 
 
 def _alembic_half_imported() -> bool:

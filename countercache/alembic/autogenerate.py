@@ -43,7 +43,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
 from ..declaration import CounterCache
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
     from .operations import BackfillCounterOp
 
-__all__ = ["setup", "install", "uninstall", "compare_counters"]
+__all__ = ["compare_counters", "install", "setup", "uninstall"]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     metadata = autogen_context.metadata
     if metadata is None:
         return _continue()
+    metadatas = [metadata] if isinstance(metadata, MetaData) else list(metadata)
     counters = [
         (col, col.info["countercache"])
-        for md in (metadata if isinstance(metadata, (list, tuple)) else [metadata])
+        for md in metadatas
         for tbl in md.tables.values()
         for col in tbl.columns
         if isinstance(col.info.get("countercache"), CounterCache)

@@ -30,14 +30,24 @@ from typing import TYPE_CHECKING, Any
 
 from alembic.autogenerate.render import renderers
 from alembic.operations import MigrateOperation, Operations
-from sqlalchemy import and_, column, func, inspect, literal_column, select, table, text, update
+from sqlalchemy import (
+    and_,
+    column,
+    func,
+    inspect,
+    literal_column,
+    select,
+    table,
+    text,
+    update,
+)
 
 from ..errors import CounterCacheError
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["BackfillCounterOp", "NoOpBackfillOp", "BackfillError"]
+__all__ = ["BackfillCounterOp", "BackfillError", "NoOpBackfillOp"]
 
 
 class BackfillError(CounterCacheError):
@@ -88,7 +98,7 @@ class BackfillCounterOp(MigrateOperation):
         child_fk: str | Sequence[str],
         *,
         where: str | None = None,
-        sum: str | None = None,  # noqa: A002 - the public keyword
+        sum: str | None = None,
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
     ) -> None:
@@ -111,7 +121,7 @@ class BackfillCounterOp(MigrateOperation):
         child_fk: str | Sequence[str],
         *,
         where: str | None = None,
-        sum: str | None = None,  # noqa: A002
+        sum: str | None = None,
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
     ) -> Any:
