@@ -3,9 +3,13 @@
 ::
 
     countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
-                       [--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]
+                       [--repeat N] [--children N] [--parents N]
+                       [--workers N] [--seconds S] [--json] [--plot FILE.png]
 
-Default database: a SQLite file in the temp directory. Usage and connection
+The default workloads are batch, txn, delete, move and noop; ``hot`` (N
+workers committing small transactions against one parent for S seconds,
+reported in transactions per second) runs only when named:
+``--workload hot``. Default database: a SQLite file in the temp directory. Usage and connection
 errors print one line on stderr and exit with code 2. Exit code 1 when a
 countercache strategy drifted or failed, else 0.
 """
@@ -20,7 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from .workloads import WORKLOADS, Sizes
+from .workloads import DEFAULT_WORKLOADS, WORKLOADS, Sizes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,6 +46,16 @@ def _positive(minimum: int) -> Any:
     return parse
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return number
+
+
 def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     from .contenders import contender_names
 
@@ -52,7 +66,8 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
     p.add_argument("--workload", action="extend", nargs="+", metavar="NAME", choices=list(WORKLOADS),
-                   help=f"workloads to run (default: all of {', '.join(WORKLOADS)})")
+                   help=f"workloads to run (default: {', '.join(DEFAULT_WORKLOADS)}; "
+                   f"also: {', '.join(w for w in WORKLOADS if w not in DEFAULT_WORKLOADS)})")
     p.add_argument("--contender", action="extend", nargs="+", metavar="NAME", choices=contender_names(),
                    help=f"contenders to run (default: all of {', '.join(contender_names())}; "
                    "`none` is always added)")
@@ -60,6 +75,10 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     p.add_argument("--children", type=_positive(2), default=10_000,
                    help="children per batch (txn: a tenth, delete/move: a half; default 10000)")
     p.add_argument("--parents", type=_positive(2), default=100, help="parents (default 100)")
+    p.add_argument("--workers", type=_positive(1), default=8,
+                   help="hot: worker threads on the one parent (default 8)")
+    p.add_argument("--seconds", type=_seconds, default=5.0,
+                   help="hot: measured seconds per run, after a warm-up of a fifth of it (at most 1 s; default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios into a PNG file (matplotlib)")
     return p
@@ -103,8 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     probed = runner.probe(url)  # connection errors surface here, before any model is declared
     wanted = set(args.contender or contenders_mod.contender_names()) | {"none"}
     chosen = [c for c in contenders_mod.all_contenders() if c.name in wanted]
-    workloads = [w for w in WORKLOADS if w in set(args.workload or WORKLOADS)]
-    sizes = Sizes(children=args.children, parents=args.parents)
+    workloads = [w for w in WORKLOADS if w in set(args.workload or DEFAULT_WORKLOADS)]
+    sizes = Sizes(children=args.children, parents=args.parents, workers=args.workers, seconds=args.seconds)
 
     err = Console(stderr=True)
     if err.is_terminal and not args.json:

@@ -2,6 +2,13 @@
 
 A contender whose counters drifted is shown as WRONG, never with a ratio: a
 wrong counter is not a fast one.
+
+``hot`` measures throughput, not time: it gets a table of its own ("hot: N
+workers on 1 parent": committed transactions per second, committed and
+failed counts summed over the runs, ratio of committed/s to ``none``, higher
+is better), its own JSON fields (``tx_per_s``, ``committed``, ``failed``,
+``ratio``, plus per-run lists and the failure kinds) and its own panel in the
+plot.
 """
 
 from __future__ import annotations
@@ -87,9 +94,67 @@ def _cell_text(cell: Cell) -> str:
     return f"{seconds:.3f}{ratio}"
 
 
-def print_table(run: Run, console: Any, with_targets: bool = True) -> None:
+def _timed_workloads(run: Run) -> list[str]:
+    return [w for w in run.workloads if w != "hot"]
+
+
+def _hot_text(cell: Cell) -> list[str]:
+    """tx/s, committed, failed, ratio."""
+    if cell.status in ("skipped", "unavailable") or not cell.rates:
+        dash = "[red]error[/red]" if cell.status == "error" else "[dim]-[/dim]"
+        return [dash, "-", "-", "-"]
+    rate = f"{cell.tx_per_s:,.1f}"
+    if cell.status == "WRONG":
+        rate = f"[bold red]WRONG[/bold red] (off by {cell.drift_total}) {rate}"
+    failed = sum(cell.failed)
+    ratio = f"x{cell.ratio:.2f}" if cell.ratio is not None and cell.status == "ok" else "-"
+    return [rate, f"{sum(cell.committed):,}", f"[yellow]{failed:,}[/yellow]" if failed else "0", ratio]
+
+
+def print_hot_table(run: Run, console: Any) -> None:
     from rich.table import Table
 
+    table = Table(
+        title=(
+            f"hot: {run.sizes.workers} workers on 1 parent, {run.backend} {run.server_version}, "
+            f"{run.sizes.seconds:g} s per run, median of {run.repeat}"
+        ),
+        caption=(
+            "committed transactions per second (median of runs) and ratio to `none` in this run: "
+            f"HIGHER is better; committed and failed summed over the {run.repeat} run(s); drift checked after every run"
+        ),
+    )
+    table.add_column("contender")
+    table.add_column("committed/s", justify="right")
+    table.add_column("committed", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("x none (higher better)", justify="right")
+    table.add_column("drift", justify="right")
+    table.add_column("notes")
+    for contender in run.contenders:
+        cell = run.cells[("hot", contender)]
+        if cell.drift is not None:
+            drift = str(cell.drift)
+        else:
+            drift = "[dim]not kept[/dim]" if contender == "none" else "-"
+        notes = [cell.note] if cell.note and cell.status != "WRONG" else []
+        notes += [f"{n}x {kind}" for kind, n in cell.errors.most_common(3)]
+        table.add_row(contender, *_hot_text(cell), drift, "; ".join(notes))
+    console.print(table)
+    console.print(f"  [bold]hot[/bold]: {run.descriptions['hot']}")
+
+
+def print_table(run: Run, console: Any, with_targets: bool = True) -> None:
+    if _timed_workloads(run):
+        _print_timed_table(run, console, with_targets)
+    if "hot" in run.workloads:
+        print_hot_table(run, console)
+
+
+def _print_timed_table(run: Run, console: Any, with_targets: bool = True) -> None:
+    from rich.table import Table
+
+    workloads = _timed_workloads(run)
     title = (
         f"countercache bench on {run.backend} {run.server_version}: "
         f"{run.sizes.children:,} children over {run.sizes.parents:,} parents, "
@@ -97,18 +162,18 @@ def print_table(run: Run, console: Any, with_targets: bool = True) -> None:
     )
     table = Table(title=title, caption="seconds and ratio to `none` in this run; drift checked after every run")
     table.add_column("contender")
-    for workload in run.workloads:
+    for workload in workloads:
         table.add_column(workload, justify="right")
     table.add_column("drift", justify="right")
     table.add_column("notes")
     for contender in run.contenders:
-        cells = [run.cells[(w, contender)] for w in run.workloads]
+        cells = [run.cells[(w, contender)] for w in workloads]
         drifts = [c.drift for c in cells if c.drift is not None]
         drift = str(max(drifts)) if drifts else ("[dim]not kept[/dim]" if contender == "none" else "-")
         notes = sorted({c.note for c in cells if c.note and c.status != "WRONG"})
         table.add_row(contender, *(_cell_text(c) for c in cells), drift, "; ".join(notes))
     console.print(table)
-    for workload in run.workloads:
+    for workload in workloads:
         console.print(f"  [bold]{workload}[/bold]: {run.descriptions[workload]}")
     if with_targets:
         found = targets(run)
@@ -141,6 +206,7 @@ def as_json(run: Run) -> dict[str, Any]:
             "workloads": {
                 w: {"rows": _rows(run, w), "description": run.descriptions[w]} for w in run.workloads
             },
+            **({"workers": run.sizes.workers, "seconds": run.sizes.seconds} if "hot" in run.workloads else {}),
         },
         "workloads": run.workloads,
         "contenders": run.contenders,
@@ -155,6 +221,7 @@ def as_json(run: Run) -> dict[str, Any]:
                 "drift": cell.drift,
                 "drift_total": cell.drift_total,
                 "times": cell.times,
+                **(_hot_json(cell) if w == "hot" else {}),
             }
             for w in run.workloads
             for c in run.contenders
@@ -164,27 +231,78 @@ def as_json(run: Run) -> dict[str, Any]:
     }
 
 
-def _rows(run: Run, workload: str) -> int:
+def _hot_json(cell: Cell) -> dict[str, Any]:
+    """``hot``: ``ratio`` is committed/s over that of ``none`` (higher is better)."""
+    measured = bool(cell.rates)
+    return {
+        "tx_per_s": cell.tx_per_s,
+        "committed": sum(cell.committed) if measured else None,
+        "failed": sum(cell.failed) if measured else None,
+        "runs": [
+            {"committed": c, "failed": f, "tx_per_s": r}
+            for c, f, r in zip(cell.committed, cell.failed, cell.rates, strict=True)
+        ],
+        "errors": dict(cell.errors),
+    }
+
+
+def _rows(run: Run, workload: str) -> int | None:
     from .workloads import WORKLOADS
 
     return WORKLOADS[workload].rows(run.sizes)
 
 
 def plot(run: Run, path: str) -> None:
-    """Grouped bars of the ratios to ``none``, one group per workload (PNG)."""
+    """Grouped bars of the ratios to ``none``, one group per workload (PNG).
+
+    ``hot`` (a throughput ratio, higher is better) gets a panel of its own.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = _timed_workloads(run)
+    hot = ["hot"] if "hot" in run.workloads else []
     contenders = [c for c in run.contenders if any(run.cells[(w, c)].measured for w in run.workloads)]
+    panels = [p for p in (timed, hot) if p]
+    widths = [1.6 * len(p) + 2 for p in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(6.0, sum(widths)), 4.5), squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
+    for ax, workloads in zip(axes[0], panels, strict=True):
+        _bars(ax, run, workloads, contenders)
+        if workloads is hot:
+            ax.set_ylabel("committed/s / committed/s of `none` (higher is better)")
+            ax.set_xticks([0], [f"hot ({run.sizes.workers} workers, 1 parent)"])
+        else:
+            ax.set_ylabel("time / time of `none` (same run)")
+    what = []
+    if timed:
+        what.append(f"{run.sizes.children:,} children / {run.sizes.parents:,} parents")
+    if hot:
+        what.append(f"hot: {run.sizes.workers} workers x {run.sizes.seconds:g} s")
+    fig.suptitle(
+        f"countercache bench, {run.backend} {run.server_version}: "
+        f"{'; '.join(what)}, median of {run.repeat}",
+        fontsize=9,
+    )
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _bars(ax: Any, run: Run, workloads: list[str], contenders: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
     width = 0.8 / max(1, len(contenders))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(run.workloads) + 2), 4.5))
     colors = plt.get_cmap("tab10")
     highest = 1.0
     for i, contender in enumerate(contenders):
         xs, ys, wrong = [], [], []
-        for j, workload in enumerate(run.workloads):
+        for j, workload in enumerate(workloads):
             cell = run.cells[(workload, contender)]
             if not cell.measured or cell.ratio is None:
                 continue
@@ -205,14 +323,4 @@ def plot(run: Run, path: str) -> None:
         ticks = [t for t in (1, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= highest * 1.2]
         ax.set_yticks(ticks, [f"x{t:g}" for t in ticks])
         ax.minorticks_off()
-    ax.set_xticks(range(len(run.workloads)), run.workloads)
-    ax.set_ylabel("time / time of `none` (same run)")
-    ax.set_title(
-        f"countercache bench, {run.backend} {run.server_version}: "
-        f"{run.sizes.children:,} children / {run.sizes.parents:,} parents, median of {run.repeat}",
-        fontsize=9,
-    )
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    ax.set_xticks(range(len(workloads)), workloads)

@@ -6,6 +6,10 @@ the next: a slow minute of the machine hits all of them alike. Each
 contender run gets a fresh schema (drop, create), a fresh engine, fresh
 model classes; only the workload's timed callable is timed. After each run
 every parent's counter is compared with ``SELECT count(*)`` of its children.
+
+``hot`` runs for a fixed time and counts transactions instead: its cells
+keep committed/failed counts and committed/s per run, and its ratio is
+committed/s over that of ``none`` (higher is better).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +29,7 @@ from sqlalchemy.orm import clear_mappers
 
 from . import schema
 from .contenders import Contender, _first_line
-from .workloads import WORKLOADS, Sizes
+from .workloads import WORKLOADS, HotResult, Sizes
 
 
 @dataclass
@@ -42,6 +47,16 @@ class Cell:
     #: sum of absolute errors (max over runs)
     drift_total: int | None = None
     ratio: float | None = None
+    #: ``hot`` only, one entry per run
+    committed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    #: ``hot`` only: failure kinds over all runs
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def tx_per_s(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
 
     @property
     def seconds(self) -> float | None:
@@ -98,22 +113,37 @@ def run_one(
 
     ``around(timed)``, when given, runs the timed part (a profiler, say).
     """
+    elapsed, drift, _ = run_measured(url, contender, workload, sizes, around)
+    return elapsed, drift
+
+
+def run_measured(
+    url: str,
+    contender: Contender,
+    workload: str,
+    sizes: Sizes,
+    around: Callable[[Callable[[], Any]], Any] | None = None,
+) -> tuple[float, tuple[int, int] | None, Any]:
+    """:func:`run_one`, plus what the timed part returned (``hot``: a :class:`HotResult`)."""
+    work = WORKLOADS[workload]
+    backend = sa.engine.make_url(url).get_backend_name()
     models: schema.Models | None = None
     engine: Engine | None = None
     cleanup: Callable[[], None] = lambda: None
     try:
         models = contender.models()
-        engine = create_engine(url)
+        engine = create_engine(url, **work.engine_options(backend, sizes))
+        work.configure(engine, backend)
         _drop_everything(engine, contender, models)
         with engine.begin() as connection:
             models.metadata.create_all(connection)
-        timed, cleanup = WORKLOADS[workload].prepare(engine, models, sizes, contender.install)
+        timed, cleanup = work.prepare(engine, models, sizes, contender.install)
         gc.collect()
         start = time.perf_counter()
         if around is None:
-            timed()
+            outcome = timed()
         else:
-            around(timed)
+            outcome = around(timed)
         elapsed = time.perf_counter() - start
         cleanup()
         cleanup = lambda: None
@@ -121,7 +151,7 @@ def run_one(
         if contender.keeps_count:
             with engine.connect() as connection:
                 drift = schema.drift(connection, models)
-        return elapsed, drift
+        return elapsed, drift, outcome
     finally:
         try:
             cleanup()
@@ -160,13 +190,18 @@ def run(
                     continue
                 progress(f"{rep + 1}/{repeat} {workload} {contender.name}")
                 try:
-                    elapsed, drift = run_one(url, contender, workload, sizes)
+                    elapsed, drift, outcome = run_measured(url, contender, workload, sizes)
                 except sa.exc.OperationalError:
                     raise  # the database went away: stop the whole run
                 except Exception as exc:  # noqa: BLE001 - reported per contender
                     _fail(cells, contender, workload, exc)
                     continue
                 cell.times.append(elapsed)
+                if isinstance(outcome, HotResult):
+                    cell.committed.append(outcome.committed)
+                    cell.failed.append(outcome.failed)
+                    cell.rates.append(outcome.tx_per_s)
+                    cell.errors.update(outcome.errors)
                 if drift is not None:
                     off, total = drift
                     cell.drift = max(cell.drift or 0, off)
@@ -176,6 +211,13 @@ def run(
                         cell.note = f"{cell.drift} parents off by {cell.drift_total} in all"
     for workload in workloads:
         floor = cells.get((workload, "none"))
+        if workload == "hot":  # throughput: higher is better
+            base = floor.tx_per_s if floor is not None and floor.measured else None
+            for contender in contenders:
+                cell = cells[(workload, contender.name)]
+                if cell.measured and base and cell.tx_per_s is not None:
+                    cell.ratio = cell.tx_per_s / base
+            continue
         base = floor.seconds if floor is not None and floor.measured else None
         for contender in contenders:
             cell = cells[(workload, contender.name)]
@@ -205,3 +247,4 @@ def _fail(cells: dict[tuple[str, str], Cell], contender: Contender, workload: st
         return
     cell = cells[(workload, contender.name)]
     cell.status, cell.note, cell.times = "error", f"error: {message}", []
+    cell.committed, cell.failed, cell.rates = [], [], []

@@ -19,16 +19,38 @@ Sizes, from ``--children N`` and ``--parents P``:
   end at zero, the new ones double.
 * ``noop``: N rows inserted into a table no counter looks at, one flush and
   commit, while the counters exist on other tables.
+* ``hot``: contention, not cost. ``--workers`` threads (default 8), each with
+  its own Session on one shared Engine, commit small transactions against a
+  single parent (seeded with 100 children) for ``--seconds`` (default 5) after
+  a warm-up of a fifth of that (at most 1 s): each transaction adds one child
+  and flushes; every 4th also picks one older child of that parent with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL, MariaDB/MySQL; plain
+  ``SELECT`` on SQLite) and deletes it, so that it flushes twice. A failed
+  transaction (any ``DBAPIError``: deadlock, lock wait timeout, serialization
+  failure, "database is locked") is rolled back and counted, and the worker
+  goes on. Reported: committed transactions per second, failed ones, and the
+  ratio of committed/s to ``none`` (higher is better, unlike the others).
+  MariaDB/MySQL connections get ``innodb_lock_wait_timeout = 5``; SQLite
+  connections a busy timeout of 30 s (its writers serialize on the database
+  lock: the numbers say what one writer at a time costs, still meaningful).
+
+  ``hot`` is not in the default workload list: with every contender and
+  ``--repeat 3`` it adds about three minutes of fixed-duration runs to a
+  default run that takes well under one. ``--workload hot`` runs it.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from . import schema
@@ -39,6 +61,13 @@ from .schema import Models
 class Sizes:
     children: int
     parents: int
+    #: ``hot``: worker threads and measured seconds
+    workers: int = 8
+    seconds: float = 5.0
+
+    @property
+    def warmup(self) -> float:
+        return min(1.0, self.seconds / 5)
 
     @property
     def txn(self) -> int:
@@ -58,14 +87,24 @@ class Sizes:
         return sum(1 for i in range(self.children) if i % self.parents < self.move_from)
 
 
-Timed = Callable[[], None]
+#: The timed part; ``hot``'s returns its :class:`HotResult`, the others None.
+Timed = Callable[[], Any]
 
 
 class Workload:
     name = ""
+    #: Part of the default workload list.
+    default = True
 
-    def rows(self, sizes: Sizes) -> int:
+    def rows(self, sizes: Sizes) -> int | None:
         raise NotImplementedError
+
+    def engine_options(self, backend: str, sizes: Sizes) -> dict[str, Any]:
+        """Extra ``create_engine`` arguments for this workload."""
+        return {}
+
+    def configure(self, engine: Engine, backend: str) -> None:
+        """Set up the new engine (connect listeners) before anything runs."""
 
     def describe(self, sizes: Sizes) -> str:
         raise NotImplementedError
@@ -217,7 +256,160 @@ class Noop(Workload):
         return run, session.close
 
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (Batch(), Transactions(), Delete(), Move(), Noop())}
+@dataclass
+class HotResult:
+    """One ``hot`` run: transactions finished inside the measured window."""
+
+    seconds: float
+    committed: int = 0
+    failed: int = 0
+    #: failure kinds (exception class and first line) -> count
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def tx_per_s(self) -> float:
+        return self.committed / self.seconds if self.seconds else 0.0
+
+
+HOT_PARENT = 1
+HOT_SEED = 100
+#: every DELETE_EVERY-th transaction of a worker also deletes a child
+DELETE_EVERY = 4
+
+
+def _failure_kind(exc: DBAPIError) -> str:
+    orig = exc.orig if exc.orig is not None else exc
+    text_ = str(orig).strip()
+    first = text_.splitlines()[0] if text_ else ""
+    return f"{type(orig).__name__}: {first[:80]}" if first else type(orig).__name__
+
+
+class Hot(Workload):
+    name = "hot"
+    default = False
+
+    def rows(self, sizes: Sizes) -> int | None:
+        return None  # not fixed: what the workers manage to commit
+
+    def describe(self, sizes: Sizes) -> str:
+        return (
+            f"{sizes.workers} workers commit 1-child transactions on 1 parent for "
+            f"{sizes.seconds:g} s after {sizes.warmup:g} s warm-up; every {DELETE_EVERY}th also "
+            "deletes one child (FOR UPDATE SKIP LOCKED); committed/s, higher is better"
+        )
+
+    def engine_options(self, backend: str, sizes: Sizes) -> dict[str, Any]:
+        options: dict[str, Any] = {"pool_size": sizes.workers, "max_overflow": 4}
+        if backend == "sqlite":
+            options["connect_args"] = {"timeout": 30}
+        return options
+
+    def configure(self, engine: Engine, backend: str) -> None:
+        if backend in ("mysql", "mariadb"):
+            @event.listens_for(engine, "connect")
+            def lock_wait(dbapi_connection: Any, record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = 5")
+                cursor.close()
+
+    def seed(self, connection: Connection, models: Models, sizes: Sizes) -> None:
+        connection.execute(
+            insert(models.Child.__table__),  # type: ignore[attr-defined]
+            [{"parent_id": HOT_PARENT} for _ in range(HOT_SEED)],
+        )
+        schema.recount(connection)
+
+    def prepare(self, engine: Engine, models: Models, sizes: Sizes,
+                install: Callable[[Connection], None]) -> tuple[Timed, Callable[[], None]]:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(models.Parent.__table__),  # type: ignore[attr-defined]
+                [{"id": HOT_PARENT}],
+            )
+            self.seed(connection, models, sizes)
+            install(connection)
+        return self.timed(engine, models, sizes)
+
+    def timed(self, engine: Engine, models: Models, sizes: Sizes) -> tuple[Timed, Callable[[], None]]:
+        Child = models.Child
+        older = (
+            select(Child)
+            .where(Child.parent_id == HOT_PARENT)
+            .order_by(Child.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+
+        def run() -> HotResult:
+            result = HotResult(seconds=sizes.seconds)
+            lock = threading.Lock()
+            crashed: list[BaseException] = []
+            window: list[float] = []
+
+            def open_window() -> None:  # once every worker holds a connection
+                now = time.perf_counter()
+                window[:] = [now + sizes.warmup, now + sizes.warmup + sizes.seconds]
+
+            ready = threading.Barrier(sizes.workers, action=open_window)
+
+            def worker() -> None:
+                committed = failed = 0
+                errors: Counter[str] = Counter()
+                n = 0
+                try:
+                    with Session(engine) as session:
+                        session.connection()  # check a connection out before the start
+                        session.rollback()
+                        ready.wait()
+                        start, end = window
+                        while not crashed:
+                            n += 1
+                            try:
+                                child = Child(parent_id=HOT_PARENT)
+                                session.add(child)
+                                session.flush()
+                                if n % DELETE_EVERY == 0:
+                                    victim = session.scalars(older.where(Child.id != child.id)).first()
+                                    if victim is not None:
+                                        session.delete(victim)
+                                session.commit()
+                                ok, kind = True, ""
+                            except DBAPIError as exc:
+                                session.rollback()
+                                ok, kind = False, _failure_kind(exc)
+                            now = time.perf_counter()
+                            if now >= end:
+                                break
+                            if now >= start:
+                                if ok:
+                                    committed += 1
+                                else:
+                                    failed += 1
+                                    errors[kind] += 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    crashed.append(exc)
+                    ready.abort()
+                with lock:
+                    result.committed += committed
+                    result.failed += failed
+                    result.errors.update(errors)
+
+            threads = [threading.Thread(target=worker, name=f"hot-{i}") for i in range(sizes.workers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if crashed:
+                raise crashed[0]
+            return result
+
+        return run, lambda: None
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w for w in (Batch(), Transactions(), Delete(), Move(), Noop(), Hot())
+}
+DEFAULT_WORKLOADS = [name for name, w in WORKLOADS.items() if w.default]
 
 
 def describe_all(sizes: Sizes) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from countercache.config import STRATEGIES
 
 TINY = ("--children", "60", "--parents", "5", "--repeat", "1")
 WORKLOADS = ["batch", "txn", "delete", "move", "noop"]
+WORKLOADS_DEFAULT = WORKLOADS  # `hot` runs only when named
 ON_SQLITE = ["none", *STRATEGIES, "listener", "aggregated"]
 POSTGRESQL_ONLY = ["pg_row_trigger", "pg_statement_trigger"]
 
@@ -140,3 +141,44 @@ def test_bench_outside_a_source_checkout_is_one_line_exit_2(monkeypatch, tmp_pat
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("countercache: error:") and "bench" in err[0]
+
+
+def test_hot_on_sqlite_without_drift(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
+    done = countercache(
+        "bench", "--url", url, "--workload", "hot", "--workers", "2", "--seconds", "0.5",
+        "--repeat", "1", "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+
+    assert doc["workloads"] == ["hot"]
+    assert doc["sizes"]["workers"] == 2 and doc["sizes"]["seconds"] == 0.5
+    assert doc["sizes"]["workloads"]["hot"]["rows"] is None
+    results = {r["contender"]: r for r in doc["results"]}
+    assert set(results) == set(doc["contenders"])
+    floor = results["none"]
+    assert floor["status"] == "ok" and floor["ratio"] == 1.0 and floor["drift"] is None
+    for contender, r in results.items():
+        assert r["workload"] == "hot"
+        assert set(r) >= {"tx_per_s", "committed", "failed", "ratio", "runs", "errors", "drift"}
+        if contender in POSTGRESQL_ONLY:
+            assert r["status"] == "skipped" and r["tx_per_s"] is None and r["committed"] is None
+            continue
+        if contender == "aggregated" and r["status"] == "unavailable":
+            continue
+        assert r["status"] == "ok", (contender, r)
+        assert r["committed"] > 0 and r["failed"] >= 0
+        assert r["tx_per_s"] == pytest.approx(r["committed"] / 0.5)
+        assert r["ratio"] == pytest.approx(r["tx_per_s"] / floor["tx_per_s"])
+        assert len(r["runs"]) == 1 and r["runs"][0]["committed"] == r["committed"]
+        assert sum(r["errors"].values()) == r["failed"]
+        if contender != "none":
+            assert r["drift"] == 0, (contender, r)
+
+
+def test_hot_is_not_a_default_workload():
+    from bench.workloads import DEFAULT_WORKLOADS, WORKLOADS
+
+    assert DEFAULT_WORKLOADS == WORKLOADS_DEFAULT == [w for w in WORKLOADS if w != "hot"]
+    assert "hot" in WORKLOADS
