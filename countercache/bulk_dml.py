@@ -79,11 +79,11 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     result = state.invoke_statement()
     new_rows = []
     for values in rows or ([inline] if inline else []):
-        new_rows.append(_attribute_values(mapper, {**inline, **values}, child.fk_keys))
+        new_rows.append(_attribute_values(mapper, {**inline, **values}, child.keys))
     for batch in multi or ():
         for values in batch:
             if isinstance(values, dict):
-                new_rows.append(_attribute_values(mapper, values, child.fk_keys))
+                new_rows.append(_attribute_values(mapper, values, child.keys))
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
 
@@ -120,7 +120,7 @@ def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if isinstance(state.parameters, list):  # bulk UPDATE by primary key (executemany)
         return _by_primary_key(state, mapper, child, deleting=False)
-    if not _attribute_values(mapper, _statement_values(state.statement), child.fk_keys):
+    if not _attribute_values(mapper, _statement_values(state.statement), child.keys):
         return None  # no counted foreign key changes: nothing to do, nothing extra
     locked = _locked(state, mapper, child, deleting=False)
     result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
@@ -134,7 +134,7 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 
 def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
     params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
-    if not deleting and not any(_attribute_values(mapper, p, child.fk_keys) for p in params):
+    if not deleting and not any(_attribute_values(mapper, p, child.keys) for p in params):
         return None
     pk_keys = [mapper.get_property_by_column(c).key for c in tracking.child_primary_key(child)]
     keys = [tuple(p.get(k) for k in pk_keys) for p in params]
@@ -150,7 +150,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
         if deleting:
             rows.append((old, None))
         else:
-            rows.append((old, {**old, **_attribute_values(mapper, p, child.fk_keys)}))
+            rows.append((old, {**old, **_attribute_values(mapper, p, child.keys)}))
     tracking.record_rows(state.session, mapper, rows)
     return result
 

@@ -44,9 +44,22 @@ class CounterCache:
     :func:`countercache.configured_strategy`.
     """
 
-    def __init__(self, relationship: str, strategy: str | None) -> None:
+    def __init__(self, relationship: str, strategy: str | None, where: Any = None, sum: Any = None) -> None:
         self.relationship = relationship
         self.declared_strategy = strategy
+        self._where_arg = where
+        self._sum_arg = sum
+        #: The resolved ``where=`` / ``sum=`` expressions (None when not given).
+        self.where: Any = None
+        self.sum: Any = None
+        self.where_fn: Any = None
+        self.sum_fn: Any = None
+        #: ``where=`` / ``sum=`` as SQL text over the child table's columns
+        #: (what migrations record and ``backfill_counter`` runs).
+        self.where_sql: str | None = None
+        self.sum_sql: str | None = None
+        #: Child attribute keys whose values decide this counter (foreign key first).
+        self.value_keys: tuple[str, ...] = ()
         self.cls: type | None = None
         self.key: str | None = None
         self.column: Column[Any] | None = None
@@ -65,6 +78,19 @@ class CounterCache:
         if self.cls is None:
             return f"<unbound counter over {self.relationship!r}>"
         return f"{self.cls.__name__}.{self.key}"
+
+    @property
+    def simple(self) -> bool:
+        """A plain count: no ``where=`` and no ``sum=``."""
+        return self.where_fn is None and self.sum_fn is None
+
+    def weight(self, values: dict[str, Any]) -> Any:
+        """What a child row with these values adds to this counter (0 when it does not count)."""
+        if self.where_fn is not None and not self.where_fn(values):
+            return 0
+        if self.sum_fn is None:
+            return 1
+        return self.sum_fn(values) or 0
 
     def strategy(self) -> str:
         """The strategy in force now (configuration included)."""
@@ -113,11 +139,27 @@ class CounterCache:
                 ) from None
         self.child_mapper = child_mapper
         self.fk_keys = tuple(fk_keys)
+        self._resolve_expressions(child_mapper)
         assert self.column is not None
         self.parent = ParentTable.for_column(mapper, self.column)
         self.parent.add(self)
         memory.guard_assignment(self)
         tracking.track_child(child_mapper, self)
+
+    def _resolve_expressions(self, child: Mapper[Any]) -> None:
+        from .expressions import compile_evaluator, resolve, sql_text
+
+        keys = list(self.fk_keys)
+        for what, arg in (("where", self._where_arg), ("sum", self._sum_arg)):
+            if arg is None:
+                continue
+            expression = resolve(arg, child, what, self.name)
+            fn, used = compile_evaluator(expression, child, what, self.name)
+            setattr(self, what, expression)
+            setattr(self, f"{what}_fn", fn)
+            setattr(self, f"{what}_sql", sql_text(expression))
+            keys.extend(k for k in used if k not in keys)
+        self.value_keys = tuple(keys)
 
     def _relationship_property(self, mapper: Mapper[Any]) -> RelationshipProperty[Any]:
         prop: MapperProperty[Any] | None = mapper.attrs.get(self.relationship)
@@ -147,6 +189,8 @@ def counter_cache(
     relationship: str,
     *,
     strategy: str | None = None,
+    where: Any = None,
+    sum: Any = None,  # noqa: A002 - the contract's name
     **column_kwargs: Any,
 ) -> MappedColumn[Any]:
     """Declare a counter of the children on ``relationship``.
@@ -156,6 +200,12 @@ def counter_cache(
     :param strategy: ``"bulk"`` (one aggregated UPDATE per flush, the
         default) or ``"per_row"`` (an UPDATE per changed child row). The
         configuration may override it (:func:`countercache.configure`).
+    :param where: a SQL boolean expression over the child's columns, or a
+        zero-argument callable returning one (late binding): only children
+        matching it count, e.g. ``where=lambda: Question.status == "open"``.
+    :param sum: a child column name, or an expression (or callable) over the
+        child's columns: the counter holds ``SUM(...)`` instead of
+        ``COUNT(*)`` (NULL adds 0). Give ``type_=Numeric(...)`` for decimals.
     :param column_kwargs: passed to :func:`~sqlalchemy.orm.mapped_column`
         (``name=``, ``type_=BigInteger``, ``index=True``, ``comment=``...).
 
@@ -163,16 +213,11 @@ def counter_cache(
     ``server_default="0"``. The column is the library's: assigning to it
     raises :class:`~countercache.CounterCacheError`.
     """
-    for unsupported in ("where", "sum"):
-        if unsupported in column_kwargs:
-            raise ConfigurationError(
-                f"counter_cache({relationship!r}): {unsupported}= is not supported yet"
-            )
     if not isinstance(relationship, str) or not relationship:
         raise ConfigurationError(
             f"counter_cache({relationship!r}): the relationship must be given by name, as a string"
         )
-    definition = CounterCache(relationship, strategy)
+    definition = CounterCache(relationship, strategy, where, sum)
     info = dict(column_kwargs.pop("info", None) or {})
     info["countercache"] = definition
     column_kwargs.setdefault("nullable", False)

@@ -96,10 +96,15 @@ class _Sql:
         child = counter.child_mapper
         fk_cols = [child.get_property(k).columns[0] for k in counter.fk_keys]  # type: ignore[attr-defined]
         child_table = fk_cols[0].table
+        # the very expressions the flush evaluates in Python (expressions.py)
+        value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)
+        criteria = [fk == pk for fk, pk in zip(fk_cols, self.pk)]
+        if counter.where is not None:
+            criteria.append(counter.where)
         self.actual = (
-            select(func.count())
+            select(value)
             .select_from(child_table)
-            .where(and_(*(fk == pk for fk, pk in zip(fk_cols, self.pk))))
+            .where(and_(*criteria))
             .correlate(self.table)
             .scalar_subquery()
         )

@@ -63,14 +63,16 @@ class _Child:
     def __init__(self, mapper: Mapper[Any]) -> None:
         self.mapper = mapper
         self.counters: list[CounterCache] = []
-        self.fk_keys: tuple[str, ...] = ()
+        #: Attribute keys whose values decide any of the counters (foreign
+        #: keys, and the columns of where= and sum=).
+        self.keys: tuple[str, ...] = ()
 
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
             self.counters.append(counter)
-            keys = list(self.fk_keys)
-            keys.extend(k for k in counter.fk_keys if k not in keys)
-            self.fk_keys = tuple(keys)
+            keys = list(self.keys)
+            keys.extend(k for k in counter.value_keys if k not in keys)
+            self.keys = tuple(keys)
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
@@ -202,11 +204,21 @@ def _add_row(pairs: list[tuple[CounterCache, Any]], old: dict[str, Any] | None,
     for counter, strategy in pairs:
         old_key = _key(old, counter.fk_keys)
         new_key = _key(new, counter.fk_keys)
-        if old_key != new_key:
-            if old_key is not None:
-                strategy.add(counter, old_key, -1)
-            if new_key is not None:
-                strategy.add(counter, new_key, 1)
+        if counter.simple:
+            if old_key != new_key:
+                if old_key is not None:
+                    strategy.add(counter, old_key, -1)
+                if new_key is not None:
+                    strategy.add(counter, new_key, 1)
+            continue
+        old_weight = counter.weight(old) if old_key is not None else 0  # type: ignore[arg-type]
+        new_weight = counter.weight(new) if new_key is not None else 0  # type: ignore[arg-type]
+        if old_key == new_key and old_weight == new_weight:
+            continue
+        if old_weight:
+            strategy.add(counter, old_key, -old_weight)
+        if new_weight:
+            strategy.add(counter, new_key, new_weight)
 
 
 # -- mapper hooks -------------------------------------------------------------
@@ -218,7 +230,14 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         return
     child = _child_for(mapper)
     if child is not None:
-        _changed(fs, connection, child, None, state.dict)
+        values = state.dict
+        if not all(k in values for k in child.keys):
+            # a value the INSERT left to the database (a server default, say):
+            # read the row back (only then, and only this row)
+            key = state.key[1] if state.key is not None else mapper.primary_key_from_instance(state.obj())
+            values = {**read_foreign_keys(connection, child, [tuple(key)], lock=None).get(tuple(key), {}),
+                      **{k: v for k, v in values.items() if k in child.keys}}
+        _changed(fs, connection, child, None, values)
 
 
 def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -236,10 +255,12 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         return
     old = fs.old.get(state)
     if old is None or old is _GONE:
-        return  # foreign keys unchanged (or the row is gone: the ORM raises)
+        return  # no counted value changed (or the row is gone: the ORM raises)
     child = _child_for(mapper)
     if child is not None:
-        _changed(fs, connection, child, old, state.dict)
+        values = state.dict
+        new = {k: values[k] if k in values else old[k] for k in child.keys}
+        _changed(fs, connection, child, old, new)
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -254,7 +275,7 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         return
     if old is None:
         committed = state.committed_state
-        old = {k: committed.get(k, state.dict.get(k)) for k in child.fk_keys}
+        old = {k: committed.get(k, state.dict.get(k)) for k in child.keys}
     _changed(fs, connection, child, old, None)
 
 
@@ -270,7 +291,7 @@ _MAPPER_HOOKS = (
 def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     """Read (and lock) the database's foreign keys of rows this flush deletes or moves."""
     fs.read.add(child)
-    fk_keys = child.fk_keys
+    keys = child.keys
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = False
     for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
@@ -278,7 +299,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
             continue
         if isdelete:
             deleting = True
-        elif not any(k in state.committed_state for k in fk_keys):
+        elif not any(k in state.committed_state for k in keys):
             continue
         wanted[state.key[1]] = state
     if not wanted:
@@ -294,19 +315,19 @@ def is_suspended(session: Session) -> bool:
 
 def child_primary_key(child: _Child) -> list[Any]:
     """Primary-key columns of the table holding the child's foreign keys."""
-    table = child.mapper.get_property(child.fk_keys[0]).columns[0].table  # type: ignore[attr-defined]
+    table = child.mapper.get_property(child.keys[0]).columns[0].table  # type: ignore[attr-defined]
     return list(table.primary_key.columns)
 
 
 def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
                       *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
-    """``{child primary key: {fk attribute: value}}`` of the rows with these keys
+    """``{child primary key: {attribute: value}}`` (every counted value) of the rows with these keys
     (or matching ``where``), read in key order and, unless ``lock`` is None,
     locked (``"update"`` or ``"no key update"``) until the transaction ends."""
     mapper = child.mapper
-    fk_keys = child.fk_keys
+    value_keys = child.keys
     pk = child_primary_key(child)
-    fk_cols = [mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
+    value_cols = [mapper.get_property(k).columns[0] for k in value_keys]  # type: ignore[attr-defined]
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
 
     if keys is not None and len(pk) == 1 and connection.dialect.name == "postgresql":
@@ -315,7 +336,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
                                                 type_=ARRAY(pk[0].type))), None
 
     def statement(criteria: Any) -> Any:
-        stmt = select(*pk, *fk_cols).where(criteria).order_by(*pk)
+        stmt = select(*pk, *value_cols).where(criteria).order_by(*pk)
         if lock is not None:
             stmt = stmt.with_for_update(key_share=lock == "no key update")
         return stmt
@@ -324,7 +345,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
 
     def collect(stmt: Any) -> None:
         for row in connection.execute(stmt):
-            found[tuple(row[: len(pk)])] = dict(zip(fk_keys, row[len(pk) :]))
+            found[tuple(row[: len(pk)])] = dict(zip(value_keys, row[len(pk) :]))
 
     if keys is None:
         collect(statement(where if where is not None else true()))

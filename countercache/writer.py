@@ -52,10 +52,11 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, column, text
 from sqlalchemy.engine import Connection
 
 if TYPE_CHECKING:
@@ -75,6 +76,17 @@ Deltas = dict[Key, list[int]]
 #: What an apply returns: ``(primary key, {attribute key: new value})`` rows, or
 #: ``(primary key, None)`` where the backend cannot say (expire instead).
 Results = list[tuple[Key, "dict[str, Any] | None"]]
+
+
+def _uniform(values: list[Any]) -> list[Any]:
+    """One Python type per array (psycopg refuses ``[Decimal, int]``): a sum's
+    untouched slots start as the integer 0."""
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1:
+        wide = Decimal if Decimal in kinds else float if float in kinds else None
+        if wide is not None:
+            return [wide(v) for v in values]
+    return values
 
 
 class ParentTable:
@@ -158,6 +170,19 @@ class ParentTable:
     def _no_results(self, keys: list[Key]) -> Results:
         return [(k, None) for k in keys]
 
+    def _type(self, slot: int) -> Any:
+        return self.counters[slot].column.type  # type: ignore[union-attr]
+
+    def _typed(self, sql: str, binds: dict[str, Any], returning: tuple[int, ...] | None) -> Any:
+        """``text(sql)`` with typed parameters (a Decimal delta on SQLite) and,
+        for ``RETURNING``, typed result columns."""
+        stmt = text(sql).bindparams(*(bindparam(name, type_=type_) for name, type_ in binds.items()))
+        if returning is None:
+            return stmt
+        cols = [column(c.name, c.type) for c in self.pk_cols]
+        cols += [column(self.counters[i].column.name, self._type(i)) for i in returning]  # type: ignore[union-attr]
+        return stmt.columns(*cols)
+
     def _cached(self, connection: Connection, kind: str, slots: tuple[int, ...], build: Any) -> Any:
         key = (connection.dialect.name, kind, slots)
         stmt = self._statements.get(key)
@@ -189,7 +214,9 @@ class ParentTable:
             )
             if returning:
                 sql += " RETURNING " + self._returning_list(connection, slots)
-            return text(sql)
+            binds = {f"k{j}": c.type for j, c in enumerate(self.pk_cols)}
+            binds.update({f"d{i}": self._type(i) for i in slots})
+            return self._typed(sql, binds, slots if returning else None)
 
         stmt = self._cached(connection, "one+" if returning else "one", slots, build)
         params = {f"k{j}": v for j, v in enumerate(key)}
@@ -222,7 +249,9 @@ class ParentTable:
             )
             if values:
                 sql += " RETURNING " + self._returning_list(connection, slots)
-            return text(sql)
+            binds = {f"k{m}_{j}": c.type for m in range(n) for j, c in enumerate(self.pk_cols)}
+            binds.update({f"d{m}_{i}": self._type(i) for m in range(n) for i in slots})
+            return self._typed(sql, binds, slots if values else None)
 
         stmt = self._cached(connection, f"case{n}{'+' if values else ''}", slots, build)
         params: dict[str, Any] = {}
@@ -272,7 +301,7 @@ class ParentTable:
         update = self._cached(connection, "pg", slots, build_update)
         params: dict[str, Any] = {f"k{j}": [k[j] for k in keys] for j in range(len(self.pk_cols))}
         connection.execute(lock, params)
-        params.update({f"d{i}": [deltas[k][i] for k in keys] for i in slots})
+        params.update({f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots})
         return self._results(connection.execute(update, params).fetchall(), slots)
 
     def _apply_sqlite(
@@ -302,7 +331,8 @@ class ParentTable:
             row = [p(v) if p else v for p, v in zip(processors, k, strict=False)]
             row.extend(deltas[k][i] for i in slots)
             rows.append(row)
-        return self._results(connection.execute(stmt, {"rows": json.dumps(rows)}).fetchall(), slots)
+        # default=str: Decimal sums travel as text, which SQLite's arithmetic reads as a number
+        return self._results(connection.execute(stmt, {"rows": json.dumps(rows, default=str)}).fetchall(), slots)
 
     def _apply_mysql(
         self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas

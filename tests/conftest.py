@@ -340,6 +340,20 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def sqlite_real_transactions(eng: Engine) -> None:
+    """SQLAlchemy's documented fix for pysqlite's transactions: the driver
+    issues no BEGIN before a SAVEPOINT, so releasing the first savepoint of a
+    transaction would commit it. Let SQLAlchemy emit BEGIN itself."""
+
+    @event.listens_for(eng, "connect")
+    def _no_driver_transactions(dbapi_connection, connection_record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(eng, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN")
+
+
 @pytest.fixture
 def engine(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[Engine]:
     require_backend(backend)

@@ -1,0 +1,88 @@
+"""Conditional and summing counters: one expression, read by Python and by SQL (private).
+
+``where=`` and ``sum=`` are SQL expressions over the child's columns. The
+very same expression object is
+
+* evaluated in Python on a child row's old and new values during a flush
+  (SQLAlchemy's own ORM evaluator, the one behind
+  ``synchronize_session="evaluate"``, reading a dict of values instead of an
+  object), and
+* rendered into the SQL of ``check()``, ``reconcile()`` and Alembic's
+  ``backfill_counter``,
+
+so the flush and the recount cannot disagree. An expression the evaluator
+cannot run in Python (a SQL function, a subquery, another table's column)
+is refused when mappers are configured.
+
+NULL behaves as in SQL: a condition that is NULL does not count, and a NULL
+summed value adds 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.evaluator import UnevaluatableError, _EvaluatorCompiler
+from sqlalchemy.sql import ColumnElement, coercions, roles
+
+from .errors import ConfigurationError
+
+Evaluator = Callable[[dict[str, Any]], Any]
+
+
+class _ValuesEvaluator(_EvaluatorCompiler):
+    """SQLAlchemy's evaluator, reading attribute values from a dict."""
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        super().__init__(mapper.class_)
+        self.mapper = mapper
+        self.keys: list[str] = []
+
+    def visit_column(self, clause: Any) -> Evaluator:
+        parentmapper = clause._annotations.get("parentmapper")
+        if parentmapper is None or not self.mapper.isa(parentmapper):
+            raise UnevaluatableError(f"{clause} is not a column of {self.mapper.class_.__name__}")
+        key = parentmapper._columntoproperty[clause].key
+        if key not in self.keys:
+            self.keys.append(key)
+        return lambda values: values.get(key)
+
+
+def resolve(value: Any, child: Mapper[Any], what: str, name: str) -> ColumnElement[Any]:
+    """The SQL expression behind ``where=`` / ``sum=`` (a callable is called now)."""
+    if callable(value) and not isinstance(value, ColumnElement) and not hasattr(value, "__clause_element__"):
+        value = value()
+    if isinstance(value, str):
+        if what != "sum":
+            raise ConfigurationError(f"{name}: where= takes a SQL expression, not the string {value!r}")
+        prop = child.attrs.get(value)
+        if prop is None or not hasattr(prop, "columns"):
+            raise ConfigurationError(f"{name}: sum={value!r} is not a column of {child.class_.__name__}")
+        value = getattr(child.class_, value)
+    try:
+        return coercions.expect(roles.ExpressionElementRole, value)
+    except Exception as exc:
+        raise ConfigurationError(f"{name}: {what}= is not a SQL expression ({exc})") from None
+
+
+def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: str,
+                      name: str) -> tuple[Evaluator, list[str]]:
+    """A Python function of a values dict, and the attribute keys it reads."""
+    compiler = _ValuesEvaluator(child)
+    try:
+        fn = compiler.process(expression)
+    except UnevaluatableError as exc:
+        raise ConfigurationError(
+            f"{name}: {what}= cannot be evaluated in Python during a flush ({exc}); "
+            "use plain comparisons and arithmetic over the child's own columns"
+        ) from None
+    if not compiler.keys:
+        raise ConfigurationError(f"{name}: {what}= uses none of {child.class_.__name__}'s columns")
+    return fn, compiler.keys
+
+
+def sql_text(expression: ColumnElement[Any]) -> str:
+    """The expression as SQL text over the child table's columns (for migrations)."""
+    return str(expression.compile(compile_kwargs={"literal_binds": True}))

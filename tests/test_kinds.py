@@ -1,0 +1,162 @@
+"""Conditional (``where=``) and summing (``sum=``) counters (SPEC §1, §4)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Optional
+
+import pytest
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, delete, func, insert, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
+
+import countercache
+from countercache import CounterCacheError, counter_cache
+from kinds_models import shop
+
+
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
+def strategy(request):
+    return request.param
+
+
+def truth(engine):
+    """{customer id: (open_count, total, open_items)} computed from the orders."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT c.id, "
+            " (SELECT count(*) FROM orders o WHERE o.customer_id = c.id AND o.status = 'open'),"
+            " (SELECT coalesce(sum(o.amount), 0) FROM orders o WHERE o.customer_id = c.id),"
+            " (SELECT coalesce(sum(o.items * 2), 0) FROM orders o WHERE o.customer_id = c.id AND o.status = 'open')"
+            " FROM customers c ORDER BY c.id")).all()
+    return {r[0]: (r[1], Decimal(r[2]).quantize(Decimal("0.01")), r[3]) for r in rows}
+
+
+def stored(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, open_count, total, open_items FROM customers ORDER BY id")).all()
+    return {r[0]: (r[1], Decimal(r[2]).quantize(Decimal("0.01")), r[3]) for r in rows}
+
+
+def assert_exact(engine):
+    assert stored(engine) == truth(engine)
+    return stored(engine)
+
+
+def prepare(engine, strategy):
+    m = shop(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        a, b = m.Customer(), m.Customer()
+        a.orders.extend([m.Order(status="open", amount=Decimal("10.50"), items=2),
+                         m.Order(status="paid", amount=Decimal("5.25"))])
+        b.orders.append(m.Order(amount=None))  # status from the server default, amount NULL
+        s.add_all([a, b])
+        s.commit()
+        return m, a.id, b.id
+
+
+def test_insert_counts_by_condition_and_sums(engine, strategy):
+    m, a, b = prepare(engine, strategy)
+    counts = assert_exact(engine)
+    assert counts[a] == (1, Decimal("15.75"), 4)
+    assert counts[b] == (1, Decimal("0.00"), 2)
+
+
+def test_changing_the_deciding_columns_moves_the_count(engine, strategy):
+    m, a, b = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        orders = s.scalars(select(m.Order).order_by(m.Order.id)).all()
+        orders[0].status = "paid"  # leaves the condition
+        orders[1].status = "open"  # enters it
+        orders[1].amount = Decimal("6.00")  # the summed value changes
+        orders[2].items = 5  # an open order's summed expression changes
+        s.flush()
+        orders[2].amount = Decimal("1.00")  # NULL -> value, in a second flush
+        s.commit()
+        customer = s.get(m.Customer, a)
+        assert (customer.open_count, customer.total, customer.open_items) == (1, Decimal("16.50"), 2)
+    assert assert_exact(engine)[b] == (1, Decimal("1.00"), 10)
+
+
+def test_unloaded_values_are_read_from_the_database(engine, strategy):
+    m, a, b = prepare(engine, strategy)
+    with Session(engine) as s:
+        order = s.scalars(select(m.Order).where(m.Order.status == "open", m.Order.customer_id == a)).one()
+        s.expire(order)
+        order.status = "cancelled"  # the old value was never loaded in this session
+        s.commit()
+    assert assert_exact(engine)[a] == (0, Decimal("15.75"), 0)
+
+
+def test_move_delete_and_bulk_statements(engine, strategy):
+    m, a, b = prepare(engine, strategy)
+    with Session(engine) as s:
+        order = s.scalars(select(m.Order).where(m.Order.customer_id == a, m.Order.status == "open")).one()
+        order.customer_id = b
+        s.flush()
+        s.delete(s.scalars(select(m.Order).where(m.Order.status == "paid")).one())
+        s.execute(insert(m.Order), [{"customer_id": a, "status": "open", "amount": Decimal("2.00"), "items": 3}])
+        s.execute(update(m.Order).where(m.Order.customer_id == b).values(status="paid"))
+        s.execute(update(m.Order).where(m.Order.customer_id == a).values(amount=m.Order.amount * 2),
+                  execution_options={"synchronize_session": False})
+        s.execute(delete(m.Order).where(m.Order.amount.is_(None)))
+        s.commit()
+    counts = assert_exact(engine)
+    assert counts[a] == (1, Decimal("4.00"), 6)
+
+
+def test_check_and_reconcile_use_the_same_expressions(engine):
+    m, a, b = prepare(engine, "bulk")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET status = 'paid', amount = 99"))
+    drifts = countercache.check(engine)
+    assert {(d.counter.key, d.pk) for d in drifts} == {
+        ("open_count", a), ("open_count", b), ("total", a), ("total", b), ("open_items", a), ("open_items", b)}
+    countercache.reconcile(engine)
+    assert countercache.check(engine) == []
+    assert_exact(engine)
+
+
+def test_sql_text_for_migrations():
+    m = shop()
+    configure_mappers()
+    definition = m.Customer.open_items.property.columns[0].info["countercache"]
+    assert definition.where_sql == "orders.status = 'open'"
+    assert definition.sum_sql == "orders.items * 2"
+    assert m.Customer.total.property.columns[0].info["countercache"].sum_sql == "orders.amount"
+
+
+OTHER = Table("other", MetaData(), Column("x", Integer))
+
+
+def make_bad(**kw):
+    class Base(DeclarativeBase):
+        pass
+
+    class Parent(Base):
+        __tablename__ = "parents"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kids: Mapped[list["Kid"]] = relationship()
+        n: Mapped[int] = counter_cache("kids", **kw)
+
+    class Kid(Base):
+        __tablename__ = "kids"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("parents.id"))
+        name: Mapped[str] = mapped_column(default="")
+
+    configure_mappers()
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        ({"where": lambda: func.lower(text("name")) == "x"}, r"Parent\.n: where= cannot be evaluated in Python"),
+        ({"sum": "nothing"}, r"Parent\.n: sum='nothing' is not a column of Kid"),
+        ({"where": "name = 'x'"}, r"Parent\.n: where= takes a SQL expression"),
+        ({"where": OTHER.c.x > 3}, r"Parent\.n: where= cannot be evaluated .*not a column of Kid"),
+    ],
+)
+def test_bad_expressions_fail_at_configuration(kw, pattern):
+    with pytest.raises(CounterCacheError, match=pattern):
+        make_bad(**kw)
