@@ -12,8 +12,10 @@ number of children as the application inserts, deletes and re-parents rows::
         question_count: Mapped[int] = counter_cache("questions")
 
 How updates reach the database is chosen per counter or in configuration:
-``"bulk"`` (one aggregated UPDATE after each flush, the default) or
-``"per_row"`` (an UPDATE per changed child row).
+``"bulk"`` (one aggregated UPDATE after each flush, the default),
+``"per_row"`` (an UPDATE per changed child row) or ``"deferred"`` (one
+UPDATE per transaction, right before COMMIT). ``check()`` and
+``reconcile()`` find and repair counters changed behind the ORM's back.
 """
 
 from __future__ import annotations

@@ -118,7 +118,15 @@ def configure_from_file(path: str | os.PathLike[str]) -> None:
 
 
 def configured_strategy(counter: Any) -> str:
-    """Answer which strategy is in force for ``counter`` (``User.question_count``)."""
+    """Answer which strategy is in force for ``counter`` now.
+
+    ``counter`` is the attribute (``User.question_count``) or its name
+    (``"User.question_count"``). The answer follows the precedence of the
+    configuration: an override, else the counter's ``strategy=``, else
+    ``default_strategy``, else ``"bulk"``. Raises
+    :class:`~countercache.CounterCacheError` when ``counter`` is not a
+    counter (or its name is declared by several classes).
+    """
     return _registry.lookup(counter).strategy()
 
 

@@ -198,8 +198,9 @@ def counter_cache(
     :param relationship: the name of a one-to-many relationship on the same
         class; the child class may be declared later in the module.
     :param strategy: ``"bulk"`` (one aggregated UPDATE per flush, the
-        default) or ``"per_row"`` (an UPDATE per changed child row). The
-        configuration may override it (:func:`countercache.configure`).
+        default), ``"per_row"`` (an UPDATE per changed child row) or
+        ``"deferred"`` (one UPDATE per transaction, right before COMMIT).
+        The configuration may override it (:func:`countercache.configure`).
     :param where: a SQL boolean expression over the child's columns, or a
         zero-argument callable returning one (late binding): only children
         matching it count, e.g. ``where=lambda: Question.status == "open"``.

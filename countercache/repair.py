@@ -61,14 +61,39 @@ class Drift:
 
 def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
           progress: Progress | None = None) -> list[Drift]:
-    """Every parent whose counter differs from its real count, for the given
-    counters (all registered counters when none is named)."""
+    """Every parent whose counter differs from its real count.
+
+    :param bind: an :class:`~sqlalchemy.engine.Engine`,
+        :class:`~sqlalchemy.engine.Connection` or
+        :class:`~sqlalchemy.orm.Session` (a Session reads in its own
+        transaction, so it sees what it flushed).
+    :param counters: counter attributes (``User.question_count``) or their
+        names (``"User.question_count"``); every registered counter when
+        none is given.
+    :param batch_size: parents read per statement, in primary-key order;
+        memory stays bounded by it.
+    :param progress: ``progress(counter, parents_done)``, called after each
+        batch (the command line draws its progress bar with it).
+
+    Returns a list of :class:`Drift`, in counter and then key order; empty
+    when every counter is right. Reads only: nothing is locked or written.
+    """
     return _walk(bind, counters, batch_size, progress, repair=False)
 
 
 def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
               progress: Progress | None = None) -> list[Drift]:
-    """Correct every drifted counter; return what was fixed (as :func:`check` saw it)."""
+    """Correct every drifted counter; return what was fixed (as :func:`check` saw it).
+
+    Takes the same arguments as :func:`check`. Each batch of parents is
+    locked in key order, then written with one statement that recounts and
+    writes together, touching only the rows that differ, so a concurrent
+    writer's increment is never lost. Given an Engine, every batch commits by
+    itself; given a Connection or a Session, the work is part of the
+    caller's transaction and the caller commits (a Session's parents in
+    memory are expired). Running it again on an unchanged database
+    returns ``[]``.
+    """
     return _walk(bind, counters, batch_size, progress, repair=True)
 
 
