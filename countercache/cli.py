@@ -187,13 +187,17 @@ def _demo(args: argparse.Namespace) -> int:
     engine.dispose()
 
     for run in runs:
-        table = Table(title=f"strategy {run.strategy!r}: {run.transactions} transactions")
+        table = Table(title=f"strategy {run.strategy!r}: {run.transactions} transactions "
+                            "(stored counter / real value)")
         table.add_column("user")
-        table.add_column("question_count", justify="right")
-        table.add_column("SELECT count(*)", justify="right")
-        table.add_column("", justify="center")
-        for name, stored, real in run.rows:
-            table.add_row(name, str(stored), str(real), "[green]=[/green]" if stored == real else "[red]≠[/red]")
+        for name in demo.COUNTERS:
+            table.add_column(name, justify="right")
+        for user, values in run.rows:
+            cells = []
+            for stored, real in values.values():
+                mark = "[green]=[/green]" if stored == real else "[red]≠[/red]"
+                cells.append(f"{stored} {mark} {real}")
+            table.add_row(user, *cells)
         console.print(table)
 
     kinds = sorted({k for run in runs for k in run.statements})

@@ -365,6 +365,10 @@ def example_config(connection: sa.Connection) -> Config:
 def test_example_migrations(engine: sa.Engine) -> None:
     source = (REPO / "migrations" / "versions" / "0002_users_question_count.py").read_text()
     assert "op.backfill_counter('users', 'question_count', 'questions', 'user_id', parent_key='id')" in source
+    later = (REPO / "migrations" / "versions" / "0003_open_and_score_counters.py").read_text()
+    assert ("op.backfill_counter('users', 'open_question_count', 'questions', 'user_id', "
+            "where=\"questions.status = 'open'\", parent_key='id')") in later
+    assert "sum='questions.score'" in later
     with engine.begin() as conn:
         command.upgrade(example_config(conn), "0001")
     assert "question_count" not in columns(engine, "users")

@@ -89,6 +89,10 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     ]
     if not counters:
         return _continue()
+    # where=/sum= (and their SQL text) are resolved when mappers are configured
+    from sqlalchemy.orm import configure_mappers
+
+    configure_mappers()
 
     present = {op.key for op in _walk(upgrade_ops) if isinstance(op, BackfillCounterOp)}
     added = {
