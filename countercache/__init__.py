@@ -28,10 +28,10 @@ from .declaration import counter_cache as counter_cache
 from .declaration import uninstall as uninstall
 from .errors import AssignmentError as AssignmentError
 from .errors import ConfigurationError as ConfigurationError
+from .errors import CounterCacheError as CounterCacheError
 from .repair import Drift as Drift
 from .repair import check as check
 from .repair import reconcile as reconcile
-from .errors import CounterCacheError as CounterCacheError
 from .tracking import suspended as suspended
 
 __all__ = [

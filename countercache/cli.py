@@ -137,7 +137,7 @@ def _repair(args: argparse.Namespace) -> int:
         engine.dispose()
 
     def name(d: repair.Drift) -> str:
-        return f"{d.counter.class_.__name__}.{d.counter.key}"
+        return d.name
 
     if args.json:
         doc = {

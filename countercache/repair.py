@@ -58,6 +58,14 @@ class Drift:
     stored: int
     actual: int
 
+    @property
+    def name(self) -> str:
+        """The counter's name, ``"User.question_count"``."""
+        return f"{self.counter.class_.__name__}.{self.counter.key}"
+
+    def __repr__(self) -> str:
+        return f"Drift({self.name}, pk={self.pk!r}, stored={self.stored!r}, actual={self.actual!r})"
+
 
 def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
           progress: Progress | None = None) -> list[Drift]:

@@ -52,8 +52,8 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, column, text
