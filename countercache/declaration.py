@@ -68,6 +68,12 @@ class CounterCache:
         self.child_mapper: Mapper[Any] | None = None
         # Child attribute keys of the foreign key, in the parent key's order.
         self.fk_keys: tuple[str, ...] = ()
+        #: Many-to-many only: the association table, its columns referring to
+        #: the parent's primary key, and the relationship keys on both sides.
+        self.secondary: Any = None
+        self.secondary_parent_cols: tuple[Any, ...] = ()
+        self.relationship_key: str | None = None
+        self.reverse_key: str | None = None
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
         self._strategy_cache: tuple[int, str] = (-1, "")
@@ -119,6 +125,9 @@ class CounterCache:
         from .writer import ParentTable
 
         prop = self._relationship_property(mapper)
+        if prop.secondary is not None:
+            self._resolve_many_to_many(mapper, prop)
+            return
         parent_cols = [local for local, _ in prop.local_remote_pairs]
         pk = list(mapper.primary_key)
         if sorted(map(id, parent_cols)) != sorted(map(id, pk)) or len(parent_cols) != len(pk):
@@ -145,6 +154,34 @@ class CounterCache:
         self.parent.add(self)
         memory.guard_assignment(self)
         tracking.track_child(child_mapper, self)
+
+    def _resolve_many_to_many(self, mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> None:
+        """``Tag.post_count`` over ``secondary``: counts the association rows."""
+        from . import many_to_many, memory
+        from .writer import ParentTable
+
+        if self._where_arg is not None or self._sum_arg is not None:
+            raise ConfigurationError(
+                f"{self.name}: where= and sum= are not supported on a many-to-many relationship yet"
+            )
+        pk = list(mapper.primary_key)
+        by_parent = {id(local): remote for local, remote in prop.synchronize_pairs}
+        if sorted(by_parent) != sorted(map(id, pk)):
+            raise ConfigurationError(
+                f"{self.name}: {self.relationship!r} must join {prop.secondary.name} on "  # type: ignore[union-attr]
+                f"{mapper.class_.__name__}'s primary key"
+            )
+        self.secondary = prop.secondary
+        self.secondary_parent_cols = tuple(by_parent[id(c)] for c in pk)
+        self.child_mapper = prop.mapper
+        self.relationship_key = prop.key
+        backref = prop.backref[0] if isinstance(prop.backref, tuple) else prop.backref
+        self.reverse_key = prop.back_populates or backref or None
+        assert self.column is not None
+        self.parent = ParentTable.for_column(mapper, self.column)
+        self.parent.add(self)
+        memory.guard_assignment(self)
+        many_to_many.track(self)
 
     def _resolve_expressions(self, child: Mapper[Any]) -> None:
         from .expressions import compile_evaluator, resolve, sql_text
@@ -177,10 +214,10 @@ class CounterCache:
                 f"{self.name}: {self.relationship!r} is many-to-one; a counter counts the "
                 "children of a one-to-many relationship (declare it on the other class)"
             )
-        if prop.direction is MANYTOMANY or prop.secondary is not None:
+        if prop.secondary is not None and prop.direction is not MANYTOMANY:
             raise ConfigurationError(
-                f"{self.name}: many-to-many relationship {self.relationship!r} is not "
-                "supported yet (unsupported construct)"
+                f"{self.name}: {self.relationship!r} goes through {prop.secondary} but is not "
+                "many-to-many (unsupported construct)"
             )
         return prop
 

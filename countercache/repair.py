@@ -126,8 +126,11 @@ class _Sql:
         self.table = counter.parent.table
         self.pk = list(counter.parent.pk_cols)
         self.column = self.table.c[counter.column.key]  # type: ignore[union-attr]
-        child = counter.child_mapper
-        fk_cols = [child.get_property(k).columns[0] for k in counter.fk_keys]  # type: ignore[attr-defined]
+        if counter.secondary is not None:  # many-to-many: the association rows
+            fk_cols = list(counter.secondary_parent_cols)
+        else:
+            child = counter.child_mapper
+            fk_cols = [child.get_property(k).columns[0] for k in counter.fk_keys]  # type: ignore[attr-defined]
         child_table = fk_cols[0].table
         # the very expressions the flush evaluates in Python (expressions.py)
         value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)

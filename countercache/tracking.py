@@ -35,7 +35,7 @@ from sqlalchemy import any_, bindparam, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 
-from . import memory, transactions
+from . import many_to_many, memory, transactions
 from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
@@ -127,17 +127,18 @@ class FlushState:
             transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
         self.results = []
 
+    def strategy(self, name: str) -> Any:
+        """This flush's instance of the strategy called ``name`` (created on first use)."""
+        found = self.strategies.get(name)
+        if found is None:
+            found = self.strategies[name] = STRATEGY_CLASSES[name](self)
+        return found
+
     def plan(self, child: _Child) -> tuple[list[tuple[CounterCache, Any]], list[Any]]:
         """The child's counters paired with this flush's strategy objects (resolved once)."""
         found = self.plans.get(child)
         if found is None:
-            pairs = []
-            for counter in child.counters:
-                name = counter.strategy()
-                strategy = self.strategies.get(name)
-                if strategy is None:
-                    strategy = self.strategies[name] = STRATEGY_CLASSES[name](self)
-                pairs.append((counter, strategy))
+            pairs = [(counter, self.strategy(counter.strategy())) for counter in child.counters]
             per_row = list({id(s): s for _, s in pairs if s.per_row}.values())
             found = self.plans[child] = (pairs, per_row)
         return found
@@ -386,6 +387,7 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
 def _after_flush(session: Session, uow: UOWTransaction) -> None:
     fs = _flushes.get(session.hash_key)
     if fs is not None:
+        many_to_many.collect(fs)
         for strategy in fs.strategies.values():
             strategy.flush_done()
 
@@ -433,6 +435,7 @@ def uninstall() -> None:
                 event.remove(mapper, hook, listener)
     _children.clear()
     _child_cache.clear()
+    many_to_many.clear()
 
 
 @contextmanager

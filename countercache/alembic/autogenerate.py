@@ -145,7 +145,8 @@ def _backfill_for(
 
     configure_mappers()
     prop = mapper.relationships[definition.relationship]
-    pairs = list(prop.local_remote_pairs)
+    # many-to-many counts the association table's rows that refer to the parent
+    pairs = list(prop.synchronize_pairs if prop.secondary is not None else prop.local_remote_pairs)
     child = pairs[0][1].table
     keys = [local.name for local, _ in pairs]
     fks = [remote.name for _, remote in pairs]

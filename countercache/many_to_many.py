@@ -1,0 +1,111 @@
+"""Many-to-many counters: rows of the association table (private).
+
+``Tag.post_count = counter_cache("posts")`` over ``secondary=post_tags``
+counts a tag's rows in ``post_tags``. The flush writes those rows itself
+(there are no mapper events for them), from the collection history of both
+sides; so this module reads, in ``after_flush`` and only for the objects the
+flush handled, the very histories the flush acted on (the unit of work's
+cache), and turns them into per-tag deltas:
+
+* a post added to ``tag.posts`` or a tag added to ``post.tags``: +1;
+* removed from either collection: -1;
+* a post deleted: -1 for every tag it was linked to (the flush deletes
+  those rows), a tag deleted: nothing (a deleted parent needs no update).
+
+A link seen from both sides (a ``back_populates`` pair) counts once. The
+deltas then go through the counter's strategy like any other.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+    from .tracking import FlushState
+
+#: mapper -> [(counter, "parent" | "child")]: which side of which counter a class is.
+_sides: weakref.WeakKeyDictionary[Mapper[Any], list[tuple[CounterCache, str]]] = weakref.WeakKeyDictionary()
+
+
+def track(counter: CounterCache) -> None:
+    from . import tracking
+
+    for mapper, side in ((counter.mapper, "parent"), (counter.child_mapper, "child")):
+        entries = _sides.setdefault(mapper, [])  # type: ignore[arg-type]
+        if (counter, side) not in entries:
+            entries.append((counter, side))
+    tracking.install()
+
+
+def clear() -> None:
+    _sides.clear()
+
+
+def _sides_of(mapper: Mapper[Any]) -> list[tuple[CounterCache, str]]:
+    found: list[tuple[CounterCache, str]] = []
+    for m in mapper.iterate_to_root():
+        found.extend(_sides.get(m, ()))
+    return found
+
+
+def _pk(state: Any) -> tuple[Any, ...] | None:
+    if state.key is not None:
+        return tuple(state.key[1])
+    key = state.mapper.primary_key_from_instance(state.obj())
+    return None if None in key else tuple(key)
+
+
+def collect(fs: FlushState) -> None:
+    """Add the deltas of the association rows this flush wrote (``after_flush``)."""
+    if not _sides or fs.uow is None:
+        return
+    uow = fs.uow
+    links: dict[CounterCache, tuple[set[tuple[Any, Any]], set[tuple[Any, Any]]]] = {}
+    for state, (isdelete, listonly) in list(uow.states.items()):
+        sides = _sides_of(state.mapper)
+        if not sides:
+            continue
+        for counter, side in sides:
+            key = counter.relationship_key if side == "parent" else counter.reverse_key
+            if key is None:
+                continue
+            if side == "parent" and isdelete:
+                continue  # a deleted parent needs no update
+            history = uow.get_attribute_history(state, key, PASSIVE_NO_INITIALIZE)
+            if not history:
+                continue
+            added, removed = links.setdefault(counter, (set(), set()))
+            me = _pk(state)
+            gone = list(history.unchanged or ()) + list(history.deleted or ()) if isdelete else list(history.deleted or ())
+            new = [] if isdelete else list(history.added or ())
+            for other, target in ((o, removed) for o in gone):
+                pair = _pair(side, me, other)
+                if pair is not None:
+                    target.add(pair)
+            for other in new:
+                pair = _pair(side, me, other)
+                if pair is not None:
+                    added.add(pair)
+    for counter, (added, removed) in links.items():
+        strategy = fs.strategy(counter.strategy())
+        for parent_key, _ in added - removed:
+            strategy.add(counter, parent_key, 1)
+        for parent_key, _ in removed - added:
+            strategy.add(counter, parent_key, -1)
+
+
+def _pair(side: str, me: tuple[Any, ...] | None, other: Any) -> tuple[Any, Any] | None:
+    """``(parent key, child key)`` of a link seen from ``me``'s side."""
+    from sqlalchemy import inspect
+
+    if other is None:
+        return None
+    other_key = _pk(inspect(other))
+    if me is None or other_key is None:
+        return None
+    return (me, other_key) if side == "parent" else (other_key, me)

@@ -1,0 +1,114 @@
+"""Many-to-many counters (``Tag.post_count`` over ``secondary``): SPEC §1, §4."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, ForeignKey, String, Table, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache
+from countercache import counter_cache
+
+
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
+def strategy(request):
+    return request.param
+
+
+def blog(strategy):
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+    )
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20), default="")
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags")
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts")
+
+    return Base, Tag, Post
+
+
+def assert_exact(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT t.id, t.post_count, (SELECT count(*) FROM post_tags pt WHERE pt.tag_id = t.id) "
+            "FROM tags t ORDER BY t.id")).all()
+    assert [(r[0], r[1]) for r in rows] == [(r[0], r[2]) for r in rows]
+    return {r[0]: r[1] for r in rows}
+
+
+def test_links_from_either_side(engine, strategy):
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    with Session(engine, expire_on_commit=False) as s:
+        a, b, c = Tag(name="a"), Tag(name="b"), Tag(name="c")
+        p1, p2 = Post(tags=[a, b]), Post()  # pending on both sides in one flush
+        s.add_all([a, b, c, p1, p2])
+        s.flush()
+        c.posts.append(p1)  # from the parent's side
+        p2.tags.extend([a, c])  # from the child's side
+        s.commit()
+        assert (a.post_count, b.post_count, c.post_count) == (2, 1, 2)
+        p1.tags.remove(a)
+        c.posts.remove(p2)
+        s.commit()
+        assert (a.post_count, b.post_count, c.post_count) == (1, 1, 1)
+    assert sorted(assert_exact(engine).values()) == [1, 1, 1]
+
+
+def test_deleting_either_side(engine, strategy):
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        a, b = Tag(name="a"), Tag(name="b")
+        s.add_all([Post(tags=[a, b]), Post(tags=[a]), Post(tags=[b])])
+        s.commit()
+        ids = (a.id, b.id)
+    with Session(engine) as s:
+        post = s.query(Post).order_by(Post.id).first()  # its tags not loaded
+        s.delete(post)
+        s.commit()
+    assert assert_exact(engine) == {ids[0]: 1, ids[1]: 1}
+    with Session(engine) as s:
+        s.delete(s.get(Tag, ids[0]))  # a deleted parent: its rows go, nothing to update
+        s.commit()
+    assert assert_exact(engine) == {ids[1]: 1}
+
+
+def test_check_and_reconcile(engine):
+    Base, Tag, Post = blog("bulk")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        t = Tag(name="t")
+        s.add(Post(tags=[t]))
+        s.commit()
+        tid = t.id
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM post_tags"))
+    assert [(d.pk, d.stored, d.actual) for d in countercache.check(engine)] == [(tid, 1, 0)]
+    countercache.reconcile(engine)
+    assert assert_exact(engine) == {tid: 0}
+
+
+def test_migration_backfill_counts_association_rows():
+    from sqlalchemy.orm import configure_mappers
+
+    from countercache.alembic.autogenerate import _backfill_for
+
+    Base, Tag, Post = blog(None)
+    configure_mappers()
+    column = Tag.__table__.c.post_count
+    op = _backfill_for(column, column.info["countercache"], None, None)
+    assert (op.table_name, op.child_table, op.child_fk, op.parent_key) == ("tags", "post_tags", "tag_id", "id")
