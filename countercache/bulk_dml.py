@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import tracking
+from .errors import CounterCacheError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -68,24 +70,61 @@ def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -
 
 
 def _statement_values(statement: Any) -> dict[Any, Any]:
-    return dict(getattr(statement, "_values", None) or {})
+    values = dict(getattr(statement, "_values", None) or {})
+    values.update(dict(getattr(statement, "_ordered_values", None) or ()))
+    return values
+
+
+def _refuse(child: Any, why: str) -> None:
+    names = ", ".join(c.name for c in child.counters)
+    raise CounterCacheError(
+        f"{names}: {why}; insert through the session (or give the values), or run it inside "
+        "countercache.suspended(session) and repair with countercache.reconcile()"
+    )
+
+
+def _literal(child: Any, key: str, value: Any) -> Any:
+    if isinstance(value, BindParameter) and value.callable is None:
+        return value.value
+    if isinstance(value, ClauseElement):
+        _refuse(child, f"the bulk INSERT computes {key} in SQL, so the counter cannot know it")
+    return value
 
 
 def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
+    statement = state.statement
+    if getattr(statement, "select", None) is not None:
+        _refuse(child, "INSERT ... FROM SELECT is not counted")
+    if getattr(statement, "_post_values_clause", None) is not None:
+        _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
     params = state.parameters
     rows = params if isinstance(params, list) else [params] if params else []
-    inline = _statement_values(state.statement)
-    multi = getattr(state.statement, "_multi_values", None)
+    inline = _statement_values(statement)
+    sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
+    for batch in getattr(statement, "_multi_values", None) or ():
+        sources.extend(values for values in batch if isinstance(values, dict))
+    new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
     result = state.invoke_statement()
-    new_rows = []
-    for values in rows or ([inline] if inline else []):
-        new_rows.append(_attribute_values(mapper, {**inline, **values}, child.keys))
-    for batch in multi or ():
-        for values in batch:
-            if isinstance(values, dict):
-                new_rows.append(_attribute_values(mapper, values, child.keys))
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
+
+
+def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """A bulk INSERT's row with the values it leaves to column defaults; the
+    ones only the database knows (server defaults) are refused."""
+    row = {k: _literal(child, k, v) for k, v in row.items()}
+    for key in child.keys:
+        if key in row:
+            continue
+        column = mapper.get_property(key).columns[0]  # type: ignore[attr-defined]
+        default = column.default
+        if default is not None and default.is_scalar:
+            row[key] = default.arg
+        elif default is not None or column.server_default is not None:
+            _refuse(child, f"the bulk INSERT leaves {key} to a default the counter cannot see")
+        else:
+            row[key] = None
+    return row
 
 
 def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
@@ -120,8 +159,11 @@ def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if isinstance(state.parameters, list):  # bulk UPDATE by primary key (executemany)
         return _by_primary_key(state, mapper, child, deleting=False)
-    if not _attribute_values(mapper, _statement_values(state.statement), child.keys):
-        return None  # no counted foreign key changes: nothing to do, nothing extra
+    values = _statement_values(state.statement)
+    if isinstance(state.parameters, dict):
+        values.update(state.parameters)  # update(Child).where(...), {"col": value}
+    if not _attribute_values(mapper, values, child.keys):
+        return None  # no counted value changes: nothing to do, nothing extra
     locked = _locked(state, mapper, child, deleting=False)
     result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)

@@ -196,6 +196,12 @@ class CounterCache:
             setattr(self, f"{what}_fn", fn)
             setattr(self, f"{what}_sql", sql_text(expression))
             keys.extend(k for k in used if k not in keys)
+        tables = {child.get_property(k).columns[0].table for k in keys}  # type: ignore[attr-defined]
+        if len(tables) > 1:
+            raise ConfigurationError(
+                f"{self.name}: where=/sum= read columns of {', '.join(sorted(t.name for t in tables))}; "
+                "a counter's columns must live in the child's own table (unsupported construct)"
+            )
         self.value_keys = tuple(keys)
 
     def _relationship_property(self, mapper: Mapper[Any]) -> RelationshipProperty[Any]:
@@ -294,23 +300,40 @@ _HOOKS = (
 )
 
 
+_uninstalled = False
+
+
 def _install() -> None:
-    from . import tracking
+    global _uninstalled
+    from . import many_to_many, memory, tracking
 
     for target, name, fn in _HOOKS:
         if not event.contains(target, name, fn):
             event.listen(target, name, fn)
     tracking.install()
+    if _uninstalled:
+        # back after uninstall(): the counters declared before it resume too
+        _uninstalled = False
+        for counter in _registry.all_counters():
+            if counter.parent is None:
+                continue
+            memory.guard_assignment(counter)
+            if counter.secondary is not None:
+                many_to_many.track(counter)
+            else:
+                tracking.track_child(counter.child_mapper, counter)  # type: ignore[arg-type]
 
 
 def uninstall() -> None:
     """Remove every listener countercache registered.
 
-    Counters stop being maintained (in every session) until the next class
-    declaring a counter is mapped. Meant for tests and for applications that
-    hand maintenance to something else; ``reconcile()`` repairs what happened
-    meanwhile.
+    Counters stop being maintained (in every session) until the next
+    :func:`counter_cache` declaration (or :func:`countercache.configure` with
+    overrides) installs them again, every counter declared so far included.
+    Meant for tests and for applications that hand maintenance to something
+    else; ``reconcile()`` repairs what happened meanwhile.
     """
+    global _uninstalled
     from . import memory, tracking
 
     for target, name, fn in _HOOKS:
@@ -318,3 +341,4 @@ def uninstall() -> None:
             event.remove(target, name, fn)
     tracking.uninstall()
     memory.uninstall()
+    _uninstalled = True

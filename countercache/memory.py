@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from .errors import AssignmentError
 
@@ -28,6 +28,17 @@ if TYPE_CHECKING:
     from .writer import ParentTable, Results
 
 _guarded: list[tuple[Any, Any]] = []
+
+#: session id -> (parent, counter key) that merge() set over an unloaded counter
+_merged: dict[Any, list[tuple[Any, Any]]] = {}
+
+
+def undo_merged(session: Session) -> None:
+    """Before a flush: expire counters merge() set over unloaded values (never written)."""
+    for obj, key in _merged.pop(session.hash_key, ()):
+        state = instance_state(obj)
+        if state.session_id == session.hash_key and key in state.committed_state:
+            session.expire(obj, [key])
 
 
 def apply(session: Session, parent: ParentTable, results: Results) -> None:
@@ -76,8 +87,13 @@ def guard_assignment(counter: CounterCache) -> None:
     def refuse(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
         if _is_merge():
             # merge() copies what another session loaded: keep ours when we
-            # have it, so a stale copy never overwrites a fresher counter.
-            return value if oldvalue is _NO_VALUE or oldvalue is _NEVER_SET else oldvalue
+            # have it, so a stale copy never overwrites a fresher counter;
+            # when ours is not loaded, the copied value is dropped again
+            # before the next flush (expired), so it is never written.
+            if oldvalue is _NO_VALUE or oldvalue is _NEVER_SET:
+                _merged.setdefault(instance_state(target).session_id, []).append((target, counter.key))
+                return value
+            return oldvalue
         raise AssignmentError(
             f"{counter.name} is maintained by countercache and cannot be assigned "
             f"(tried to set it to {value!r}); use countercache.reconcile() to correct it"

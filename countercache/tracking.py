@@ -118,14 +118,23 @@ class FlushState:
             return self.uow.transaction.connection(parent.mapper)
         return self.session.connection(bind_arguments={"mapper": parent.mapper})
 
-    def finish(self) -> None:
-        """Write what the strategies hold for now and show it on parents in memory."""
+    def write(self) -> None:
+        """Let every strategy write what it holds for now (``after_flush``)."""
+        many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
+
+    def show(self) -> None:
+        """Show what was written on the parents in memory (``after_flush_postexec``)."""
         for parent, results in self.results:
             memory.apply(self.session, parent, results)
             transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
         self.results = []
+
+    def finish(self) -> None:
+        """Both at once (an ORM bulk statement, which has no flush around it)."""
+        self.write()
+        self.show()
 
     def strategy(self, name: str) -> Any:
         """This flush's instance of the strategy called ``name`` (created on first use)."""
@@ -173,9 +182,32 @@ def track_child(child_mapper: Mapper[Any], counter: CounterCache) -> None:
         child = _children[child_mapper] = _Child(child_mapper)
     child.add(counter)
     _child_cache.clear()
+    _hook(child_mapper)
+
+
+#: Mappers carrying the hooks themselves (propagated to their subclasses).
+_hooked: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
+def _hook(mapper: Mapper[Any]) -> None:
+    """Exactly one copy of each hook fires for any class of the hierarchy: a
+    hook on an ancestor already reaches this mapper, and a hook put here
+    replaces the ones its subclasses carried (propagation brings them back)."""
+    if any(m in _hooked for m in mapper.iterate_to_root()):
+        return
+    for sub in list(mapper.self_and_descendants):
+        if sub in _hooked:
+            _unhook(sub)
     for name, fn in _MAPPER_HOOKS:
-        if not event.contains(child_mapper, name, fn):
-            event.listen(child_mapper, name, fn, raw=True, propagate=True)
+        event.listen(mapper, name, fn, raw=True, propagate=True)
+    _hooked.add(mapper)
+
+
+def _unhook(mapper: Mapper[Any]) -> None:
+    for name, fn in _MAPPER_HOOKS:
+        if event.contains(mapper, name, fn):
+            event.remove(mapper, name, fn)
+    _hooked.discard(mapper)
 
 
 def _key(d: dict[str, Any] | None, fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
@@ -260,7 +292,13 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = _child_for(mapper)
     if child is not None:
         values = state.dict
-        new = {k: values[k] if k in values else old[k] for k in child.keys}
+        if all(k in values for k in child.keys):
+            new = {k: values[k] for k in child.keys}
+        else:
+            # expired by the UPDATE (a SQL expression was assigned, or a server
+            # side onupdate): the row, locked by the pre-read, says what it is now
+            key = tuple(state.key[1])  # type: ignore[index]
+            new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
         _changed(fs, connection, child, old, new)
 
 
@@ -378,6 +416,8 @@ def record_rows(session: Session, mapper: Mapper[Any],
 
 
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
+    if memory._merged:
+        memory.undo_merged(session)
     if _suspended.get(session):
         _flushes.pop(session.hash_key, None)
     else:
@@ -387,17 +427,13 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
 def _after_flush(session: Session, uow: UOWTransaction) -> None:
     fs = _flushes.get(session.hash_key)
     if fs is not None:
-        many_to_many.collect(fs)
-        for strategy in fs.strategies.values():
-            strategy.flush_done()
+        fs.write()
 
 
 def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
     fs = _flushes.pop(session.hash_key, None)
     if fs is not None:
-        for parent, results in fs.results:
-            memory.apply(session, parent, results)
-            transactions.remember_refreshed(session, parent, [pk for pk, _ in results])
+        fs.show()
 
 
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
@@ -429,10 +465,8 @@ def uninstall() -> None:
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     bulk_dml.uninstall()
-    for mapper in list(_children):
-        for hook, listener in _MAPPER_HOOKS:
-            if event.contains(mapper, hook, listener):
-                event.remove(mapper, hook, listener)
+    for mapper in list(_hooked):
+        _unhook(mapper)
     _children.clear()
     _child_cache.clear()
     many_to_many.clear()

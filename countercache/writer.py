@@ -358,7 +358,8 @@ class ParentTable:
                     if deltas[k][i]:
                         params[f"d{m}_{i}"] = deltas[k][i]
                         whens.append(f"WHEN {key_sql} = {key_refs[m]} THEN :d{m}_{i}")
-                sets.append(f"{col} = {col} + CASE {' '.join(whens)} ELSE 0 END")
+                if whens:  # a counter no parent of this chunk moves stays out of its SET
+                    sets.append(f"{col} = {col} + CASE {' '.join(whens)} ELSE 0 END")
             sql = (
                 f"UPDATE {t} SET {', '.join(sets)} WHERE {key_sql} IN ({', '.join(key_refs)}) "
                 f"ORDER BY {', '.join(pk)}"
