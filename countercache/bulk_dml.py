@@ -97,7 +97,7 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
     if getattr(statement, "_post_values_clause", None) is not None:
         _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
-    params = state.parameters
+    params: Any = state.parameters
     rows = params if isinstance(params, list) else [params] if params else []
     inline = _statement_values(statement)
     sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
@@ -131,7 +131,7 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
     session = state.session
     connection = session.connection(bind_arguments={"mapper": mapper})
     return tracking.read_foreign_keys(
-        connection, child, where=state.statement.whereclause,
+        connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update",
     )
 
@@ -184,7 +184,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     locked = tracking.read_foreign_keys(connection, child, keys,
                                         lock="update" if deleting else "no key update")
     result = state.invoke_statement()
-    rows = []
+    rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
     for key, p in zip(keys, params):
         old = locked.get(key)
         if old is None:

@@ -79,10 +79,9 @@ def _bench(argv: list[str]) -> int:
     if root not in sys.path:
         sys.path.insert(0, root)
     bench_main = importlib.import_module("bench.main")
-    if Path(bench_main.__file__).resolve().parent != bench_dir:
-        raise CounterCacheError(
-            f"`import bench` found {Path(bench_main.__file__).parent}, not {bench_dir}"
-        )
+    found = Path(str(bench_main.__file__)).resolve().parent
+    if found != bench_dir:
+        raise CounterCacheError(f"`import bench` found {found}, not {bench_dir}")
     return int(bench_main.main(argv, prog="countercache bench"))
 
 
@@ -123,12 +122,14 @@ def _repair(args: argparse.Namespace) -> int:
                           TimeElapsedColumn(), console=console) as bar:
                 for counter in counters:
                     with engine.connect() as conn:
-                        total = conn.scalar(select(func.count()).select_from(counter.parent.table))  # type: ignore[union-attr]
+                        total = conn.scalar(
+                            select(func.count()).select_from(counter.parent.table)  # type: ignore[union-attr,arg-type]
+                        )
                     task = bar.add_task(counter.name, total=total)
                     run = repair.reconcile if fix else repair.check
                     drifts += run(engine, getattr(counter.cls, counter.key),  # type: ignore[arg-type]
                                   batch_size=args.batch_size,
-                                  progress=lambda c, done, task=task: bar.update(task, completed=done))
+                                  progress=lambda c, done, task=task: bar.update(task, completed=done))  # type: ignore[misc]
         else:
             run = repair.reconcile if fix else repair.check
             drifts = run(engine, *(getattr(c.cls, c.key) for c in counters),  # type: ignore[arg-type]

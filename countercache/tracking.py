@@ -110,7 +110,7 @@ class FlushState:
             return True
         identity_map = self.session.identity_map
         key_from_pk = parent.mapper.identity_key_from_primary_key
-        return any(key_from_pk(list(k)) in identity_map for k in keys)
+        return any(key_from_pk(tuple(k)) in identity_map for k in keys)
 
     def connection_for(self, parent: ParentTable) -> Connection:
         """The connection the flush (or the statement) runs on, for this parent's table."""

@@ -18,6 +18,7 @@ drops everything (SQLAlchemy expires every object itself then).
 from __future__ import annotations
 
 import sys
+from types import FrameType
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +106,7 @@ def _committing_transaction() -> SessionTransaction | None:
     ``before_commit`` fires for a savepoint's release and for the outermost
     commit alike and does not say which; the frame that fired it does.
     """
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(6):
         if frame is None:
             return None
