@@ -106,7 +106,8 @@ class FlushState:
         Parents inserted by this flush are not in the identity map yet: a
         flush that saved any row of the parent's class counts as holding.
         """
-        if self.uow is not None and self.uow.mappers.get(parent.mapper.base_mapper):
+        if self.uow is not None and any(m.isa(parent.mapper) and states
+                                        for m, states in self.uow.mappers.items()):
             return True
         identity_map = self.session.identity_map
         key_from_pk = parent.mapper.identity_key_from_primary_key

@@ -133,6 +133,10 @@ class ParentTable:
         lock-then-update pair; the primary-key index scan takes the locks in
         key order, but without the separate lock the order is the plan's.
         """
+        if len(deltas) == 1:  # the common small transaction, and per_row: no sorting, no set-up
+            ((key, vector),) = deltas.items()
+            slots = tuple(i for i, d in enumerate(vector) if d)
+            return self._apply_one(connection, slots, key, vector, values) if slots else []
         changed = {k: v for k, v in deltas.items() if any(v)}
         if not changed:
             return []

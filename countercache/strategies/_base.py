@@ -38,7 +38,7 @@ class Strategy:
     def write(self, connection_for: Any) -> None:
         """Apply and forget everything pending, parent tables in name order."""
         pending, self.pending = self.pending, {}
-        for parent in sorted(pending, key=lambda p: p.table.fullname):
+        for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.table.fullname)):
             deltas = pending[parent]
             results = parent.apply(connection_for(parent), deltas,
                                    values=self.flush.holds_any(parent, deltas), few=self.few)
