@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Integer, event
+from sqlalchemy import Integer, and_, event
 from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty, mapped_column
 from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
@@ -128,6 +128,14 @@ class CounterCache:
         if prop.secondary is not None:
             self._resolve_many_to_many(mapper, prop)
             return
+        plain = and_(*(local == remote for local, remote in prop.local_remote_pairs))
+        if not (prop.primaryjoin.compare(plain) or prop.primaryjoin.compare(
+                and_(*(remote == local for local, remote in prop.local_remote_pairs)))):
+            raise ConfigurationError(
+                f"{self.name}: {self.relationship!r} has a custom primaryjoin with more than the "
+                "foreign key; declare the extra condition with where= on a plain relationship "
+                "(unsupported construct)"
+            )
         parent_cols = [local for local, _ in prop.local_remote_pairs]
         pk = list(mapper.primary_key)
         if sorted(map(id, parent_cols)) != sorted(map(id, pk)) or len(parent_cols) != len(pk):

@@ -145,3 +145,26 @@ def test_join_on_non_primary_key_refused():
 
     with pytest.raises(CounterCacheError, match=r"User\.question_count: .*primary key"):
         configure_mappers()
+
+
+def test_custom_primaryjoin_refused():
+    from sqlalchemy import and_
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        live_questions: Mapped[list["Question"]] = relationship(
+            primaryjoin=lambda: and_(User.id == Question.user_id, Question.deleted.is_(False)), viewonly=True)
+        question_count: Mapped[int] = counter_cache("live_questions")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        deleted: Mapped[bool] = mapped_column(default=False)
+
+    with pytest.raises(CounterCacheError, match=r"User\.question_count: .*custom primaryjoin.*where="):
+        configure_mappers()
