@@ -9,17 +9,26 @@ How a flush is read:
   mapper hooks below. That is all it does: the children a flush touches are
   only fully known inside the flush (delete-orphan cascades, foreign keys
   copied from parents that get their primary key in the same flush).
-* ``after_insert`` (child mapper): +1 to the parent the row points at. The
-  foreign key is already copied from a pending parent by then.
+* ``after_insert`` (child mapper): +1 (or the row's weight, see below) to
+  the parent the row points at. The foreign key is already copied from a
+  pending parent by then.
 * ``before_update`` / ``before_delete`` (child mapper): the first call for a
   child class in a flush reads, in one ``SELECT ... ORDER BY pk FOR UPDATE``,
   the current foreign key of every row of that class the flush will delete
   or re-parent. The database row, not the in-memory history, says where the
   child was: a concurrent transaction may have moved it, and a row another
   transaction already deleted is not there to decrement (two sessions
-  deleting one child count once). Rows whose foreign key did not change are
-  not read.
+  deleting one child count once). Rows whose counted values did not change
+  are not read.
 * ``after_update`` / ``after_delete``: -1 to the old parent, +1 to the new.
+* ``after_flush``: many-to-many links (``many_to_many.py``), then every
+  strategy writes what it holds; ``after_flush_postexec``: parents in memory.
+
+"Counted values" are the foreign key and, for ``where=`` / ``sum=`` counters,
+the columns their expression reads (``expressions.py``): a row's weight is 0
+or 1 for a condition, the summed value for a sum, and a change of those
+columns moves the counter like a re-parent does. ORM bulk statements come in
+through :func:`record_rows` (``bulk_dml.py``) and go the same way.
 
 Work is proportional to what the flush changed; a flush that touches no
 counted class runs none of the mapper hooks.
