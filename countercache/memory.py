@@ -61,13 +61,7 @@ def apply(session: Session, parent: ParentTable, results: Results) -> None:
 
 def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
     """Expire the counters of these parents, where ``session`` holds them."""
-    identity_map = session.identity_map
-    key_from_pk = parent.mapper.identity_key_from_primary_key
-    counter_keys = [str(c.key) for c in parent.counters]
-    for pk in keys:
-        obj = identity_map.get(key_from_pk(pk))
-        if obj is not None:
-            session.expire(obj, counter_keys)
+    apply(session, parent, [(pk, None) for pk in keys])
 
 
 def _is_merge() -> bool:

@@ -92,7 +92,7 @@ _child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.We
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans")
+    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
@@ -108,6 +108,8 @@ class FlushState:
         self.results: list[tuple[ParentTable, Any]] = []
         #: child -> (counters with their strategy objects, per-row strategies)
         self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
+        #: parent table -> whether this flush saves rows of its class (asked once)
+        self.saved: dict[ParentTable, bool] = {}
 
     def holds_any(self, parent: ParentTable, keys: Any) -> bool:
         """Is any of these parents in the session (so the UPDATE should return values)?
@@ -115,8 +117,11 @@ class FlushState:
         Parents inserted by this flush are not in the identity map yet: a
         flush that saved any row of the parent's class counts as holding.
         """
-        if self.uow is not None and any(m.isa(parent.mapper) and states
-                                        for m, states in self.uow.mappers.items()):
+        saved = self.saved.get(parent)
+        if saved is None:
+            saved = self.saved[parent] = self.uow is not None and any(
+                m.isa(parent.mapper) and states for m, states in self.uow.mappers.items())
+        if saved:
             return True
         identity_map = self.session.identity_map
         key_from_pk = parent.mapper.identity_key_from_primary_key

@@ -174,6 +174,16 @@ class ParentTable:
     def _no_results(self, keys: list[Key]) -> Results:
         return [(k, None) for k in keys]
 
+    def _key_sql(self, connection: Connection) -> str:
+        """The primary key as SQL: ``id``, or ``(a, b)`` for a composite key."""
+        pk = [self._q(connection, c.name) for c in self.pk_cols]
+        return pk[0] if len(pk) == 1 else "(" + ", ".join(pk) + ")"
+
+    def _key_ref(self, m: int) -> str:
+        """Placeholders of the ``m``-th key: ``:k0_0``, or ``(:k0_0, :k0_1)``."""
+        refs = [f":k{m}_{j}" for j in range(len(self.pk_cols))]
+        return refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")"
+
     def _type(self, slot: int) -> Any:
         return self.counters[slot].column.type  # type: ignore[union-attr]
 
@@ -235,13 +245,7 @@ class ParentTable:
         n = len(keys)
 
         def build() -> Any:
-            pk = [self._q(connection, c.name) for c in self.pk_cols]
-            key_sql = pk[0] if len(pk) == 1 else "(" + ", ".join(pk) + ")"
-
-            def ref(m: int) -> str:
-                refs = [f":k{m}_{j}" for j in range(len(pk))]
-                return refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")"
-
+            key_sql, ref = self._key_sql(connection), self._key_ref
             sql = (
                 f"UPDATE {self._table_name(connection)} SET "
                 + self._set_list(
@@ -343,17 +347,13 @@ class ParentTable:
     ) -> Results:
         t = self._table_name(connection)
         pk = [self._q(connection, c.name) for c in self.pk_cols]
-        key_sql = pk[0] if len(pk) == 1 else "(" + ", ".join(pk) + ")"
+        key_sql = self._key_sql(connection)
         for start in range(0, len(keys), MYSQL_CHUNK):
             chunk = keys[start : start + MYSQL_CHUNK]
-            params: dict[str, Any] = {}
-            key_refs = []
-            for m, k in enumerate(chunk):
-                refs = []
-                for j, v in enumerate(k):
-                    params[f"k{m}_{j}"] = v
-                    refs.append(f":k{m}_{j}")
-                key_refs.append(refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")")
+            params: dict[str, Any] = {
+                f"k{m}_{j}": v for m, k in enumerate(chunk) for j, v in enumerate(k)
+            }
+            key_refs = [self._key_ref(m) for m in range(len(chunk))]
             sets = []
             for i in slots:
                 col = self._q(connection, self.counters[i].column.name)  # type: ignore[union-attr]
