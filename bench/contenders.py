@@ -7,7 +7,10 @@ install things in the database once the set-up data is in
 :meth:`Contender.teardown`.
 
 * ``none``: the counter column exists but nobody keeps it: the floor.
-* one contender per countercache strategy (``countercache.config.STRATEGIES``).
+* one contender per countercache strategy (``countercache.config.STRATEGIES``);
+  ``sharded`` is folded (``countercache.fold``) after the timed part, before
+  the drift check. ``sharded4`` and ``sharded64`` (4 and 64 shards instead of
+  16) run only when named, for the ``hot`` workload.
 * ``listener``: hand-written mapper ``after_insert`` / ``after_delete`` /
   ``after_update`` listeners issuing one ``UPDATE ... SET n = n + 1`` per row,
   what a user writes without a library (and what ``per_row`` is held to).
@@ -52,6 +55,9 @@ class Contender:
     def install(self, connection: Connection) -> None:
         """Set-up data is in: create database objects (triggers)."""
 
+    def before_check(self, engine: Any) -> None:
+        """The timed part is over: bring the counters up to date (``sharded``: fold)."""
+
     def uninstall(self, connection: Connection) -> None:
         """Drop what :meth:`install` created beyond the tables."""
 
@@ -66,18 +72,25 @@ class NoCounter(Contender):
 
 
 class CounterCacheStrategy(Contender):
-    def __init__(self, strategy: str) -> None:
+    def __init__(self, strategy: str, shards: int | None = None) -> None:
         self.strategy = strategy
-        self.name = strategy
-        self.description = f"countercache, strategy={strategy!r}"
+        self.shards = shards
+        self.name = strategy if shards is None else f"{strategy}{shards}"
+        self.description = f"countercache, strategy={strategy!r}" + (f", shards={shards}" if shards else "")
 
     def models(self) -> Models:
         from countercache import counter_cache
 
-        strategy = self.strategy
-        models = schema.build(lambda child: counter_cache("children", strategy=strategy))
+        strategy, shards = self.strategy, self.shards
+        models = schema.build(lambda child: counter_cache("children", strategy=strategy, shards=shards))
         sa.orm.configure_mappers()
         return models
+
+    def before_check(self, engine: Any) -> None:
+        if self.strategy == "sharded":
+            import countercache
+
+            countercache.fold(engine)
 
     def teardown(self) -> None:
         import countercache
@@ -313,6 +326,7 @@ def all_contenders() -> list[Contender]:
     return [
         NoCounter(),
         *(CounterCacheStrategy(s) for s in STRATEGIES),
+        *(CounterCacheStrategy("sharded", n) for n in EXTRA_SHARDS),
         Listener(),
         PgRowTrigger(),
         PgStatementTrigger(),
@@ -320,7 +334,17 @@ def all_contenders() -> list[Contender]:
     ]
 
 
+#: ``sharded`` with other shard counts than the default 16 (run when named).
+EXTRA_SHARDS = (4, 64)
+
+
 def contender_names() -> list[str]:
+    """The contenders run by default, in report order."""
     from countercache.config import STRATEGIES
 
     return ["none", *STRATEGIES, "listener", "pg_row_trigger", "pg_statement_trigger", "aggregated"]
+
+
+def every_contender_name() -> list[str]:
+    """Every contender ``--contender`` accepts."""
+    return [*contender_names(), *(f"sharded{n}" for n in EXTRA_SHARDS)]

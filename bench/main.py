@@ -57,7 +57,7 @@ def _seconds(value: str) -> float:
 
 
 def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
-    from .contenders import contender_names
+    from .contenders import contender_names, every_contender_name
 
     p = _Parser(
         prog=prog,
@@ -68,9 +68,9 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     p.add_argument("--workload", action="extend", nargs="+", metavar="NAME", choices=list(WORKLOADS),
                    help=f"workloads to run (default: {', '.join(DEFAULT_WORKLOADS)}; "
                    f"also: {', '.join(w for w in WORKLOADS if w not in DEFAULT_WORKLOADS)})")
-    p.add_argument("--contender", action="extend", nargs="+", metavar="NAME", choices=contender_names(),
+    p.add_argument("--contender", action="extend", nargs="+", metavar="NAME", choices=every_contender_name(),
                    help=f"contenders to run (default: all of {', '.join(contender_names())}; "
-                   "`none` is always added)")
+                   "also: sharded4, sharded64; `none` is always added)")
     p.add_argument("--repeat", type=_positive(1), default=3, help="repetitions (median taken; default 3)")
     p.add_argument("--children", type=_positive(2), default=10_000,
                    help="children per batch (txn: a tenth, delete/move: a half; default 10000)")
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             Console().print(f"plot written to {args.plot}")
     bad = [
         cell for cell in result.cells.values()
-        if cell.contender in STRATEGIES and cell.status in ("WRONG", "error")
+        if (cell.contender in STRATEGIES or cell.contender.startswith("sharded")) and cell.status in ("WRONG", "error")
     ]
     return 1 if bad else 0
 

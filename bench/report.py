@@ -77,6 +77,14 @@ def targets(run: Run) -> list[Target]:
         ceiling(f"per_row {workload} <= 1.10 x listener", workload, "per_row", 1.10, against="listener")
     for strategy in STRATEGIES:
         ceiling(f"{strategy} noop <= x1.02", "noop", strategy, 1.02)
+    if "hot" in run.workloads and "sharded" in run.contenders:
+        cell = run.cells[("hot", "sharded")]
+        if cell.status == "WRONG":
+            found.append(Target("sharded hot >= x0.95 none", None, 0.95, False, "WRONG: counters drifted"))
+        elif cell.ratio is None:
+            found.append(Target("sharded hot >= x0.95 none", None, 0.95, None, cell.note or "not measured"))
+        else:
+            found.append(Target("sharded hot >= x0.95 none", cell.ratio, 0.95, cell.ratio >= 0.95))
     return found
 
 

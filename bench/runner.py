@@ -148,6 +148,7 @@ def run_measured(
         cleanup()
         cleanup = lambda: None
         drift = None
+        contender.before_check(engine)
         if contender.keeps_count:
             with engine.connect() as connection:
                 drift = schema.drift(connection, models)

@@ -13,9 +13,12 @@ number of children as the application inserts, deletes and re-parents rows::
 
 How updates reach the database is chosen per counter or in configuration:
 ``"bulk"`` (one aggregated UPDATE after each flush, the default),
-``"per_row"`` (an UPDATE per changed child row) or ``"deferred"`` (one
-UPDATE per transaction, right before COMMIT). ``check()`` and
-``reconcile()`` find and repair counters changed behind the ORM's back.
+``"per_row"`` (an UPDATE per changed child row), ``"deferred"`` (one
+UPDATE per transaction, right before COMMIT) or ``"sharded"`` (for hot
+parents: at commit, into one of N shard rows of a side table, which
+``fold()`` moves into the column; ``exact()`` reads the exact value).
+``check()`` and ``reconcile()`` find and repair counters changed behind the
+ORM's back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from .errors import CounterCacheError as CounterCacheError
 from .repair import Drift as Drift
 from .repair import check as check
 from .repair import reconcile as reconcile
+from .shards import exact as exact
+from .shards import exact_expression as exact_expression
+from .shards import fold as fold
+from .shards import shard_table as shard_table
 from .tracking import suspended as suspended
 
 __all__ = [
@@ -44,6 +51,10 @@ __all__ = [
     "check",
     "reconcile",
     "Drift",
+    "exact",
+    "exact_expression",
+    "fold",
+    "shard_table",
     "uninstall",
     "CounterCacheError",
     "ConfigurationError",

@@ -1,9 +1,13 @@
 """The ``countercache`` command line.
 
-``countercache demo [--url URL] [--strategy bulk|per_row|deferred] [--migrate]`` runs the example
+``countercache demo [--url URL] [--strategy bulk|per_row|deferred|sharded] [--migrate]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
 the real counts (``--migrate``: schema by ``alembic upgrade head`` with the
 checkout's ``migrations/``). Errors print one line on stderr and exit with code 2.
+
+``countercache check|reconcile|fold --url URL --models MODULE [--counter Class.attr]
+[--batch-size N] [--json]`` checks, repairs, or folds the shard deltas of
+``sharded`` counters into their columns.
 
 ``countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
 [--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]`` times
@@ -19,7 +23,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .config import STRATEGIES
 from .errors import CounterCacheError
@@ -44,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, summary in (
         ("check", "find counters that differ from the real counts (exit 1 when any does)"),
         ("reconcile", "correct counters that differ from the real counts"),
+        ("fold", "move the pending shard deltas of sharded counters into their columns"),
     ):
         sub = commands.add_parser(name, help=summary)
         sub.add_argument("--url", required=True, help="database URL")
@@ -51,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="importable module that declares the models (repeatable)")
         sub.add_argument("--counter", action="append", default=[],
                          help="Class.attribute of a counter (repeatable; default: every counter)")
-        sub.add_argument("--batch-size", type=int, default=1000, help="parents per batch (default 1000)")
+        sub.add_argument("--batch-size", type=int, default=5000 if name == "fold" else 1000,
+                         help="shard rows per batch (default 5000)" if name == "fold"
+                         else "parents per batch (default 1000)")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         if name == "reconcile":
             sub.add_argument("--dry-run", action="store_true",
@@ -85,15 +92,11 @@ def _bench(argv: list[str]) -> int:
     return int(bench_main.main(argv, prog="countercache bench"))
 
 
-def _repair(args: argparse.Namespace) -> int:
-    """``check`` and ``reconcile``: exit 0 when clean (or repaired), 1 on drift found, 2 on error."""
+def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """Import ``--models``, resolve ``--counter``, connect: ``(counters, engine)``."""
     import importlib
-    import json
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-    from sqlalchemy import create_engine, func, select, text
+    from sqlalchemy import create_engine, text
 
     from . import repair
 
@@ -108,10 +111,56 @@ def _repair(args: argparse.Namespace) -> int:
     counters = repair.resolve_counters(tuple(args.counter))
     if not counters:
         raise CounterCacheError(f"--models {', '.join(args.models)}: declares no counter")
-    fix = args.command == "reconcile" and not args.dry_run
     engine = create_engine(args.url)
     with engine.connect() as conn:  # a bad URL or server: one line, exit 2
         conn.execute(text("SELECT 1"))
+    return counters, engine
+
+
+def _fold(args: argparse.Namespace) -> int:
+    """``fold``: exit 0 once every pending shard delta found is in its column."""
+    import json
+
+    from rich.console import Console
+
+    from . import shards
+
+    counters, engine = _load(args)
+    folded: dict[str, int] = {}
+    console = Console(stderr=True)
+    try:
+        for counter in counters:
+            attribute = getattr(counter.cls, counter.key)
+            if console.is_terminal and not args.json:
+                with console.status(f"folding {counter.name}") as status:
+                    folded[counter.name] = shards.fold(
+                        engine, attribute, batch_size=args.batch_size,
+                        progress=lambda c, done: status.update(f"folding {c.name}: {done:,} shard rows"))
+            else:
+                folded[counter.name] = shards.fold(engine, attribute, batch_size=args.batch_size)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"folded": folded, "total": sum(folded.values())}))
+    else:
+        for name, rows in folded.items():
+            print(f"{name}: {rows:,} shard row(s) folded")
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    """``check`` and ``reconcile``: exit 0 when clean (or repaired), 1 on drift found, 2 on error."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+    from sqlalchemy import func, select
+
+    from . import repair
+
+    counters, engine = _load(args)
+    fix = args.command == "reconcile" and not args.dry_run
     console = Console(stderr=True)
     show_progress = console.is_terminal and not args.json
     drifts: list[repair.Drift] = []
@@ -200,6 +249,9 @@ def _demo(args: argparse.Namespace) -> int:
                 cells.append(f"{stored} {mark} {real}")
             table.add_row(user, *cells)
         console.print(table)
+        if run.folded is not None:
+            console.print(f"sharded: exact() {'matched' if run.exact_before_fold else '[red]did not match[/red]'} "
+                          f"the real values before the fold; fold() moved {run.folded} shard rows into the columns")
 
     kinds = sorted({k for run in runs for k in run.statements})
     stats = Table(title="statements emitted by the whole script")
@@ -224,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(rest)
         if args.command in ("check", "reconcile"):
             return _repair(args)
+        if args.command == "fold":
+            return _fold(args)
         if args.command == "demo":
             return _demo(args)
     except (CounterCacheError, OSError) as exc:

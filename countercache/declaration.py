@@ -44,9 +44,12 @@ class CounterCache:
     :func:`countercache.configured_strategy`.
     """
 
-    def __init__(self, relationship: str, strategy: str | None, where: Any = None, sum: Any = None) -> None:
+    def __init__(self, relationship: str, strategy: str | None, where: Any = None, sum: Any = None,
+                 shards: int | None = None) -> None:
         self.relationship = relationship
         self.declared_strategy = strategy
+        #: ``shards=`` as declared (None: the configuration's, else 16).
+        self.declared_shards = shards
         self._where_arg = where
         self._sum_arg = sum
         #: The resolved ``where=`` / ``sum=`` expressions (None when not given).
@@ -77,6 +80,7 @@ class CounterCache:
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
         self._strategy_cache: tuple[int, str] = (-1, "")
+        self._shards_cache: tuple[int, int] = (-1, 0)
 
     @property
     def name(self) -> str:
@@ -106,6 +110,14 @@ class CounterCache:
             self._strategy_cache = (config._config.generation, name)
         return name
 
+    def shards(self) -> int:
+        """How many shard rows per parent a ``sharded`` counter spreads over now."""
+        generation, count = self._shards_cache
+        if generation != config._config.generation:
+            count = config.resolve_shards(self)
+            self._shards_cache = (config._config.generation, count)
+        return count
+
     def __repr__(self) -> str:
         return f"<CounterCache {self.name} over {self.relationship!r}>"
 
@@ -118,6 +130,10 @@ class CounterCache:
         self.key = mapper.get_property_by_column(column).key
         if self.declared_strategy is not None:
             config.check_strategy(self.declared_strategy, self.name)
+        if self.declared_strategy == "sharded":
+            from .shards import shard_table
+
+            shard_table(column.table.metadata)
         _registry.add(self)
 
     def _resolve(self, mapper: Mapper[Any]) -> None:
@@ -158,10 +174,17 @@ class CounterCache:
         self.fk_keys = tuple(fk_keys)
         self._resolve_expressions(child_mapper)
         assert self.column is not None
+        self._check_sharded()
         self.parent = ParentTable.for_column(mapper, self.column)
         self.parent.add(self)
         memory.guard_assignment(self)
         tracking.track_child(child_mapper, self)
+
+    def _check_sharded(self) -> None:
+        if self.strategy() == "sharded":
+            from .shards import check_shardable
+
+            check_shardable(self, self.name, need_table=True)
 
     def _resolve_many_to_many(self, mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> None:
         """``Tag.post_count`` over ``secondary``: counts the association rows."""
@@ -186,6 +209,7 @@ class CounterCache:
         backref = prop.backref[0] if isinstance(prop.backref, tuple) else prop.backref
         self.reverse_key = prop.back_populates or backref or None
         assert self.column is not None
+        self._check_sharded()
         self.parent = ParentTable.for_column(mapper, self.column)
         self.parent.add(self)
         memory.guard_assignment(self)
@@ -242,6 +266,7 @@ def counter_cache(
     strategy: str | None = None,
     where: Any = None,
     sum: Any = None,  # noqa: A002 - the contract's name
+    shards: int | None = None,
     **column_kwargs: Any,
 ) -> MappedColumn[Any]:
     """Declare a counter of the children on ``relationship``.
@@ -250,8 +275,13 @@ def counter_cache(
         class; the child class may be declared later in the module.
     :param strategy: ``"bulk"`` (one aggregated UPDATE per flush, the
         default), ``"per_row"`` (an UPDATE per changed child row) or
-        ``"deferred"`` (one UPDATE per transaction, right before COMMIT).
+        ``"deferred"`` (one UPDATE per transaction, right before COMMIT) or
+        ``"sharded"`` (at commit, an upsert into one of ``shards`` rows of
+        the side table ``countercache_shards``, folded into the column by
+        :func:`countercache.fold`: for hot parents).
         The configuration may override it (:func:`countercache.configure`).
+    :param shards: the number of shard rows per parent of a ``sharded``
+        counter (default 16, or the configuration's ``default_shards``).
     :param where: a SQL boolean expression over the child's columns, or a
         zero-argument callable returning one (late binding): only children
         matching it count, e.g. ``where=lambda: Question.status == "open"``.
@@ -269,7 +299,11 @@ def counter_cache(
         raise ConfigurationError(
             f"counter_cache({relationship!r}): the relationship must be given by name, as a string"
         )
-    definition = CounterCache(relationship, strategy, where, sum)
+    if shards is not None:
+        from .shards import check_shards
+
+        check_shards(shards, f"counter_cache({relationship!r})")
+    definition = CounterCache(relationship, strategy, where, sum, shards)
     info = dict(column_kwargs.pop("info", None) or {})
     info["countercache"] = definition
     column_kwargs.setdefault("nullable", False)

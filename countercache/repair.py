@@ -19,6 +19,11 @@ Given an Engine, ``reconcile()`` commits each batch itself; given a
 Connection or Session it works in the caller's transaction and the caller
 commits (on MariaDB/MySQL, whose REPEATABLE READ snapshot dates from the
 transaction's first read, prefer an Engine for a live system).
+
+A counter whose metadata holds the ``sharded`` strategy's side table is
+compared as column plus pending shard deltas, and repaired by writing
+``count - pending`` into the column, both read in the one statement, so a
+writer's delta committed meanwhile is counted exactly once.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class Drift:
 
     ``counter`` is the counter attribute (``User.question_count``), ``pk`` the
     parent's primary key (a tuple for a composite key), ``stored`` the value
-    in the column, ``actual`` the value counted from the children.
+    in the column (plus its pending shard deltas, for a ``sharded`` counter),
+    ``actual`` the value counted from the children.
     """
 
     counter: Any
@@ -145,6 +151,13 @@ class _Sql:
             .scalar_subquery()
         )
         self.key = self.pk[0] if len(self.pk) == 1 else tuple_(*self.pk)
+        # a sharded counter's stored value is its column plus the pending shard
+        # deltas, read in the same statement as the count (one snapshot)
+        from .shards import pending_expression
+
+        self.pending = pending_expression(counter) if len(self.pk) == 1 else None
+        self.stored = self.column if self.pending is None else self.column + self.pending
+        self.target = self.actual if self.pending is None else self.actual - self.pending
 
     def key_value(self, row: Any) -> Any:
         return row[0] if len(self.pk) == 1 else tuple(row[: len(self.pk)])
@@ -163,8 +176,8 @@ class _Sql:
     def drifts(self, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
         actual = self.actual.label("actual")
         stmt = (
-            select(*self.pk, self.column, actual)
-            .where(self.in_range(lo, hi), self.column != self.actual)
+            select(*self.pk, self.stored, actual)
+            .where(self.in_range(lo, hi), self.stored != self.actual)
             .order_by(*self.pk)
         )
         attribute = getattr(self.counter.cls, self.counter.key)  # type: ignore[arg-type]
@@ -236,7 +249,7 @@ def _repair_batch(sql: _Sql, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
     if drifts:
         conn.execute(
             sql.table.update()
-            .where(sql.in_range(lo, hi), sql.column != sql.actual)
-            .values({sql.column: sql.actual})
+            .where(sql.in_range(lo, hi), sql.stored != sql.actual)
+            .values({sql.column: sql.target})
         )
     return drifts

@@ -4,8 +4,9 @@ Each session keeps a stack with one entry per open transaction boundary
 (the root transaction and each ``begin_nested()`` savepoint) that has
 something to remember:
 
-* ``deferred``: deltas of the ``deferred`` strategy, summed over the flushes
-  made inside that boundary, written once right before the outermost COMMIT;
+* ``deferred`` / ``sharded``: deltas of those strategies, summed over the
+  flushes made inside that boundary, written once right before the
+  outermost COMMIT (to the parent rows, or to the shard rows);
 * ``refreshed``: parents whose in-memory counter the library set inside a
   savepoint. SQLAlchemy expires only dirty objects when a savepoint rolls
   back, so the library expires these itself.
@@ -31,16 +32,22 @@ if TYPE_CHECKING:
 
 
 class _Entry:
-    __slots__ = ("transaction", "deferred", "refreshed")
+    __slots__ = ("transaction", "deferred", "sharded", "refreshed")
 
     def __init__(self, transaction: SessionTransaction) -> None:
         self.transaction = transaction
         self.deferred: dict[ParentTable, Deltas] = {}
+        self.sharded: dict[ParentTable, Deltas] = {}
         self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
+
+    def holds(self) -> bool:
+        return bool(self.deferred or self.sharded)
 
     def absorb(self, other: _Entry) -> None:
         for parent, deltas in other.deferred.items():
             add_deltas(self.deferred, parent, deltas)
+        for parent, deltas in other.sharded.items():
+            add_deltas(self.sharded, parent, deltas)
         self.refreshed.extend(other.refreshed)
 
 
@@ -126,7 +133,7 @@ def _before_commit(session: Session) -> None:
     if not outermost:
         return  # a savepoint release: its entry moves up when it ends
     state = _states.get(session)
-    if state is None or not any(e.deferred for e in state.stack):
+    if state is None or not any(e.holds() for e in state.stack):
         # nothing deferred so far; a flush made now (the commit's final one)
         # still lands in the stack and is written by after_flush below
         if state is None:
@@ -145,15 +152,35 @@ def write_deferred(session: Session) -> None:
     if state is None:
         return
     merged: dict[ParentTable, Deltas] = {}
+    sharded: dict[ParentTable, Deltas] = {}
     for entry in state.stack:
         for parent, deltas in entry.deferred.items():
             add_deltas(merged, parent, deltas)
+        for parent, deltas in entry.sharded.items():
+            add_deltas(sharded, parent, deltas)
         entry.deferred = {}
+        entry.sharded = {}
     for parent in sorted(merged, key=lambda p: p.table.fullname):
         connection = session.connection(bind_arguments={"mapper": parent.mapper})
         results = parent.apply(connection, merged[parent])
         if results:
             memory.apply(session, parent, results)
+    if sharded:  # after the parent rows, as fold() locks them
+        from . import shards
+
+        shards.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}), sharded)
+
+
+def held_delta(session: Session, parent: ParentTable, key: tuple[Any, ...], slot: int) -> Any:
+    """What this session's transaction will add to one parent's counter at commit."""
+    state = _states.get(session)
+    total = 0
+    for entry in state.stack if state is not None else ():
+        for held in (entry.deferred, entry.sharded):
+            vector = held.get(parent, {}).get(key)
+            if vector is not None:
+                total += vector[slot]
+    return total
 
 
 def _after_rollback(session: Session) -> None:
@@ -191,7 +218,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     if state.stack and state.stack[-1].transaction is transaction:
         ended = state.stack.pop()
-        if ended.deferred or ended.refreshed:
+        if ended.holds() or ended.refreshed:
             # released savepoint: the enclosing boundary takes it over
             enclosing = transaction.parent
             while enclosing is not None and not (enclosing.nested or enclosing.parent is None):

@@ -159,7 +159,12 @@ def _backfill_for(
         sum=sum_,
         parent_key=keys[0] if len(keys) == 1 else tuple(keys),
         schema=col.table.schema,
+        shards=SHARD_TABLE in col.table.metadata.tables,
     )
+
+
+#: The side table of sharded counters (countercache.shards.TABLE_NAME).
+SHARD_TABLE = "countercache_shards"
 
 
 def _walk(container: ops.OpContainer) -> Any:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     column,
     func,
     inspect,
+    literal,
     literal_column,
     select,
     table,
@@ -85,6 +86,9 @@ class BackfillCounterOp(MigrateOperation):
         online; required in offline (``--sql``) mode. Autogenerate always
         writes it.
     :param schema: the schema of both tables.
+    :param shards: the metadata holds the ``sharded`` strategy's side table:
+        delete this counter's pending shard rows before the UPDATE (the count
+        replaces them). Autogenerate writes it when the table is there.
 
     The reverse is :class:`NoOpBackfillOp`: a downgrade has nothing to undo
     (the column itself is dropped by the reverse of its ``add_column``).
@@ -101,8 +105,10 @@ class BackfillCounterOp(MigrateOperation):
         sum: str | None = None,
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
+        shards: bool = False,
     ) -> None:
         self.table_name = table_name
+        self.shards = shards
         self.column_name = column_name
         self.child_table = child_table
         self.child_fk = child_fk
@@ -124,12 +130,15 @@ class BackfillCounterOp(MigrateOperation):
         sum: str | None = None,
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
+        shards: bool = False,
     ) -> Any:
-        """Set ``table_name.column_name`` from the real counts, in one UPDATE."""
+        """Set ``table_name.column_name`` from the real counts, in one UPDATE
+        (``shards=True``: first delete the counter's pending rows of the
+        ``sharded`` strategy's side table, ``countercache_shards``)."""
         return operations.invoke(
             cls(
                 table_name, column_name, child_table, child_fk,
-                where=where, sum=sum, parent_key=parent_key, schema=schema,
+                where=where, sum=sum, parent_key=parent_key, schema=schema, shards=shards,
             )
         )
 
@@ -208,6 +217,11 @@ def _statements(operations: Operations, op: BackfillCounterOp) -> list[Any]:
     if ctx.dialect.name == "postgresql":
         preparer = ctx.dialect.identifier_preparer
         statements.append(text(f"LOCK TABLE {preparer.format_table(parent)} IN EXCLUSIVE MODE"))
+    if op.shards:
+        # the pending deltas of a sharded counter: the backfill's count replaces them
+        shard_rows = table("countercache_shards", column("counter"), schema=op.schema)
+        statements.append(shard_rows.delete().where(
+            shard_rows.c.counter == literal(f"{qualified}.{op.column_name}")))
     statements.append(
         update(parent).values({op.column_name: counted.scalar_subquery()})
     )
@@ -257,6 +271,8 @@ def render_backfill_counter(autogen_context: AutogenContext, op: BackfillCounter
         args.append(f"parent_key={_repr_names(op.parent_key)}")
     if op.schema is not None:
         args.append(f"schema={op.schema!r}")
+    if op.shards:
+        args.append("shards=True")
     return f"op.backfill_counter({', '.join(args)})"
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 from .bulk import BulkStrategy
 from .deferred import DeferredStrategy
 from .per_row import PerRowStrategy
+from .sharded import ShardedStrategy
 
 STRATEGY_CLASSES = {
     "bulk": BulkStrategy,
     "per_row": PerRowStrategy,
     "deferred": DeferredStrategy,
+    "sharded": ShardedStrategy,
 }
 
-__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy"]
+__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy", "ShardedStrategy"]

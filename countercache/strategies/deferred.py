@@ -19,6 +19,8 @@ from ._base import Strategy
 
 class DeferredStrategy(Strategy):
     name = "deferred"
+    #: The transaction entry's attribute holding this strategy's deltas.
+    held = "deferred"
 
     def flush_done(self) -> None:
         session = self.flush.session
@@ -27,7 +29,7 @@ class DeferredStrategy(Strategy):
             # before_commit hook): the commit is now, write at once.
             self.write(self.flush.connection_for)
             return
-        entry = transactions.current_entry(session)
+        held = getattr(transactions.current_entry(session), self.held)
         for parent, deltas in self.pending.items():
-            transactions.add_deltas(entry.deferred, parent, deltas)
+            transactions.add_deltas(held, parent, deltas)
         self.pending = {}

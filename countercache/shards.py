@@ -1,0 +1,412 @@
+"""The ``sharded`` strategy's side table: writing shard rows, exact reads, folding.
+
+A hot parent (a viral post, a popular tag) makes every writer of a counter
+on its row wait for that row's lock. A ``sharded`` counter does not write
+the parent row at all: each transaction adds its net delta, at commit, to
+one of N rows of the side table ``countercache_shards``::
+
+    counter     | parent_key | shard | delta
+    users.question_count | 42 | 3     | 17
+
+with an atomic upsert (``INSERT ... ON CONFLICT ... DO UPDATE SET delta =
+delta + excluded.delta``; ``ON DUPLICATE KEY UPDATE`` on MariaDB/MySQL).
+Each pooled connection keeps one shard number, so concurrent transactions
+(which hold different connections) land on different rows.
+
+Reading:
+
+* the parent column (``user.question_count``) is the folded value: it lags
+  by the deltas not yet folded;
+* :func:`exact` and :func:`exact_expression` add the pending deltas, so they
+  are exact (``exact`` also adds what the caller's own transaction will write
+  at commit).
+
+:func:`fold` moves pending deltas into the parent columns in batches; each
+batch locks its parents, then its shard rows, deletes exactly the rows it
+read and adds their sum to the parents, in one transaction, so no delta is
+counted twice or lost while writers keep writing.
+
+The side table lives in the application's ``MetaData`` (it appears in
+migrations like any table): a counter declared with ``strategy="sharded"``
+adds it; :func:`shard_table` adds it for counters switched to ``sharded`` by
+configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Uuid,
+    and_,
+    cast,
+    func,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from .errors import ConfigurationError, CounterCacheError
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+    from .writer import Deltas, ParentTable
+
+__all__ = ["TABLE_NAME", "DEFAULT_SHARDS", "shard_table", "exact", "exact_expression", "fold"]
+
+TABLE_NAME = "countercache_shards"
+DEFAULT_SHARDS = 16
+MAX_SHARDS = 1024
+
+#: Shard rows read per fold batch.
+FOLD_BATCH = 5000
+
+
+def shard_table(metadata: MetaData) -> Table:
+    """The side table of ``sharded`` counters in ``metadata`` (added when missing).
+
+    Declaring a counter with ``strategy="sharded"`` calls this for the
+    counter's own metadata; call it yourself (``shard_table(Base.metadata)``)
+    before switching counters to ``sharded`` through configuration, and let
+    the migration create it.
+    """
+    existing = metadata.tables.get(TABLE_NAME)
+    if existing is not None:
+        return existing
+    return Table(
+        TABLE_NAME,
+        metadata,
+        Column("counter", String(150), primary_key=True),
+        Column("parent_key", _KEY_TYPE, primary_key=True),
+        Column("shard", SmallInteger, primary_key=True, autoincrement=False),
+        Column("delta", BigInteger, nullable=False),
+        comment="countercache: pending deltas of sharded counters (countercache.fold moves them to the parents)",
+    )
+
+
+#: The parent's key as text. On MariaDB/MySQL the column's collation is fixed
+#: (binary), so that comparing it with ``CAST(pk AS CHAR)`` (the connection's
+#: collation) can be made explicit, below, whatever the server defaults are.
+_KEY_TYPE = String(100).with_variant(mysql.VARCHAR(100, charset="utf8mb4", collation="utf8mb4_bin"),
+                                     "mysql", "mariadb")
+
+
+class _KeyText(ColumnElement[str]):
+    """``CAST(pk AS VARCHAR)``; on MariaDB/MySQL ``CAST(pk AS CHAR) COLLATE utf8mb4_bin``."""
+
+    inherit_cache = True
+    type = String(100)
+    _traverse_internals = [("pk", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, pk: Any) -> None:
+        self.pk = pk
+
+
+@compiles(_KeyText)
+def _key_text(element: _KeyText, compiler: Any, **kw: Any) -> str:
+    return compiler.process(cast(element.pk, String(100)), **kw)
+
+
+@compiles(_KeyText, "mysql")
+@compiles(_KeyText, "mariadb")
+def _key_text_mysql(element: _KeyText, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.pk, **kw)} AS CHAR) COLLATE utf8mb4_bin"
+
+
+def table_for(counter: CounterCache) -> Table | None:
+    """The side table in the counter's metadata, if it has one."""
+    assert counter.column is not None
+    return counter.column.table.metadata.tables.get(TABLE_NAME)
+
+
+def counter_name(counter: CounterCache) -> str:
+    """How the side table names a counter: ``"<parent table>.<column>"``."""
+    assert counter.column is not None
+    return f"{counter.column.table.fullname}.{counter.column.name}"
+
+
+def check_shardable(counter: CounterCache, what: str, *, need_table: bool) -> None:
+    """Raise unless ``counter`` can be sharded (called at configuration)."""
+    assert counter.column is not None and counter.mapper is not None
+    pk = list(counter.mapper.primary_key)
+    if len(pk) != 1 or not isinstance(pk[0].type, (Integer, String, Uuid)):
+        raise ConfigurationError(
+            f"{what}: the sharded strategy needs a parent with a one-column integer, string or "
+            "UUID primary key"
+        )
+    if not isinstance(counter.column.type, Integer):
+        raise ConfigurationError(
+            f"{what}: the sharded strategy keeps integer deltas; {counter.column.type} "
+            "counters (a decimal sum=) cannot be sharded"
+        )
+    if need_table and table_for(counter) is None:
+        raise ConfigurationError(
+            f"{what}: the sharded strategy needs the side table {TABLE_NAME} in "
+            f"{counter.cls.__name__}'s metadata; add it with "  # type: ignore[union-attr]
+            "countercache.shard_table(Base.metadata) and create it in a migration"
+        )
+
+
+def check_shards(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigurationError(f"{what}: shards must be an integer from 1 to {MAX_SHARDS}, not {value!r}")
+    return value
+
+
+# -- writing ------------------------------------------------------------------
+
+#: Each pooled connection gets the next number when it first writes shards;
+#: the process starts at a random offset so that processes spread too.
+_next_slot = itertools.count(random.randrange(MAX_SHARDS))
+_INFO_KEY = "countercache_shard_slot"
+
+
+def _slot(connection: Connection) -> int:
+    info = connection.connection.info  # the pooled DBAPI connection's, kept across checkouts
+    slot = info.get(_INFO_KEY)
+    if slot is None:
+        slot = info[_INFO_KEY] = next(_next_slot)
+    return slot
+
+
+_statements: dict[tuple[int, str], Any] = {}
+
+
+def _upsert(table: Table, dialect: str) -> Any:
+    found = _statements.get((id(table), dialect))
+    if found is not None and found[0] is table:
+        return found[1]
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+        ins = mysql_insert(table)
+        stmt = ins.on_duplicate_key_update(delta=table.c.delta + ins.inserted.delta)
+    else:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+        else:
+            raise CounterCacheError(f"the sharded strategy does not support the {dialect} dialect")
+        ins = dialect_insert(table)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[table.c.counter, table.c.parent_key, table.c.shard],
+            set_={"delta": table.c.delta + ins.excluded.delta},
+        )
+    _statements[(id(table), dialect)] = (table, stmt)
+    return stmt
+
+
+def write(connection_for: Callable[[ParentTable], Connection], pending: dict[ParentTable, Deltas]) -> None:
+    """Add a transaction's net deltas to its shard rows: one upsert per side table.
+
+    Rows are written in (counter, parent key) order, so two transactions that
+    happen to share a shard lock their rows in the same order.
+    """
+    by_table: dict[Table, tuple[Connection, list[dict[str, Any]]]] = {}
+    for parent, deltas in pending.items():
+        connection = connection_for(parent)
+        slot = _slot(connection)
+        for key, vector in deltas.items():
+            for index, delta in enumerate(vector):
+                if not delta:
+                    continue
+                counter = parent.counters[index]
+                table = table_for(counter)
+                if table is None:
+                    check_shardable(counter, counter.name, need_table=True)
+                entry = by_table.get(table)  # type: ignore[arg-type]
+                if entry is None:
+                    entry = by_table[table] = (connection, [])  # type: ignore[index]
+                entry[1].append({
+                    "counter": counter_name(counter),
+                    "parent_key": str(key[0]),
+                    "shard": slot % counter.shards(),
+                    "delta": int(delta),
+                })
+    for table, (connection, rows) in by_table.items():
+        rows.sort(key=lambda r: (r["counter"], r["parent_key"], r["shard"]))
+        stmt = _upsert(table, connection.dialect.name)
+        connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def pending_expression(counter: CounterCache, parent_alias: Any = None) -> Any:
+    """``coalesce(SELECT sum(delta) ... for this parent, 0)``, correlated to the parent table
+    (None when the counter's metadata has no side table)."""
+    table = table_for(counter)
+    if table is None:
+        return None
+    assert counter.parent is not None
+    parent_table = parent_alias if parent_alias is not None else counter.parent.table
+    pk = parent_table.c[counter.parent.pk_cols[0].key]
+    subquery = (
+        select(cast(func.sum(table.c.delta), BigInteger))
+        .where(table.c.counter == counter_name(counter), table.c.parent_key == _KeyText(pk))
+        .correlate(parent_table)
+        .scalar_subquery()
+    )
+    return func.coalesce(subquery, 0)
+
+
+def exact_expression(counter: Any) -> Any:
+    """A SQL expression of a counter's exact value: the column plus its pending shard deltas.
+
+    Usable wherever a column is, in the select list, ``order_by`` or
+    ``where``::
+
+        exact = countercache.exact_expression(User.question_count)
+        session.scalars(select(User).order_by(exact.desc()).limit(10))
+
+    For a counter of any other strategy (or with no side table) it is the
+    column itself. It sees committed deltas, not those the current
+    transaction will write at its commit (:func:`exact` adds those).
+    """
+    from . import _registry
+
+    definition = _registry.lookup(counter)
+    column = getattr(definition.cls, definition.key)  # type: ignore[arg-type]
+    pending = pending_expression(definition)
+    return column if pending is None else column + pending
+
+
+def exact(session: Any, instance: Any, counter: str) -> int:
+    """The exact value of ``instance``'s counter called ``counter``, read now.
+
+    ``exact(session, user, "question_count")``: the parent column plus the
+    deltas pending in the side table, plus what this session's transaction
+    holds for that parent until its commit (``sharded`` and ``deferred``
+    counters). Works for every strategy; for ``bulk`` and ``per_row`` it is
+    the column as this transaction sees it. Accepts a
+    :class:`~sqlalchemy.orm.Session` or an
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession`'s ``sync_session``.
+    """
+    from sqlalchemy import inspect as sa_inspect
+
+    from . import _registry, transactions
+
+    sync = getattr(session, "sync_session", session)
+    state = sa_inspect(instance)
+    definition = _registry.lookup(getattr(type(instance), counter, counter)
+                                  if isinstance(counter, str) else counter)
+    if state.key is None or definition.parent is None:
+        raise CounterCacheError(f"{definition.name}: exact() needs a persistent parent instance")
+    sync.flush()
+    parent = definition.parent
+    key = tuple(state.key[1])
+    statement = select(exact_expression(getattr(definition.cls, definition.key))).where(  # type: ignore[arg-type]
+        *(col == value for col, value in zip(parent.pk_cols, key)))
+    value = sync.connection(bind_arguments={"mapper": parent.mapper}).scalar(statement)
+    if value is None:
+        raise CounterCacheError(f"{definition.name}: no parent row with key {key!r}")
+    return value + transactions.held_delta(sync, parent, key, definition.slot)
+
+
+# -- folding ------------------------------------------------------------------
+
+
+def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = FOLD_BATCH,
+         progress: Callable[[CounterCache, int], None] | None = None) -> int:
+    """Move pending shard deltas into the parent columns; return the shard rows folded.
+
+    :param bind: an Engine (each batch commits by itself), or a Connection
+        or Session (the caller's transaction; the caller commits).
+    :param counters: counter attributes or names; every counter of every
+        side table when none is given.
+    :param batch_size: shard rows per batch.
+
+    Each batch locks its parent rows (key order), then its shard rows, adds
+    the rows' sum to the parents and deletes exactly those rows, in one
+    transaction. Writers keep writing meanwhile: a delta written after the
+    batch read its rows stays in the side table for the next fold, none is
+    counted twice. Parents in a Session's memory are expired.
+    """
+    from .repair import _connection, resolve_counters
+
+    if batch_size < 1:
+        raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
+    total = 0
+    for counter in resolve_counters(counters):
+        table = table_for(counter)
+        if table is None:
+            continue
+        name = counter_name(counter)
+        done = 0
+        with _connection(bind, counter, per_batch=True) as batch:
+            after: tuple[str, int] | None = None
+            while True:
+                with batch() as conn:
+                    rows, after = _fold_batch(conn, table, counter, name, after, batch_size)
+                if not rows:
+                    break
+                if isinstance(bind, Session):
+                    from . import memory
+
+                    memory.expire(bind, counter.parent, rows)  # type: ignore[arg-type]
+                done += len(rows)
+                if progress is not None:
+                    progress(counter, done)
+        total += done
+    return total
+
+
+def _fold_batch(conn: Connection, table: Table, counter: CounterCache, name: str,
+                after: tuple[str, int] | None, size: int) -> tuple[list[tuple[Any, ...]], Any]:
+    parent = counter.parent
+    assert parent is not None
+    c = table.c
+    # which rows (no lock: the locked read below says what they hold)
+    stmt = select(c.parent_key, c.shard).where(c.counter == name)
+    if after is not None:
+        stmt = stmt.where(tuple_(c.parent_key, c.shard) > tuple_(*after))
+    found = [tuple(r) for r in conn.execute(stmt.order_by(c.parent_key, c.shard).limit(size))]
+    if not found:
+        return [], after
+    pk_col = parent.pk_cols[0]
+    to_key = _key_converter(pk_col)
+    keys = sorted({to_key(k) for k, _ in found})
+    dialect = conn.dialect.name
+    if dialect != "sqlite":
+        # parents first, as every writer that locks parent rows does
+        conn.execute(select(pk_col).where(pk_col.in_(keys)).order_by(pk_col)
+                     .with_for_update(key_share=dialect == "postgresql"))
+    which = and_(c.counter == name, tuple_(c.parent_key, c.shard).in_(found))
+    locked = conn.execute(select(c.parent_key, c.shard, c.delta).where(which)
+                          .order_by(c.parent_key, c.shard).with_for_update()).all()
+    if locked:
+        conn.execute(table.delete().where(and_(c.counter == name,
+                                               tuple_(c.parent_key, c.shard).in_([(r[0], r[1]) for r in locked]))))
+    deltas: dict[tuple[Any, ...], list[int]] = {}
+    for parent_key, _, delta in locked:
+        vector = deltas.setdefault((to_key(parent_key),), parent.new_vector())
+        vector[counter.slot] += delta
+    if deltas:
+        parent.apply(conn, deltas, values=False)
+    return [(k,) for k in keys], found[-1]
+
+
+def _key_converter(pk_col: Any) -> Callable[[str], Any]:
+    try:
+        python_type = pk_col.type.python_type
+    except NotImplementedError:
+        return lambda s: s
+    if python_type is str:
+        return lambda s: s
+    return python_type  # type: ignore[no-any-return]
