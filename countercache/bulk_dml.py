@@ -44,7 +44,11 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if mapper is None:
         return None
     child = tracking._child_for(mapper)
-    if child is None or tracking.is_suspended(state.session):
+    if child is None:
+        return None
+    if not state.is_insert:
+        tracking.forget_locked(state.session)  # rows may change behind the loaded objects
+    if tracking.is_suspended(state.session):
         return None
     if state.is_insert:
         return _insert(state, mapper, child)

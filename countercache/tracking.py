@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import any_, bindparam, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.base import NO_VALUE
 
 from . import many_to_many, memory, transactions
 from .strategies import STRATEGY_CLASSES
@@ -167,6 +168,11 @@ class FlushState:
             found = self.plans[child] = (pairs, per_row)
         return found
 
+
+#: Session -> child states whose rows its transaction loaded with a row lock
+#: (forgotten when a transaction or savepoint ends by rollback, and at the end
+#: of the outermost transaction).
+_locked: weakref.WeakKeyDictionary[Session, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 #: Session.hash_key (= InstanceState.session_id) -> the flush under way.
 _flushes: dict[int, FlushState] = {}
@@ -333,7 +339,30 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     _changed(fs, connection, child, old, None)
 
 
+def _loaded(state: InstanceState[Any], context: Any, attrs: Any = None) -> None:
+    """``load`` / ``refresh`` of a child: remember it when the query locked its row.
+
+    A row this transaction loaded with ``FOR UPDATE`` (``NO KEY UPDATE``,
+    ``SHARE``; not ``KEY SHARE``, which lets others move it) cannot change
+    under it, and the values just loaded are the database's: deleting or
+    moving it later needs no pre-read (``SELECT ... FOR UPDATE`` then
+    ``DELETE`` is how applications pick rows under concurrency).
+    """
+    lock = getattr(getattr(context, "query", None), "_for_update_arg", None)
+    if lock is None or lock.key_share or lock.of is not None:
+        return
+    session = context.session
+    if session is None:
+        return
+    locked = _locked.get(session)
+    if locked is None:
+        locked = _locked[session] = weakref.WeakSet()
+    locked.add(state)
+
+
 _MAPPER_HOOKS = (
+    ("load", _loaded),
+    ("refresh", _loaded),
     ("after_insert", _after_insert),
     ("before_update", _before_write),
     ("before_delete", _before_write),
@@ -348,13 +377,19 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     keys = child.keys
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = False
+    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" else None
     for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
         if listonly or state.key is None or _child_for(state.mapper) is not child:
             continue
+        if not isdelete and not any(k in state.committed_state for k in keys):
+            continue
+        if locked and state in locked:
+            known = _committed_values(state, keys)
+            if known is not None:  # locked by this transaction when loaded: as in the database
+                fs.old[state] = known
+                continue
         if isdelete:
             deleting = True
-        elif not any(k in state.committed_state for k in keys):
-            continue
         wanted[state.key[1]] = state
     if not wanted:
         return
@@ -363,6 +398,23 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)
+
+
+def _committed_values(state: InstanceState[Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The loaded (committed) values of ``keys``, or None when one is not loaded."""
+    committed, current = state.committed_state, state.dict
+    values = {}
+    for k in keys:
+        if k in committed:
+            value = committed[k]
+            if value is NO_VALUE:
+                return None
+        elif k in current:
+            value = current[k]
+        else:
+            return None
+        values[k] = value
+    return values
 
 
 def _begin_sqlite_write(connection: Connection) -> None:
@@ -472,6 +524,21 @@ def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     # A flush that failed never reached after_flush_postexec: forget it.
     _flushes.pop(session.hash_key, None)
+    _locked.pop(session, None)
+
+
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        _locked.pop(session, None)
+
+
+def forget_locked(session: Session) -> None:
+    """A statement may have changed rows behind the objects (ORM bulk UPDATE/DELETE)."""
+    _locked.pop(session, None)
+
+
+def _after_rollback(session: Session) -> None:
+    _locked.pop(session, None)  # a savepoint's rollback releases the row locks taken inside it
 
 
 _SESSION_HOOKS = (
@@ -479,6 +546,8 @@ _SESSION_HOOKS = (
     ("after_flush", _after_flush),
     ("after_flush_postexec", _after_flush_postexec),
     ("after_soft_rollback", _after_soft_rollback),
+    ("after_transaction_end", _after_transaction_end),
+    ("after_rollback", _after_rollback),
 )
 
 
@@ -502,6 +571,7 @@ def uninstall() -> None:
         _unhook(mapper)
     _children.clear()
     _child_cache.clear()
+    _locked.clear()
     many_to_many.clear()
 
 

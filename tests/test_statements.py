@@ -153,3 +153,85 @@ def test_deferred_net_zero_transaction_emits_nothing(engine, statements):
             s.commit()
         assert rec.updates_to("users") == []
     assert assert_counts(engine)[ids[0]] == 1
+
+
+def pre_reads(rec) -> list[str]:
+    """The locking pre-read of questions' foreign keys (SELECT ... FOR UPDATE)."""
+    return [s for s in rec.sql() if s.lstrip().upper().startswith("SELECT")
+            and ("FOR UPDATE" in s.upper() or "FOR NO KEY UPDATE" in s.upper())
+            and "questions.user_id" in s and "questions.title" not in s]
+
+
+@pytest.mark.servers_only
+@pytest.mark.parametrize("strategy", ["bulk", "deferred", "sharded"])
+def test_rows_locked_by_the_transaction_need_no_pre_read(engine, statements, strategy):
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        ada, bob = m.User(name="ada"), m.User(name="bob")
+        ada.questions.extend(m.Question() for _ in range(4))
+        s.add_all([ada, bob])
+        s.commit()
+        ids, bob_id = [q.id for q in ada.questions], bob.id
+        s.expunge_all()
+        with statements.record() as rec:
+            # loaded with a row lock: as in the database until the commit
+            locked = s.scalars(select(m.Question).where(m.Question.id.in_(ids[:2]))
+                               .order_by(m.Question.id).with_for_update(skip_locked=True)).all()
+            s.delete(locked[0])
+            locked[1].user_id = bob_id
+            s.flush()
+        assert pre_reads(rec) == []
+        with statements.record() as rec:
+            # loaded without a lock: the pre-read reads (and locks) the row first
+            plain = s.scalars(select(m.Question).where(m.Question.id.in_(ids[2:])).order_by(m.Question.id)).all()
+            s.delete(plain[0])
+            s.flush()
+        assert len(pre_reads(rec)) == 1
+        # KEY SHARE lets others move the row: pre-read
+        if engine.dialect.name == "postgresql":
+            with statements.record() as rec:
+                shared = s.scalars(select(m.Question).where(m.Question.id == ids[3])
+                                   .with_for_update(key_share=True, read=True)).one()
+                shared.user_id = bob_id
+                s.flush()
+            assert len(pre_reads(rec)) == 1
+        s.commit()
+    if strategy == "sharded":
+        import countercache
+
+        countercache.fold(engine)
+    assert assert_counts(engine) == ({1: 0, 2: 2} if engine.dialect.name == "postgresql" else {1: 1, 2: 1})
+
+
+@pytest.mark.servers_only
+def test_locked_rows_are_read_again_after_a_bulk_update_or_a_savepoint_rollback(engine, statements):
+    from sqlalchemy import update
+
+    m = qa("bulk")
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        ada, bob = m.User(name="ada"), m.User(name="bob")
+        ada.questions.extend(m.Question() for _ in range(3))
+        s.add_all([ada, bob])
+        s.commit()
+        ids, bob_id = [q.id for q in ada.questions], bob.id
+        s.expunge_all()
+        q0, q1, q2 = s.scalars(select(m.Question).order_by(m.Question.id).with_for_update()).all()
+        # behind the loaded objects' back: they still say ada
+        s.execute(update(m.Question).where(m.Question.id == ids[0]).values(user_id=bob_id)
+                  .execution_options(synchronize_session=False))
+        with statements.record() as rec:
+            s.delete(q0)  # the database says bob
+            s.flush()
+        assert len(pre_reads(rec)) == 1
+        s.commit()
+        q1, q2 = s.scalars(select(m.Question).order_by(m.Question.id).with_for_update()).all()
+        nested = s.begin_nested()
+        nested.rollback()  # the locks taken before it stay, but are forgotten: read again
+        with statements.record() as rec:
+            s.delete(q1)
+            s.flush()
+        assert len(pre_reads(rec)) == 1
+        s.commit()
+    assert assert_counts(engine) == {1: 1, 2: 0}
