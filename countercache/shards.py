@@ -22,9 +22,9 @@ Reading:
   at commit).
 
 :func:`fold` moves pending deltas into the parent columns in batches; each
-batch locks its parents, then its shard rows, deletes exactly the rows it
-read and adds their sum to the parents, in one transaction, so no delta is
-counted twice or lost while writers keep writing.
+batch locks its parents, then deletes their shard rows with ``DELETE ...
+RETURNING`` and adds what it deleted to the parents, in one transaction, so
+no delta is counted twice or lost while writers keep writing.
 
 The side table lives in the application's ``MetaData`` (it appears in
 migrations like any table): a counter declared with ``strategy="sharded"``
@@ -49,11 +49,14 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    any_,
+    bindparam,
     cast,
     func,
+    literal,
     select,
-    tuple_,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
@@ -73,8 +76,8 @@ TABLE_NAME = "countercache_shards"
 DEFAULT_SHARDS = 16
 MAX_SHARDS = 1024
 
-#: Shard rows read per fold batch.
-FOLD_BATCH = 5000
+#: Parents per fold batch.
+FOLD_BATCH = 1000
 
 
 def shard_table(metadata: MetaData) -> Table:
@@ -330,13 +333,17 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
         or Session (the caller's transaction; the caller commits).
     :param counters: counter attributes or names; every counter of every
         side table when none is given.
-    :param batch_size: shard rows per batch.
+    :param batch_size: parents per batch (each with up to ``shards`` rows).
+    :param progress: ``progress(counter, shard_rows_done)`` after each batch.
 
-    Each batch locks its parent rows (key order), then its shard rows, adds
-    the rows' sum to the parents and deletes exactly those rows, in one
-    transaction. Writers keep writing meanwhile: a delta written after the
-    batch read its rows stays in the side table for the next fold, none is
-    counted twice. Parents in a Session's memory are expired.
+    Each batch, in one transaction, locks its parent rows in key order (as
+    every writer that locks parent rows does), deletes the batch's shard rows
+    with ``DELETE ... RETURNING`` (PostgreSQL, MariaDB, SQLite; on MySQL a
+    locking ``SELECT`` first) and adds what it deleted to the parents. The
+    DELETE removes exactly the rows whose deltas it returns: a writer's
+    upsert that commits before it is in the returned delta, one that waits
+    for it inserts a new row afterwards, folded next time; none is counted
+    twice or lost. Parents in a Session's memory are expired.
     """
     from .repair import _connection, resolve_counters
 
@@ -350,17 +357,17 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
         name = counter_name(counter)
         done = 0
         with _connection(bind, counter, per_batch=True) as batch:
-            after: tuple[str, int] | None = None
+            after: str | None = None
             while True:
                 with batch() as conn:
-                    rows, after = _fold_batch(conn, table, counter, name, after, batch_size)
-                if not rows:
+                    keys, rows, after = _fold_batch(conn, table, counter, name, after, batch_size)
+                if not keys:
                     break
                 if isinstance(bind, Session):
                     from . import memory
 
-                    memory.expire(bind, counter.parent, rows)  # type: ignore[arg-type]
-                done += len(rows)
+                    memory.expire(bind, counter.parent, keys)  # type: ignore[arg-type]
+                done += rows
                 if progress is not None:
                     progress(counter, done)
         total += done
@@ -368,38 +375,51 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
 
 
 def _fold_batch(conn: Connection, table: Table, counter: CounterCache, name: str,
-                after: tuple[str, int] | None, size: int) -> tuple[list[tuple[Any, ...]], Any]:
+                after: str | None, size: int) -> tuple[list[tuple[Any, ...]], int, str | None]:
+    """One batch of parents: ``(parent keys, shard rows folded, last parent_key)``."""
     parent = counter.parent
     assert parent is not None
     c = table.c
-    # which rows (no lock: the locked read below says what they hold)
-    stmt = select(c.parent_key, c.shard).where(c.counter == name)
+    # the next parents with pending rows (no lock: the DELETE below says what they hold)
+    stmt = select(c.parent_key).distinct().where(c.counter == name)
     if after is not None:
-        stmt = stmt.where(tuple_(c.parent_key, c.shard) > tuple_(*after))
-    found = [tuple(r) for r in conn.execute(stmt.order_by(c.parent_key, c.shard).limit(size))]
-    if not found:
-        return [], after
+        stmt = stmt.where(c.parent_key > after)
+    texts = list(conn.scalars(stmt.order_by(c.parent_key).limit(size)))
+    if not texts:
+        return [], 0, after
     pk_col = parent.pk_cols[0]
     to_key = _key_converter(pk_col)
-    keys = sorted({to_key(k) for k, _ in found})
-    dialect = conn.dialect.name
-    if dialect != "sqlite":
+    keys = sorted({to_key(t) for t in texts})
+    dialect = conn.dialect
+    postgresql = dialect.name == "postgresql"
+    if postgresql:  # one array parameter each, not 1,000 placeholders
+        parent_in = pk_col == any_(bindparam("fold_keys", keys, type_=ARRAY(pk_col.type)))
+        texts_in = c.parent_key == any_(bindparam("fold_texts", texts, type_=ARRAY(String(100))))
+    else:
+        parent_in, texts_in = pk_col.in_(keys), c.parent_key.in_(texts)
+    if dialect.name != "sqlite":
         # parents first, as every writer that locks parent rows does
-        conn.execute(select(pk_col).where(pk_col.in_(keys)).order_by(pk_col)
-                     .with_for_update(key_share=dialect == "postgresql"))
-    which = and_(c.counter == name, tuple_(c.parent_key, c.shard).in_(found))
-    locked = conn.execute(select(c.parent_key, c.shard, c.delta).where(which)
-                          .order_by(c.parent_key, c.shard).with_for_update()).all()
-    if locked:
-        conn.execute(table.delete().where(and_(c.counter == name,
-                                               tuple_(c.parent_key, c.shard).in_([(r[0], r[1]) for r in locked]))))
+        conn.execute(select(pk_col).where(parent_in).order_by(pk_col).with_for_update(key_share=postgresql))
+    which = and_(c.counter == name, texts_in)
+    if postgresql:  # summed in the database: one row per parent comes back
+        gone = table.delete().where(which).returning(c.parent_key, c.delta).cte("gone")
+        deleted = conn.execute(select(gone.c.parent_key, func.sum(gone.c.delta), func.count())
+                               .group_by(gone.c.parent_key)).all()
+    elif dialect.delete_returning:
+        deleted = conn.execute(table.delete().where(which).returning(c.parent_key, c.delta, literal(1))).all()
+    else:  # MySQL: the locking read's next-key locks keep the range as read until the DELETE
+        deleted = conn.execute(select(c.parent_key, c.delta, literal(1)).where(which)
+                               .order_by(c.parent_key, c.shard).with_for_update()).all()
+        conn.execute(table.delete().where(which))
     deltas: dict[tuple[Any, ...], list[int]] = {}
-    for parent_key, _, delta in locked:
+    rows = 0
+    for parent_key, delta, count in deleted:
         vector = deltas.setdefault((to_key(parent_key),), parent.new_vector())
-        vector[counter.slot] += delta
+        vector[counter.slot] += int(delta)
+        rows += count
     if deltas:
         parent.apply(conn, deltas, values=False)
-    return [(k,) for k in keys], found[-1]
+    return [(k,) for k in keys], rows, texts[-1]
 
 
 def _key_converter(pk_col: Any) -> Callable[[str], Any]:
