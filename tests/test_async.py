@@ -89,3 +89,39 @@ def test_suspended_async(engine, backend, strategy):
 
         assert conn.execute(text("SELECT question_count FROM users")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM questions")).scalar() == 1
+
+
+def test_sharded_async(engine, backend):
+    m = qa("sharded", cascade="all, delete-orphan")
+    m.Base.metadata.create_all(engine)
+    seen = {}
+
+    async def body(async_engine):
+        async with AsyncSession(async_engine, expire_on_commit=False) as s:
+            a, b = m.User(name="a"), m.User(name="b")
+            s.add_all([a, b, m.Question(user=a), m.Question(user=a), m.Question(user=b)])
+            await s.commit()
+            questions = (await s.scalars(select(m.Question).where(m.Question.user_id == a.id))).all()
+            questions[0].user = b
+            await s.delete(questions[1])
+            async with s.begin_nested() as nested:
+                s.add(m.Question(user_id=a.id))
+                await s.flush()
+                await nested.rollback()
+            await s.commit()
+            seen["exact"] = await s.run_sync(
+                lambda sync: tuple(countercache.exact(sync, u, "question_count") for u in (a, b)))
+            seen["column"] = (a.question_count, b.question_count)  # lags until fold
+            await s.commit()
+            seen["folded"] = await s.run_sync(lambda sync: countercache.fold(sync))
+            await s.commit()
+            await s.refresh(a)
+            await s.refresh(b)
+            seen["end"] = (a.question_count, b.question_count)
+
+    run(engine, backend, body)
+    assert seen["exact"] == (0, 2)
+    assert seen["column"] == (0, 0)
+    assert seen["folded"] >= 2
+    assert seen["end"] == (0, 2)
+    assert sorted(assert_counts(engine).values()) == [0, 2]
