@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="importable module that declares the models (repeatable)")
         sub.add_argument("--counter", action="append", default=[],
                          help="Class.attribute of a counter (repeatable; default: every counter)")
-        sub.add_argument("--batch-size", type=int, default=5000 if name == "fold" else 1000,
-                         help="shard rows per batch (default 5000)" if name == "fold"
+        sub.add_argument("--batch-size", type=int, default=1000,
+                         help="parents per batch (default 1000)" if name == "fold"
                          else "parents per batch (default 1000)")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         if name == "reconcile":

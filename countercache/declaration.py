@@ -179,6 +179,7 @@ class CounterCache:
         self.parent.add(self)
         memory.guard_assignment(self)
         tracking.track_child(child_mapper, self)
+        tracking.track_parent(mapper)
 
     def _check_sharded(self) -> None:
         if self.strategy() == "sharded":
@@ -214,6 +215,9 @@ class CounterCache:
         self.parent.add(self)
         memory.guard_assignment(self)
         many_to_many.track(self)
+        from . import tracking
+
+        tracking.track_parent(mapper)
 
     def _resolve_expressions(self, child: Mapper[Any]) -> None:
         from .expressions import compile_evaluator, resolve, sql_text
@@ -364,6 +368,7 @@ def _install() -> None:
                 many_to_many.track(counter)
             else:
                 tracking.track_child(counter.child_mapper, counter)  # type: ignore[arg-type]
+            tracking.track_parent(counter.mapper)  # type: ignore[arg-type]
 
 
 def uninstall() -> None:

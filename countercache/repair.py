@@ -186,6 +186,22 @@ class _Sql:
 
 
 
+def _write_held(session: Session) -> None:
+    """Given a Session: flush, and write now what ``deferred`` / ``sharded``
+    counters hold for the commit, so that the comparison sees this
+    transaction's children and their counts alike."""
+    from . import transactions
+
+    session.flush()
+    if transactions.holds_any(session):
+        if session.in_nested_transaction():
+            raise CounterCacheError(
+                "check()/reconcile() inside a savepoint while deferred or sharded counters hold "
+                "deltas for the commit: run it outside the savepoint, or with an Engine"
+            )
+        transactions.write_deferred(session)
+
+
 @contextmanager
 def _connection(bind: Any, counter: CounterCache, per_batch: bool) -> Iterator[Callable[[], Any]]:
     """Yields a factory of context managers giving the connection for one batch."""
@@ -213,6 +229,8 @@ def _walk(bind: Any, counters: tuple[Any, ...], batch_size: int, progress: Progr
           *, repair: bool) -> list[Drift]:
     if batch_size < 1:
         raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
+    if isinstance(bind, Session):
+        _write_held(bind)
     found: list[Drift] = []
     for counter in resolve_counters(counters):
         sql = _Sql(counter)

@@ -35,8 +35,10 @@ configuration.
 from __future__ import annotations
 
 import itertools
+import os
 import random
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -55,10 +57,12 @@ from sqlalchemy import (
     func,
     literal,
     select,
+    tuple_,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ColumnElement
@@ -75,6 +79,13 @@ __all__ = ["TABLE_NAME", "DEFAULT_SHARDS", "shard_table", "exact", "exact_expres
 TABLE_NAME = "countercache_shards"
 DEFAULT_SHARDS = 16
 MAX_SHARDS = 1024
+
+#: Characters of a parent's key in the side table.
+KEY_LENGTH = 100
+
+#: Times fold() runs a batch again (Engine bind) after losing a deadlock: on
+#: MariaDB a writer's foreign-key check holds a shared lock on the parent row.
+DEADLOCK_RETRIES = 3
 
 #: Parents per fold batch.
 FOLD_BATCH = 1000
@@ -110,7 +121,9 @@ _KEY_TYPE = String(100).with_variant(mysql.VARCHAR(100, charset="utf8mb4", colla
 
 
 class _KeyText(ColumnElement[str]):
-    """``CAST(pk AS VARCHAR)``; on MariaDB/MySQL ``CAST(pk AS CHAR) COLLATE utf8mb4_bin``."""
+    """``CAST(pk AS VARCHAR)``; on MariaDB/MySQL ``CAST(pk AS CHAR CHARACTER SET
+    utf8mb4) COLLATE utf8mb4_bin``, the column's own collation, whatever the
+    connection's character set."""
 
     inherit_cache = True
     type = String(100)
@@ -128,7 +141,7 @@ def _key_text(element: _KeyText, compiler: Any, **kw: Any) -> str:
 @compiles(_KeyText, "mysql")
 @compiles(_KeyText, "mariadb")
 def _key_text_mysql(element: _KeyText, compiler: Any, **kw: Any) -> str:
-    return f"CAST({compiler.process(element.pk, **kw)} AS CHAR) COLLATE utf8mb4_bin"
+    return f"CAST({compiler.process(element.pk, **kw)} AS CHAR CHARACTER SET utf8mb4) COLLATE utf8mb4_bin"
 
 
 def table_for(counter: CounterCache) -> Table | None:
@@ -147,10 +160,14 @@ def check_shardable(counter: CounterCache, what: str, *, need_table: bool) -> No
     """Raise unless ``counter`` can be sharded (called at configuration)."""
     assert counter.column is not None and counter.mapper is not None
     pk = list(counter.mapper.primary_key)
-    if len(pk) != 1 or not isinstance(pk[0].type, (Integer, String, Uuid)):
+    key_type = pk[0].type if len(pk) == 1 else None
+    if not (isinstance(key_type, Integer) or isinstance(key_type, String) and not isinstance(key_type, Uuid)
+            and key_type.length is not None and key_type.length <= KEY_LENGTH):
+        # the side table keeps the key as text; a UUID's text differs between
+        # backends that store it natively and those that store 32 hex digits
         raise ConfigurationError(
-            f"{what}: the sharded strategy needs a parent with a one-column integer, string or "
-            "UUID primary key"
+            f"{what}: the sharded strategy needs a parent with a one-column integer primary key, "
+            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH}))"
         )
     if not isinstance(counter.column.type, Integer):
         raise ConfigurationError(
@@ -174,26 +191,34 @@ def check_shards(value: Any, what: str) -> int:
 # -- writing ------------------------------------------------------------------
 
 #: Each pooled connection gets the next number when it first writes shards;
-#: the process starts at a random offset so that processes spread too.
-_next_slot = itertools.count(random.randrange(MAX_SHARDS))
+#: each process (a forked worker too) starts at its own random offset.
+_slots: tuple[int, Iterator[int]] = (-1, iter(()))
 _INFO_KEY = "countercache_shard_slot"
 
 
 def _slot(connection: Connection) -> int:
+    global _slots
     info = connection.connection.info  # the pooled DBAPI connection's, kept across checkouts
     slot = info.get(_INFO_KEY)
     if slot is None:
-        slot = info[_INFO_KEY] = next(_next_slot)
+        pid, numbers = _slots
+        if pid != os.getpid():
+            pid, numbers = _slots = (os.getpid(), itertools.count(random.SystemRandom().randrange(MAX_SHARDS)))
+        slot = info[_INFO_KEY] = next(numbers)
     return slot
 
 
-_statements: dict[tuple[int, str], Any] = {}
+#: side table -> {dialect name: upsert statement}
+_statements: weakref.WeakKeyDictionary[Table, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _upsert(table: Table, dialect: str) -> Any:
-    found = _statements.get((id(table), dialect))
-    if found is not None and found[0] is table:
-        return found[1]
+    by_dialect = _statements.get(table)
+    if by_dialect is None:
+        by_dialect = _statements[table] = {}
+    found = by_dialect.get(dialect)
+    if found is not None:
+        return found
     if dialect in ("mysql", "mariadb"):
         from sqlalchemy.dialects.mysql import insert as mysql_insert
 
@@ -211,21 +236,30 @@ def _upsert(table: Table, dialect: str) -> Any:
             index_elements=[table.c.counter, table.c.parent_key, table.c.shard],
             set_={"delta": table.c.delta + ins.excluded.delta},
         )
-    _statements[(id(table), dialect)] = (table, stmt)
+    by_dialect[dialect] = stmt
     return stmt
 
 
-def write(connection_for: Callable[[ParentTable], Connection], pending: dict[ParentTable, Deltas]) -> None:
+def write(connection_for: Callable[[ParentTable], Connection], pending: dict[ParentTable, Deltas],
+          deleted: dict[ParentTable, set[tuple[Any, ...]]] | None = None) -> None:
     """Add a transaction's net deltas to its shard rows: one upsert per side table.
 
     Rows are written in (counter, parent key) order, so two transactions that
-    happen to share a shard lock their rows in the same order.
+    happen to share a shard lock their rows in the same order. Parents the
+    transaction deleted get no rows, and lose the ones they had (a new parent
+    with the same key must not inherit them).
     """
-    by_table: dict[Table, tuple[Connection, list[dict[str, Any]]]] = {}
+    deleted = deleted or {}
+    for parent, keys in deleted.items():
+        _forget_parents(connection_for(parent), parent, keys)
+    by_table: dict[tuple[Table, Connection], list[dict[str, Any]]] = {}
     for parent, deltas in pending.items():
         connection = connection_for(parent)
         slot = _slot(connection)
+        gone = deleted.get(parent, ())
         for key, vector in deltas.items():
+            if key in gone:
+                continue
             for index, delta in enumerate(vector):
                 if not delta:
                     continue
@@ -233,19 +267,43 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
                 table = table_for(counter)
                 if table is None:
                     check_shardable(counter, counter.name, need_table=True)
-                entry = by_table.get(table)  # type: ignore[arg-type]
-                if entry is None:
-                    entry = by_table[table] = (connection, [])  # type: ignore[index]
-                entry[1].append({
+                rows = by_table.get((table, connection))  # type: ignore[arg-type]
+                if rows is None:
+                    rows = by_table[(table, connection)] = []  # type: ignore[index]
+                rows.append({
                     "counter": counter_name(counter),
                     "parent_key": str(key[0]),
                     "shard": slot % counter.shards(),
                     "delta": int(delta),
                 })
-    for table, (connection, rows) in by_table.items():
+    for (table, connection), rows in by_table.items():
         rows.sort(key=lambda r: (r["counter"], r["parent_key"], r["shard"]))
         stmt = _upsert(table, connection.dialect.name)
         connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
+
+
+def _forget_parents(connection: Connection, parent: ParentTable, keys: set[tuple[Any, ...]]) -> None:
+    tables: dict[Table, list[str]] = {}
+    for counter in parent.counters:
+        table = table_for(counter)
+        if table is not None:
+            tables.setdefault(table, []).append(counter_name(counter))
+    texts = sorted(str(k[0]) for k in keys)
+    for table, names in tables.items():
+        connection.execute(table.delete().where(table.c.counter.in_(names), table.c.parent_key.in_(texts)))
+
+
+def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``after_delete``: a parent with sharded counters is gone."""
+    from . import tracking, transactions
+    from .writer import ParentTable
+
+    session = tracking.flushing_session(state)
+    if session is None:
+        return
+    for parent in ParentTable.of_mapper(mapper):
+        if any(c.strategy() == "sharded" for c in parent.counters):
+            transactions.parent_deleted(session, parent, tuple(state.key[1]))
 
 
 # -- reading ------------------------------------------------------------------
@@ -359,8 +417,16 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
         with _connection(bind, counter, per_batch=True) as batch:
             after: str | None = None
             while True:
-                with batch() as conn:
-                    keys, rows, after = _fold_batch(conn, table, counter, name, after, batch_size)
+                for attempt in range(DEADLOCK_RETRIES + 1):
+                    try:
+                        with batch() as conn:
+                            keys, rows, after_batch = _fold_batch(conn, table, counter, name, after, batch_size)
+                        break
+                    except DBAPIError as exc:
+                        # a batch of its own (Engine) that lost a deadlock: run it again
+                        if not isinstance(bind, Engine) or attempt == DEADLOCK_RETRIES or not _deadlock(exc):
+                            raise
+                after = after_batch
                 if not keys:
                     break
                 if isinstance(bind, Session):
@@ -407,10 +473,14 @@ def _fold_batch(conn: Connection, table: Table, counter: CounterCache, name: str
                                .group_by(gone.c.parent_key)).all()
     elif dialect.delete_returning:
         deleted = conn.execute(table.delete().where(which).returning(c.parent_key, c.delta, literal(1))).all()
-    else:  # MySQL: the locking read's next-key locks keep the range as read until the DELETE
-        deleted = conn.execute(select(c.parent_key, c.delta, literal(1)).where(which)
-                               .order_by(c.parent_key, c.shard).with_for_update()).all()
-        conn.execute(table.delete().where(which))
+    else:  # MySQL: lock and read, then delete exactly the rows read (under READ
+        # COMMITTED a row inserted in between is not in the read: it stays pending)
+        read = conn.execute(select(c.parent_key, c.shard, c.delta).where(which)
+                            .order_by(c.parent_key, c.shard).with_for_update()).all()
+        if read:
+            conn.execute(table.delete().where(
+                c.counter == name, tuple_(c.parent_key, c.shard).in_([(r[0], r[1]) for r in read])))
+        deleted = [(r[0], r[2], 1) for r in read]
     deltas: dict[tuple[Any, ...], list[int]] = {}
     rows = 0
     for parent_key, delta, count in deleted:
@@ -420,6 +490,15 @@ def _fold_batch(conn: Connection, table: Table, counter: CounterCache, name: str
     if deltas:
         parent.apply(conn, deltas, values=False)
     return [(k,) for k in keys], rows, texts[-1]
+
+
+def _deadlock(exc: DBAPIError) -> bool:
+    """PostgreSQL's deadlock_detected (40P01), MariaDB/MySQL's 1213."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == "40P01":
+        return True
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] == 1213
 
 
 def _key_converter(pk_col: Any) -> Callable[[str], Any]:

@@ -139,6 +139,10 @@ class FlushState:
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
+        if transactions.is_committing(self.session):
+            # the commit's own final flush: shard rows now, after every parent
+            # row (the order fold() locks them in), deleted parents' included
+            transactions.write_shards(self.session)
 
     def show(self) -> None:
         """Show what was written on the parents in memory (``after_flush_postexec``)."""
@@ -222,6 +226,30 @@ def _hook(mapper: Mapper[Any]) -> None:
     for name, fn in _MAPPER_HOOKS:
         event.listen(mapper, name, fn, raw=True, propagate=True)
     _hooked.add(mapper)
+
+
+#: Parent mappers carrying the parent-deleted hook (propagated to subclasses).
+_parents_hooked: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
+def track_parent(mapper: Mapper[Any]) -> None:
+    """Watch deletes of a counter's parents (a ``sharded`` counter's rows go with them)."""
+    from .shards import parent_deleted
+
+    if any(m in _parents_hooked for m in mapper.iterate_to_root()):
+        return
+    for sub in list(mapper.self_and_descendants):
+        if sub in _parents_hooked and event.contains(sub, "after_delete", parent_deleted):
+            event.remove(sub, "after_delete", parent_deleted)
+            _parents_hooked.discard(sub)
+    event.listen(mapper, "after_delete", parent_deleted, raw=True, propagate=True)
+    _parents_hooked.add(mapper)
+
+
+def flushing_session(state: InstanceState[Any]) -> Session | None:
+    """The session whose counted flush is writing ``state`` (None when suspended or none)."""
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
+    return fs.session if fs is not None else None
 
 
 def _unhook(mapper: Mapper[Any]) -> None:
@@ -339,7 +367,7 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     _changed(fs, connection, child, old, None)
 
 
-def _loaded(state: InstanceState[Any], context: Any, attrs: Any = None) -> None:
+def _loaded(state: InstanceState[Any], context: Any) -> None:
     """``load`` / ``refresh`` of a child: remember it when the query locked its row.
 
     A row this transaction loaded with ``FOR UPDATE`` (``NO KEY UPDATE``,
@@ -348,12 +376,30 @@ def _loaded(state: InstanceState[Any], context: Any, attrs: Any = None) -> None:
     moving it later needs no pre-read (``SELECT ... FOR UPDATE`` then
     ``DELETE`` is how applications pick rows under concurrency).
     """
+    child = _child_for(state.mapper)
+    if child is not None and _locks_rows(context):
+        _mark_locked(context.session, child, state, state.dict)  # a new object: all it holds is this load's
+
+
+def _refreshed(state: InstanceState[Any], context: Any, attrs: Any) -> None:
+    """``refresh``: only the attributes named in ``attrs`` are this load's (None
+    also comes with populate_existing and load_only: trust nothing then)."""
+    child = _child_for(state.mapper)
+    if attrs and child is not None and _locks_rows(context):
+        _mark_locked(context.session, child, state, attrs)
+
+
+def _locks_rows(context: Any) -> bool:
+    """Did the query lock the rows it loaded against any change by others? Not
+    with FOR KEY SHARE (others may still move a row) or FOR UPDATE OF another table."""
     lock = getattr(getattr(context, "query", None), "_for_update_arg", None)
-    if lock is None or lock.key_share or lock.of is not None:
-        return
-    session = context.session
-    if session is None:
-        return
+    return (lock is not None and not (lock.read and lock.key_share) and lock.of is None
+            and getattr(context, "session", None) is not None)
+
+
+def _mark_locked(session: Session, child: _Child, state: InstanceState[Any], fresh: Any) -> None:
+    if not all(k in fresh for k in child.keys):
+        return  # a counted value is older than the lock
     locked = _locked.get(session)
     if locked is None:
         locked = _locked[session] = weakref.WeakSet()
@@ -362,7 +408,7 @@ def _loaded(state: InstanceState[Any], context: Any, attrs: Any = None) -> None:
 
 _MAPPER_HOOKS = (
     ("load", _loaded),
-    ("refresh", _loaded),
+    ("refresh", _refreshed),
     ("after_insert", _after_insert),
     ("before_update", _before_write),
     ("before_delete", _before_write),
@@ -429,7 +475,10 @@ def _begin_sqlite_write(connection: Connection) -> None:
     own. Connections that manage BEGIN themselves are already inside one.
     """
     dbapi = connection.connection.dbapi_connection
-    if getattr(dbapi, "in_transaction", True) is False and getattr(dbapi, "isolation_level", None) is not None:
+    in_transaction = getattr(dbapi, "in_transaction", None)
+    if in_transaction is None:  # SQLAlchemy's aiosqlite adapter: ask the aiosqlite connection
+        in_transaction = getattr(getattr(dbapi, "_connection", None), "in_transaction", True)
+    if in_transaction is False and getattr(dbapi, "isolation_level", None) is not None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -569,6 +618,12 @@ def uninstall() -> None:
     bulk_dml.uninstall()
     for mapper in list(_hooked):
         _unhook(mapper)
+    from .shards import parent_deleted
+
+    for mapper in list(_parents_hooked):
+        if event.contains(mapper, "after_delete", parent_deleted):
+            event.remove(mapper, "after_delete", parent_deleted)
+    _parents_hooked.clear()
     _children.clear()
     _child_cache.clear()
     _locked.clear()

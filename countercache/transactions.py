@@ -32,22 +32,26 @@ if TYPE_CHECKING:
 
 
 class _Entry:
-    __slots__ = ("transaction", "deferred", "sharded", "refreshed")
+    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted")
 
     def __init__(self, transaction: SessionTransaction) -> None:
         self.transaction = transaction
         self.deferred: dict[ParentTable, Deltas] = {}
         self.sharded: dict[ParentTable, Deltas] = {}
         self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
+        #: parents with sharded counters deleted inside this boundary
+        self.deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
 
     def holds(self) -> bool:
-        return bool(self.deferred or self.sharded)
+        return bool(self.deferred or self.sharded or self.deleted)
 
     def absorb(self, other: _Entry) -> None:
         for parent, deltas in other.deferred.items():
             add_deltas(self.deferred, parent, deltas)
         for parent, deltas in other.sharded.items():
             add_deltas(self.sharded, parent, deltas)
+        for parent, keys in other.deleted.items():
+            self.deleted.setdefault(parent, set()).update(keys)
         self.refreshed.extend(other.refreshed)
 
 
@@ -133,7 +137,7 @@ def _before_commit(session: Session) -> None:
     if not outermost:
         return  # a savepoint release: its entry moves up when it ends
     state = _states.get(session)
-    if state is None or not any(e.holds() for e in state.stack):
+    if state is None or not holds_any(session):
         # nothing deferred so far; a flush made now (the commit's final one)
         # still lands in the stack and is written by after_flush below
         if state is None:
@@ -152,23 +156,48 @@ def write_deferred(session: Session) -> None:
     if state is None:
         return
     merged: dict[ParentTable, Deltas] = {}
-    sharded: dict[ParentTable, Deltas] = {}
     for entry in state.stack:
         for parent, deltas in entry.deferred.items():
             add_deltas(merged, parent, deltas)
-        for parent, deltas in entry.sharded.items():
-            add_deltas(sharded, parent, deltas)
         entry.deferred = {}
-        entry.sharded = {}
     for parent in sorted(merged, key=lambda p: p.table.fullname):
         connection = session.connection(bind_arguments={"mapper": parent.mapper})
         results = parent.apply(connection, merged[parent])
         if results:
             memory.apply(session, parent, results)
-    if sharded:  # after the parent rows, as fold() locks them
+    write_shards(session)  # after the parent rows, as fold() locks them
+
+
+def write_shards(session: Session) -> None:
+    """Write the sharded deltas of the transaction now, and forget deleted parents' rows."""
+    state = _states.get(session)
+    if state is None:
+        return
+    sharded: dict[ParentTable, Deltas] = {}
+    deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
+    for entry in state.stack:
+        for parent, deltas in entry.sharded.items():
+            add_deltas(sharded, parent, deltas)
+        for parent, keys in entry.deleted.items():
+            deleted.setdefault(parent, set()).update(keys)
+        entry.sharded = {}
+        entry.deleted = {}
+    if sharded or deleted:
         from . import shards
 
-        shards.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}), sharded)
+        shards.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}),
+                     sharded, deleted)
+
+
+def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> None:
+    """A parent with sharded counters was deleted: its shard rows go at commit."""
+    current_entry(session).deleted.setdefault(parent, set()).add(key)
+
+
+def holds_any(session: Session) -> bool:
+    """Does this session's transaction hold deferred or sharded deltas for its commit?"""
+    state = _states.get(session)
+    return state is not None and any(e.holds() for e in state.stack)
 
 
 def held_delta(session: Session, parent: ParentTable, key: tuple[Any, ...], slot: int) -> Any:

@@ -109,6 +109,18 @@ class ParentTable:
                 return known
         return cls(mapper, column.table)
 
+    @staticmethod
+    def of_mapper(mapper: Mapper[Any]) -> list[ParentTable]:
+        """The parent tables whose rows ``mapper``'s instances are (inherited ones included)."""
+        from . import _registry
+
+        found: list[ParentTable] = []
+        for counter in _registry.all_counters():
+            known = counter.parent
+            if known is not None and known not in found and mapper.isa(known.mapper):
+                found.append(known)
+        return found
+
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
             counter.slot = len(self.counters)

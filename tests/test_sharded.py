@@ -535,3 +535,116 @@ def test_autogenerate_backfill_says_shards(engine):
     assert code.index("op.create_table('countercache_shards'") < code.index("op.backfill_counter")
     assert ("op.backfill_counter('users', 'question_count', 'questions', 'user_id', "
             "parent_key='id', shards=True)") in code
+
+
+# -- found in review ---------------------------------------------------------------
+
+
+def test_a_deleted_parent_takes_its_shard_rows_with_it(engine, m):
+    with Session(engine) as s:
+        ada = m.User(id=7, name="ada", questions=[m.Question() for _ in range(2)])
+        s.add(ada)
+        s.commit()
+        assert shard_rows(engine) != []
+        for q in list(ada.questions):
+            s.delete(q)
+        s.delete(ada)
+        s.commit()  # the parent and its children go in the commit's own flush
+        assert shard_rows(engine) == []
+        s.add(m.User(id=7, name="new ada"))  # the same key again
+        s.commit()
+        assert countercache.exact(s, s.get(m.User, 7), "question_count") == 0
+        # and in an earlier flush, with the children's deltas held for the commit
+        bob = m.User(id=8, name="bob", questions=[m.Question()])
+        s.add(bob)
+        s.commit()
+        s.delete(bob.questions[0])
+        s.flush()
+        s.delete(bob)
+        s.flush()
+        s.commit()
+    assert shard_rows(engine) == []
+    assert_exact(engine)
+
+
+def test_reconcile_with_a_session_counts_what_the_transaction_holds(engine):
+    for strategy in ("sharded", "deferred"):
+        m = qa(strategy)
+        m.Base.metadata.drop_all(engine)
+        m.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            ada = m.User(name="ada")
+            s.add(ada)
+            s.commit()
+            s.add(m.Question(user_id=ada.id))
+            s.flush()
+            assert countercache.check(s) == []  # the held +1 is written first
+            assert countercache.reconcile(s) == []
+            s.commit()
+        if strategy == "sharded":
+            countercache.fold(engine)
+        assert assert_counts(engine) == {1: 1}, strategy
+        m.Base.metadata.drop_all(engine)
+        countercache._reset_for_tests()
+        from sqlalchemy.orm import clear_mappers
+
+        clear_mappers()
+
+
+@pytest.mark.parametrize("key_type", ["uuid", "long string"])
+def test_keys_the_side_table_cannot_hold_are_refused(key_type):
+    import uuid
+
+    from sqlalchemy import Uuid
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id = mapped_column(Uuid, primary_key=True, default=uuid.uuid4) if key_type == "uuid" else \
+            mapped_column(String(200), primary_key=True)
+        likes: Mapped[list["Like"]] = relationship()
+        like_count: Mapped[int] = counter_cache("likes", strategy="sharded")
+
+    class Like(Base):
+        __tablename__ = "likes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id = mapped_column(ForeignKey("posts.id"))
+
+    with pytest.raises(ConfigurationError, match=r"Post.like_count: .*integer primary key, or a string one of at most 100"):
+        configure_mappers()
+
+
+@pytest.mark.mariadb_only
+def test_exact_reads_on_a_utf8mb3_or_latin1_connection(engine):
+    from sqlalchemy import create_engine
+
+    m = qa("sharded")
+    m.Base.metadata.create_all(engine)
+    for charset in ("utf8", "latin1"):
+        other = create_engine(engine.url.update_query_dict({"charset": charset}))
+        try:
+            with Session(other) as s:
+                user = m.User(name=charset, questions=[m.Question()])
+                s.add(user)
+                s.commit()
+                assert countercache.exact(s, user, "question_count") == 1
+            assert countercache.check(other) == []
+        finally:
+            other.dispose()
+
+
+@pytest.mark.mariadb_only
+def test_fold_without_delete_returning_deletes_only_what_it_read(engine, monkeypatch):
+    """MySQL's path (no DELETE ... RETURNING), tried on MariaDB."""
+    m = qa("sharded")
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(m.User(name="a", questions=[m.Question() for _ in range(3)]))
+        s.commit()
+    monkeypatch.setattr(engine.dialect, "delete_returning", False)
+    assert countercache.fold(engine) == 1
+    assert shard_rows(engine) == []
+    assert assert_counts(engine) == {1: 3}

@@ -235,3 +235,50 @@ def test_locked_rows_are_read_again_after_a_bulk_update_or_a_savepoint_rollback(
         assert len(pre_reads(rec)) == 1
         s.commit()
     assert assert_counts(engine) == {1: 1, 2: 0}
+
+
+@pytest.mark.servers_only
+def test_a_partial_locked_refresh_does_not_vouch_for_a_stale_foreign_key(engine, statements):
+    from sqlalchemy.orm import load_only
+
+    m = qa("bulk")
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        ada, bob = m.User(name="ada"), m.User(name="bob")
+        ada.questions.extend(m.Question() for _ in range(2))
+        s.add_all([ada, bob])
+        s.commit()
+        q1, q2 = sorted(ada.questions, key=lambda q: q.id)
+        bob_id = bob.id
+        with Session(engine) as other:  # moves both behind s's back
+            for q in other.scalars(select(m.Question)):
+                q.user_id = bob_id
+            other.commit()
+        s.refresh(q1, ["title"], with_for_update=True)  # locked, but user_id not reloaded
+        s.scalars(select(m.Question).where(m.Question.id == q2.id).options(load_only(m.Question.title))
+                  .execution_options(populate_existing=True).with_for_update()).one()
+        with statements.record() as rec:
+            s.delete(q1)
+            s.delete(q2)
+            s.flush()
+        assert len(pre_reads(rec)) == 1  # both read from the database
+        s.commit()
+    assert assert_counts(engine) == {1: 0, 2: 0}
+
+
+@pytest.mark.postgresql_only
+def test_for_no_key_update_vouches_for_the_row(engine, statements):
+    m = qa("bulk")
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        ada = m.User(name="ada", questions=[m.Question()])
+        s.add(ada)
+        s.commit()
+        s.expunge_all()
+        q = s.scalars(select(m.Question).with_for_update(key_share=True)).one()  # FOR NO KEY UPDATE
+        with statements.record() as rec:
+            s.delete(q)
+            s.flush()
+        assert pre_reads(rec) == []
+        s.commit()
+    assert assert_counts(engine) == {1: 0}

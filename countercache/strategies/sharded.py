@@ -13,9 +13,7 @@ the exact value.
 
 from __future__ import annotations
 
-from typing import Any
-
-from .. import shards
+from .. import transactions
 from .deferred import DeferredStrategy
 
 
@@ -23,7 +21,10 @@ class ShardedStrategy(DeferredStrategy):
     name = "sharded"
     held = "sharded"
 
-    def write(self, connection_for: Any) -> None:
-        pending, self.pending = self.pending, {}
-        if pending:
-            shards.write(connection_for, pending)
+    def flush_done(self) -> None:
+        # held until the commit, even in the commit's own final flush: the
+        # flush then writes them after every parent row (FlushState.write)
+        held = transactions.current_entry(self.flush.session).sharded
+        for parent, deltas in self.pending.items():
+            transactions.add_deltas(held, parent, deltas)
+        self.pending = {}
