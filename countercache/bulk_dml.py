@@ -30,7 +30,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import tracking
+from . import through, tracking
 from .errors import CounterCacheError
 
 if TYPE_CHECKING:
@@ -134,10 +134,19 @@ def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str,
 def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
     session = state.session
     connection = session.connection(bind_arguments={"mapper": mapper})
-    return tracking.read_foreign_keys(
+    found = tracking.read_foreign_keys(
         connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update",
     )
+    return _with_leaves(connection, child, found)
+
+
+def _with_leaves(connection: Any, child: Any, found: dict[Any, Any]) -> dict[Any, Any]:
+    """Middle rows of multi-level counters (locked now) weigh their counted leaves."""
+    if through.views(child):
+        for key, counts in through.leaf_counts(connection, child, list(found)).items():
+            found[key].update(counts)
+    return found
 
 
 def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
@@ -174,7 +183,7 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     after = tracking.read_foreign_keys(connection, child, list(locked), lock=None)
     tracking.record_rows(state.session, mapper,
-                         [(old, after.get(key)) for key, old in locked.items()])
+                         [(old, through.carry_counts(child, old, after.get(key))) for key, old in locked.items()])
     return result
 
 
@@ -185,8 +194,8 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     pk_keys = [mapper.get_property_by_column(c).key for c in tracking.child_primary_key(child)]
     keys = [tuple(p.get(k) for k in pk_keys) for p in params]
     connection = state.session.connection(bind_arguments={"mapper": mapper})
-    locked = tracking.read_foreign_keys(connection, child, keys,
-                                        lock="update" if deleting else "no key update")
+    locked = _with_leaves(connection, child, tracking.read_foreign_keys(
+        connection, child, keys, lock="update" if deleting else "no key update"))
     result = state.invoke_statement()
     rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
     for key, p in zip(keys, params):

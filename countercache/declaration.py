@@ -77,6 +77,11 @@ class CounterCache:
         self.secondary_parent_cols: tuple[Any, ...] = ()
         self.relationship_key: str | None = None
         self.reverse_key: str | None = None
+        #: Multi-level (``"questions.answers"``): the middle mapper, its
+        #: attribute keys referring to the parent's key, and its key columns.
+        #: ``child_mapper`` / ``fk_keys`` are then the leaf's, referring to the middle.
+        self.middle_mapper: Mapper[Any] | None = None
+        self.middle_fk_keys: tuple[str, ...] = ()
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
         self._strategy_cache: tuple[int, str] = (-1, "")
@@ -140,15 +145,51 @@ class CounterCache:
         from . import memory, tracking
         from .writer import ParentTable
 
-        prop = self._relationship_property(mapper)
+        path = self.relationship.split(".")
+        if len(path) > 2:
+            raise ConfigurationError(
+                f"{self.name}: {self.relationship!r} goes through {len(path) - 1} relationships; "
+                "a counter goes through at most two (\"middles.children\", unsupported construct)"
+            )
+        prop = self._relationship_property(mapper, path[0])
         if prop.secondary is not None:
+            if len(path) > 1:
+                raise ConfigurationError(
+                    f"{self.name}: a multi-level counter cannot go through the many-to-many "
+                    f"{path[0]!r} (unsupported construct)"
+                )
             self._resolve_many_to_many(mapper, prop)
             return
+        child_mapper, fk_keys = self._foreign_keys(mapper, prop, path[0])
+        if len(path) == 2:
+            # "questions.answers": the leaf's rows, through the middle's
+            leaf_prop = self._relationship_property(child_mapper, path[1])
+            if leaf_prop.secondary is not None:
+                raise ConfigurationError(
+                    f"{self.name}: a multi-level counter cannot go through the many-to-many "
+                    f"{path[1]!r} (unsupported construct)"
+                )
+            self.middle_mapper, self.middle_fk_keys = child_mapper, fk_keys
+            child_mapper, fk_keys = self._foreign_keys(child_mapper, leaf_prop, path[1])
+        self.child_mapper = child_mapper
+        self.fk_keys = fk_keys
+        self._resolve_expressions(child_mapper)
+        assert self.column is not None
+        self._check_sharded()
+        self.parent = ParentTable.for_column(mapper, self.column)
+        self.parent.add(self)
+        memory.guard_assignment(self)
+        tracking.track_child(child_mapper, self)
+        tracking.track_parent(mapper)
+
+    def _foreign_keys(self, mapper: Mapper[Any], prop: RelationshipProperty[Any],
+                      name: str) -> tuple[Mapper[Any], tuple[str, ...]]:
+        """``(child mapper, child attribute keys referring to mapper's key, in key order)``."""
         plain = and_(*(local == remote for local, remote in prop.local_remote_pairs))
         if not (prop.primaryjoin.compare(plain) or prop.primaryjoin.compare(
                 and_(*(remote == local for local, remote in prop.local_remote_pairs)))):
             raise ConfigurationError(
-                f"{self.name}: {self.relationship!r} has a custom primaryjoin with more than the "
+                f"{self.name}: {name!r} has a custom primaryjoin with more than the "
                 "foreign key; declare the extra condition with where= on a plain relationship "
                 "(unsupported construct)"
             )
@@ -156,7 +197,7 @@ class CounterCache:
         pk = list(mapper.primary_key)
         if sorted(map(id, parent_cols)) != sorted(map(id, pk)) or len(parent_cols) != len(pk):
             raise ConfigurationError(
-                f"{self.name}: relationship {self.relationship!r} must join on "
+                f"{self.name}: relationship {name!r} must join on "
                 f"{mapper.class_.__name__}'s primary key; joins on other columns are not supported"
             )
         remote_by_local = {id(local): remote for local, remote in prop.local_remote_pairs}
@@ -170,16 +211,7 @@ class CounterCache:
                 raise ConfigurationError(
                     f"{self.name}: column {remote} is not mapped on {child_mapper.class_.__name__}"
                 ) from None
-        self.child_mapper = child_mapper
-        self.fk_keys = tuple(fk_keys)
-        self._resolve_expressions(child_mapper)
-        assert self.column is not None
-        self._check_sharded()
-        self.parent = ParentTable.for_column(mapper, self.column)
-        self.parent.add(self)
-        memory.guard_assignment(self)
-        tracking.track_child(child_mapper, self)
-        tracking.track_parent(mapper)
+        return child_mapper, tuple(fk_keys)
 
     def _check_sharded(self) -> None:
         if self.strategy() == "sharded":
@@ -240,25 +272,25 @@ class CounterCache:
             )
         self.value_keys = tuple(keys)
 
-    def _relationship_property(self, mapper: Mapper[Any]) -> RelationshipProperty[Any]:
-        prop: MapperProperty[Any] | None = mapper.attrs.get(self.relationship)
+    def _relationship_property(self, mapper: Mapper[Any], name: str) -> RelationshipProperty[Any]:
+        prop: MapperProperty[Any] | None = mapper.attrs.get(name)
         if prop is None:
             raise ConfigurationError(
-                f"{self.name}: {mapper.class_.__name__} has no relationship {self.relationship!r}"
+                f"{self.name}: {mapper.class_.__name__} has no relationship {name!r}"
             )
         if not isinstance(prop, RelationshipProperty):
             raise ConfigurationError(
-                f"{self.name}: {self.relationship!r} is not a relationship() "
+                f"{self.name}: {name!r} is not a relationship() "
                 f"but a {type(prop).__name__}"
             )
         if prop.direction is MANYTOONE:
             raise ConfigurationError(
-                f"{self.name}: {self.relationship!r} is many-to-one; a counter counts the "
+                f"{self.name}: {name!r} is many-to-one; a counter counts the "
                 "children of a one-to-many relationship (declare it on the other class)"
             )
         if prop.secondary is not None and prop.direction is not MANYTOMANY:
             raise ConfigurationError(
-                f"{self.name}: {self.relationship!r} goes through {prop.secondary} but is not "
+                f"{self.name}: {name!r} goes through {prop.secondary} but is not "
                 "many-to-many (unsupported construct)"
             )
         return prop
@@ -337,12 +369,23 @@ def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
     for column in mapper.columns:
         definition = column.info.get("countercache")
         if isinstance(definition, CounterCache) and definition.mapper is mapper and definition.parent is None:
+            if "." in definition.relationship:
+                continue  # multi-level: the middle class's relationships may not be ready yet
             definition._resolve(mapper)
+
+
+def _after_configured() -> None:
+    """Every mapper is configured: resolve the multi-level counters."""
+    for counter in _registry.all_counters():
+        if counter.parent is None and counter.mapper is not None and "." in counter.relationship \
+                and counter.mapper.configured:
+            counter._resolve(counter.mapper)
 
 
 _HOOKS = (
     (Mapper, "after_mapper_constructed", _after_mapper_constructed),
     (Mapper, "mapper_configured", _mapper_configured),
+    (Mapper, "after_configured", _after_configured),
 )
 
 

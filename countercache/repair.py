@@ -140,12 +140,21 @@ class _Sql:
         child_table = fk_cols[0].table
         # the very expressions the flush evaluates in Python (expressions.py)
         value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)
-        criteria = [fk == pk for fk, pk in zip(fk_cols, self.pk)]
+        if counter.middle_mapper is not None:  # multi-level: the leaves of the parent's middle rows
+            middle = counter.middle_mapper
+            middle_fk = [middle.get_property(k).columns[0] for k in counter.middle_fk_keys]  # type: ignore[attr-defined]
+            middle_pk = list(middle.primary_key)
+            source: Any = child_table.join(
+                middle_fk[0].table, and_(*(fk == mpk for fk, mpk in zip(fk_cols, middle_pk))))
+            criteria = [fk == pk for fk, pk in zip(middle_fk, self.pk)]
+        else:
+            source = child_table
+            criteria = [fk == pk for fk, pk in zip(fk_cols, self.pk)]
         if counter.where is not None:
             criteria.append(counter.where)
         self.actual = (
             select(value)
-            .select_from(child_table)
+            .select_from(source)
             .where(and_(*criteria))
             .correlate(self.table)
             .scalar_subquery()

@@ -45,7 +45,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import NO_VALUE
 
-from . import many_to_many, memory, transactions
+from . import many_to_many, memory, through, transactions
 from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
@@ -93,7 +93,8 @@ _child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.We
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved")
+    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
+                 "deletes_counted")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
@@ -111,6 +112,10 @@ class FlushState:
         self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
         #: parent table -> whether this flush saves rows of its class (asked once)
         self.saved: dict[ParentTable, bool] = {}
+        #: strategy name -> the sink holding multi-level leaf deltas per middle key
+        self.sinks: dict[str, through.Sink] = {}
+        #: middle children whose deleted rows' leaves were counted in this flush
+        self.deletes_counted: set[_Child] = set()
 
     def holds_any(self, parent: ParentTable, keys: Any) -> bool:
         """Is any of these parents in the session (so the UPDATE should return values)?
@@ -130,12 +135,22 @@ class FlushState:
 
     def connection_for(self, parent: ParentTable) -> Connection:
         """The connection the flush (or the statement) runs on, for this parent's table."""
+        return self.connection_for_mapper(parent.mapper)
+
+    def connection_for_mapper(self, mapper: Mapper[Any]) -> Connection:
         if self.uow is not None:
-            return self.uow.transaction.connection(parent.mapper)
-        return self.session.connection(bind_arguments={"mapper": parent.mapper})
+            return self.uow.transaction.connection(mapper)
+        return self.session.connection(bind_arguments={"mapper": mapper})
+
+    def translate(self, connection_for: Any = None) -> None:
+        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``)."""
+        for sink in self.sinks.values():
+            if sink.pending:
+                sink.translate(connection_for or self.connection_for_mapper)
 
     def write(self) -> None:
         """Let every strategy write what it holds for now (``after_flush``)."""
+        self.translate()
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
@@ -167,8 +182,19 @@ class FlushState:
         """The child's counters paired with this flush's strategy objects (resolved once)."""
         found = self.plans.get(child)
         if found is None:
-            pairs = [(counter, self.strategy(counter.strategy())) for counter in child.counters]
-            per_row = list({id(s): s for _, s in pairs if s.per_row}.values())
+            pairs = []
+            per_row_all = []
+            for counter in child.counters:
+                strategy = self.strategy(counter.strategy())
+                if strategy.per_row:
+                    per_row_all.append(strategy)
+                if getattr(counter, "middle_mapper", None) is not None:  # a multi-level counter's leaves
+                    sink = self.sinks.get(strategy.name)
+                    if sink is None:
+                        sink = self.sinks[strategy.name] = through.Sink(strategy)
+                    strategy = sink
+                pairs.append((counter, strategy))
+            per_row = list({id(s): s for s in per_row_all}.values())
             found = self.plans[child] = (pairs, per_row)
         return found
 
@@ -200,14 +226,21 @@ def _child_for(mapper: Mapper[Any]) -> _Child | None:
     return merged
 
 
-def track_child(child_mapper: Mapper[Any], counter: CounterCache) -> None:
-    """Start feeding ``counter`` from ``child_mapper``'s rows."""
+def track_child(child_mapper: Mapper[Any], counter: Any) -> None:
+    """Start feeding ``counter`` from ``child_mapper``'s rows (and, for a
+    multi-level counter, from its middle rows)."""
     child = _children.get(child_mapper)
     if child is None:
         child = _children[child_mapper] = _Child(child_mapper)
     child.add(counter)
     _child_cache.clear()
     _hook(child_mapper)
+    middle = getattr(counter, "middle_mapper", None)
+    if middle is not None:
+        view = counter.__dict__.get("_middle_view")
+        if view is None:
+            view = counter._middle_view = through.MiddleView(counter)
+        track_child(middle, view)
 
 
 #: Mappers carrying the hooks themselves (propagated to their subclasses).
@@ -277,8 +310,11 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
     """
     pairs, per_row = fs.plan(child)
     _add_row(pairs, old, new)
-    for strategy in per_row:
-        strategy.row_done(connection)
+    if per_row:
+        if fs.sinks:
+            fs.translate(lambda mapper: connection)
+        for strategy in per_row:
+            strategy.row_done(connection)
 
 
 def _add_row(pairs: list[tuple[CounterCache, Any]], old: dict[str, Any] | None,
@@ -331,6 +367,29 @@ def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         _pre_read(fs, connection, child)
 
 
+def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    child = _child_for(mapper)
+    if child is None:
+        return
+    if child not in fs.read:
+        _pre_read(fs, connection, child)
+    if child not in fs.deletes_counted and through.views(child):
+        # the first delete of a middle class: every leaf of the flush is written,
+        # no middle row is gone yet; translate, then count what each deleted one keeps
+        fs.deletes_counted.add(child)
+        fs.translate(lambda m: connection)
+        deleting = {st.key[1]: st for st, (isdelete, listonly) in fs.uow.states.items()  # type: ignore[union-attr]
+                    if isdelete and not listonly and st.key is not None and _child_for(st.mapper) is child}
+        counts = through.leaf_counts(connection, child, list(deleting))
+        for key, st in deleting.items():
+            old = fs.old.get(st)
+            if isinstance(old, dict):
+                old.update(counts.get(key, {}))
+
+
 def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
@@ -348,7 +407,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # side onupdate): the row, locked by the pre-read, says what it is now
             key = tuple(state.key[1])  # type: ignore[index]
             new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
-        _changed(fs, connection, child, old, new)
+        _changed(fs, connection, child, old, through.carry_counts(child, old, new))
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -411,7 +470,7 @@ _MAPPER_HOOKS = (
     ("refresh", _refreshed),
     ("after_insert", _after_insert),
     ("before_update", _before_write),
-    ("before_delete", _before_write),
+    ("before_delete", _before_delete),
     ("after_update", _after_update),
     ("after_delete", _after_delete),
 )
@@ -423,7 +482,8 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     keys = child.keys
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = False
-    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" else None
+    # (a middle row's value includes its leaves: always read)
+    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not through.views(child) else None
     for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
         if listonly or state.key is None or _child_for(state.mapper) is not child:
             continue
@@ -442,6 +502,12 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     if connection.dialect.name == "sqlite":
         _begin_sqlite_write(connection)
     found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
+    if through.views(child):
+        # middle rows that move take their leaves along: count them now, locked,
+        # before this flush changes any leaf (deleted ones: in _before_delete)
+        moving = [k for k, st in wanted.items() if k in found and not fs.uow.states[st][0]]  # type: ignore[union-attr]
+        for key, counts in through.leaf_counts(connection, child, moving).items():
+            found[key].update(counts)
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)
 
@@ -510,7 +576,9 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
 
     def statement(criteria: Any) -> Any:
         stmt = select(*pk, *value_cols).where(criteria).order_by(*pk)
-        if lock is not None:
+        if lock == "share":
+            stmt = stmt.with_for_update(read=True)
+        elif lock is not None:
             stmt = stmt.with_for_update(key_share=lock == "no key update")
         return stmt
 

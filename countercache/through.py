@@ -1,0 +1,143 @@
+"""Multi-level counters: ``counter_cache("questions.answers")`` (private).
+
+``User.answer_count`` counts answers whose question belongs to the user. The
+counter is fed from two sides, both through :mod:`countercache.tracking`:
+
+* **Leaf rows** (answers) change like any child, but their foreign key names
+  a *middle* row (a question), not the parent. Their deltas are held per
+  middle key by a :class:`Sink` and translated to parent keys by reading the
+  middle rows' foreign keys (``SELECT ... FOR SHARE``: a concurrent move of
+  the question waits until this transaction ends). The translation runs after
+  the flush's middle updates (the UPDATEs of questions come before the
+  INSERTs of their answers in a flush) and before its middle deletes, so a
+  leaf is counted under the parent its middle row has at that moment; for
+  ``per_row`` it runs per leaf row.
+* **Middle rows** (questions) are children too, through a :class:`MiddleView`
+  of the counter: a middle row "weighs" its counted leaves. Moving a question
+  to another user moves that many answers: the pre-read that locks the moved
+  question rows also counts their leaves (before this flush changes any
+  leaf). A deleted question weighs the leaves still in the database when it
+  is deleted (after this flush deleted or moved its leaves), so leaves a
+  database-level cascade removes with it are counted too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, func, select
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from .declaration import CounterCache
+
+
+class MiddleView:
+    """A multi-level counter as its middle rows see it."""
+
+    simple = False
+
+    def __init__(self, counter: CounterCache) -> None:
+        self.counter = counter
+        self.fk_keys = counter.middle_fk_keys
+        self.value_keys = counter.middle_fk_keys
+        #: Where a middle row's value dict keeps its number of counted leaves.
+        self.count_key = f"countercache leaves of {counter.name}"
+
+    @property
+    def parent(self) -> Any:
+        return self.counter.parent
+
+    @property
+    def slot(self) -> int:
+        return self.counter.slot
+
+    @property
+    def name(self) -> str:
+        return self.counter.name
+
+    def strategy(self) -> str:
+        return self.counter.strategy()
+
+    def weight(self, values: dict[str, Any]) -> Any:
+        return values.get(self.count_key, 0)
+
+    def __repr__(self) -> str:
+        return f"<MiddleView of {self.counter.name}>"
+
+
+def views(child: Any) -> list[MiddleView]:
+    return [c for c in child.counters if isinstance(c, MiddleView)]
+
+
+def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """``{middle key: {view.count_key: counted leaves}}`` for the middle rows ``keys``.
+
+    Read after the middle rows are locked, in a statement of its own, so that
+    it sees every leaf committed before the lock (a locking read on MariaDB/
+    MySQL, whose plain reads would use the transaction's older snapshot).
+    """
+    found: dict[tuple[Any, ...], dict[str, Any]] = {k: {} for k in keys}
+    if not keys:
+        return found
+    mysql = connection.dialect.name in ("mysql", "mariadb")
+    for view in views(child):
+        counter = view.counter
+        leaf = counter.child_mapper
+        fk = leaf.get_property(counter.fk_keys[0]).columns[0]  # type: ignore[union-attr]
+        value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)
+        criteria = [fk.in_([k[0] for k in keys])]
+        if counter.where is not None:
+            criteria.append(counter.where)
+        stmt = select(fk, value).where(and_(*criteria)).group_by(fk)
+        if mysql:
+            stmt = stmt.with_for_update(read=True)
+        for middle_key, n in connection.execute(stmt):
+            found[(middle_key,)][view.count_key] = n
+        for values in found.values():
+            values.setdefault(view.count_key, 0)
+    return found
+
+
+def carry_counts(child: Any, old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A moved middle row takes its leaves along: ``new`` gets ``old``'s counts."""
+    if old is None or new is None:
+        return new
+    own = views(child)
+    if not own:
+        return new
+    return {**new, **{v.count_key: old.get(v.count_key, 0) for v in own}}
+
+
+class Sink:
+    """Stands in for a strategy for the leaf side of multi-level counters:
+    holds deltas per middle key until :meth:`translate`."""
+
+    per_row = False
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+        #: counter -> {middle key: delta}
+        self.pending: dict[CounterCache, dict[tuple[Any, ...], Any]] = {}
+
+    def add(self, counter: CounterCache, key: tuple[Any, ...], delta: Any) -> None:
+        by_key = self.pending.setdefault(counter, {})
+        by_key[key] = by_key.get(key, 0) + delta
+
+    def translate(self, connection_for: Any) -> None:
+        """Hand the held deltas to the strategy, keyed by parent (middle rows read and share-locked)."""
+        from . import tracking
+
+        pending, self.pending = self.pending, {}
+        for counter, by_key in pending.items():
+            keys = [k for k, d in by_key.items() if d]
+            if not keys:
+                continue
+            middle = tracking._child_for(counter.middle_mapper)  # type: ignore[arg-type]
+            rows = tracking.read_foreign_keys(connection_for(counter.middle_mapper), middle, keys, lock="share")
+            for key in keys:
+                values = rows.get(key)
+                parent_key = tracking._key(values, counter.middle_fk_keys) if values is not None else None
+                if parent_key is not None:
+                    self.strategy.add(counter, parent_key, by_key[key])
