@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import any_, bindparam, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.base import NO_VALUE
+from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE
 
 from . import many_to_many, memory, through, transactions
 from .strategies import STRATEGY_CLASSES
@@ -401,13 +401,23 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     if child is not None:
         values = state.dict
         if all(k in values for k in child.keys):
-            new = {k: values[k] for k in child.keys}
+            # what the UPDATE wrote; a column it did not write (unchanged since
+            # loaded, even if assigned again) keeps the database's value, which
+            # the pre-read read under lock (the loaded one may be stale)
+            committed = state.committed_state
+            new = {k: values[k] if k in committed and _written(state, k) else old.get(k, values[k])
+                   for k in child.keys}
         else:
             # expired by the UPDATE (a SQL expression was assigned, or a server
             # side onupdate): the row, locked by the pre-read, says what it is now
             key = tuple(state.key[1])  # type: ignore[index]
             new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
         _changed(fs, connection, child, old, through.carry_counts(child, old, new))
+
+
+def _written(state: InstanceState[Any], key: str) -> bool:
+    """Did this flush's UPDATE write the attribute ``key`` (a net change since loaded)?"""
+    return bool(state.manager[key].impl.get_history(state, state.dict, PASSIVE_NO_INITIALIZE).added)
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:

@@ -141,3 +141,30 @@ def test_uninstall_then_a_new_declaration_restores_every_counter(engine):
         assert user.question_count == 1
         with pytest.raises(CounterCacheError):
             user.question_count = 5
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_assigning_a_stale_loaded_value_again_moves_nothing(engine, strategy):
+    """q is loaded at ada; another session moves it to bob; q.user_id = ada
+    (its loaded value) is no net change for the ORM, so no UPDATE runs: the
+    row stays at bob and so must the counts."""
+    from helpers import assert_counts
+
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        ada, bob = m.User(name="ada"), m.User(name="bob")
+        ada.questions.append(m.Question())
+        s.add_all([ada, bob])
+        s.commit()
+        q = ada.questions[0]
+        ada_id, bob_id = ada.id, bob.id
+        s.commit()  # ends the read transaction (MariaDB's snapshot)
+        q.title  # noqa: B018 - loaded again, at ada
+        with Session(engine) as other:
+            other.get(m.Question, q.id).user_id = bob_id
+            other.commit()
+        q.user_id = ada_id
+        q.title = "touched"  # so that the row is updated at all
+        s.commit()
+    assert assert_counts(engine) == {ada_id: 0, bob_id: 1}

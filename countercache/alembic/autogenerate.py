@@ -144,12 +144,19 @@ def _backfill_for(
     from sqlalchemy.orm import configure_mappers
 
     configure_mappers()
-    prop = mapper.relationships[definition.relationship]
+    path = definition.relationship.split(".")
+    prop = mapper.relationships[path[0]]
     # many-to-many counts the association table's rows that refer to the parent
     pairs = list(prop.synchronize_pairs if prop.secondary is not None else prop.local_remote_pairs)
     child = pairs[0][1].table
     keys = [local.name for local, _ in pairs]
     fks = [remote.name for _, remote in pairs]
+    through = None
+    if len(path) == 2:  # multi-level: the leaves, joined to the middle rows
+        leaf_pairs = list(prop.mapper.relationships[path[1]].local_remote_pairs)
+        through = (child.name, leaf_pairs[0][0].name, fks[0])  # type: ignore[attr-defined]
+        child = leaf_pairs[0][1].table
+        fks = [remote.name for _, remote in leaf_pairs]
     return BackfillCounterOp(
         col.table.name,
         col.name,
@@ -160,6 +167,7 @@ def _backfill_for(
         parent_key=keys[0] if len(keys) == 1 else tuple(keys),
         schema=col.table.schema,
         shards=SHARD_TABLE in col.table.metadata.tables,
+        through=through,
     )
 
 

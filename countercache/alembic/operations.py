@@ -86,6 +86,10 @@ class BackfillCounterOp(MigrateOperation):
         online; required in offline (``--sql``) mode. Autogenerate always
         writes it.
     :param schema: the schema of both tables.
+    :param through: a multi-level counter (``counter_cache("questions.answers")``):
+        ``(middle_table, middle_key, middle_fk)``; ``child_fk`` then refers to
+        ``middle_table.middle_key`` and ``middle_table.middle_fk`` to the
+        parent's key, and the count joins the two.
     :param shards: the metadata holds the ``sharded`` strategy's side table:
         delete this counter's pending shard rows before the UPDATE (the count
         replaces them). Autogenerate writes it when the table is there.
@@ -106,9 +110,11 @@ class BackfillCounterOp(MigrateOperation):
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
         shards: bool = False,
+        through: Sequence[str] | None = None,
     ) -> None:
         self.table_name = table_name
         self.shards = shards
+        self.through = tuple(through) if through is not None else None
         self.column_name = column_name
         self.child_table = child_table
         self.child_fk = child_fk
@@ -131,6 +137,7 @@ class BackfillCounterOp(MigrateOperation):
         parent_key: str | Sequence[str] | None = None,
         schema: str | None = None,
         shards: bool = False,
+        through: Sequence[str] | None = None,
     ) -> Any:
         """Set ``table_name.column_name`` from the real counts, in one UPDATE
         (``shards=True``: first delete the counter's pending rows of the
@@ -139,6 +146,7 @@ class BackfillCounterOp(MigrateOperation):
             cls(
                 table_name, column_name, child_table, child_fk,
                 where=where, sum=sum, parent_key=parent_key, schema=schema, shards=shards,
+                through=through,
             )
         )
 
@@ -208,9 +216,21 @@ def _statements(operations: Operations, op: BackfillCounterOp) -> list[Any]:
         if op.sum is None
         else func.coalesce(func.sum(literal_column(f"({op.sum})")), literal_column("0"))
     )
-    counted = select(total).select_from(child).where(
-        and_(*(child.c[fk] == parent.c[key] for fk, key in zip(fks, keys)))
-    )
+    if op.through is not None:
+        if len(op.through) != 3 or len(fks) != 1 or len(keys) != 1:
+            raise BackfillError(
+                f"backfill_counter({qualified!r}, {op.column_name!r}): through= is "
+                "(middle_table, middle_key, middle_fk), with one-column keys"
+            )
+        middle_name, middle_key, middle_fk = op.through
+        middle = table(middle_name, column(middle_key), column(middle_fk), schema=op.schema)
+        counted = select(total).select_from(
+            child.join(middle, child.c[fks[0]] == middle.c[middle_key])
+        ).where(middle.c[middle_fk] == parent.c[keys[0]])
+    else:
+        counted = select(total).select_from(child).where(
+            and_(*(child.c[fk] == parent.c[key] for fk, key in zip(fks, keys)))
+        )
     if op.where is not None:
         counted = counted.where(text(f"({op.where})"))
     statements: list[Any] = []
@@ -271,6 +291,8 @@ def render_backfill_counter(autogen_context: AutogenContext, op: BackfillCounter
         args.append(f"parent_key={_repr_names(op.parent_key)}")
     if op.schema is not None:
         args.append(f"schema={op.schema!r}")
+    if op.through is not None:
+        args.append(f"through={op.through!r}")
     if op.shards:
         args.append("shards=True")
     return f"op.backfill_counter({', '.join(args)})"
