@@ -171,6 +171,12 @@ class CounterCache:
                 )
             self.middle_mapper, self.middle_fk_keys = child_mapper, fk_keys
             child_mapper, fk_keys = self._foreign_keys(child_mapper, leaf_prop, path[1])
+            if len(fk_keys) != 1 or len(self.middle_fk_keys) != 1:
+                raise ConfigurationError(
+                    f"{self.name}: a multi-level counter needs one-column primary keys on "
+                    f"{mapper.class_.__name__} and {self.middle_mapper.class_.__name__} "
+                    "(unsupported construct)"
+                )
         self.child_mapper = child_mapper
         self.fk_keys = fk_keys
         self._resolve_expressions(child_mapper)

@@ -177,7 +177,7 @@ def test_check_and_reconcile_join_through_the_middle(engine, m):
 
 
 @pytest.mark.servers_only
-@pytest.mark.parametrize("strategy", ["bulk", "deferred", "sharded"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_concurrent_answers_and_moves_lose_nothing(engine, strategy):
     """6 threads add and delete answers and move questions between 3 users."""
     m = models(strategy)
@@ -220,6 +220,7 @@ def test_concurrent_answers_and_moves_lose_nothing(engine, strategy):
         t.start()
     for t in threads:
         t.join(120)
+    print(f"\n{engine.dialect.name} {strategy}: {dict(outcome)}")
     assert outcome["committed"] >= 6, dict(outcome)
     assert_exact(engine, strategy)  # no drift, whatever was rolled back
 
