@@ -130,14 +130,19 @@ class Sink:
         from . import tracking
 
         pending, self.pending = self.pending, {}
+        # one read per middle class, whatever the number of its counters
+        wanted: dict[Any, set[tuple[Any, ...]]] = {}
         for counter, by_key in pending.items():
-            keys = [k for k, d in by_key.items() if d]
-            if not keys:
-                continue
-            middle = tracking._child_for(counter.middle_mapper)  # type: ignore[arg-type]
-            rows = tracking.read_foreign_keys(connection_for(counter.middle_mapper), middle, keys, lock="share")
-            for key in keys:
-                values = rows.get(key)
-                parent_key = tracking._key(values, counter.middle_fk_keys) if values is not None else None
+            wanted.setdefault(counter.middle_mapper, set()).update(k for k, d in by_key.items() if d)
+        rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
+        for mapper, keys in wanted.items():
+            if keys:
+                middle = tracking._child_for(mapper)
+                rows[mapper] = tracking.read_foreign_keys(connection_for(mapper), middle, sorted(keys), lock="share")
+        for counter, by_key in pending.items():
+            found = rows.get(counter.middle_mapper, {})
+            for key, delta in by_key.items():
+                values = found.get(key)
+                parent_key = tracking._key(values, counter.middle_fk_keys) if values is not None and delta else None
                 if parent_key is not None:
-                    self.strategy.add(counter, parent_key, by_key[key])
+                    self.strategy.add(counter, parent_key, delta)
