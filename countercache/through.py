@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, literal, select
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -74,26 +74,27 @@ def views(child: Any) -> list[MiddleView]:
 def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """``{middle key: {view.count_key: counted leaves}}`` for the middle rows ``keys``.
 
-    Read after the middle rows are locked, in a statement of its own, so that
-    it sees every leaf committed before the lock (a locking read on MariaDB/
-    MySQL, whose plain reads would use the transaction's older snapshot).
+    Read after the middle rows are locked, in a statement of its own, with a
+    share lock on the leaves, so that it sees every leaf committed before the
+    lock (a plain read would use the transaction's snapshot under REPEATABLE
+    READ, MariaDB's default).
     """
     found: dict[tuple[Any, ...], dict[str, Any]] = {k: {} for k in keys}
     if not keys:
         return found
-    mysql = connection.dialect.name in ("mysql", "mariadb")
     for view in views(child):
         counter = view.counter
         leaf = counter.child_mapper
         fk = leaf.get_property(counter.fk_keys[0]).columns[0]  # type: ignore[union-attr]
-        value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)
         criteria = [fk.in_([k[0] for k in keys])]
         if counter.where is not None:
             criteria.append(counter.where)
-        stmt = select(fk, value).where(and_(*criteria)).group_by(fk)
-        if mysql:
-            stmt = stmt.with_for_update(read=True)
-        for middle_key, n in connection.execute(stmt):
+        # a locking read sees the latest committed leaves whatever the isolation
+        # level (REPEATABLE READ's snapshot may predate the middle row's lock)
+        rows = (select(fk.label("k"), (counter.sum if counter.sum is not None else literal(1)).label("v"))
+                .where(and_(*criteria)).with_for_update(read=True).subquery())
+        value = func.count() if counter.sum is None else func.coalesce(func.sum(rows.c.v), 0)
+        for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)):
             found[(middle_key,)][view.count_key] = n
         for values in found.values():
             values.setdefault(view.count_key, 0)

@@ -84,6 +84,17 @@ class _Child:
             keys.extend(k for k in counter.value_keys if k not in keys)
             self.keys = tuple(keys)
 
+    @property
+    def computed_keys(self) -> frozenset[str]:
+        """Keys whose columns an UPDATE may set by itself (``onupdate``, ``server_onupdate``)."""
+        found = self.__dict__.get("_computed")
+        if found is None:
+            found = self.__dict__["_computed"] = frozenset(
+                k for k in self.keys
+                for col in self.mapper.get_property(k).columns  # type: ignore[attr-defined]
+                if col.onupdate is not None or col.server_onupdate is not None)
+        return found
+
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
 _children: weakref.WeakKeyDictionary[Mapper[Any], _Child] = weakref.WeakKeyDictionary()
@@ -141,6 +152,10 @@ class FlushState:
         if self.uow is not None:
             return self.uow.transaction.connection(mapper)
         return self.session.connection(bind_arguments={"mapper": mapper})
+
+    def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
+        """Multi-level leaf deltas of this flush not yet translated, for one middle row."""
+        return sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
 
     def translate(self, connection_for: Any = None) -> None:
         """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``)."""
@@ -404,8 +419,8 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # what the UPDATE wrote; a column it did not write (unchanged since
             # loaded, even if assigned again) keeps the database's value, which
             # the pre-read read under lock (the loaded one may be stale)
-            committed = state.committed_state
-            new = {k: values[k] if k in committed and _written(state, k) else old.get(k, values[k])
+            committed, computed = state.committed_state, child.computed_keys
+            new = {k: values[k] if k in computed or k in committed and _written(state, k) else old.get(k, values[k])
                    for k in child.keys}
         else:
             # expired by the UPDATE (a SQL expression was assigned, or a server
@@ -517,6 +532,10 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         # before this flush changes any leaf (deleted ones: in _before_delete)
         moving = [k for k, st in wanted.items() if k in found and not fs.uow.states[st][0]]  # type: ignore[union-attr]
         for key, counts in through.leaf_counts(connection, child, moving).items():
+            # leaves this flush already wrote (a flush ordered row by row, for a
+            # cycle between the classes) are counted by the flush, after the move
+            for view in through.views(child):
+                counts[view.count_key] -= fs.held_for(view.counter, key)
             found[key].update(counts)
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)

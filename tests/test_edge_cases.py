@@ -168,3 +168,86 @@ def test_assigning_a_stale_loaded_value_again_moves_nothing(engine, strategy):
         q.title = "touched"  # so that the row is updated at all
         s.commit()
     assert assert_counts(engine) == {ada_id: 0, bob_id: 1}
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_values_an_update_computes_itself_count_as_written(engine, strategy):
+    """``onupdate`` sets a counted column in the UPDATE: the new value is the flush's, not the pre-read's."""
+    from helpers import assert_counts
+
+    class Base(DeclarativeBase):
+        pass
+
+    class P(Base):
+        __tablename__ = "p"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kids: Mapped[list["K"]] = relationship()
+        fresh: Mapped[int] = counter_cache("kids", strategy=strategy, where=lambda: K.edited.is_(False))
+        revs: Mapped[int] = counter_cache("kids", strategy=strategy, sum="rev")
+
+    class K(Base):
+        __tablename__ = "k"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        p_id: Mapped[Optional[int]] = mapped_column(ForeignKey("p.id"))
+        edited: Mapped[bool] = mapped_column(default=False, onupdate=True)
+        rev: Mapped[int] = mapped_column(default=1, onupdate=lambda ctx: 5)
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([P(id=1), P(id=2), K(id=1, p_id=1)])
+        s.commit()
+        s.get(K, 1).p_id = 2
+        s.commit()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, fresh, revs FROM p ORDER BY id")).all() == [(1, 0, 0), (2, 0, 5)]
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_multi_level_with_a_cycle_between_middle_and_leaf(engine, strategy):
+    """Question.accepted_answer_id -> answers makes SQLAlchemy order the flush row by
+    row: an answer of a moving question may be inserted before the question's UPDATE."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        answer_count: Mapped[int] = counter_cache("questions.answers", strategy=strategy)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        accepted_answer_id: Mapped[Optional[int]] = mapped_column(
+            ForeignKey("answers.id", use_alter=True, name="fk_questions_accepted"))
+        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+        answers: Mapped[list["Answer"]] = relationship(back_populates="question", foreign_keys="Answer.question_id")
+        accepted_answer: Mapped[Optional["Answer"]] = relationship(foreign_keys=[accepted_answer_id])
+
+    class Answer(Base):
+        __tablename__ = "answers"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        question_id: Mapped[Optional[int]] = mapped_column(ForeignKey("questions.id"))
+        question: Mapped[Optional[Question]] = relationship(back_populates="answers", foreign_keys=[question_id])
+
+    Base.metadata.create_all(engine)
+    real = text("SELECT u.id, u.answer_count, (SELECT count(*) FROM answers a JOIN questions q "
+                "ON a.question_id = q.id WHERE q.user_id = u.id) FROM users u ORDER BY u.id")
+    with Session(engine) as s:
+        s.add_all([User(id=1), User(id=2)])
+        s.commit()
+        s.add_all([Question(id=i, user_id=1, answers=[Answer(id=10 * i)]) for i in (1, 2, 3)])
+        s.commit()
+        for round_ in range(6):  # SQLAlchemy's order varies: several rounds
+            questions = s.scalars(select(Question).order_by(Question.id)).all()
+            q = questions[round_ % 3]
+            with s.no_autoflush:
+                q.user_id = 2 if q.user_id == 1 else 1
+                s.add(Answer(question_id=q.id))
+            s.commit()
+            with engine.connect() as conn:
+                rows = conn.execute(real).all()
+            assert all(r[1] == r[2] for r in rows), (round_, rows)
+    Base.metadata.drop_all(engine)
