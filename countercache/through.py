@@ -82,20 +82,25 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
     found: dict[tuple[Any, ...], dict[str, Any]] = {k: {} for k in keys}
     if not keys:
         return found
+    from .tracking import PRELOCK_CHUNK, PRELOCK_CHUNK_MYSQL
+
+    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+    ordered = sorted(k[0] for k in keys)
     for view in views(child):
         counter = view.counter
         leaf = counter.child_mapper
         fk = leaf.get_property(counter.fk_keys[0]).columns[0]  # type: ignore[union-attr]
-        criteria = [fk.in_([k[0] for k in keys])]
-        if counter.where is not None:
-            criteria.append(counter.where)
-        # a locking read sees the latest committed leaves whatever the isolation
-        # level (REPEATABLE READ's snapshot may predate the middle row's lock)
-        rows = (select(fk.label("k"), (counter.sum if counter.sum is not None else literal(1)).label("v"))
-                .where(and_(*criteria)).with_for_update(read=True).subquery())
-        value = func.count() if counter.sum is None else func.coalesce(func.sum(rows.c.v), 0)
-        for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)):
-            found[(middle_key,)][view.count_key] = n
+        for start in range(0, len(ordered), size):  # MariaDB: IN lists below its subquery conversion
+            criteria = [fk.in_(ordered[start : start + size])]
+            if counter.where is not None:
+                criteria.append(counter.where)
+            # a locking read sees the latest committed leaves whatever the isolation
+            # level (REPEATABLE READ's snapshot may predate the middle row's lock)
+            rows = (select(fk.label("k"), (counter.sum if counter.sum is not None else literal(1)).label("v"))
+                    .where(and_(*criteria)).with_for_update(read=True).subquery())
+            value = func.count() if counter.sum is None else func.coalesce(func.sum(rows.c.v), 0)
+            for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)):
+                found[(middle_key,)][view.count_key] = n
         for values in found.values():
             values.setdefault(view.count_key, 0)
     return found
