@@ -143,9 +143,8 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
 
 def _with_leaves(connection: Any, child: Any, found: dict[Any, Any]) -> dict[Any, Any]:
     """Middle rows of multi-level counters (locked now) weigh their counted leaves."""
-    if through.views(child):
-        for key, counts in through.leaf_counts(connection, child, list(found)).items():
-            found[key].update(counts)
+    if child.views:
+        through.add_leaf_counts(connection, child, found)
     return found
 
 

@@ -67,8 +67,15 @@ class MiddleView:
         return f"<MiddleView of {self.counter.name}>"
 
 
-def views(child: Any) -> list[MiddleView]:
-    return [c for c in child.counters if isinstance(c, MiddleView)]
+def add_leaf_counts(connection: Connection, child: Any, rows: dict[tuple[Any, ...], dict[str, Any]],
+                    held: Any = None) -> None:
+    """Add to each middle row's values (``rows``: key -> values) its counted
+    leaves, less ``held(counter, key)`` (leaf changes this flush already wrote)."""
+    for key, counts in leaf_counts(connection, child, list(rows)).items():
+        if held is not None:
+            for view in child.views:
+                counts[view.count_key] -= held(view.counter, key)
+        rows[key].update(counts)
 
 
 def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -86,7 +93,7 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
 
     size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
     ordered = sorted(k[0] for k in keys)
-    for view in views(child):
+    for view in child.views:
         counter = view.counter
         leaf = counter.child_mapper
         fk = leaf.get_property(counter.fk_keys[0]).columns[0]  # type: ignore[union-attr]
@@ -110,17 +117,14 @@ def carry_counts(child: Any, old: dict[str, Any] | None, new: dict[str, Any] | N
     """A moved middle row takes its leaves along: ``new`` gets ``old``'s counts."""
     if old is None or new is None:
         return new
-    own = views(child)
-    if not own:
+    if not child.views:
         return new
-    return {**new, **{v.count_key: old.get(v.count_key, 0) for v in own}}
+    return {**new, **{v.count_key: old.get(v.count_key, 0) for v in child.views}}
 
 
 class Sink:
     """Stands in for a strategy for the leaf side of multi-level counters:
     holds deltas per middle key until :meth:`translate`."""
-
-    per_row = False
 
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy

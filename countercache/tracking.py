@@ -76,6 +76,10 @@ class _Child:
         #: Attribute keys whose values decide any of the counters (foreign
         #: keys, and the columns of where= and sum=).
         self.keys: tuple[str, ...] = ()
+        #: Of those, the ones an UPDATE may set by itself (onupdate, server_onupdate).
+        self.computed_keys: frozenset[str] = frozenset()
+        #: Multi-level counters for which this class is the middle (through.py).
+        self.views: list[through.MiddleView] = []
 
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
@@ -83,17 +87,12 @@ class _Child:
             keys = list(self.keys)
             keys.extend(k for k in counter.value_keys if k not in keys)
             self.keys = tuple(keys)
-
-    @property
-    def computed_keys(self) -> frozenset[str]:
-        """Keys whose columns an UPDATE may set by itself (``onupdate``, ``server_onupdate``)."""
-        found = self.__dict__.get("_computed")
-        if found is None:
-            found = self.__dict__["_computed"] = frozenset(
+            self.computed_keys = frozenset(
                 k for k in self.keys
                 for col in self.mapper.get_property(k).columns  # type: ignore[attr-defined]
                 if col.onupdate is not None or col.server_onupdate is not None)
-        return found
+            if isinstance(counter, through.MiddleView):
+                self.views.append(counter)
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
@@ -391,18 +390,15 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         return
     if child not in fs.read:
         _pre_read(fs, connection, child)
-    if child not in fs.deletes_counted and through.views(child):
+    if child.views and child not in fs.deletes_counted:
         # the first delete of a middle class: every leaf of the flush is written,
         # no middle row is gone yet; translate, then count what each deleted one keeps
         fs.deletes_counted.add(child)
         fs.translate(lambda m: connection)
-        deleting = {st.key[1]: st for st, (isdelete, listonly) in fs.uow.states.items()  # type: ignore[union-attr]
-                    if isdelete and not listonly and st.key is not None and _child_for(st.mapper) is child}
-        counts = through.leaf_counts(connection, child, list(deleting))
-        for key, st in deleting.items():
-            old = fs.old.get(st)
-            if isinstance(old, dict):
-                old.update(counts.get(key, {}))
+        deleting = {st.key[1]: fs.old[st] for st, (isdelete, listonly) in fs.uow.states.items()  # type: ignore[union-attr]
+                    if isdelete and not listonly and st.key is not None and _child_for(st.mapper) is child
+                    and isinstance(fs.old.get(st), dict)}
+        through.add_leaf_counts(connection, child, deleting)
 
 
 def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -508,7 +504,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = False
     # (a middle row's value includes its leaves: always read)
-    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not through.views(child) else None
+    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
     for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
         if listonly or state.key is None or _child_for(state.mapper) is not child:
             continue
@@ -527,16 +523,13 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     if connection.dialect.name == "sqlite":
         _begin_sqlite_write(connection)
     found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
-    if through.views(child):
+    if child.views:
         # middle rows that move take their leaves along: count them now, locked,
-        # before this flush changes any leaf (deleted ones: in _before_delete)
-        moving = [k for k, st in wanted.items() if k in found and not fs.uow.states[st][0]]  # type: ignore[union-attr]
-        for key, counts in through.leaf_counts(connection, child, moving).items():
-            # leaves this flush already wrote (a flush ordered row by row, for a
-            # cycle between the classes) are counted by the flush, after the move
-            for view in through.views(child):
-                counts[view.count_key] -= fs.held_for(view.counter, key)
-            found[key].update(counts)
+        # before this flush changes any leaf (deleted ones: in _before_delete);
+        # leaves this flush already wrote (a flush ordered row by row, for a
+        # cycle between the classes) are counted by the flush, after the move
+        moving = {k: found[k] for k, st in wanted.items() if k in found and not fs.uow.states[st][0]}  # type: ignore[union-attr]
+        through.add_leaf_counts(connection, child, moving, held=fs.held_for)
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)
 

@@ -52,6 +52,7 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,10 @@ def _uniform(values: list[Any]) -> list[Any]:
     return values
 
 
+#: mapper -> ParentTable.of_mapper(mapper), until the next counter is added
+_of_mapper: weakref.WeakKeyDictionary[Any, list[ParentTable]] = weakref.WeakKeyDictionary()
+
+
 class ParentTable:
     """The counters that live on one table, and how to update them."""
 
@@ -111,17 +116,21 @@ class ParentTable:
 
     @staticmethod
     def of_mapper(mapper: Mapper[Any]) -> list[ParentTable]:
-        """The parent tables whose rows ``mapper``'s instances are (inherited ones included)."""
+        """The parent tables whose rows ``mapper``'s instances are (inherited ones
+        included); looked up once per mapper (a parent delete asks per row)."""
         from . import _registry
 
-        found: list[ParentTable] = []
-        for counter in _registry.all_counters():
-            known = counter.parent
-            if known is not None and known not in found and mapper.isa(known.mapper):
-                found.append(known)
+        found = _of_mapper.get(mapper)
+        if found is None:
+            found = _of_mapper[mapper] = []
+            for counter in _registry.all_counters():
+                known = counter.parent
+                if known is not None and known not in found and mapper.isa(known.mapper):
+                    found.append(known)
         return found
 
     def add(self, counter: CounterCache) -> None:
+        _of_mapper.clear()
         if counter not in self.counters:
             counter.slot = len(self.counters)
             self.counters.append(counter)
