@@ -140,10 +140,15 @@ class Sink:
         from . import tracking
 
         pending, self.pending = self.pending, {}
-        # one read per middle class, whatever the number of its counters
+        # one read per middle class, whatever the number of its counters; every
+        # middle row whose leaves changed is locked, also where the deltas
+        # cancel out (an answer in, another out): a concurrent move counting
+        # that question's leaves must not run between the two (it would wait
+        # for the deleted one and miss the inserted one, which its snapshot
+        # predates)
         wanted: dict[Any, set[tuple[Any, ...]]] = {}
         for counter, by_key in pending.items():
-            wanted.setdefault(counter.middle_mapper, set()).update(k for k, d in by_key.items() if d)
+            wanted.setdefault(counter.middle_mapper, set()).update(by_key)
         rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
         for mapper, keys in wanted.items():
             if keys:

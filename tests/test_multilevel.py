@@ -177,6 +177,33 @@ def test_check_and_reconcile_join_through_the_middle(engine, m):
 
 
 @pytest.mark.servers_only
+def test_leaves_that_cancel_out_still_lock_their_middle_row(engine, m):
+    """One answer in, another out, same question, same flush: the deltas net to
+    zero, but the question row must still be share-locked until the
+    transaction ends. Without the lock a concurrent move of the question
+    counted its answers in between: it waited for the deleted answer and
+    missed the inserted one (newer than its snapshot), one short (seen as
+    drift in the concurrency test below, about 1 run in 12 on PostgreSQL)."""
+    A, Q, U = m.Answer, m.Question, m.User
+    with Session(engine) as s:
+        s.add_all([U(id=1), Q(id=10, user_id=1, answers=[A(id=100)])])
+        s.commit()
+    with Session(engine) as writer, engine.connect() as other:
+        writer.delete(writer.get(A, 100))
+        writer.add(A(question_id=10))
+        writer.flush()
+        # what a move's pre-read takes (FOR NO KEY UPDATE on PostgreSQL, which
+        # the insert's foreign-key check, FOR KEY SHARE, does not block)
+        with pytest.raises(DBAPIError):  # lock not available
+            other.execute(select(Q.id).where(Q.id == 10).with_for_update(nowait=True, key_share=True)).all()
+        other.rollback()
+        writer.commit()
+        assert other.execute(select(Q.id).where(Q.id == 10)
+                             .with_for_update(nowait=True, key_share=True)).all() == [(10,)]
+    assert_exact(engine, m.strategy)
+
+
+@pytest.mark.servers_only
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_concurrent_answers_and_moves_lose_nothing(engine, strategy):
     """6 threads add and delete answers and move questions between 3 users."""
