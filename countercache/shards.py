@@ -34,11 +34,11 @@ configuration.
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
+import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -54,6 +54,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     cast,
+    event,
     func,
     literal,
     select,
@@ -190,22 +191,70 @@ def check_shards(value: Any, what: str) -> int:
 
 # -- writing ------------------------------------------------------------------
 
-#: Each pooled connection gets the next number when it first writes shards;
-#: each process (a forked worker too) starts at its own random offset.
-_slots: tuple[int, Iterator[int]] = (-1, iter(()))
+class _PoolSlots:
+    """The shard slots of one connection pool's live connections.
+
+    A connection writing shards for the first time takes the lowest slot no
+    live connection of its pool holds, counted from the pool's random start,
+    and gives it back when the pool closes it. So the connections of a pool
+    of up to ``shards`` connections never share a shard row, however many
+    connections the pool opened and closed before.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.start = random.SystemRandom().randrange(MAX_SHARDS)
+        self.taken: set[int] = set()
+        self.lock = threading.Lock()
+        event.listen(pool, "close", self._closed)
+
+    def take(self) -> int:
+        with self.lock:
+            n = 0
+            while n in self.taken:
+                n += 1
+            self.taken.add(n)
+            return self.start + n
+
+    def _closed(self, dbapi_connection: Any, record: Any) -> None:
+        slot = record.info.get(_INFO_KEY)
+        if slot is not None:
+            with self.lock:
+                self.taken.discard(slot - self.start)
+
+
+#: (process id, pool -> its slots): a forked worker starts afresh.
+_pools: tuple[int, weakref.WeakKeyDictionary[Any, _PoolSlots]] = (-1, weakref.WeakKeyDictionary())
+_pools_lock = threading.Lock()
 _INFO_KEY = "countercache_shard_slot"
 
 
 def _slot(connection: Connection) -> int:
-    global _slots
-    info = connection.connection.info  # the pooled DBAPI connection's, kept across checkouts
+    """This connection's shard slot (taken on first use, kept across checkouts)."""
+    global _pools
+    info = connection.connection.info  # the pooled DBAPI connection's (cleared when it is replaced)
     slot = info.get(_INFO_KEY)
     if slot is None:
-        pid, numbers = _slots
-        if pid != os.getpid():
-            pid, numbers = _slots = (os.getpid(), itertools.count(random.SystemRandom().randrange(MAX_SHARDS)))
-        slot = info[_INFO_KEY] = next(numbers)
+        pool = connection.engine.pool
+        with _pools_lock:
+            pid, pools = _pools
+            if pid != os.getpid():
+                pid, pools = _pools = (os.getpid(), weakref.WeakKeyDictionary())
+            slots = pools.get(pool)
+            if slots is None:
+                slots = pools[pool] = _PoolSlots(pool)
+        slot = info[_INFO_KEY] = slots.take()
     return slot
+
+
+def forget_pools() -> None:
+    """``uninstall()``: remove the pools' close listeners (a connection keeps the slot it has)."""
+    global _pools
+    with _pools_lock:
+        pools = _pools[1]
+        _pools = (-1, weakref.WeakKeyDictionary())
+    for pool, slots in list(pools.items()):
+        if event.contains(pool, "close", slots._closed):
+            event.remove(pool, "close", slots._closed)
 
 
 #: side table -> {dialect name: upsert statement}

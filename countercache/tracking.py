@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import any_, bindparam, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.base import NO_VALUE
 
 from . import many_to_many, memory, through, transactions
 from .strategies import STRATEGY_CLASSES
@@ -80,6 +80,14 @@ class _Child:
         self.computed_keys: frozenset[str] = frozenset()
         #: Multi-level counters for which this class is the middle (through.py).
         self.views: list[through.MiddleView] = []
+        self._equals: list[tuple[str, Any]] | None = None
+
+    def equals(self) -> list[tuple[str, Any]]:
+        """``(key, the attribute's equality test)`` for every key (what its history compares with)."""
+        if self._equals is None:
+            manager = self.mapper.class_manager
+            self._equals = [(k, manager[k].impl.is_equal) for k in self.keys]
+        return self._equals
 
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
@@ -93,6 +101,7 @@ class _Child:
                 if col.onupdate is not None or col.server_onupdate is not None)
             if isinstance(counter, through.MiddleView):
                 self.views.append(counter)
+            self._equals = None
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
@@ -100,11 +109,16 @@ _children: weakref.WeakKeyDictionary[Mapper[Any], _Child] = weakref.WeakKeyDicti
 _child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.WeakKeyDictionary()
 
 
+#: One counter of a child in a flush: (counter, strategy object, its foreign key
+#: attribute keys, whether it is a plain count), looked up once per flush.
+Plan = tuple["CounterCache", Any, tuple[str, ...], bool]
+
+
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted")
+                 "deletes_counted", "children")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
@@ -119,13 +133,22 @@ class FlushState:
         #: (parent table, results) to show on in-memory parents after the flush
         self.results: list[tuple[ParentTable, Any]] = []
         #: child -> (counters with their strategy objects, per-row strategies)
-        self.plans: dict[_Child, tuple[list[tuple[CounterCache, Any]], list[Any]]] = {}
+        self.plans: dict[_Child, tuple[list[Plan], list[Any]]] = {}
         #: parent table -> whether this flush saves rows of its class (asked once)
         self.saved: dict[ParentTable, bool] = {}
         #: strategy name -> the sink holding multi-level leaf deltas per middle key
         self.sinks: dict[str, through.Sink] = {}
         #: middle children whose deleted rows' leaves were counted in this flush
         self.deletes_counted: set[_Child] = set()
+        #: mapper -> _child_for(mapper), for this flush (a plain dict: the row hooks ask per row)
+        self.children: dict[Mapper[Any], _Child | None] = {}
+
+    def child(self, mapper: Mapper[Any]) -> _Child | None:
+        try:
+            return self.children[mapper]
+        except KeyError:
+            found = self.children[mapper] = _child_for(mapper)
+            return found
 
     def holds_any(self, parent: ParentTable, keys: Any) -> bool:
         """Is any of these parents in the session (so the UPDATE should return values)?
@@ -192,7 +215,7 @@ class FlushState:
             found = self.strategies[name] = STRATEGY_CLASSES[name](self)
         return found
 
-    def plan(self, child: _Child) -> tuple[list[tuple[CounterCache, Any]], list[Any]]:
+    def plan(self, child: _Child) -> tuple[list[Plan], list[Any]]:
         """The child's counters paired with this flush's strategy objects (resolved once)."""
         found = self.plans.get(child)
         if found is None:
@@ -207,7 +230,7 @@ class FlushState:
                     if sink is None:
                         sink = self.sinks[strategy.name] = through.Sink(strategy)
                     strategy = sink
-                pairs.append((counter, strategy))
+                pairs.append((counter, strategy, counter.fk_keys, counter.simple))
             per_row = list({id(s): s for s in per_row_all}.values())
             found = self.plans[child] = (pairs, per_row)
         return found
@@ -331,12 +354,16 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
             strategy.row_done(connection)
 
 
-def _add_row(pairs: list[tuple[CounterCache, Any]], old: dict[str, Any] | None,
-             new: dict[str, Any] | None) -> None:
-    for counter, strategy in pairs:
-        old_key = _key(old, counter.fk_keys)
-        new_key = _key(new, counter.fk_keys)
-        if counter.simple:
+def _add_row(pairs: list[Plan], old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+    for counter, strategy, fk_keys, simple in pairs:
+        if len(fk_keys) == 1:  # the common case, inlined (this runs per row and counter)
+            fk = fk_keys[0]
+            old_key = None if old is None or (v := old.get(fk)) is None else (v,)
+            new_key = None if new is None or (v := new.get(fk)) is None else (v,)
+        else:
+            old_key = _key(old, fk_keys)
+            new_key = _key(new, fk_keys)
+        if simple:
             if old_key != new_key:
                 if old_key is not None:
                     strategy.add(counter, old_key, -1)
@@ -360,7 +387,7 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
-    child = _child_for(mapper)
+    child = fs.child(mapper)
     if child is not None:
         values = state.dict
         if not all(k in values for k in child.keys):
@@ -376,7 +403,7 @@ def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
-    child = _child_for(mapper)
+    child = fs.child(mapper)
     if child is not None and child not in fs.read:
         _pre_read(fs, connection, child)
 
@@ -385,7 +412,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
-    child = _child_for(mapper)
+    child = fs.child(mapper)
     if child is None:
         return
     if child not in fs.read:
@@ -396,7 +423,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         fs.deletes_counted.add(child)
         fs.translate(lambda m: connection)
         deleting = {st.key[1]: fs.old[st] for st, (isdelete, listonly) in fs.uow.states.items()  # type: ignore[union-attr]
-                    if isdelete and not listonly and st.key is not None and _child_for(st.mapper) is child
+                    if isdelete and not listonly and st.key is not None and fs.child(st.mapper) is child
                     and isinstance(fs.old.get(st), dict)}
         through.add_leaf_counts(connection, child, deleting)
 
@@ -408,7 +435,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     old = fs.old.get(state)
     if old is None or old is _GONE:
         return  # no counted value changed (or the row is gone: the ORM raises)
-    child = _child_for(mapper)
+    child = fs.child(mapper)
     if child is not None:
         values = state.dict
         if all(k in values for k in child.keys):
@@ -416,19 +443,21 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # loaded, even if assigned again) keeps the database's value, which
             # the pre-read read under lock (the loaded one may be stale)
             committed, computed = state.committed_state, child.computed_keys
-            new = {k: values[k] if k in computed or k in committed and _written(state, k) else old.get(k, values[k])
-                   for k in child.keys}
+            new = {}
+            for k, equal in child.equals():
+                value = values[k]
+                # written: assigned a value unequal to the loaded one (the
+                # attribute's history, without building it: this runs per row)
+                if k in computed or k in committed and equal(value, committed[k]) is not True:
+                    new[k] = value
+                else:
+                    new[k] = old.get(k, value)
         else:
             # expired by the UPDATE (a SQL expression was assigned, or a server
             # side onupdate): the row, locked by the pre-read, says what it is now
             key = tuple(state.key[1])  # type: ignore[index]
             new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
         _changed(fs, connection, child, old, through.carry_counts(child, old, new))
-
-
-def _written(state: InstanceState[Any], key: str) -> bool:
-    """Did this flush's UPDATE write the attribute ``key`` (a net change since loaded)?"""
-    return bool(state.manager[key].impl.get_history(state, state.dict, PASSIVE_NO_INITIALIZE).added)
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -438,7 +467,7 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     old = fs.old.get(state)
     if old is _GONE:
         return  # deleted by someone else first: their delete counted it
-    child = _child_for(mapper)
+    child = fs.child(mapper)
     if child is None:
         return
     if old is None:
@@ -506,7 +535,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     # (a middle row's value includes its leaves: always read)
     locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
     for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
-        if listonly or state.key is None or _child_for(state.mapper) is not child:
+        if listonly or state.key is None or fs.child(state.mapper) is not child:
             continue
         if not isdelete and not any(k in state.committed_state for k in keys):
             continue
@@ -606,9 +635,17 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
 
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
 
+    n = len(pk)
+
     def collect(stmt: Any) -> None:
-        for row in connection.execute(stmt):
-            found[tuple(row[: len(pk)])] = dict(zip(value_keys, row[len(pk) :]))
+        rows = connection.execute(stmt)
+        if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
+            (k,) = value_keys
+            for key, value in rows:
+                found[(key,)] = {k: value}
+        else:
+            for row in rows:
+                found[tuple(row[:n])] = dict(zip(value_keys, row[n:]))
 
     if keys is None:
         collect(statement(where if where is not None else true()))
@@ -708,8 +745,9 @@ def uninstall() -> None:
     bulk_dml.uninstall()
     for mapper in list(_hooked):
         _unhook(mapper)
-    from .shards import parent_deleted
+    from .shards import forget_pools, parent_deleted
 
+    forget_pools()
     for mapper in list(_parents_hooked):
         if event.contains(mapper, "after_delete", parent_deleted):
             event.remove(mapper, "after_delete", parent_deleted)

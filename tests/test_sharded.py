@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, Numeric, String, delete, insert, select, text, update
+from sqlalchemy import ForeignKey, Numeric, String, create_engine, delete, insert, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -249,6 +249,31 @@ def test_concurrent_writers_spread_over_shards(engine, m):
     assert not errors
     assert len({shard for _, shard, _ in shard_rows(engine)}) == 4
     assert assert_exact(engine) == {1: 4}
+
+
+def test_a_pools_live_connections_never_share_a_shard(engine):
+    """Slots are taken per pool and given back with the connection: a pool that
+    opened and dropped 15 connections still spreads 4 live ones over 4 shards
+    (a process-wide counter had moved on by 16 and put the 4th on the 1st's row)."""
+    from countercache.shards import _slot
+
+    pool_engine = create_engine(engine.url, pool_size=4, max_overflow=20)
+    try:
+        first = pool_engine.connect()
+        taken = [_slot(first)]
+        for _ in range(15):
+            dropped = pool_engine.connect()
+            _slot(dropped)
+            dropped.invalidate()  # the pool closes the DBAPI connection
+            dropped.close()
+        live = [pool_engine.connect() for _ in range(3)]
+        taken += [_slot(c) for c in live]
+        assert len({slot % 16 for slot in taken}) == 4, taken
+        assert len({slot % 4 for slot in taken}) == 4, taken
+        for c in [first, *live]:
+            c.close()
+    finally:
+        pool_engine.dispose()
 
 
 @pytest.mark.servers_only
