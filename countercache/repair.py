@@ -175,7 +175,7 @@ class _Sql:
         stmt = select(*self.pk).order_by(*self.pk).limit(size)
         if after is not None:
             stmt = stmt.where(self.key > (after if len(self.pk) == 1 else tuple_(*after)))
-        return [self.key_value(r) for r in conn.execute(stmt)]
+        return [self.key_value(r) for r in conn.execute(stmt).all()]
 
     def in_range(self, lo: Any, hi: Any) -> Any:
         if len(self.pk) == 1:
@@ -191,7 +191,7 @@ class _Sql:
         )
         attribute = getattr(self.counter.cls, self.counter.key)  # type: ignore[arg-type]
         n = len(self.pk)
-        return [Drift(attribute, self.key_value(r), r[n], r[n + 1]) for r in conn.execute(stmt)]
+        return [Drift(attribute, self.key_value(r), r[n], r[n + 1]) for r in conn.execute(stmt).all()]
 
 
 

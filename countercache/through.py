@@ -106,7 +106,7 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
             rows = (select(fk.label("k"), (counter.sum if counter.sum is not None else literal(1)).label("v"))
                     .where(and_(*criteria)).with_for_update(read=True).subquery())
             value = func.count() if counter.sum is None else func.coalesce(func.sum(rows.c.v), 0)
-            for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)):
+            for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)).all():
                 found[(middle_key,)][view.count_key] = n
         for values in found.values():
             values.setdefault(view.count_key, 0)

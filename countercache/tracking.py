@@ -40,7 +40,7 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import any_, bindparam, event, select, true, tuple_
+from sqlalchemy import Integer, Text, any_, bindparam, cast, event, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import NO_VALUE
@@ -622,8 +622,15 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
 
     if keys is not None and len(pk) == 1 and connection.dialect.name == "postgresql":
         # one array parameter: psycopg parses a fixed text, not 5,000 placeholders
-        where, keys = pk[0] == any_(bindparam("countercache_keys", [k[0] for k in keys],
-                                                type_=ARRAY(pk[0].type))), None
+        values = [k[0] for k in keys]
+        if isinstance(pk[0].type, Integer) and all(type(v) is int for v in values):
+            # integers as one array literal: psycopg picks a type per element of
+            # a list (3.6 ms for 5,000 keys, against 0.9 ms for the text)
+            where = pk[0] == any_(cast(bindparam("countercache_keys", "{" + ",".join(map(str, values)) + "}",
+                                                 type_=Text), ARRAY(pk[0].type)))
+        else:
+            where = pk[0] == any_(bindparam("countercache_keys", values, type_=ARRAY(pk[0].type)))
+        keys = None
 
     def statement(criteria: Any) -> Any:
         stmt = select(*pk, *value_cols).where(criteria).order_by(*pk)
@@ -638,7 +645,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     n = len(pk)
 
     def collect(stmt: Any) -> None:
-        rows = connection.execute(stmt)
+        rows = connection.execute(stmt).all()  # one fetchall, not a fetchone per row
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
