@@ -163,6 +163,8 @@ class FlushState:
         if saved:
             return True
         identity_map = self.session.identity_map
+        if not identity_map:
+            return False
         key_from_pk = parent.mapper.identity_key_from_primary_key
         return any(key_from_pk(tuple(k)) in identity_map for k in keys)
 

@@ -103,6 +103,8 @@ class ParentTable:
         self.pk_cols: tuple[Column[Any], ...] = tuple(table.primary_key.columns)
         self.counters: list[CounterCache] = []
         self._statements: dict[tuple[Any, ...], Any] = {}
+        #: (dialect name, returning, slots) -> (statement, key parameter names, (delta parameter name, slot))
+        self._one: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
     def for_column(cls, mapper: Mapper[Any], column: Column[Any]) -> ParentTable:
@@ -135,6 +137,7 @@ class ParentTable:
             counter.slot = len(self.counters)
             self.counters.append(counter)
             self._statements.clear()
+            self._one.clear()
 
     def new_vector(self) -> list[int]:
         return [0] * len(self.counters)
@@ -156,6 +159,8 @@ class ParentTable:
         """
         if len(deltas) == 1:  # the common small transaction, and per_row: no sorting, no set-up
             ((key, vector),) = deltas.items()
+            if len(vector) == 1:  # one counter on the table
+                return self._apply_one(connection, (0,), key, vector, values) if vector[0] else []
             slots = tuple(i for i, d in enumerate(vector) if d)
             return self._apply_one(connection, slots, key, vector, values) if slots else []
         changed = {k: v for k, v in deltas.items() if any(v)}
@@ -238,8 +243,22 @@ class ParentTable:
 
     def _apply_one(self, connection: Connection, slots: tuple[int, ...], key: Key, vector: list[int],
                    values: bool) -> Results:
-        returning = values and self._returning(connection)
+        """``UPDATE ... WHERE pk = :k0``: per_row runs this per child row, so the
+        statement and its parameter names are looked up once per form."""
+        returning = values and bool(connection.dialect.update_returning)
+        form = self._one.get((connection.dialect.name, returning, slots))
+        if form is None:
+            form = self._one[(connection.dialect.name, returning, slots)] = self._one_form(connection, slots, returning)
+        stmt, key_names, delta_names = form
+        params = dict(zip(key_names, key))
+        for name, i in delta_names:
+            params[name] = vector[i]
+        result = connection.execute(stmt, params)
+        if returning:
+            return self._results(result.fetchall(), slots)
+        return self._no_results([key]) if values else []
 
+    def _one_form(self, connection: Connection, slots: tuple[int, ...], returning: bool) -> tuple[Any, list[str], list[tuple[str, int]]]:
         def build() -> Any:
             sql = (
                 f"UPDATE {self._table_name(connection)} SET "
@@ -254,12 +273,7 @@ class ParentTable:
             return self._typed(sql, binds, slots if returning else None)
 
         stmt = self._cached(connection, "one+" if returning else "one", slots, build)
-        params = {f"k{j}": v for j, v in enumerate(key)}
-        params.update({f"d{i}": vector[i] for i in slots})
-        result = connection.execute(stmt, params)
-        if returning:
-            return self._results(result.fetchall(), slots)
-        return self._no_results([key]) if values else []
+        return stmt, [f"k{j}" for j in range(len(self.pk_cols))], [(f"d{i}", i) for i in slots]
 
     def _apply_case(self, connection: Connection, slots: tuple[int, ...], keys: list[Key],
                     deltas: Deltas, values: bool) -> Results:
