@@ -204,7 +204,7 @@ class _PoolSlots:
     def __init__(self, pool: Any) -> None:
         self.start = random.SystemRandom().randrange(MAX_SHARDS)
         self.taken: set[int] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a connection collected inside take() closes on this thread
         event.listen(pool, "close", self._closed)
 
     def take(self) -> int:
@@ -213,18 +213,18 @@ class _PoolSlots:
             while n in self.taken:
                 n += 1
             self.taken.add(n)
-            return self.start + n
+            return n
 
     def _closed(self, dbapi_connection: Any, record: Any) -> None:
-        slot = record.info.get(_INFO_KEY)
-        if slot is not None:
+        held = record.info.get(_INFO_KEY)
+        if held is not None and held[0] is self:  # not a slot of an earlier allocator (uninstall, fork)
             with self.lock:
-                self.taken.discard(slot - self.start)
+                self.taken.discard(held[1])
 
 
 #: (process id, pool -> its slots): a forked worker starts afresh.
 _pools: tuple[int, weakref.WeakKeyDictionary[Any, _PoolSlots]] = (-1, weakref.WeakKeyDictionary())
-_pools_lock = threading.Lock()
+_pools_lock = threading.RLock()
 _INFO_KEY = "countercache_shard_slot"
 
 
@@ -232,18 +232,19 @@ def _slot(connection: Connection) -> int:
     """This connection's shard slot (taken on first use, kept across checkouts)."""
     global _pools
     info = connection.connection.info  # the pooled DBAPI connection's (cleared when it is replaced)
-    slot = info.get(_INFO_KEY)
-    if slot is None:
-        pool = connection.engine.pool
-        with _pools_lock:
-            pid, pools = _pools
-            if pid != os.getpid():
-                pid, pools = _pools = (os.getpid(), weakref.WeakKeyDictionary())
-            slots = pools.get(pool)
-            if slots is None:
-                slots = pools[pool] = _PoolSlots(pool)
-        slot = info[_INFO_KEY] = slots.take()
-    return slot
+    pool = connection.engine.pool
+    with _pools_lock:
+        pid, pools = _pools
+        if pid != os.getpid():
+            pid, pools = _pools = (os.getpid(), weakref.WeakKeyDictionary())
+        slots = pools.get(pool)
+        if slots is None:
+            slots = pools[pool] = _PoolSlots(pool)
+    held = info.get(_INFO_KEY)
+    if held is None or held[0] is not slots:
+        # (allocator, number): a slot from before an uninstall() or a fork is not this pool's now
+        held = info[_INFO_KEY] = (slots, slots.take())
+    return slots.start + held[1]
 
 
 def forget_pools() -> None:
