@@ -76,6 +76,7 @@ class _Child:
         #: Attribute keys whose values decide any of the counters (foreign
         #: keys, and the columns of where= and sum=).
         self.keys: tuple[str, ...] = ()
+        self.key_set: frozenset[str] = frozenset()
         #: Of those, the ones an UPDATE may set by itself (onupdate, server_onupdate).
         self.computed_keys: frozenset[str] = frozenset()
         #: Multi-level counters for which this class is the middle (through.py).
@@ -95,6 +96,7 @@ class _Child:
             keys = list(self.keys)
             keys.extend(k for k in counter.value_keys if k not in keys)
             self.keys = tuple(keys)
+            self.key_set = frozenset(keys)
             self.computed_keys = frozenset(
                 k for k in self.keys
                 for col in self.mapper.get_property(k).columns  # type: ignore[attr-defined]
@@ -392,7 +394,7 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = fs.child(mapper)
     if child is not None:
         values = state.dict
-        if not all(k in values for k in child.keys):
+        if not values.keys() >= child.key_set:
             # a value the INSERT left to the database (a server default, say):
             # read the row back (only then, and only this row)
             key = state.key[1] if state.key is not None else mapper.primary_key_from_instance(state.obj())

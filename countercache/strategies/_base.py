@@ -35,15 +35,20 @@ class Strategy:
     #: Whether the SQL may be the one-statement form for a few parents.
     few = False
 
-    def write(self, connection_for: Any) -> None:
-        """Apply and forget everything pending, parent tables in name order."""
-        pending, self.pending = self.pending, {}
+    def write(self, connection_for: Any = None, connection: Connection | None = None) -> None:
+        """Apply and forget everything pending, parent tables in name order, on
+        ``connection`` or on ``connection_for(parent table)``."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        flush = self.flush
         for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.table.fullname)):
             deltas = pending[parent]
-            results = parent.apply(connection_for(parent), deltas,
-                                   values=self.flush.holds_any(parent, deltas), few=self.few)
+            results = parent.apply(connection if connection is not None else connection_for(parent), deltas,
+                                   values=flush.holds_any(parent, deltas), few=self.few)
             if results:
-                self.flush.results.append((parent, results))
+                flush.results.append((parent, results))
 
     def row_done(self, connection: Connection) -> None:
         """One child row's changes are all added."""

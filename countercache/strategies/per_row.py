@@ -26,7 +26,7 @@ class PerRowStrategy(Strategy):
     few = True
 
     def row_done(self, connection: Connection) -> None:
-        self.write(lambda parent: connection)
+        self.write(connection=connection)
 
     def flush_done(self) -> None:
         # Nothing is left after a flush (every row wrote its own); an ORM bulk
