@@ -189,9 +189,6 @@ class ParentTable:
     def _table_name(self, connection: Connection) -> str:
         return connection.dialect.identifier_preparer.format_table(self.table)
 
-    def _returning(self, connection: Connection) -> bool:
-        return bool(connection.dialect.update_returning)
-
     def _results(self, rows: Sequence[Any], slots: tuple[int, ...]) -> Results:
         n = len(self.pk_cols)
         attr_keys = [self.counters[i].key for i in slots]
@@ -258,7 +255,8 @@ class ParentTable:
             return self._results(result.fetchall(), slots)
         return self._no_results([key]) if values else []
 
-    def _one_form(self, connection: Connection, slots: tuple[int, ...], returning: bool) -> tuple[Any, list[str], list[tuple[str, int]]]:
+    def _one_form(self, connection: Connection, slots: tuple[int, ...],
+                  returning: bool) -> tuple[Any, list[str], list[tuple[str, int]]]:
         def build() -> Any:
             sql = (
                 f"UPDATE {self._table_name(connection)} SET "
