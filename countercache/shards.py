@@ -196,16 +196,18 @@ class _PoolSlots:
 
     A connection writing shards for the first time takes the lowest slot no
     live connection of its pool holds, counted from the pool's random start,
-    and gives it back when the pool closes it. So the connections of a pool
-    of up to ``shards`` connections never share a shard row, however many
-    connections the pool opened and closed before.
+    and gives it back when the pool closes or detaches it. So the
+    connections of a pool of up to ``shards`` connections never share a shard
+    row, however many connections the pool opened and closed before.
     """
 
     def __init__(self, pool: Any) -> None:
         self.start = random.SystemRandom().randrange(MAX_SHARDS)
         self.taken: set[int] = set()
         self.lock = threading.RLock()  # a connection collected inside take() closes on this thread
-        event.listen(pool, "close", self._closed)
+        # given back when the pool closes the connection, or lets go of it (detach())
+        for name in _POOL_EVENTS:
+            event.listen(pool, name, self._closed)
 
     def take(self) -> int:
         with self.lock:
@@ -226,6 +228,7 @@ class _PoolSlots:
 _pools: tuple[int, weakref.WeakKeyDictionary[Any, _PoolSlots]] = (-1, weakref.WeakKeyDictionary())
 _pools_lock = threading.RLock()
 _INFO_KEY = "countercache_shard_slot"
+_POOL_EVENTS = ("close", "detach")
 
 
 def _slot(connection: Connection) -> int:
@@ -254,8 +257,9 @@ def forget_pools() -> None:
         pools = _pools[1]
         _pools = (-1, weakref.WeakKeyDictionary())
     for pool, slots in list(pools.items()):
-        if event.contains(pool, "close", slots._closed):
-            event.remove(pool, "close", slots._closed)
+        for name in _POOL_EVENTS:
+            if event.contains(pool, name, slots._closed):
+                event.remove(pool, name, slots._closed)
 
 
 #: side table -> {dialect name: upsert statement}

@@ -270,6 +270,15 @@ def test_a_pools_live_connections_never_share_a_shard(engine):
         taken += [_slot(c) for c in live]
         assert len({slot % 16 for slot in taken}) == 4, taken
         assert len({slot % 4 for slot in taken}) == 4, taken
+        # a detached connection leaves the pool: its slot goes to the next connection
+        extra = pool_engine.connect()
+        extra_slot = _slot(extra)
+        assert extra_slot not in taken
+        extra.detach()
+        extra.close()
+        after = pool_engine.connect()
+        assert _slot(after) == extra_slot
+        after.close()
         # uninstall() forgets the pools: slots taken before are not kept over new ones
         forget_pools()
         assert len({_slot(c) % 4 for c in [first, *live]}) == 4
