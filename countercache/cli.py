@@ -57,8 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--counter", action="append", default=[],
                          help="Class.attribute of a counter (repeatable; default: every counter)")
         sub.add_argument("--batch-size", type=int, default=1000,
-                         help="parents per batch (default 1000)" if name == "fold"
-                         else "parents per batch (default 1000)")
+                         help="parents per batch (default 1000)")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         if name == "reconcile":
             sub.add_argument("--dry-run", action="store_true",

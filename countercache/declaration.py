@@ -84,8 +84,8 @@ class CounterCache:
         self.middle_fk_keys: tuple[str, ...] = ()
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
-        self._strategy_cache: tuple[int, str] = (-1, "")
-        self._shards_cache: tuple[int, int] = (-1, 0)
+        #: (configuration generation, strategy, shards) as resolved for that generation
+        self._resolved: tuple[int, str, int] = (-1, "", 0)
 
     @property
     def name(self) -> str:
@@ -107,21 +107,21 @@ class CounterCache:
             return 1
         return self.sum_fn(values) or 0
 
+    def _settings(self) -> tuple[int, str, int]:
+        """Strategy and shard count for the configuration in force (resolved once per change)."""
+        resolved = self._resolved
+        if resolved[0] != config._config.generation:
+            resolved = self._resolved = (config._config.generation, config.resolve(self),
+                                         config.resolve_shards(self))
+        return resolved
+
     def strategy(self) -> str:
         """The strategy in force now (configuration included)."""
-        generation, name = self._strategy_cache
-        if generation != config._config.generation:
-            name = config.resolve(self)
-            self._strategy_cache = (config._config.generation, name)
-        return name
+        return self._settings()[1]
 
     def shards(self) -> int:
         """How many shard rows per parent a ``sharded`` counter spreads over now."""
-        generation, count = self._shards_cache
-        if generation != config._config.generation:
-            count = config.resolve_shards(self)
-            self._shards_cache = (config._config.generation, count)
-        return count
+        return self._settings()[2]
 
     def __repr__(self) -> str:
         return f"<CounterCache {self.name} over {self.relationship!r}>"

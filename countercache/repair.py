@@ -164,9 +164,9 @@ class _Sql:
         # deltas, read in the same statement as the count (one snapshot)
         from .shards import pending_expression
 
-        self.pending = pending_expression(counter) if len(self.pk) == 1 else None
-        self.stored = self.column if self.pending is None else self.column + self.pending
-        self.target = self.actual if self.pending is None else self.actual - self.pending
+        pending = pending_expression(counter) if len(self.pk) == 1 else None
+        self.stored = self.column if pending is None else self.column + pending
+        self.target = self.actual if pending is None else self.actual - pending
 
     def key_value(self, row: Any) -> Any:
         return row[0] if len(self.pk) == 1 else tuple(row[: len(self.pk)])

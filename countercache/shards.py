@@ -311,25 +311,24 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
         connection = connection_for(parent)
         slot = _slot(connection)
         gone = deleted.get(parent, ())
+        # per counter slot, looked up on first use: (its rows, its name, its shard)
+        targets: dict[int, tuple[list[dict[str, Any]], str, int]] = {}
         for key, vector in deltas.items():
             if key in gone:
                 continue
             for index, delta in enumerate(vector):
                 if not delta:
                     continue
-                counter = parent.counters[index]
-                table = table_for(counter)
-                if table is None:
-                    check_shardable(counter, counter.name, need_table=True)
-                rows = by_table.get((table, connection))  # type: ignore[arg-type]
-                if rows is None:
-                    rows = by_table[(table, connection)] = []  # type: ignore[index]
-                rows.append({
-                    "counter": counter_name(counter),
-                    "parent_key": str(key[0]),
-                    "shard": slot % counter.shards(),
-                    "delta": int(delta),
-                })
+                target = targets.get(index)
+                if target is None:
+                    counter = parent.counters[index]
+                    table = table_for(counter)
+                    if table is None:
+                        check_shardable(counter, counter.name, need_table=True)
+                    rows = by_table.setdefault((table, connection), [])  # type: ignore[arg-type]
+                    target = targets[index] = (rows, counter_name(counter), slot % counter.shards())
+                rows, name, shard = target
+                rows.append({"counter": name, "parent_key": str(key[0]), "shard": shard, "delta": int(delta)})
     for (table, connection), rows in by_table.items():
         rows.sort(key=lambda r: (r["counter"], r["parent_key"], r["shard"]))
         stmt = _upsert(table, connection.dialect.name)

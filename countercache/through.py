@@ -89,9 +89,9 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
     found: dict[tuple[Any, ...], dict[str, Any]] = {k: {} for k in keys}
     if not keys:
         return found
-    from .tracking import PRELOCK_CHUNK, PRELOCK_CHUNK_MYSQL
+    from .tracking import chunk_size
 
-    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+    size = chunk_size(connection)
     ordered = sorted(k[0] for k in keys)
     for view in child.views:
         counter = view.counter

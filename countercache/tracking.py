@@ -442,7 +442,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = fs.child(mapper)
     if child is not None:
         values = state.dict
-        if all(k in values for k in child.keys):
+        if values.keys() >= child.key_set:
             # what the UPDATE wrote; a column it did not write (unchanged since
             # loaded, even if assigned again) keeps the database's value, which
             # the pre-read read under lock (the loaded one may be stale)
@@ -489,17 +489,19 @@ def _loaded(state: InstanceState[Any], context: Any) -> None:
     moving it later needs no pre-read (``SELECT ... FOR UPDATE`` then
     ``DELETE`` is how applications pick rows under concurrency).
     """
-    child = _child_for(state.mapper)
-    if child is not None and _locks_rows(context):
-        _mark_locked(context.session, child, state, state.dict)  # a new object: all it holds is this load's
+    if _locks_rows(context):
+        child = _child_for(state.mapper)
+        if child is not None:
+            _mark_locked(context.session, child, state, state.dict)  # a new object: all it holds is this load's
 
 
 def _refreshed(state: InstanceState[Any], context: Any, attrs: Any) -> None:
     """``refresh``: only the attributes named in ``attrs`` are this load's (None
     also comes with populate_existing and load_only: trust nothing then)."""
-    child = _child_for(state.mapper)
-    if attrs and child is not None and _locks_rows(context):
-        _mark_locked(context.session, child, state, attrs)
+    if attrs and _locks_rows(context):
+        child = _child_for(state.mapper)
+        if child is not None:
+            _mark_locked(context.session, child, state, attrs)
 
 
 def _locks_rows(context: Any) -> bool:
@@ -603,6 +605,11 @@ def _begin_sqlite_write(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def chunk_size(connection: Connection) -> int:
+    """Keys per locking read: below MariaDB/MySQL's IN-to-subquery conversion there."""
+    return PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+
+
 def is_suspended(session: Session) -> bool:
     return bool(_suspended.get(session))
 
@@ -662,7 +669,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         collect(statement(where if where is not None else true()))
         return found
     ordered = sorted(keys)
-    size = PRELOCK_CHUNK_MYSQL if connection.dialect.name in ("mysql", "mariadb") else PRELOCK_CHUNK
+    size = chunk_size(connection)
     for start in range(0, len(ordered), size):
         chunk = ordered[start : start + size]
         collect(statement(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)))

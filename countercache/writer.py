@@ -103,8 +103,6 @@ class ParentTable:
         self.pk_cols: tuple[Column[Any], ...] = tuple(table.primary_key.columns)
         self.counters: list[CounterCache] = []
         self._statements: dict[tuple[Any, ...], Any] = {}
-        #: (dialect name, returning, slots) -> (statement, key parameter names, (delta parameter name, slot))
-        self._one: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
     def for_column(cls, mapper: Mapper[Any], column: Column[Any]) -> ParentTable:
@@ -137,7 +135,6 @@ class ParentTable:
             counter.slot = len(self.counters)
             self.counters.append(counter)
             self._statements.clear()
-            self._one.clear()
 
     def new_vector(self) -> list[int]:
         return [0] * len(self.counters)
@@ -243,10 +240,9 @@ class ParentTable:
         """``UPDATE ... WHERE pk = :k0``: per_row runs this per child row, so the
         statement and its parameter names are looked up once per form."""
         returning = values and bool(connection.dialect.update_returning)
-        form = self._one.get((connection.dialect.name, returning, slots))
-        if form is None:
-            form = self._one[(connection.dialect.name, returning, slots)] = self._one_form(connection, slots, returning)
-        stmt, key_names, delta_names = form
+        # (statement, key parameter names, (delta parameter name, slot))
+        stmt, key_names, delta_names = self._cached(connection, "one+" if returning else "one", slots,
+                                                    lambda: self._one_form(connection, slots, returning))
         params = dict(zip(key_names, key))
         for name, i in delta_names:
             params[name] = vector[i]
@@ -257,20 +253,17 @@ class ParentTable:
 
     def _one_form(self, connection: Connection, slots: tuple[int, ...],
                   returning: bool) -> tuple[Any, list[str], list[tuple[str, int]]]:
-        def build() -> Any:
-            sql = (
-                f"UPDATE {self._table_name(connection)} SET "
-                + self._set_list(connection, slots, lambda i: f":d{i}")
-                + " WHERE "
-                + " AND ".join(f"{self._q(connection, c.name)} = :k{j}" for j, c in enumerate(self.pk_cols))
-            )
-            if returning:
-                sql += " RETURNING " + self._returning_list(connection, slots)
-            binds = {f"k{j}": c.type for j, c in enumerate(self.pk_cols)}
-            binds.update({f"d{i}": self._type(i) for i in slots})
-            return self._typed(sql, binds, slots if returning else None)
-
-        stmt = self._cached(connection, "one+" if returning else "one", slots, build)
+        sql = (
+            f"UPDATE {self._table_name(connection)} SET "
+            + self._set_list(connection, slots, lambda i: f":d{i}")
+            + " WHERE "
+            + " AND ".join(f"{self._q(connection, c.name)} = :k{j}" for j, c in enumerate(self.pk_cols))
+        )
+        if returning:
+            sql += " RETURNING " + self._returning_list(connection, slots)
+        binds = {f"k{j}": c.type for j, c in enumerate(self.pk_cols)}
+        binds.update({f"d{i}": self._type(i) for i in slots})
+        stmt = self._typed(sql, binds, slots if returning else None)
         return stmt, [f"k{j}" for j in range(len(self.pk_cols))], [(f"d{i}", i) for i in slots]
 
     def _apply_case(self, connection: Connection, slots: tuple[int, ...], keys: list[Key],

@@ -48,6 +48,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
+from ..shards import TABLE_NAME
 
 if TYPE_CHECKING:
     # Not at run time: Alembic imports this module (its plugin entry point)
@@ -166,13 +167,11 @@ def _backfill_for(
         sum=sum_,
         parent_key=keys[0] if len(keys) == 1 else tuple(keys),
         schema=col.table.schema,
-        shards=SHARD_TABLE in col.table.metadata.tables,
+        shards=TABLE_NAME in col.table.metadata.tables,
         through=through,
     )
 
 
-#: The side table of sharded counters (countercache.shards.TABLE_NAME).
-SHARD_TABLE = "countercache_shards"
 
 
 def _walk(container: ops.OpContainer) -> Any:

@@ -44,6 +44,7 @@ from sqlalchemy import (
 )
 
 from ..errors import CounterCacheError
+from ..shards import TABLE_NAME
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -239,7 +240,7 @@ def _statements(operations: Operations, op: BackfillCounterOp) -> list[Any]:
         statements.append(text(f"LOCK TABLE {preparer.format_table(parent)} IN EXCLUSIVE MODE"))
     if op.shards:
         # the pending deltas of a sharded counter: the backfill's count replaces them
-        shard_rows = table("countercache_shards", column("counter"))  # shard_table() gives it no schema
+        shard_rows = table(TABLE_NAME, column("counter"))  # shard_table() gives it no schema
         statements.append(shard_rows.delete().where(
             shard_rows.c.counter == literal(f"{qualified}.{op.column_name}")))
     statements.append(

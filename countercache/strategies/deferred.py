@@ -29,7 +29,11 @@ class DeferredStrategy(Strategy):
             # before_commit hook): the commit is now, write at once.
             self.write(self.flush.connection_for)
             return
-        held = getattr(transactions.current_entry(session), self.held)
+        self.hold()
+
+    def hold(self) -> None:
+        """Add what this flush found to the transaction's running sum, for the commit."""
+        held = getattr(transactions.current_entry(self.flush.session), self.held)
         for parent, deltas in self.pending.items():
             transactions.add_deltas(held, parent, deltas)
         self.pending = {}

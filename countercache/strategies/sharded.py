@@ -13,7 +13,6 @@ the exact value.
 
 from __future__ import annotations
 
-from .. import transactions
 from .deferred import DeferredStrategy
 
 
@@ -24,7 +23,4 @@ class ShardedStrategy(DeferredStrategy):
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the
         # flush then writes them after every parent row (FlushState.write)
-        held = transactions.current_entry(self.flush.session).sharded
-        for parent, deltas in self.pending.items():
-            transactions.add_deltas(held, parent, deltas)
-        self.pending = {}
+        self.hold()
