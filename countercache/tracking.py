@@ -21,6 +21,9 @@ How a flush is read:
   deleting one child count once). Rows whose counted values did not change
   are not read.
 * ``after_update`` / ``after_delete``: -1 to the old parent, +1 to the new.
+  A flush that deletes rows of a class and moves none has them counted by
+  the pre-read itself, grouped by their values (PostgreSQL groups them in
+  the server): its ``after_delete`` returns at once.
 * ``after_flush``: many-to-many links (``many_to_many.py``), then every
   strategy writes what it holds; ``after_flush_postexec``: parents in memory.
 
@@ -40,7 +43,7 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Integer, Text, any_, bindparam, cast, event, select, true, tuple_
+from sqlalchemy import Integer, Text, any_, bindparam, cast, event, func, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import NO_VALUE
@@ -120,13 +123,14 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children")
+                 "deletes_counted", "children", "ready_update", "ready_delete")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
         #: the flush's unit of work; None for an ORM bulk statement
         self.uow = uow
         #: child state -> {fk key: value in the database before the flush}, or _GONE
+        #: (gone already, or a deleted row the pre-read counted)
         self.old: dict[InstanceState[Any], Any] = {}
         #: child infos whose rows were pre-read in this flush
         self.read: set[_Child] = set()
@@ -144,6 +148,9 @@ class FlushState:
         self.deletes_counted: set[_Child] = set()
         #: mapper -> _child_for(mapper), for this flush (a plain dict: the row hooks ask per row)
         self.children: dict[Mapper[Any], _Child | None] = {}
+        #: mappers whose rows need nothing more before their UPDATE / DELETE in this flush
+        self.ready_update: set[Mapper[Any]] = set()
+        self.ready_delete: set[Mapper[Any]] = set()
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
         try:
@@ -384,6 +391,16 @@ def _add_row(pairs: list[Plan], old: dict[str, Any] | None, new: dict[str, Any] 
             strategy.add(counter, new_key, new_weight)
 
 
+def _add_removed(pairs: list[Plan], old: dict[str, Any], n: int) -> None:
+    """``n`` deleted rows that all had the values ``old``."""
+    for counter, strategy, fk_keys, simple in pairs:
+        key = _key(old, fk_keys)
+        if key is not None:
+            weight = n if simple else n * counter.weight(old)  # type: ignore[attr-defined]
+            if weight:
+                strategy.add(counter, key, -weight)
+
+
 # -- mapper hooks -------------------------------------------------------------
 
 
@@ -405,17 +422,19 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 
 def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
-    if fs is None:
+    if fs is None or mapper in fs.ready_update:
         return
     child = fs.child(mapper)
     if child is not None and child not in fs.read:
         _pre_read(fs, connection, child)
+    fs.ready_update.add(mapper)  # the class's other rows: nothing to do before them
 
 
 def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
-    if fs is None:
+    if fs is None or mapper in fs.ready_delete:
         return
+    fs.ready_delete.add(mapper)  # the class's other rows: nothing to do before them
     child = fs.child(mapper)
     if child is None:
         return
@@ -426,9 +445,9 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         # no middle row is gone yet; translate, then count what each deleted one keeps
         fs.deletes_counted.add(child)
         fs.translate(lambda m: connection)
-        deleting = {st.key[1]: fs.old[st] for st, (isdelete, listonly) in fs.uow.states.items()  # type: ignore[union-attr]
-                    if isdelete and not listonly and st.key is not None and fs.child(st.mapper) is child
-                    and isinstance(fs.old.get(st), dict)}
+        flags = fs.uow.states  # type: ignore[union-attr]
+        deleting = {st.key[1]: fs.old[st] for st in _states_of(fs, child)
+                    if flags[st][0] and not flags[st][1] and st.key is not None and isinstance(fs.old.get(st), dict)}
         through.add_leaf_counts(connection, child, deleting)
 
 
@@ -470,7 +489,7 @@ def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         return
     old = fs.old.get(state)
     if old is _GONE:
-        return  # deleted by someone else first: their delete counted it
+        return  # counted by the pre-read, or deleted by someone else first (their delete counted it)
     child = fs.child(mapper)
     if child is None:
         return
@@ -533,15 +552,23 @@ _MAPPER_HOOKS = (
 
 
 def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
-    """Read (and lock) the database's foreign keys of rows this flush deletes or moves."""
+    """Read (and lock) the database's foreign keys of rows this flush deletes or moves.
+
+    A flush that only deletes rows of this class (no move to read in the same
+    key order) counts them here, from the locked rows grouped by their values:
+    their ``after_delete`` has nothing left to do. Not for ``per_row``
+    (an UPDATE per row, after it) nor a multi-level middle (its leaves).
+    """
     fs.read.add(child)
     keys = child.keys
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
-    deleting = False
+    deleting = moving = False
     # (a middle row's value includes its leaves: always read)
     locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
-    for state, (isdelete, listonly) in fs.uow.states.items():  # type: ignore[union-attr]
-        if listonly or state.key is None or fs.child(state.mapper) is not child:
+    flags = fs.uow.states  # type: ignore[union-attr]
+    for state in _states_of(fs, child):
+        isdelete, listonly = flags[state]
+        if listonly or state.key is None:
             continue
         if not isdelete and not any(k in state.committed_state for k in keys):
             continue
@@ -552,21 +579,38 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
                 continue
         if isdelete:
             deleting = True
+        else:
+            moving = True
         wanted[state.key[1]] = state
     if not wanted:
         return
     if connection.dialect.name == "sqlite":
         _begin_sqlite_write(connection)
+    if not moving and not child.views:
+        pairs, per_row = fs.plan(child)
+        if not per_row:
+            for values, n in count_deleted(connection, child, list(wanted)):
+                _add_removed(pairs, values, n)
+            for state in wanted.values():
+                fs.old[state] = _GONE  # counted (or deleted by someone else first)
+            return
     found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
     if child.views:
         # middle rows that move take their leaves along: count them now, locked,
         # before this flush changes any leaf (deleted ones: in _before_delete);
         # leaves this flush already wrote (a flush ordered row by row, for a
         # cycle between the classes) are counted by the flush, after the move
-        moving = {k: found[k] for k, st in wanted.items() if k in found and not fs.uow.states[st][0]}  # type: ignore[union-attr]
-        through.add_leaf_counts(connection, child, moving, held=fs.held_for)
+        moving_rows = {k: found[k] for k, st in wanted.items() if k in found and not fs.uow.states[st][0]}  # type: ignore[union-attr]
+        through.add_leaf_counts(connection, child, moving_rows, held=fs.held_for)
     for key, state in wanted.items():
         fs.old[state] = found.get(key, _GONE)
+
+
+def _states_of(fs: FlushState, child: _Child) -> Iterator[InstanceState[Any]]:
+    """The flush's states of the child's classes (looked up per class, not per state)."""
+    for mapper, states in fs.uow.mappers.items():  # type: ignore[union-attr]
+        if fs.child(mapper) is child:
+            yield from states
 
 
 def _committed_values(state: InstanceState[Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -620,43 +664,54 @@ def child_primary_key(child: _Child) -> list[Any]:
     return list(table.primary_key.columns)
 
 
-def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
-                      *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
-    """``{child primary key: {attribute: value}}`` (every counted value) of the rows with these keys
-    (or matching ``where``), read in key order and, unless ``lock`` is None,
-    locked (``"update"`` or ``"no key update"``) until the transaction ends."""
-    mapper = child.mapper
-    value_keys = child.keys
+def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]) -> Iterator[Any]:
+    """WHERE clauses picking the child rows with these primary keys: one on
+    PostgreSQL (an array), key-ordered chunks of an IN list elsewhere."""
     pk = child_primary_key(child)
-    value_cols = [mapper.get_property(k).columns[0] for k in value_keys]  # type: ignore[attr-defined]
-    pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
-
-    if keys is not None and len(pk) == 1 and connection.dialect.name == "postgresql":
+    if len(pk) == 1 and connection.dialect.name == "postgresql":
         # one array parameter: psycopg parses a fixed text, not 5,000 placeholders
         values = [k[0] for k in keys]
         if isinstance(pk[0].type, Integer) and all(type(v) is int for v in values):
             # integers as one array literal: psycopg picks a type per element of
             # a list (3.6 ms for 5,000 keys, against 0.9 ms for the text)
-            where = pk[0] == any_(cast(bindparam("countercache_keys", "{" + ",".join(map(str, values)) + "}",
-                                                 type_=Text), ARRAY(pk[0].type)))
+            yield pk[0] == any_(cast(bindparam("countercache_keys", "{" + ",".join(map(str, values)) + "}",
+                                               type_=Text), ARRAY(pk[0].type)))
         else:
-            where = pk[0] == any_(bindparam("countercache_keys", values, type_=ARRAY(pk[0].type)))
-        keys = None
+            yield pk[0] == any_(bindparam("countercache_keys", values, type_=ARRAY(pk[0].type)))
+        return
+    pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
+    ordered = sorted(keys)
+    size = chunk_size(connection)
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start : start + size]
+        yield pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)
 
-    def statement(criteria: Any) -> Any:
-        stmt = select(*pk, *value_cols).where(criteria).order_by(*pk)
-        if lock == "share":
-            stmt = stmt.with_for_update(read=True)
-        elif lock is not None:
-            stmt = stmt.with_for_update(key_share=lock == "no key update")
-        return stmt
 
+def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key: bool = True) -> Any:
+    """``SELECT [pk,] counted values WHERE criteria ORDER BY pk`` with its row lock."""
+    mapper = child.mapper
+    pk = child_primary_key(child)
+    value_cols = [mapper.get_property(k).columns[0] for k in child.keys]  # type: ignore[attr-defined]
+    stmt = select(*pk, *value_cols) if with_key else select(*value_cols)
+    stmt = stmt.where(criteria).order_by(*pk)
+    if lock == "share":
+        stmt = stmt.with_for_update(read=True)
+    elif lock is not None:
+        stmt = stmt.with_for_update(key_share=lock == "no key update")
+    return stmt
+
+
+def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
+                      *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
+    """``{child primary key: {attribute: value}}`` (every counted value) of the rows with these keys
+    (or matching ``where``), read in key order and, unless ``lock`` is None,
+    locked (``"update"`` or ``"no key update"``) until the transaction ends."""
+    value_keys = child.keys
+    n = len(child_primary_key(child))
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-    n = len(pk)
-
-    def collect(stmt: Any) -> None:
-        rows = connection.execute(stmt).all()  # one fetchall, not a fetchone per row
+    criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
+    for criterion in criteria:
+        rows = connection.execute(_locking_select(child, criterion, lock)).all()  # one fetchall, not a fetchone per row
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
@@ -664,16 +719,34 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         else:
             for row in rows:
                 found[tuple(row[:n])] = dict(zip(value_keys, row[n:]))
-
-    if keys is None:
-        collect(statement(where if where is not None else true()))
-        return found
-    ordered = sorted(keys)
-    size = chunk_size(connection)
-    for start in range(0, len(ordered), size):
-        chunk = ordered[start : start + size]
-        collect(statement(pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)))
     return found
+
+
+def count_deleted(connection: Connection, child: _Child,
+                  keys: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], int]]:
+    """Lock (``FOR UPDATE``, key order) the rows with these keys, which this
+    flush deletes: ``[({attribute: value}, number of rows with those values)]``.
+
+    A row found is locked until the transaction ends, so the flush's DELETE
+    removes it as read; a row not found is gone already (its delete counted
+    it). On PostgreSQL the rows are grouped by the server: a few rows back,
+    not one per child.
+    """
+    value_keys = child.keys
+    counts: dict[tuple[Any, ...], int] = {}
+    for criterion in _criteria(connection, child, keys):
+        stmt = _locking_select(child, criterion, "update", with_key=False)
+        if connection.dialect.name == "postgresql":
+            locked = stmt.subquery()
+            cols = list(locked.c)
+            for *values, n in connection.execute(select(*cols, func.count()).group_by(*cols)).all():
+                values = tuple(values)
+                counts[values] = counts.get(values, 0) + n
+        else:
+            for values in connection.execute(stmt).all():
+                values = tuple(values)
+                counts[values] = counts.get(values, 0) + 1
+    return [(dict(zip(value_keys, values)), n) for values, n in counts.items()]
 
 
 def record_rows(session: Session, mapper: Mapper[Any],

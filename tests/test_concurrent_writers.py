@@ -21,7 +21,7 @@ from models import qa
 pytestmark = pytest.mark.servers_only
 
 
-@pytest.fixture(params=["bulk", "per_row"])
+@pytest.fixture(params=["bulk", "per_row", "deferred"])
 def strategy(request):
     return request.param
 
