@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import NO_VALUE
 
-from . import many_to_many, memory, through, transactions
+from . import config, many_to_many, memory, through, transactions
 from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class _Child:
         #: Multi-level counters for which this class is the middle (through.py).
         self.views: list[through.MiddleView] = []
         self._equals: list[tuple[str, Any]] | None = None
+        self._layout: tuple[int, list[Any]] | None = None
 
     def equals(self) -> list[tuple[str, Any]]:
         """``(key, the attribute's equality test)`` for every key (what its history compares with)."""
@@ -92,6 +93,16 @@ class _Child:
             manager = self.mapper.class_manager
             self._equals = [(k, manager[k].impl.is_equal) for k in self.keys]
         return self._equals
+
+    def layout(self) -> list[tuple[CounterCache, str, tuple[str, ...], bool, bool]]:
+        """``(counter, strategy name, foreign key attributes, plain count?, multi-level leaves?)``
+        per counter, for the configuration in force (resolved once per change)."""
+        generation = config._config.generation
+        if self._layout is None or self._layout[0] != generation:
+            self._layout = (generation, [
+                (c, c.strategy(), c.fk_keys, c.simple, getattr(c, "middle_mapper", None) is not None)
+                for c in self.counters])
+        return self._layout[1]
 
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
@@ -107,6 +118,7 @@ class _Child:
             if isinstance(counter, through.MiddleView):
                 self.views.append(counter)
             self._equals = None
+            self._layout = None
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
@@ -231,18 +243,17 @@ class FlushState:
         found = self.plans.get(child)
         if found is None:
             pairs = []
-            per_row_all = []
-            for counter in child.counters:
-                strategy = self.strategy(counter.strategy())
-                if strategy.per_row:
-                    per_row_all.append(strategy)
-                if getattr(counter, "middle_mapper", None) is not None:  # a multi-level counter's leaves
-                    sink = self.sinks.get(strategy.name)
+            per_row = []
+            for counter, name, fk_keys, simple, leaves in child.layout():
+                strategy = self.strategy(name)
+                if strategy.per_row and strategy not in per_row:
+                    per_row.append(strategy)
+                if leaves:  # a multi-level counter's leaves
+                    sink = self.sinks.get(name)
                     if sink is None:
-                        sink = self.sinks[strategy.name] = through.Sink(strategy)
+                        sink = self.sinks[name] = through.Sink(strategy)
                     strategy = sink
-                pairs.append((counter, strategy, counter.fk_keys, counter.simple))
-            per_row = list({id(s): s for s in per_row_all}.values())
+                pairs.append((counter, strategy, fk_keys, simple))
             found = self.plans[child] = (pairs, per_row)
         return found
 

@@ -129,13 +129,11 @@ def _committing_transaction() -> SessionTransaction | None:
 
 
 def _before_commit(session: Session) -> None:
-    transaction = _committing_transaction()
-    if transaction is None:
-        outermost = not session.in_nested_transaction()
-    else:
-        outermost = transaction.parent is None
-    if not outermost:
-        return  # a savepoint release: its entry moves up when it ends
+    if session.in_nested_transaction():  # a savepoint's release, or the commit of all
+        transaction = _committing_transaction()
+        if transaction is None or transaction.parent is not None:
+            return  # a savepoint release: its entry moves up when it ends
+    # (no savepoint open: only the outermost transaction fires before_commit)
     state = _states.get(session)
     if state is None or not holds_any(session):
         # nothing deferred so far; a flush made now (the commit's final one)

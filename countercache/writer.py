@@ -239,10 +239,13 @@ class ParentTable:
                    values: bool) -> Results:
         """``UPDATE ... WHERE pk = :k0``: per_row runs this per child row, so the
         statement and its parameter names are looked up once per form."""
-        returning = values and bool(connection.dialect.update_returning)
+        dialect = connection.dialect
+        returning = values and bool(dialect.update_returning)
         # (statement, key parameter names, (delta parameter name, slot))
-        stmt, key_names, delta_names = self._cached(connection, "one+" if returning else "one", slots,
-                                                    lambda: self._one_form(connection, slots, returning))
+        form = self._statements.get((dialect.name, returning, slots))
+        if form is None:
+            form = self._statements[(dialect.name, returning, slots)] = self._one_form(connection, slots, returning)
+        stmt, key_names, delta_names = form
         params = dict(zip(key_names, key))
         for name, i in delta_names:
             params[name] = vector[i]
