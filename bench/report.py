@@ -28,6 +28,22 @@ class Target:
     limit: float | None
     met: bool | None  # None: cannot be judged in this run
     note: str = ""
+    #: the cells' runs' scatter, combined (relative; see :attr:`Cell.spread`):
+    #: a value nearer the limit than this is within the noise of the run
+    noise: float | None = None
+
+    @property
+    def within_noise(self) -> bool:
+        return (self.value is not None and self.limit is not None and self.noise is not None
+                and abs(self.value - self.limit) <= self.noise * self.value)
+
+
+def _noise(run: Run, workload: str, contenders: list[str]) -> float | None:
+    """Combined relative scatter of the cells a ratio divides (root of the sum of squares)."""
+    spreads = [run.cells[(workload, c)].spread for c in contenders if (workload, c) in run.cells]
+    if not spreads or any(s is None for s in spreads):
+        return None
+    return sum(s * s for s in spreads) ** 0.5  # type: ignore[operator]
 
 
 def _ratio(run: Run, workload: str, contender: str) -> float | None:
@@ -58,7 +74,8 @@ def targets(run: Run) -> list[Target]:
         if value is None:
             found.append(Target(name, None, limit, None, cell.note or "not measured"))
             return
-        found.append(Target(name, value, limit, value <= limit))
+        involved = [contender, "none"] if against is None else [contender, against]  # (none cancels out)
+        found.append(Target(name, value, limit, value <= limit, noise=_noise(run, workload, involved)))
 
     for workload, limit in (("batch", 1.05), ("txn", 1.10), ("delete", 1.15), ("move", 1.20)):
         ceiling(f"bulk {workload} <= x{limit:.2f}", workload, "bulk", limit)
@@ -72,7 +89,7 @@ def targets(run: Run) -> list[Target]:
                 missing = other if theirs is None else "bulk"
                 found.append(Target(name, None, None, None, f"{missing}: {run.cells[(workload, missing)].note or 'not measured'}"))
             else:
-                found.append(Target(name, mine, theirs, mine < theirs))
+                found.append(Target(name, mine, theirs, mine < theirs, noise=_noise(run, workload, ["bulk", other])))
     for workload in ("batch", "txn", "delete", "move"):
         ceiling(f"per_row {workload} <= 1.10 x listener", workload, "per_row", 1.10, against="listener")
     for strategy in STRATEGIES:
@@ -84,7 +101,8 @@ def targets(run: Run) -> list[Target]:
         elif cell.ratio is None:
             found.append(Target("sharded hot >= x0.95 none", None, 0.95, None, cell.note or "not measured"))
         else:
-            found.append(Target("sharded hot >= x0.95 none", cell.ratio, 0.95, cell.ratio >= 0.95))
+            found.append(Target("sharded hot >= x0.95 none", cell.ratio, 0.95, cell.ratio >= 0.95,
+                                noise=_noise(run, "hot", ["sharded", "none"])))
     return found
 
 
@@ -182,7 +200,10 @@ def _print_timed_table(run: Run, console: Any, with_targets: bool = True) -> Non
         table.add_row(contender, *(_cell_text(c) for c in cells), drift, "; ".join(notes))
     console.print(table)
     for workload in workloads:
-        console.print(f"  [bold]{workload}[/bold]: {run.descriptions[workload]}")
+        floor = run.cells.get((workload, "none"))
+        spread = floor.spread if floor is not None else None
+        scatter = f" (runs of `none` scatter ±{spread:.0%})" if spread is not None else ""
+        console.print(f"  [bold]{workload}[/bold]: {run.descriptions[workload]}{scatter}")
     if with_targets:
         found = targets(run)
         if found:
@@ -190,16 +211,23 @@ def _print_timed_table(run: Run, console: Any, with_targets: bool = True) -> Non
             checks.add_column("target")
             checks.add_column("measured", justify="right")
             checks.add_column("limit", justify="right")
+            checks.add_column("noise", justify="right")
             checks.add_column("")
             for t in found:
                 verdict = {True: "[green]met[/green]", False: "[bold red]MISSED[/bold red]", None: "[dim]n/a[/dim]"}[t.met]
+                if t.within_noise:
+                    verdict += " [yellow](within noise)[/yellow]"
                 checks.add_row(
                     t.name,
                     f"{t.value:.3f}" if t.value is not None else "-",
                     f"{t.limit:.3f}" if t.limit is not None else "-",
+                    f"±{t.noise:.0%}" if t.noise is not None else "-",
                     verdict + (f" {t.note}" if t.note else ""),
                 )
             console.print(checks)
+            console.print("  noise: a typical run's distance from the median (median absolute deviation),\n"
+                          "  combined over the cells compared; a ratio nearer its limit than that can come\n"
+                          "  out on either side in another run")
 
 
 def as_json(run: Run) -> dict[str, Any]:
@@ -229,13 +257,14 @@ def as_json(run: Run) -> dict[str, Any]:
                 "drift": cell.drift,
                 "drift_total": cell.drift_total,
                 "times": cell.times,
+                "spread": cell.spread,
                 **(_hot_json(cell) if w == "hot" else {}),
             }
             for w in run.workloads
             for c in run.contenders
             for cell in (run.cells[(w, c)],)
         ],
-        "targets": [t.__dict__ for t in targets(run)],
+        "targets": [{**t.__dict__, "within_noise": t.within_noise} for t in targets(run)],
     }
 
 

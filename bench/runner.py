@@ -63,6 +63,16 @@ class Cell:
         return statistics.median(self.times) if self.times else None
 
     @property
+    def spread(self) -> float | None:
+        """How much the runs scatter: their median absolute deviation over
+        their median (0.05: a typical run is 5% off the median). None below 3 runs."""
+        values = self.rates if self.rates else self.times
+        if len(values) < 3:
+            return None
+        middle = statistics.median(values)
+        return statistics.median(abs(v - middle) for v in values) / middle if middle else None
+
+    @property
     def measured(self) -> bool:
         return self.status in ("ok", "WRONG") and bool(self.times)
 

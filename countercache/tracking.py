@@ -367,7 +367,8 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
 
     This runs once per changed child row: keep it lean.
     """
-    pairs, per_row = fs.plan(child)
+    found = fs.plans.get(child)
+    pairs, per_row = found if found is not None else fs.plan(child)
     _add_row(pairs, old, new)
     if per_row:
         if fs.sinks:
@@ -478,7 +479,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # the pre-read read under lock (the loaded one may be stale)
             committed, computed = state.committed_state, child.computed_keys
             new = {}
-            for k, equal in child.equals():
+            for k, equal in child._equals or child.equals():
                 value = values[k]
                 # written: assigned a value unequal to the loaded one (the
                 # attribute's history, without building it: this runs per row)
@@ -491,7 +492,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # side onupdate): the row, locked by the pre-read, says what it is now
             key = tuple(state.key[1])  # type: ignore[index]
             new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
-        _changed(fs, connection, child, old, through.carry_counts(child, old, new))
+        _changed(fs, connection, child, old, through.carry_counts(child, old, new) if child.views else new)
 
 
 def _after_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:

@@ -51,7 +51,8 @@ def test_every_workload_and_contender_on_sqlite_without_drift(tmp_path):
     results = {(r["workload"], r["contender"]): r for r in doc["results"]}
     assert set(results) == {(w, c) for w in WORKLOADS for c in doc["contenders"]}
     for (workload, contender), r in results.items():
-        assert set(r) >= {"status", "note", "seconds", "ratio", "drift", "times"}
+        assert set(r) >= {"status", "note", "seconds", "ratio", "drift", "times", "spread"}
+        assert r["spread"] is None  # one run: no scatter to speak of
         if contender in POSTGRESQL_ONLY:
             assert r["status"] == "skipped" and "PostgreSQL only" in r["note"]
             assert r["seconds"] is None and r["ratio"] is None
@@ -73,6 +74,19 @@ def test_every_workload_and_contender_on_sqlite_without_drift(tmp_path):
         assert r["status"] == "ok", (workload, contender, r)
 
     assert {t["name"] for t in doc["targets"]} >= {"bulk batch <= x1.05", "bulk noop <= x1.02"}
+    assert all({"noise", "within_noise"} <= set(t) for t in doc["targets"])
+
+
+def test_noise_is_the_median_absolute_deviation_and_judges_closeness():
+    from bench.report import Target
+    from bench.runner import Cell
+
+    cell = Cell("delete", "bulk", times=[1.0, 1.1, 0.9, 1.0, 2.0])
+    assert cell.spread == pytest.approx(0.1)  # deviations 0, .1, .1, 0, 1: median .1, over median 1.0
+    assert Cell("delete", "bulk", times=[1.0, 2.0]).spread is None
+    assert Target("t", 1.12, 1.10, False, noise=0.05).within_noise
+    assert not Target("t", 1.30, 1.10, False, noise=0.05).within_noise
+    assert not Target("t", 1.12, 1.10, False).within_noise
 
 
 def test_table_and_plot(tmp_path):
