@@ -43,7 +43,8 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Integer, Text, any_, bindparam, cast, event, func, select, true, tuple_
+from sqlalchemy import (Boolean, Date, DateTime, Integer, Numeric, String, Text, Time, Uuid, any_, bindparam,
+                        cast, event, func, select, true, tuple_)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import NO_VALUE
@@ -70,6 +71,10 @@ PRELOCK_CHUNK_MYSQL = 500
 _GONE = object()
 
 
+#: Value types whose values compare and hash as themselves (GROUP BY and a dict key).
+_GROUPABLE_TYPES = (Integer, Numeric, String, Boolean, Date, DateTime, Time, Uuid)
+
+
 class _Child:
     """The counters fed by one child mapper, and what the pre-read needs."""
 
@@ -86,6 +91,7 @@ class _Child:
         self.views: list[through.MiddleView] = []
         self._equals: list[tuple[str, Any]] | None = None
         self._layout: tuple[int, list[Any]] | None = None
+        self._groupable: bool | None = None
 
     def equals(self) -> list[tuple[str, Any]]:
         """``(key, the attribute's equality test)`` for every key (what its history compares with)."""
@@ -93,6 +99,15 @@ class _Child:
             manager = self.mapper.class_manager
             self._equals = [(k, manager[k].impl.is_equal) for k in self.keys]
         return self._equals
+
+    def groupable(self) -> bool:
+        """Can deleted rows be counted grouped by their values (in SQL and in a
+        dict)? Not with a JSON, array or custom-typed value, say."""
+        if self._groupable is None:
+            self._groupable = all(
+                isinstance(col.type, _GROUPABLE_TYPES)
+                for k in self.keys for col in self.mapper.get_property(k).columns)  # type: ignore[attr-defined]
+        return self._groupable
 
     def layout(self) -> list[tuple[CounterCache, str, tuple[str, ...], bool, bool]]:
         """``(counter, strategy name, foreign key attributes, plain count?, multi-level leaves?)``
@@ -119,6 +134,7 @@ class _Child:
                 self.views.append(counter)
             self._equals = None
             self._layout = None
+            self._groupable = None
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).
@@ -604,9 +620,12 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         return
     if connection.dialect.name == "sqlite":
         _begin_sqlite_write(connection)
-    if not moving and not child.views:
+    if not moving and not child.views and child.groupable():
         pairs, per_row = fs.plan(child)
-        if not per_row:
+        # (not for multi-level leaves: a middle row moved later in a flush
+        # ordered row by row counts its leaves still in the database, and
+        # takes what the flush holds for them as already written)
+        if not per_row and not any(isinstance(strategy, through.Sink) for _, strategy, _, _ in pairs):
             for values, n in count_deleted(connection, child, list(wanted)):
                 _add_removed(pairs, values, n)
             for state in wanted.values():
@@ -711,6 +730,10 @@ def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key:
     pk = child_primary_key(child)
     value_cols = [mapper.get_property(k).columns[0] for k in child.keys]  # type: ignore[attr-defined]
     stmt = select(*pk, *value_cols) if with_key else select(*value_cols)
+    if len({col.table for col in value_cols}) > 1:
+        # values in more than one table of a joined-inheritance class: the
+        # tables joined as the mapper joins them (not a cross product)
+        stmt = stmt.select_from(mapper.persist_selectable)
     stmt = stmt.where(criteria).order_by(*pk)
     if lock == "share":
         stmt = stmt.with_for_update(read=True)

@@ -52,6 +52,63 @@ def test_subclass_rows_count_once_with_counters_on_base_and_subclass(engine):
         assert conn.execute(text("SELECT item_count, special_count FROM boxes")).one() == (2, 1)
 
 
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
+    """The locking read joins the base and subclass tables (a cross product
+    read one arbitrary row per key, and counted every pair when grouped)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Box(Base):
+        __tablename__ = "boxes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list["Item"]] = relationship(foreign_keys="Item.box_id")
+        specials: Mapped[list["Special"]] = relationship(foreign_keys="Special.special_box_id")
+        item_count: Mapped[int] = counter_cache("items", strategy=strategy)
+        special_count: Mapped[int] = counter_cache("specials", strategy=strategy)
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(String(10))
+        box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
+        __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "item"}
+
+    class Special(Item):
+        __tablename__ = "specials"
+        id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+        special_box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
+        __mapper_args__ = {"polymorphic_identity": "special"}
+
+    def truth(conn):
+        return conn.execute(text(
+            "SELECT b.id, b.item_count, (SELECT count(*) FROM items i WHERE i.box_id = b.id),"
+            " b.special_count, (SELECT count(*) FROM specials p WHERE p.special_box_id = b.id)"
+            " FROM boxes b ORDER BY b.id")).all()
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        a, b, c = Box(), Box(), Box()
+        s.add_all([a, b, c])
+        s.flush()
+        s.add_all([Item(box_id=a.id) for _ in range(3)]
+                  + [Special(box_id=a.id, special_box_id=b.id) for _ in range(3)]
+                  + [Special(box_id=b.id, special_box_id=c.id) for _ in range(2)])
+        s.commit()
+        specials = s.scalars(select(Special).order_by(Special.id)).all()
+        specials[0].special_box_id = c.id  # a move in the subclass table
+        specials[1].box_id = c.id  # and one in the base table
+        s.commit()
+        s.delete(specials[2])
+        s.delete(specials[3])
+        s.commit()
+    with engine.connect() as conn:
+        rows = truth(conn)
+    assert [(r[1], r[3]) for r in rows] == [(r[2], r[4]) for r in rows]
+    assert [(r[1], r[3]) for r in rows] == [(4, 0), (1, 1), (1, 2)]
+
+
 def test_sql_expressions_assigned_in_the_unit_of_work(engine):
     m = shop("bulk")
     m.Base.metadata.create_all(engine)

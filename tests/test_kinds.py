@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Optional
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, delete, func, insert, select, text, update
+from sqlalchemy import JSON, Column, ForeignKey, Integer, MetaData, Table, delete, func, insert, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
@@ -132,6 +132,38 @@ def test_one_flush_deleting_many_rows_with_equal_values(engine, strategy):
             s.commit()
     counts = assert_exact(engine)
     assert counts == {a: (1, Decimal("10.50"), 4), b: (1, Decimal("0.00"), 2)}
+
+
+def test_deleting_rows_whose_counted_value_is_json(engine, strategy):
+    """A value that neither GROUP BY nor a dict key takes (JSON) is read row by row."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = "docs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        notes: Mapped[list["Note"]] = relationship()
+        tagged: Mapped[int] = counter_cache("notes", strategy=strategy, where=lambda: Note.tags.is_not(None))
+
+    class Note(Base):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        doc_id: Mapped[Optional[int]] = mapped_column(ForeignKey("docs.id"))
+        tags: Mapped[Optional[dict]] = mapped_column(JSON, nullable=True)
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        doc = Doc()
+        s.add(doc)
+        s.flush()
+        s.add_all([Note(doc_id=doc.id, tags={"a": [1, 2]}) for _ in range(3)] + [Note(doc_id=doc.id)])
+        s.commit()
+        for note in s.scalars(select(Note).order_by(Note.id)).all()[1:]:
+            s.delete(note)
+        s.commit()
+        assert s.scalar(select(Doc.tagged)) == 1
+        assert countercache.check(s) == []
 
 
 def test_check_and_reconcile_use_the_same_expressions(engine):
