@@ -151,7 +151,7 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children", "ready_update", "ready_delete")
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
@@ -179,6 +179,8 @@ class FlushState:
         #: mappers whose rows need nothing more before their UPDATE / DELETE in this flush
         self.ready_update: set[Mapper[Any]] = set()
         self.ready_delete: set[Mapper[Any]] = set()
+        #: child -> its one plain count, for the row hooks' short way (see single())
+        self.singles: dict[_Child, tuple[CounterCache, Any, str] | None] = {}
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
         try:
@@ -252,6 +254,24 @@ class FlushState:
         found = self.strategies.get(name)
         if found is None:
             found = self.strategies[name] = STRATEGY_CLASSES[name](self)
+        return found
+
+    def single(self, child: _Child) -> tuple[CounterCache, Any, str] | None:
+        """``(counter, strategy, foreign key)`` when the child feeds one plain
+        count through one foreign key, summed per flush (not ``per_row``, not a
+        multi-level side, no value an UPDATE sets by itself): the row hooks then
+        add +1 / -1 directly, the common case of a large flush."""
+        try:
+            return self.singles[child]
+        except KeyError:
+            pass
+        pairs, per_row = self.plan(child)
+        found = None
+        if len(pairs) == 1 and not per_row and not child.views and not child.computed_keys:
+            counter, strategy, fk_keys, simple = pairs[0]
+            if simple and len(fk_keys) == 1 and child.keys == fk_keys and not isinstance(strategy, through.Sink):
+                found = (counter, strategy, fk_keys[0])
+        self.singles[child] = found
         return found
 
     def plan(self, child: _Child) -> tuple[list[Plan], list[Any]]:
@@ -439,6 +459,14 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = fs.child(mapper)
     if child is not None:
         values = state.dict
+        single = fs.singles[child] if child in fs.singles else fs.single(child)
+        if single is not None:
+            counter, strategy, fk = single
+            value = values.get(fk, _GONE)
+            if value is not _GONE:  # (else left to the database: read below)
+                if value is not None:
+                    strategy.add(counter, (value,), 1)
+                return
         if not values.keys() >= child.key_set:
             # a value the INSERT left to the database (a server default, say):
             # read the row back (only then, and only this row)
@@ -489,6 +517,19 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = fs.child(mapper)
     if child is not None:
         values = state.dict
+        single = fs.singles[child] if child in fs.singles else fs.single(child)
+        if single is not None and single[2] in values:  # the general way below, for one key
+            counter, strategy, fk = single
+            value, committed = values[fk], state.committed_state
+            if fk not in committed or (child._equals or child.equals())[0][1](value, committed[fk]) is True:
+                value = old.get(fk, value)  # not written: the database's value stands
+            was = old.get(fk)
+            if was != value:
+                if was is not None:
+                    strategy.add(counter, (was,), -1)
+                if value is not None:
+                    strategy.add(counter, (value,), 1)
+            return
         if values.keys() >= child.key_set:
             # what the UPDATE wrote; a column it did not write (unchanged since
             # loaded, even if assigned again) keeps the database's value, which
@@ -594,7 +635,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     (an UPDATE per row, after it) nor a multi-level middle (its leaves).
     """
     fs.read.add(child)
-    keys = child.keys
+    keys, key_set = child.keys, child.key_set
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = moving = False
     # (a middle row's value includes its leaves: always read)
@@ -604,8 +645,8 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         isdelete, listonly = flags[state]
         if listonly or state.key is None:
             continue
-        if not isdelete and not any(k in state.committed_state for k in keys):
-            continue
+        if not isdelete and key_set.isdisjoint(state.committed_state):
+            continue  # no counted value changed
         if locked and state in locked:
             known = _committed_values(state, keys)
             if known is not None:  # locked by this transaction when loaded: as in the database
