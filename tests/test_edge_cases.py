@@ -15,47 +15,9 @@ from kinds_models import shop
 from models import qa
 
 
-def test_subclass_rows_count_once_with_counters_on_base_and_subclass(engine):
-    class Base(DeclarativeBase):
-        pass
-
-    class Box(Base):
-        __tablename__ = "boxes"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        items: Mapped[list["Item"]] = relationship(foreign_keys="Item.box_id")
-        specials: Mapped[list["Special"]] = relationship(foreign_keys="Special.special_box_id")
-        item_count: Mapped[int] = counter_cache("items")
-        special_count: Mapped[int] = counter_cache("specials")
-
-    class Item(Base):
-        __tablename__ = "items"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        kind: Mapped[str] = mapped_column(String(10))
-        box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
-        __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "item"}
-
-    class Special(Item):
-        special_box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"), nullable=True)
-        __mapper_args__ = {"polymorphic_identity": "special"}
-
-    Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        box = Box()
-        s.add(box)
-        s.flush()
-        s.add_all([Item(box_id=box.id), Special(box_id=box.id, special_box_id=box.id)])
-        s.commit()
-        s.delete(s.scalars(select(Special)).one())
-        s.add(Special(box_id=box.id, special_box_id=box.id))
-        s.commit()
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT item_count, special_count FROM boxes")).one() == (2, 1)
-
-
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
-def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
-    """The locking read joins the base and subclass tables (a cross product
-    read one arbitrary row per key, and counted every pair when grouped)."""
+def boxes(strategy: str = "bulk", joined: bool = False):
+    """Boxes counting items (``Item.box_id``) and specials (``Special.special_box_id``),
+    a subclass of Item in the items table, or in a table of its own when ``joined``."""
 
     class Base(DeclarativeBase):
         pass
@@ -75,11 +37,38 @@ def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
         box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
         __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "item"}
 
-    class Special(Item):
-        __tablename__ = "specials"
-        id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
-        special_box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
-        __mapper_args__ = {"polymorphic_identity": "special"}
+    own_table = {"__tablename__": "specials",
+                 "id": mapped_column(ForeignKey("items.id"), primary_key=True)} if joined else {}
+    Special = type("Special", (Item,), {
+        **own_table,
+        "__annotations__": {"special_box_id": Mapped[Optional[int]]},
+        "special_box_id": mapped_column(ForeignKey("boxes.id"), nullable=True),
+        "__mapper_args__": {"polymorphic_identity": "special"},
+    })
+    return Base, Box, Item, Special
+
+
+def test_subclass_rows_count_once_with_counters_on_base_and_subclass(engine):
+    Base, Box, Item, Special = boxes()
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        box = Box()
+        s.add(box)
+        s.flush()
+        s.add_all([Item(box_id=box.id), Special(box_id=box.id, special_box_id=box.id)])
+        s.commit()
+        s.delete(s.scalars(select(Special)).one())
+        s.add(Special(box_id=box.id, special_box_id=box.id))
+        s.commit()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT item_count, special_count FROM boxes")).one() == (2, 1)
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
+    """The locking read joins the base and subclass tables (a cross product
+    read one arbitrary row per key, and counted every pair when grouped)."""
+    Base, Box, Item, Special = boxes(strategy, joined=True)
 
     def truth(conn):
         return conn.execute(text(
