@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from sqlalchemy import (Boolean, Date, DateTime, Integer, Numeric, String, Text, Time, Uuid, any_, bindparam,
                         cast, event, func, select, true, tuple_)
@@ -478,12 +478,21 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 
 def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
-    if fs is None or mapper in fs.ready_update:
+    if fs is None:
         return
-    child = fs.child(mapper)
-    if child is not None and child not in fs.read:
-        _pre_read(fs, connection, child)
-    fs.ready_update.add(mapper)  # the class's other rows: nothing to do before them
+    if mapper not in fs.ready_update:
+        fs.ready_update.add(mapper)  # the class's other rows: nothing more to do before them...
+        child = fs.child(mapper)
+        if child is not None and child not in fs.read:
+            _pre_read(fs, connection, child)
+            return
+    if fs.uow.cycles and state not in fs.old:  # type: ignore[union-attr]
+        # ...unless the flush runs row by row (a cycle between classes): a
+        # foreign key it copied from a row it inserted after the class's read
+        # (a child moved to a new parent) has changed since: read that row now
+        child = fs.child(mapper)
+        if child is not None and not child.key_set.isdisjoint(state.committed_state):
+            _pre_read(fs, connection, child, [state])
 
 
 def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -626,8 +635,10 @@ _MAPPER_HOOKS = (
 )
 
 
-def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
-    """Read (and lock) the database's foreign keys of rows this flush deletes or moves.
+def _pre_read(fs: FlushState, connection: Connection, child: _Child,
+              states: Iterable[InstanceState[Any]] | None = None) -> None:
+    """Read (and lock) the database's foreign keys of rows this flush deletes or moves
+    (of ``states``: by default every row of the class in the flush).
 
     A flush that only deletes rows of this class (no move to read in the same
     key order) counts them here, from the locked rows grouped by their values:
@@ -641,7 +652,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     # (a middle row's value includes its leaves: always read)
     locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
     flags = fs.uow.states  # type: ignore[union-attr]
-    for state in _states_of(fs, child):
+    for state in _states_of(fs, child) if states is None else states:
         isdelete, listonly = flags[state]
         if listonly or state.key is None:
             continue

@@ -297,3 +297,50 @@ def test_multi_level_with_a_cycle_between_middle_and_leaf(engine, strategy):
                 rows = conn.execute(real).all()
             assert all(r[1] == r[2] for r in rows), (round_, rows)
     Base.metadata.drop_all(engine)
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_child_moved_to_a_parent_inserted_by_a_flush_ordered_row_by_row(engine, strategy):
+    """Question.accepted_answer_id -> answers makes the flush run row by row. An
+    answer edited early reads the class's rows; a moved answer's foreign key is
+    only copied from its new question after that question's INSERT, later."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        accepted_answer_id: Mapped[Optional[int]] = mapped_column(
+            ForeignKey("answers.id", use_alter=True, name="fk_questions_accepted"))
+        answers: Mapped[list["Answer"]] = relationship(back_populates="question", foreign_keys="Answer.question_id")
+        accepted_answer: Mapped[Optional["Answer"]] = relationship(foreign_keys=[accepted_answer_id])
+        answer_count: Mapped[int] = counter_cache("answers", strategy=strategy)
+
+    class Answer(Base):
+        __tablename__ = "answers"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str] = mapped_column(String(20), default="")
+        question_id: Mapped[Optional[int]] = mapped_column(ForeignKey("questions.id"))
+        question: Mapped[Optional[Question]] = relationship(back_populates="answers", foreign_keys=[question_id])
+
+    Base.metadata.create_all(engine)
+    real = text("SELECT q.id, q.answer_count, (SELECT count(*) FROM answers a WHERE a.question_id = q.id) "
+                "FROM questions q ORDER BY q.id")
+    with Session(engine) as s:
+        s.add(Question(id=1))
+        s.flush()
+        s.add_all([Answer(id=i, question_id=1) for i in range(1, 6)])
+        s.commit()
+        for round_ in range(4):
+            answers = s.scalars(select(Answer).order_by(Answer.id)).all()
+            new = Question(id=100 + round_, accepted_answer=answers[0])
+            answers[0].body = f"edit {round_}"  # updated first: the class's rows are read then
+            answers[1 + round_].question = new  # its foreign key is set by the flush, later
+            s.add(new)
+            s.commit()
+            with engine.connect() as conn:
+                rows = conn.execute(real).all()
+            assert all(r[1] == r[2] for r in rows), (round_, rows)
+        assert rows[0][1] == 1
+    Base.metadata.drop_all(engine)
