@@ -180,7 +180,7 @@ class FlushState:
         self.ready_update: set[Mapper[Any]] = set()
         self.ready_delete: set[Mapper[Any]] = set()
         #: child -> its one plain count, for the row hooks' short way (see single())
-        self.singles: dict[_Child, tuple[CounterCache, Any, str] | None] = {}
+        self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
         try:
@@ -256,8 +256,8 @@ class FlushState:
             found = self.strategies[name] = STRATEGY_CLASSES[name](self)
         return found
 
-    def single(self, child: _Child) -> tuple[CounterCache, Any, str] | None:
-        """``(counter, strategy, foreign key)`` when the child feeds one plain
+    def single(self, child: _Child) -> tuple[CounterCache, Any, str, Any] | None:
+        """``(counter, strategy, foreign key, its equality test)`` when the child feeds one plain
         count through one foreign key, summed per flush (not ``per_row``, not a
         multi-level side, no value an UPDATE sets by itself): the row hooks then
         add +1 / -1 directly, the common case of a large flush."""
@@ -269,8 +269,9 @@ class FlushState:
         found = None
         if len(pairs) == 1 and not per_row and not child.views and not child.computed_keys:
             counter, strategy, fk_keys, simple = pairs[0]
-            if simple and len(fk_keys) == 1 and child.keys == fk_keys and not isinstance(strategy, through.Sink):
-                found = (counter, strategy, fk_keys[0])
+            if simple and len(fk_keys) == 1 and not isinstance(strategy, through.Sink):
+                ((fk, equal),) = child.equals()  # (the one counted key)
+                found = (counter, strategy, fk, equal)
         self.singles[child] = found
         return found
 
@@ -403,8 +404,7 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
 
     This runs once per changed child row: keep it lean.
     """
-    found = fs.plans.get(child)
-    pairs, per_row = found if found is not None else fs.plan(child)
+    pairs, per_row = fs.plan(child)
     _add_row(pairs, old, new)
     if per_row:
         if fs.sinks:
@@ -461,7 +461,7 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         values = state.dict
         single = fs.singles[child] if child in fs.singles else fs.single(child)
         if single is not None:
-            counter, strategy, fk = single
+            counter, strategy, fk, _ = single
             value = values.get(fk, _GONE)
             if value is not _GONE:  # (else left to the database: read below)
                 if value is not None:
@@ -528,9 +528,9 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         values = state.dict
         single = fs.singles[child] if child in fs.singles else fs.single(child)
         if single is not None and single[2] in values:  # the general way below, for one key
-            counter, strategy, fk = single
+            counter, strategy, fk, equal = single
             value, committed = values[fk], state.committed_state
-            if fk not in committed or (child._equals or child.equals())[0][1](value, committed[fk]) is True:
+            if fk not in committed or equal(value, committed[fk]) is True:
                 value = old.get(fk, value)  # not written: the database's value stands
             was = old.get(fk)
             if was != value:
@@ -545,7 +545,7 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             # the pre-read read under lock (the loaded one may be stale)
             committed, computed = state.committed_state, child.computed_keys
             new = {}
-            for k, equal in child._equals or child.equals():
+            for k, equal in child.equals():
                 value = values[k]
                 # written: assigned a value unequal to the loaded one (the
                 # attribute's history, without building it: this runs per row)
