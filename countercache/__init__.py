@@ -35,10 +35,10 @@ from .errors import CounterCacheError as CounterCacheError
 from .repair import Drift as Drift
 from .repair import check as check
 from .repair import reconcile as reconcile
+from .sidetable import shard_table as shard_table
 from .shards import exact as exact
 from .shards import exact_expression as exact_expression
 from .shards import fold as fold
-from .shards import shard_table as shard_table
 from .tracking import suspended as suspended
 
 __all__ = [

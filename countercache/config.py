@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _registry
 from .errors import ConfigurationError
+from .sidetable import DEFAULT_SHARDS, check_shardable, check_shards
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -66,8 +67,6 @@ def check_strategy(name: Any, what: str) -> str:
 def _split(value: Any, what: str) -> tuple[str, int | None]:
     """``"sharded:64"`` -> ``("sharded", 64)``; any other strategy -> ``(name, None)``."""
     if isinstance(value, str) and value.startswith("sharded:"):
-        from .shards import check_shards
-
         count = value.split(":", 1)[1].strip()
         if not count.isdigit():
             raise ConfigurationError(f"{what}: expected 'sharded:N' with N a number of shards, not {value!r}")
@@ -101,8 +100,6 @@ def configure(
     if default_strategy is not None:
         check_strategy(default_strategy, "default_strategy")
     if default_shards is not None:
-        from .shards import check_shards
-
         check_shards(default_shards, "default_shards")
     checked: dict[str, str] = {}
     shard_counts: dict[str, int] = {}
@@ -131,8 +128,6 @@ def configure(
 
 def _check_sharded(default_strategy: str | None, overrides: dict[str, str]) -> None:
     """Counters already resolved that the new configuration would shard must be able to."""
-    from .shards import check_shardable
-
     for counter in _registry.all_counters():
         if counter.parent is None:
             continue
@@ -188,8 +183,6 @@ def resolve(counter: CounterCache) -> str:
 
 def resolve_shards(counter: CounterCache) -> int:
     """How many shards a ``sharded`` counter spreads over now."""
-    from .shards import DEFAULT_SHARDS
-
     return (_config.shard_overrides.get(counter.name) or counter.declared_shards
             or _config.default_shards or DEFAULT_SHARDS)
 

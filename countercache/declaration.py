@@ -26,6 +26,7 @@ from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
 from . import _registry, config
 from .errors import ConfigurationError
+from .sidetable import check_shardable, check_shards, shard_table
 
 if TYPE_CHECKING:
     from sqlalchemy import Column
@@ -136,8 +137,6 @@ class CounterCache:
         if self.declared_strategy is not None:
             config.check_strategy(self.declared_strategy, self.name)
         if self.declared_strategy == "sharded":
-            from .shards import shard_table
-
             shard_table(column.table.metadata)
         _registry.add(self)
 
@@ -221,8 +220,6 @@ class CounterCache:
 
     def _check_sharded(self) -> None:
         if self.strategy() == "sharded":
-            from .shards import check_shardable
-
             check_shardable(self, self.name, need_table=True)
 
     def _resolve_many_to_many(self, mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> None:
@@ -342,8 +339,6 @@ def counter_cache(
             f"counter_cache({relationship!r}): the relationship must be given by name, as a string"
         )
     if shards is not None:
-        from .shards import check_shards
-
         check_shards(shards, f"counter_cache({relationship!r})")
     definition = CounterCache(relationship, strategy, where, sum, shards)
     info = dict(column_kwargs.pop("info", None) or {})

@@ -20,7 +20,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from . import configure
 from .declaration import counter_cache
-from .shards import exact, fold, shard_table
+from .shards import exact, fold
+from .sidetable import shard_table
 
 
 class Base(DeclarativeBase):

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, configure_mappers
 
 from . import _registry, memory
 from .errors import CounterCacheError
+from .sidetable import pending_expression
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -162,8 +163,6 @@ class _Sql:
         self.key = self.pk[0] if len(self.pk) == 1 else tuple_(*self.pk)
         # a sharded counter's stored value is its column plus the pending shard
         # deltas, read in the same statement as the count (one snapshot)
-        from .shards import pending_expression
-
         pending = pending_expression(counter) if len(self.pk) == 1 else None
         self.stored = self.column if pending is None else self.column + pending
         self.target = self.actual if pending is None else self.actual - pending

@@ -361,10 +361,20 @@ def _hook(mapper: Mapper[Any]) -> None:
 _parents_hooked: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
+def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``after_delete``: a parent with sharded counters is gone."""
+    from .writer import ParentTable
+
+    session = flushing_session(state)
+    if session is None:
+        return
+    for parent in ParentTable.of_mapper(mapper):
+        if any(c.strategy() == "sharded" for c in parent.counters):
+            transactions.parent_deleted(session, parent, tuple(state.key[1]))
+
+
 def track_parent(mapper: Mapper[Any]) -> None:
     """Watch deletes of a counter's parents (a ``sharded`` counter's rows go with them)."""
-    from .shards import parent_deleted
-
     if any(m in _parents_hooked for m in mapper.iterate_to_root()):
         return
     for sub in list(mapper.self_and_descendants):
@@ -929,7 +939,7 @@ def uninstall() -> None:
     bulk_dml.uninstall()
     for mapper in list(_hooked):
         _unhook(mapper)
-    from .shards import forget_pools, parent_deleted
+    from .shard_writes import forget_pools
 
     forget_pools()
     for mapper in list(_parents_hooked):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import memory
+from . import memory, shard_writes
 
 if TYPE_CHECKING:
     from .writer import Deltas, ParentTable
@@ -181,9 +181,7 @@ def write_shards(session: Session) -> None:
         entry.sharded = {}
         entry.deleted = {}
     if sharded or deleted:
-        from . import shards
-
-        shards.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}),
+        shard_writes.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}),
                      sharded, deleted)
 
 

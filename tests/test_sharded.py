@@ -255,7 +255,7 @@ def test_a_pools_live_connections_never_share_a_shard(engine):
     """Slots are taken per pool and given back with the connection: a pool that
     opened and dropped 15 connections still spreads 4 live ones over 4 shards
     (a process-wide counter had moved on by 16 and put the 4th on the 1st's row)."""
-    from countercache.shards import _slot, forget_pools
+    from countercache.shard_writes import _slot, forget_pools
 
     pool_engine = create_engine(engine.url, pool_size=4, max_overflow=20)
     try:

@@ -48,7 +48,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
-from ..shards import TABLE_NAME
+from ..sidetable import TABLE_NAME
 
 if TYPE_CHECKING:
     # Not at run time: Alembic imports this module (its plugin entry point)

@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 
 from ..errors import CounterCacheError
-from ..shards import TABLE_NAME
+from ..sidetable import TABLE_NAME
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext

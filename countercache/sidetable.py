@@ -1,0 +1,149 @@
+"""The ``sharded`` strategy's side table: its schema and the checks a counter must pass.
+
+``countercache_shards`` holds, per ``(counter, parent key, shard)``, a delta
+not yet folded into the parent column (see :mod:`countercache.shards` for
+why, and for :func:`~countercache.fold` and :func:`~countercache.exact`).
+This module only describes the table: writing its rows is
+:mod:`countercache.shard_writes`, reading and folding them
+:mod:`countercache.shards`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, select
+from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+
+__all__ = ["TABLE_NAME", "DEFAULT_SHARDS", "shard_table"]
+
+TABLE_NAME = "countercache_shards"
+DEFAULT_SHARDS = 16
+MAX_SHARDS = 1024
+
+#: Characters of a parent's key in the side table.
+KEY_LENGTH = 100
+
+def shard_table(metadata: MetaData) -> Table:
+    """The side table of ``sharded`` counters in ``metadata`` (added when missing).
+
+    Declaring a counter with ``strategy="sharded"`` calls this for the
+    counter's own metadata; call it yourself (``shard_table(Base.metadata)``)
+    before switching counters to ``sharded`` through configuration, and let
+    the migration create it.
+    """
+    existing = metadata.tables.get(TABLE_NAME)
+    if existing is not None:
+        return existing
+    return Table(
+        TABLE_NAME,
+        metadata,
+        Column("counter", String(150), primary_key=True),
+        Column("parent_key", _KEY_TYPE, primary_key=True),
+        Column("shard", SmallInteger, primary_key=True, autoincrement=False),
+        Column("delta", BigInteger, nullable=False),
+        comment="countercache: pending deltas of sharded counters (countercache.fold moves them to the parents)",
+    )
+
+
+#: The parent's key as text. On MariaDB/MySQL the column's collation is fixed
+#: (binary), so that comparing it with ``CAST(pk AS CHAR)`` (the connection's
+#: collation) can be made explicit, below, whatever the server defaults are.
+_KEY_TYPE = String(100).with_variant(mysql.VARCHAR(100, charset="utf8mb4", collation="utf8mb4_bin"),
+                                     "mysql", "mariadb")
+
+
+class _KeyText(ColumnElement[str]):
+    """``CAST(pk AS VARCHAR)``; on MariaDB/MySQL ``CAST(pk AS CHAR CHARACTER SET
+    utf8mb4) COLLATE utf8mb4_bin``, the column's own collation, whatever the
+    connection's character set."""
+
+    inherit_cache = True
+    type = String(100)
+    _traverse_internals = [("pk", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, pk: Any) -> None:
+        self.pk = pk
+
+
+@compiles(_KeyText)
+def _key_text(element: _KeyText, compiler: Any, **kw: Any) -> str:
+    return compiler.process(cast(element.pk, String(100)), **kw)
+
+
+@compiles(_KeyText, "mysql")
+@compiles(_KeyText, "mariadb")
+def _key_text_mysql(element: _KeyText, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.pk, **kw)} AS CHAR CHARACTER SET utf8mb4) COLLATE utf8mb4_bin"
+
+
+def table_for(counter: CounterCache) -> Table | None:
+    """The side table in the counter's metadata, if it has one."""
+    assert counter.column is not None
+    return counter.column.table.metadata.tables.get(TABLE_NAME)
+
+
+def counter_name(counter: CounterCache) -> str:
+    """How the side table names a counter: ``"<parent table>.<column>"``."""
+    assert counter.column is not None
+    return f"{counter.column.table.fullname}.{counter.column.name}"
+
+
+def check_shardable(counter: CounterCache, what: str, *, need_table: bool) -> None:
+    """Raise unless ``counter`` can be sharded (called at configuration)."""
+    assert counter.column is not None and counter.mapper is not None
+    pk = list(counter.mapper.primary_key)
+    key_type = pk[0].type if len(pk) == 1 else None
+    if not (isinstance(key_type, Integer) or isinstance(key_type, String) and not isinstance(key_type, Uuid)
+            and key_type.length is not None and key_type.length <= KEY_LENGTH):
+        # the side table keeps the key as text; a UUID's text differs between
+        # backends that store it natively and those that store 32 hex digits
+        raise ConfigurationError(
+            f"{what}: the sharded strategy needs a parent with a one-column integer primary key, "
+            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH}))"
+        )
+    if not isinstance(counter.column.type, Integer):
+        raise ConfigurationError(
+            f"{what}: the sharded strategy keeps integer deltas; {counter.column.type} "
+            "counters (a decimal sum=) cannot be sharded"
+        )
+    if need_table and table_for(counter) is None:
+        raise ConfigurationError(
+            f"{what}: the sharded strategy needs the side table {TABLE_NAME} in "
+            f"{counter.cls.__name__}'s metadata; add it with "  # type: ignore[union-attr]
+            "countercache.shard_table(Base.metadata) and create it in a migration"
+        )
+
+
+def check_shards(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigurationError(f"{what}: shards must be an integer from 1 to {MAX_SHARDS}, not {value!r}")
+    return value
+
+
+
+def pending_expression(counter: CounterCache, parent_alias: Any = None) -> Any:
+    """``coalesce(SELECT sum(delta) ... for this parent, 0)``, correlated to the parent table
+    (None when the counter's metadata has no side table)."""
+    table = table_for(counter)
+    if table is None:
+        return None
+    assert counter.parent is not None
+    parent_table = parent_alias if parent_alias is not None else counter.parent.table
+    pk = parent_table.c[counter.parent.pk_cols[0].key]
+    subquery = (
+        select(cast(func.sum(table.c.delta), BigInteger))
+        .where(table.c.counter == counter_name(counter), table.c.parent_key == _KeyText(pk))
+        .correlate(parent_table)
+        .scalar_subquery()
+    )
+    return func.coalesce(subquery, 0)
+
