@@ -23,23 +23,24 @@ ORM's back.
 
 from __future__ import annotations
 
-from .config import configure as configure
-from .config import configure_from_file as configure_from_file
+from . import _registry, config
 from .config import configured_strategy as configured_strategy
 from .declaration import CounterCache as CounterCache
-from .declaration import counter_cache as counter_cache
-from .declaration import uninstall as uninstall
 from .errors import AssignmentError as AssignmentError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import CounterCacheError as CounterCacheError
+from .flush import suspended as suspended
+from .installation import counter_cache as counter_cache
+from .installation import uninstall as uninstall
 from .repair import Drift as Drift
 from .repair import check as check
 from .repair import reconcile as reconcile
+from .settings import configure as configure
+from .settings import configure_from_file as configure_from_file
 from .sidetable import shard_table as shard_table
 from .shards import exact as exact
 from .shards import exact_expression as exact_expression
 from .shards import fold as fold
-from .tracking import suspended as suspended
 
 __all__ = [
     "counter_cache",
@@ -66,8 +67,6 @@ __version__ = "0.1.0"
 
 def _reset_for_tests() -> None:
     """Forget configuration, counters and listeners (tests only: each test declares its models)."""
-    from . import _registry, config
-
     config._reset()
     _registry.restore(([], {}, set()))
     uninstall()

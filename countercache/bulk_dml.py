@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy import tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import through, tracking
+from .children import _child_for
+from .flush import forget_locked, is_suspended
+from .locking import child_primary_key, read_foreign_keys
 from .errors import CounterCacheError
 
 if TYPE_CHECKING:
@@ -43,12 +45,12 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     mapper = state.bind_mapper
     if mapper is None:
         return None
-    child = tracking._child_for(mapper)
+    child = _child_for(mapper)
     if child is None:
         return None
     if not state.is_insert:
-        tracking.forget_locked(state.session)  # rows may change behind the loaded objects
-    if tracking.is_suspended(state.session):
+        forget_locked(state.session)  # rows may change behind the loaded objects
+    if is_suspended(state.session):
         return None
     if state.is_insert:
         return _insert(state, mapper, child)
@@ -134,7 +136,7 @@ def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str,
 def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
     session = state.session
     connection = session.connection(bind_arguments={"mapper": mapper})
-    found = tracking.read_foreign_keys(
+    found = read_foreign_keys(
         connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update",
     )
@@ -151,11 +153,9 @@ def _with_leaves(connection: Any, child: Any, found: dict[Any, Any]) -> dict[Any
 def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
     # ORM attributes, not bare columns, so that synchronize_session="evaluate"
     # can evaluate the added criterion in Python
-    pk = [getattr(mapper.class_, mapper.get_property_by_column(c).key) for c in tracking.child_primary_key(child)]
+    pk = [getattr(mapper.class_, mapper.get_property_by_column(c).key) for c in child_primary_key(child)]
     if len(pk) == 1:
         return statement.where(pk[0].in_([k[0] for k in keys]))
-    from sqlalchemy import tuple_
-
     return statement.where(tuple_(*pk).in_(keys))
 
 
@@ -180,7 +180,7 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
-    after = tracking.read_foreign_keys(connection, child, list(locked), lock=None)
+    after = read_foreign_keys(connection, child, list(locked), lock=None)
     tracking.record_rows(state.session, mapper,
                          [(old, through.carry_counts(child, old, after.get(key))) for key, old in locked.items()])
     return result
@@ -190,10 +190,10 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
     if not deleting and not any(_attribute_values(mapper, p, child.keys) for p in params):
         return None
-    pk_keys = [mapper.get_property_by_column(c).key for c in tracking.child_primary_key(child)]
+    pk_keys = [mapper.get_property_by_column(c).key for c in child_primary_key(child)]
     keys = [tuple(p.get(k) for k in pk_keys) for p in params]
     connection = state.session.connection(bind_arguments={"mapper": mapper})
-    locked = _with_leaves(connection, child, tracking.read_foreign_keys(
+    locked = _with_leaves(connection, child, read_foreign_keys(
         connection, child, keys, lock="update" if deleting else "no key update"))
     result = state.invoke_statement()
     rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
@@ -208,12 +208,3 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     tracking.record_rows(state.session, mapper, rows)
     return result
 
-
-def install() -> None:
-    if not event.contains(Session, "do_orm_execute", _do_orm_execute):
-        event.listen(Session, "do_orm_execute", _do_orm_execute)
-
-
-def uninstall() -> None:
-    if event.contains(Session, "do_orm_execute", _do_orm_execute):
-        event.remove(Session, "do_orm_execute", _do_orm_execute)

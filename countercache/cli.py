@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import repair, shards
 from .config import STRATEGIES
 from .errors import CounterCacheError
 
@@ -97,8 +98,6 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
 
     from sqlalchemy import create_engine, text
 
-    from . import repair
-
     if args.batch_size < 1:
         raise CounterCacheError(f"--batch-size must be at least 1, not {args.batch_size}")
     sys.path.insert(0, os.getcwd())
@@ -121,8 +120,6 @@ def _fold(args: argparse.Namespace) -> int:
     import json
 
     from rich.console import Console
-
-    from . import shards
 
     counters, engine = _load(args)
     folded: dict[str, int] = {}
@@ -155,8 +152,6 @@ def _repair(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
     from sqlalchemy import func, select
-
-    from . import repair
 
     counters, engine = _load(args)
     fix = args.command == "reconcile" and not args.dry_run
@@ -226,7 +221,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.table import Table
     from sqlalchemy import create_engine
 
-    from . import demo
+    from . import demo  # (not at the top: importing it declares the demo's models)
 
     url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache-demo.sqlite")
     engine = create_engine(url)

@@ -12,29 +12,30 @@ to :func:`~countercache.counter_cache`; ``default_strategy``; ``"bulk"``.
 
 .. warning:: The configuration is process-global: it applies to every
    session. Each call of :func:`configure` replaces all of it.
+
+This module holds the configuration's state and the list of strategy names;
+:func:`~countercache.configure` and :func:`~countercache.configure_from_file`,
+which also install the library's listeners, are in
+:mod:`countercache.settings`.
 """
 
 from __future__ import annotations
 
-import configparser
-import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _registry
 from .errors import ConfigurationError
-from .sidetable import DEFAULT_SHARDS, check_shardable, check_shards
+from .sidetable import DEFAULT_SHARDS, check_shards
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
 
-__all__ = ["configure", "configure_from_file", "configured_strategy", "STRATEGIES"]
+__all__ = ["configured_strategy", "STRATEGIES"]
 
 #: The strategies this version implements, in the order the docs present them.
 STRATEGIES: tuple[str, ...] = ("bulk", "per_row", "deferred", "sharded")
 
 DEFAULT_STRATEGY = "bulk"
-SECTION = "countercache"
 
 
 class _Config:
@@ -72,92 +73,6 @@ def _split(value: Any, what: str) -> tuple[str, int | None]:
             raise ConfigurationError(f"{what}: expected 'sharded:N' with N a number of shards, not {value!r}")
         return "sharded", check_shards(int(count), what)
     return check_strategy(value, what), None
-
-
-def configure(
-    default_strategy: str | None = None,
-    overrides: Mapping[str, str] | None = None,
-    *,
-    default_shards: int | None = None,
-) -> None:
-    """Replace the whole configuration.
-
-    :param default_strategy: the strategy of counters that name none
-        themselves (``"bulk"`` when not given).
-    :param overrides: ``{"Class.attribute": strategy}``; wins over
-        everything, the model's own ``strategy=`` included. ``"sharded:64"``
-        also sets that counter's number of shards.
-    :param default_shards: shards of ``sharded`` counters that set none
-        themselves (16 when not given).
-
-    Calling it with no arguments restores the defaults. It may come before or
-    after the models' mappers are configured and takes effect for the next
-    flush. An unknown strategy raises :class:`~countercache.CounterCacheError`
-    at once; an override naming no counter raises as soon as its class is
-    known (now, if the class is already declared; otherwise when its mapper
-    is configured). Nothing changes when it raises.
-    """
-    if default_strategy is not None:
-        check_strategy(default_strategy, "default_strategy")
-    if default_shards is not None:
-        check_shards(default_shards, "default_shards")
-    checked: dict[str, str] = {}
-    shard_counts: dict[str, int] = {}
-    for key, value in (overrides or {}).items():
-        if not isinstance(key, str) or key.count(".") != 1:
-            raise ConfigurationError(
-                f"override {key!r}: expected 'Class.attribute', for example "
-                "'User.question_count'"
-            )
-        checked[key], count = _split(value, f"override {key}")
-        if count is not None:
-            shard_counts[key] = count
-    for key in checked:
-        _check_override_names_counter(key)
-    _check_sharded(default_strategy, checked)
-    if checked:
-        from .declaration import _install
-
-        _install()  # so that classes declared later are checked against the overrides
-    _config.default_strategy = default_strategy
-    _config.default_shards = default_shards
-    _config.overrides = checked
-    _config.shard_overrides = shard_counts
-    _config.generation += 1
-
-
-def _check_sharded(default_strategy: str | None, overrides: dict[str, str]) -> None:
-    """Counters already resolved that the new configuration would shard must be able to."""
-    for counter in _registry.all_counters():
-        if counter.parent is None:
-            continue
-        strategy = overrides.get(counter.name) or counter.declared_strategy or default_strategy
-        if strategy == "sharded":
-            where = f"override {counter.name}" if counter.name in overrides else (
-                counter.name if counter.declared_strategy else f"default_strategy for {counter.name}")
-            check_shardable(counter, where, need_table=True)
-
-
-def configure_from_file(path: str | os.PathLike[str]) -> None:
-    """Configure from the ``[countercache]`` section of an ini file.
-
-    ``default_strategy = ...`` sets the default; every other key is an
-    override (``User.question_count = per_row``). A missing file or section is
-    an error; like :func:`configure`, the file replaces the configuration.
-    """
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep "User.question_count" as written
-    if not parser.read(path):
-        raise ConfigurationError(f"{os.fspath(path)}: cannot read the file")
-    if not parser.has_section(SECTION):
-        raise ConfigurationError(f"{os.fspath(path)}: no [{SECTION}] section")
-    items = dict(parser.items(SECTION))
-    default = items.pop("default_strategy", None)
-    shards = items.pop("default_shards", None)
-    if shards is not None and not shards.strip().isdigit():
-        raise ConfigurationError(f"{os.fspath(path)}: default_shards must be a number, not {shards!r}")
-    configure(default_strategy=default, overrides=items,
-              default_shards=int(shards) if shards is not None else None)
 
 
 def configured_strategy(counter: Any) -> str:

@@ -1,4 +1,4 @@
-"""Declaring a counter: :func:`counter_cache` and the :class:`CounterCache` it builds.
+"""The counter model: the :class:`CounterCache` that :func:`~countercache.counter_cache` builds.
 
 A counter is a column on the parent class whose value the library keeps
 equal to the number of children on a one-to-many relationship::
@@ -13,28 +13,29 @@ The definition travels with the column in ``Column.info["countercache"]``.
 It is bound to its class when the class's mapper is constructed and resolved
 (relationship looked up, child mapper instrumented) when mappers are
 configured; every misuse raises :class:`~countercache.CounterCacheError`
-naming the counter at that moment.
+naming the counter at that moment. This module only describes counters: the
+listeners that bind, resolve and then maintain them are registered by
+:mod:`countercache.installation` (which also holds :func:`counter_cache`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Integer, and_, event
-from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty, mapped_column
+from sqlalchemy import and_
+from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty
 from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
 from . import _registry, config
 from .errors import ConfigurationError
-from .sidetable import check_shardable, check_shards, shard_table
+from .expressions import compile_evaluator, resolve, sql_text
 
 if TYPE_CHECKING:
     from sqlalchemy import Column
-    from sqlalchemy.orm import MappedColumn
 
     from .writer import ParentTable
 
-__all__ = ["counter_cache", "CounterCache"]
+__all__ = ["CounterCache", "MiddleView"]
 
 
 class CounterCache:
@@ -136,14 +137,11 @@ class CounterCache:
         self.key = mapper.get_property_by_column(column).key
         if self.declared_strategy is not None:
             config.check_strategy(self.declared_strategy, self.name)
-        if self.declared_strategy == "sharded":
-            shard_table(column.table.metadata)
         _registry.add(self)
 
     def _resolve(self, mapper: Mapper[Any]) -> None:
-        from . import memory, tracking
-        from .writer import ParentTable
-
+        """Look up the relationship and the child's keys and expressions (raising
+        on any misuse); :func:`countercache.installation._start` then starts it."""
         path = self.relationship.split(".")
         if len(path) > 2:
             raise ConfigurationError(
@@ -179,13 +177,6 @@ class CounterCache:
         self.child_mapper = child_mapper
         self.fk_keys = fk_keys
         self._resolve_expressions(child_mapper)
-        assert self.column is not None
-        self._check_sharded()
-        self.parent = ParentTable.for_column(mapper, self.column)
-        self.parent.add(self)
-        memory.guard_assignment(self)
-        tracking.track_child(child_mapper, self)
-        tracking.track_parent(mapper)
 
     def _foreign_keys(self, mapper: Mapper[Any], prop: RelationshipProperty[Any],
                       name: str) -> tuple[Mapper[Any], tuple[str, ...]]:
@@ -218,15 +209,8 @@ class CounterCache:
                 ) from None
         return child_mapper, tuple(fk_keys)
 
-    def _check_sharded(self) -> None:
-        if self.strategy() == "sharded":
-            check_shardable(self, self.name, need_table=True)
-
     def _resolve_many_to_many(self, mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> None:
         """``Tag.post_count`` over ``secondary``: counts the association rows."""
-        from . import many_to_many, memory
-        from .writer import ParentTable
-
         if self._where_arg is not None or self._sum_arg is not None:
             raise ConfigurationError(
                 f"{self.name}: where= and sum= are not supported on a many-to-many relationship yet"
@@ -244,19 +228,8 @@ class CounterCache:
         self.relationship_key = prop.key
         backref = prop.backref[0] if isinstance(prop.backref, tuple) else prop.backref
         self.reverse_key = prop.back_populates or backref or None
-        assert self.column is not None
-        self._check_sharded()
-        self.parent = ParentTable.for_column(mapper, self.column)
-        self.parent.add(self)
-        memory.guard_assignment(self)
-        many_to_many.track(self)
-        from . import tracking
-
-        tracking.track_parent(mapper)
 
     def _resolve_expressions(self, child: Mapper[Any]) -> None:
-        from .expressions import compile_evaluator, resolve, sql_text
-
         keys = list(self.fk_keys)
         for what, arg in (("where", self._where_arg), ("sum", self._sum_arg)):
             if arg is None:
@@ -299,137 +272,35 @@ class CounterCache:
         return prop
 
 
-def counter_cache(
-    relationship: str,
-    *,
-    strategy: str | None = None,
-    where: Any = None,
-    sum: Any = None,  # noqa: A002 - the contract's name
-    shards: int | None = None,
-    **column_kwargs: Any,
-) -> MappedColumn[Any]:
-    """Declare a counter of the children on ``relationship``.
+class MiddleView:
+    """A multi-level counter as its middle rows see it (:mod:`countercache.through`)."""
 
-    :param relationship: the name of a one-to-many relationship on the same
-        class; the child class may be declared later in the module.
-    :param strategy: ``"bulk"`` (one aggregated UPDATE per flush, the
-        default), ``"per_row"`` (an UPDATE per changed child row) or
-        ``"deferred"`` (one UPDATE per transaction, right before COMMIT) or
-        ``"sharded"`` (at commit, an upsert into one of ``shards`` rows of
-        the side table ``countercache_shards``, folded into the column by
-        :func:`countercache.fold`: for hot parents).
-        The configuration may override it (:func:`countercache.configure`).
-    :param shards: the number of shard rows per parent of a ``sharded``
-        counter (default 16, or the configuration's ``default_shards``).
-    :param where: a SQL boolean expression over the child's columns, or a
-        zero-argument callable returning one (late binding): only children
-        matching it count, e.g. ``where=lambda: Question.status == "open"``.
-    :param sum: a child column name, or an expression (or callable) over the
-        child's columns: the counter holds ``SUM(...)`` instead of
-        ``COUNT(*)`` (NULL adds 0). Give ``type_=Numeric(...)`` for decimals.
-    :param column_kwargs: passed to :func:`~sqlalchemy.orm.mapped_column`
-        (``name=``, ``type_=BigInteger``, ``index=True``, ``comment=``...).
+    simple = False
 
-    Returns the column: Integer, ``nullable=False``, ``default=0``,
-    ``server_default="0"``. The column is the library's: assigning to it
-    raises :class:`~countercache.CounterCacheError`.
-    """
-    if not isinstance(relationship, str) or not relationship:
-        raise ConfigurationError(
-            f"counter_cache({relationship!r}): the relationship must be given by name, as a string"
-        )
-    if shards is not None:
-        check_shards(shards, f"counter_cache({relationship!r})")
-    definition = CounterCache(relationship, strategy, where, sum, shards)
-    info = dict(column_kwargs.pop("info", None) or {})
-    info["countercache"] = definition
-    column_kwargs.setdefault("nullable", False)
-    column_kwargs.setdefault("default", 0)
-    column_kwargs.setdefault("server_default", "0")
-    type_ = column_kwargs.pop("type_", Integer)
-    _install()
-    return mapped_column(type_, info=info, **column_kwargs)
+    def __init__(self, counter: CounterCache) -> None:
+        self.counter = counter
+        self.fk_keys = counter.middle_fk_keys
+        self.value_keys = counter.middle_fk_keys
+        #: Where a middle row's value dict keeps its number of counted leaves.
+        self.count_key = f"countercache leaves of {counter.name}"
 
+    @property
+    def parent(self) -> Any:
+        return self.counter.parent
 
-# -- mapper-level hooks (global, installed once, removable) -----------------
+    @property
+    def slot(self) -> int:
+        return self.counter.slot
 
+    @property
+    def name(self) -> str:
+        return self.counter.name
 
-def _after_mapper_constructed(mapper: Mapper[Any], class_: type) -> None:
-    _registry._declared_classes.add(class_.__name__)
-    found = False
-    for column in mapper.columns:
-        definition = column.info.get("countercache")
-        if isinstance(definition, CounterCache) and definition.cls is None:
-            definition._bind(mapper, column)
-            found = True
-    if found or class_.__name__ in {k.split(".")[0] for k in config._config.overrides}:
-        config.check_overrides_for(class_.__name__)
+    def strategy(self) -> str:
+        return self.counter.strategy()
 
+    def weight(self, values: dict[str, Any]) -> Any:
+        return values.get(self.count_key, 0)
 
-def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
-    for column in mapper.columns:
-        definition = column.info.get("countercache")
-        if isinstance(definition, CounterCache) and definition.mapper is mapper and definition.parent is None:
-            if "." in definition.relationship:
-                continue  # multi-level: the middle class's relationships may not be ready yet
-            definition._resolve(mapper)
-
-
-def _after_configured() -> None:
-    """Every mapper is configured: resolve the multi-level counters."""
-    for counter in _registry.all_counters():
-        if counter.parent is None and counter.mapper is not None and "." in counter.relationship \
-                and counter.mapper.configured:
-            counter._resolve(counter.mapper)
-
-
-_HOOKS = (
-    (Mapper, "after_mapper_constructed", _after_mapper_constructed),
-    (Mapper, "mapper_configured", _mapper_configured),
-    (Mapper, "after_configured", _after_configured),
-)
-
-
-_uninstalled = False
-
-
-def _install() -> None:
-    global _uninstalled
-    from . import many_to_many, memory, tracking
-
-    for target, name, fn in _HOOKS:
-        if not event.contains(target, name, fn):
-            event.listen(target, name, fn)
-    tracking.install()
-    if _uninstalled:
-        # back after uninstall(): the counters declared before it resume too
-        _uninstalled = False
-        for counter in _registry.all_counters():
-            if counter.parent is None:
-                continue
-            memory.guard_assignment(counter)
-            if counter.secondary is not None:
-                many_to_many.track(counter)
-            else:
-                tracking.track_child(counter.child_mapper, counter)  # type: ignore[arg-type]
-            tracking.track_parent(counter.mapper)  # type: ignore[arg-type]
-
-
-def uninstall() -> None:
-    """Remove every listener countercache registered.
-
-    Counters stop being maintained (in every session) until the next
-    :func:`counter_cache` declaration (or :func:`countercache.configure` with
-    overrides) installs them again, every counter declared so far included.
-    Meant for tests and for applications that hand maintenance to something
-    else; ``reconcile()`` repairs what happened meanwhile.
-    """
-    global _uninstalled
-    from . import memory, tracking
-
-    for target, name, fn in _HOOKS:
-        if event.contains(target, name, fn):
-            event.remove(target, name, fn)
-    tracking.uninstall()
-    memory.uninstall()
-    _uninstalled = True
+    def __repr__(self) -> str:
+        return f"<MiddleView of {self.counter.name}>"

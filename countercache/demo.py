@@ -19,7 +19,8 @@ from sqlalchemy import Engine, ForeignKey, String, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from . import configure
-from .declaration import counter_cache
+from .errors import CounterCacheError
+from .installation import counter_cache
 from .shards import exact, fold
 from .sidetable import shard_table
 
@@ -93,8 +94,6 @@ def upgrade_schema(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import MetaData, Table
-
-    from .errors import CounterCacheError
 
     script_location = Path(__file__).resolve().parent.parent / "migrations"
     if not (script_location / "env.py").is_file():

@@ -26,20 +26,18 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
-    from .tracking import FlushState
+    from .flush import FlushState
 
 #: mapper -> [(counter, "parent" | "child")]: which side of which counter a class is.
 _sides: weakref.WeakKeyDictionary[Mapper[Any], list[tuple[CounterCache, str]]] = weakref.WeakKeyDictionary()
 
 
 def track(counter: CounterCache) -> None:
-    from . import tracking
-
+    """Count ``counter``'s association rows in the flushes of both its classes."""
     for mapper, side in ((counter.mapper, "parent"), (counter.child_mapper, "child")):
         entries = _sides.setdefault(mapper, [])  # type: ignore[arg-type]
         if (counter, side) not in entries:
             entries.append((counter, side))
-    tracking.install()
 
 
 def clear() -> None:

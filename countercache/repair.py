@@ -37,7 +37,7 @@ from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, configure_mappers
 
-from . import _registry, memory
+from . import _registry, memory, transactions
 from .errors import CounterCacheError
 from .sidetable import pending_expression
 
@@ -198,8 +198,6 @@ def _write_held(session: Session) -> None:
     """Given a Session: flush, and write now what ``deferred`` / ``sharded``
     counters hold for the commit, so that the comparison sees this
     transaction's children and their counts alike."""
-    from . import transactions
-
     session.flush()
     if transactions.holds_any(session):
         if session.in_nested_transaction():

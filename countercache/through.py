@@ -12,7 +12,8 @@ counter is fed from two sides, both through :mod:`countercache.tracking`:
   INSERTs of their answers in a flush) and before its middle deletes, so a
   leaf is counted under the parent its middle row has at that moment; for
   ``per_row`` it runs per leaf row.
-* **Middle rows** (questions) are children too, through a :class:`MiddleView`
+* **Middle rows** (questions) are children too, through a
+  :class:`~countercache.declaration.MiddleView`
   of the counter: a middle row "weighs" its counted leaves. Moving a question
   to another user moves that many answers: the pre-read that locks the moved
   question rows also counts their leaves (before this flush changes any
@@ -27,44 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, literal, select
 
+from .children import _child_for, _key
+from .locking import chunk_size, read_foreign_keys
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from .declaration import CounterCache
-
-
-class MiddleView:
-    """A multi-level counter as its middle rows see it."""
-
-    simple = False
-
-    def __init__(self, counter: CounterCache) -> None:
-        self.counter = counter
-        self.fk_keys = counter.middle_fk_keys
-        self.value_keys = counter.middle_fk_keys
-        #: Where a middle row's value dict keeps its number of counted leaves.
-        self.count_key = f"countercache leaves of {counter.name}"
-
-    @property
-    def parent(self) -> Any:
-        return self.counter.parent
-
-    @property
-    def slot(self) -> int:
-        return self.counter.slot
-
-    @property
-    def name(self) -> str:
-        return self.counter.name
-
-    def strategy(self) -> str:
-        return self.counter.strategy()
-
-    def weight(self, values: dict[str, Any]) -> Any:
-        return values.get(self.count_key, 0)
-
-    def __repr__(self) -> str:
-        return f"<MiddleView of {self.counter.name}>"
 
 
 def add_leaf_counts(connection: Connection, child: Any, rows: dict[tuple[Any, ...], dict[str, Any]],
@@ -89,8 +59,6 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
     found: dict[tuple[Any, ...], dict[str, Any]] = {k: {} for k in keys}
     if not keys:
         return found
-    from .tracking import chunk_size
-
     size = chunk_size(connection)
     ordered = sorted(k[0] for k in keys)
     for view in child.views:
@@ -137,8 +105,6 @@ class Sink:
 
     def translate(self, connection_for: Any) -> None:
         """Hand the held deltas to the strategy, keyed by parent (middle rows read and share-locked)."""
-        from . import tracking
-
         pending, self.pending = self.pending, {}
         # one read per middle class, whatever the number of its counters; every
         # middle row whose leaves changed is locked, also where the deltas
@@ -152,12 +118,12 @@ class Sink:
         rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
         for mapper, keys in wanted.items():
             if keys:
-                middle = tracking._child_for(mapper)
-                rows[mapper] = tracking.read_foreign_keys(connection_for(mapper), middle, sorted(keys), lock="share")
+                middle = _child_for(mapper)
+                rows[mapper] = read_foreign_keys(connection_for(mapper), middle, sorted(keys), lock="share")
         for counter, by_key in pending.items():
             found = rows.get(counter.middle_mapper, {})
             for key, delta in by_key.items():
                 values = found.get(key)
-                parent_key = tracking._key(values, counter.middle_fk_keys) if values is not None and delta else None
+                parent_key = _key(values, counter.middle_fk_keys) if values is not None and delta else None
                 if parent_key is not None:
                     self.strategy.add(counter, parent_key, delta)

@@ -60,6 +60,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, column, text
 from sqlalchemy.engine import Connection
 
+from . import _registry
+
 if TYPE_CHECKING:
     from sqlalchemy import Column, Table
     from sqlalchemy.orm import Mapper
@@ -106,8 +108,6 @@ class ParentTable:
 
     @classmethod
     def for_column(cls, mapper: Mapper[Any], column: Column[Any]) -> ParentTable:
-        from . import _registry
-
         for counter in _registry.all_counters():
             known = counter.parent
             if known is not None and known.table is column.table and known.mapper is mapper:
@@ -118,8 +118,6 @@ class ParentTable:
     def of_mapper(mapper: Mapper[Any]) -> list[ParentTable]:
         """The parent tables whose rows ``mapper``'s instances are (inherited ones
         included); looked up once per mapper (a parent delete asks per row)."""
-        from . import _registry
-
         found = _of_mapper.get(mapper)
         if found is None:
             found = _of_mapper[mapper] = []

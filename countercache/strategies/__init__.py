@@ -1,6 +1,6 @@
 """The strategies: when and how a flush's deltas reach the database.
 
-Change tracking (:mod:`countercache.tracking`) calls a strategy with
+Change tracking (:mod:`countercache.tracking`, :mod:`countercache.flush`) calls a strategy with
 ``add(counter, parent_key, delta)`` for every change of a child row, then
 ``row_done(connection)`` after each row and ``flush_done()`` in
 ``after_flush``. The SQL itself is :meth:`countercache.writer.ParentTable.apply`.

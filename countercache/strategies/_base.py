@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from ..declaration import CounterCache
-    from ..tracking import FlushState
+    from ..flush import FlushState
     from ..writer import Deltas, ParentTable
 
 
@@ -17,6 +17,11 @@ class Strategy:
 
     #: Whether ``row_done`` writes (tracking calls it only for such strategies).
     per_row = False
+
+    #: Whether the counter's deltas go to the side table ``countercache_shards``
+    #: (which its metadata must then hold, see :mod:`countercache.sidetable`);
+    #: a parent's delete then takes its shard rows along.
+    uses_shard_table = False
 
     def __init__(self, flush: FlushState) -> None:
         self.flush = flush

@@ -19,6 +19,7 @@ from .deferred import DeferredStrategy
 class ShardedStrategy(DeferredStrategy):
     name = "sharded"
     held = "sharded"
+    uses_shard_table = True
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the

@@ -1,0 +1,131 @@
+"""The counted child classes: which counters a child mapper feeds, and what its rows' reads need (private).
+
+One :class:`_Child` per child mapper (inherited counters included, merged
+lazily by :func:`_child_for`): the attribute keys whose values decide its
+counters, their equality tests, and the per-configuration layout the flush
+resolves once. Filled by :mod:`countercache.installation` when counters are
+resolved; read by the row hooks, the pre-read and bulk statements.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Boolean, Date, DateTime, Integer, Numeric, String, Time, Uuid
+from sqlalchemy.orm import Mapper
+
+from . import config
+from .declaration import MiddleView
+
+if TYPE_CHECKING:
+    from .declaration import CounterCache
+
+
+#: Value types whose values compare and hash as themselves (GROUP BY and a dict key).
+_GROUPABLE_TYPES = (Integer, Numeric, String, Boolean, Date, DateTime, Time, Uuid)
+
+
+class _Child:
+    """The counters fed by one child mapper, and what the pre-read needs."""
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        self.counters: list[CounterCache] = []
+        #: Attribute keys whose values decide any of the counters (foreign
+        #: keys, and the columns of where= and sum=).
+        self.keys: tuple[str, ...] = ()
+        self.key_set: frozenset[str] = frozenset()
+        #: Of those, the ones an UPDATE may set by itself (onupdate, server_onupdate).
+        self.computed_keys: frozenset[str] = frozenset()
+        #: Multi-level counters for which this class is the middle (through.py).
+        self.views: list[MiddleView] = []
+        self._equals: list[tuple[str, Any]] | None = None
+        self._layout: tuple[int, list[Any]] | None = None
+        self._groupable: bool | None = None
+
+    def equals(self) -> list[tuple[str, Any]]:
+        """``(key, the attribute's equality test)`` for every key (what its history compares with)."""
+        if self._equals is None:
+            manager = self.mapper.class_manager
+            self._equals = [(k, manager[k].impl.is_equal) for k in self.keys]
+        return self._equals
+
+    def groupable(self) -> bool:
+        """Can deleted rows be counted grouped by their values (in SQL and in a
+        dict)? Not with a JSON, array or custom-typed value, say."""
+        if self._groupable is None:
+            self._groupable = all(
+                isinstance(col.type, _GROUPABLE_TYPES)
+                for k in self.keys for col in self.mapper.get_property(k).columns)  # type: ignore[attr-defined]
+        return self._groupable
+
+    def layout(self) -> list[tuple[CounterCache, str, tuple[str, ...], bool, bool]]:
+        """``(counter, strategy name, foreign key attributes, plain count?, multi-level leaves?)``
+        per counter, for the configuration in force (resolved once per change)."""
+        generation = config._config.generation
+        if self._layout is None or self._layout[0] != generation:
+            self._layout = (generation, [
+                (c, c.strategy(), c.fk_keys, c.simple, getattr(c, "middle_mapper", None) is not None)
+                for c in self.counters])
+        return self._layout[1]
+
+    def add(self, counter: CounterCache) -> None:
+        if counter not in self.counters:
+            self.counters.append(counter)
+            keys = list(self.keys)
+            keys.extend(k for k in counter.value_keys if k not in keys)
+            self.keys = tuple(keys)
+            self.key_set = frozenset(keys)
+            self.computed_keys = frozenset(
+                k for k in self.keys
+                for col in self.mapper.get_property(k).columns  # type: ignore[attr-defined]
+                if col.onupdate is not None or col.server_onupdate is not None)
+            if isinstance(counter, MiddleView):
+                self.views.append(counter)
+            self._equals = None
+            self._layout = None
+            self._groupable = None
+
+
+#: Child mapper -> its counters (inherited ones included, filled lazily).
+_children: weakref.WeakKeyDictionary[Mapper[Any], _Child] = weakref.WeakKeyDictionary()
+
+
+_child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.WeakKeyDictionary()
+
+
+def _child_for(mapper: Mapper[Any]) -> _Child | None:
+    try:
+        return _child_cache[mapper]
+    except KeyError:
+        pass
+    merged: _Child | None = None
+    for m in mapper.iterate_to_root():
+        own = _children.get(m)
+        if own is not None:
+            if merged is None:
+                merged = _Child(mapper)
+            for counter in own.counters:
+                merged.add(counter)
+    _child_cache[mapper] = merged
+    return merged
+
+
+def add_counter(child_mapper: Mapper[Any], counter: Any) -> None:
+    """``child_mapper``'s rows feed ``counter`` from now on (its listeners: see installation)."""
+    child = _children.get(child_mapper)
+    if child is None:
+        child = _children[child_mapper] = _Child(child_mapper)
+    child.add(counter)
+    _child_cache.clear()
+
+
+def _key(d: dict[str, Any] | None, fk_keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+    if d is None:
+        return None
+    if len(fk_keys) == 1:
+        value = d.get(fk_keys[0])
+        return None if value is None else (value,)
+    key = tuple(d.get(k) for k in fk_keys)
+    return None if None in key else key

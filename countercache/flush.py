@@ -1,0 +1,281 @@
+"""One flush as the library sees it: :class:`FlushState`, the session hooks, :func:`suspended` (private).
+
+``before_flush`` keeps a :class:`FlushState` per session for the row hooks
+(:mod:`countercache.tracking`, :mod:`countercache.preread`);
+``after_flush`` lets every strategy write what it holds, and
+``after_flush_postexec`` shows the new values on the parents in memory.
+The listeners are registered by :mod:`countercache.installation`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+from sqlalchemy.orm import Mapper, Session
+
+from . import many_to_many, memory, through, transactions
+from .children import _Child, _child_for
+from .strategies import STRATEGY_CLASSES
+from .writer import ParentTable
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm.state import InstanceState
+    from sqlalchemy.orm.unitofwork import UOWTransaction
+
+    from .declaration import CounterCache
+
+__all__ = ["suspended"]
+
+_GONE = object()
+
+
+#: One counter of a child in a flush: (counter, strategy object, its foreign key
+#: attribute keys, whether it is a plain count), looked up once per flush.
+Plan = tuple["CounterCache", Any, tuple[str, ...], bool]
+
+
+class FlushState:
+    """What one flush has found so far (kept per session, for one flush)."""
+
+    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles")
+
+    def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
+        self.session = session
+        #: the flush's unit of work; None for an ORM bulk statement
+        self.uow = uow
+        #: child state -> {fk key: value in the database before the flush}, or _GONE
+        #: (gone already, or a deleted row the pre-read counted)
+        self.old: dict[InstanceState[Any], Any] = {}
+        #: child infos whose rows were pre-read in this flush
+        self.read: set[_Child] = set()
+        #: strategy name -> strategy instance for this flush (created on first use)
+        self.strategies: dict[str, Any] = {}
+        #: (parent table, results) to show on in-memory parents after the flush
+        self.results: list[tuple[ParentTable, Any]] = []
+        #: child -> (counters with their strategy objects, per-row strategies)
+        self.plans: dict[_Child, tuple[list[Plan], list[Any]]] = {}
+        #: parent table -> whether this flush saves rows of its class (asked once)
+        self.saved: dict[ParentTable, bool] = {}
+        #: strategy name -> the sink holding multi-level leaf deltas per middle key
+        self.sinks: dict[str, through.Sink] = {}
+        #: middle children whose deleted rows' leaves were counted in this flush
+        self.deletes_counted: set[_Child] = set()
+        #: mapper -> _child_for(mapper), for this flush (a plain dict: the row hooks ask per row)
+        self.children: dict[Mapper[Any], _Child | None] = {}
+        #: mappers whose rows need nothing more before their UPDATE / DELETE in this flush
+        self.ready_update: set[Mapper[Any]] = set()
+        self.ready_delete: set[Mapper[Any]] = set()
+        #: child -> its one plain count, for the row hooks' short way (see single())
+        self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
+
+    def child(self, mapper: Mapper[Any]) -> _Child | None:
+        try:
+            return self.children[mapper]
+        except KeyError:
+            found = self.children[mapper] = _child_for(mapper)
+            return found
+
+    def holds_any(self, parent: ParentTable, keys: Any) -> bool:
+        """Is any of these parents in the session (so the UPDATE should return values)?
+
+        Parents inserted by this flush are not in the identity map yet: a
+        flush that saved any row of the parent's class counts as holding.
+        """
+        saved = self.saved.get(parent)
+        if saved is None:
+            saved = self.saved[parent] = self.uow is not None and any(
+                m.isa(parent.mapper) and states for m, states in self.uow.mappers.items())
+        if saved:
+            return True
+        identity_map = self.session.identity_map
+        if not identity_map:
+            return False
+        key_from_pk = parent.mapper.identity_key_from_primary_key
+        return any(key_from_pk(tuple(k)) in identity_map for k in keys)
+
+    def connection_for(self, parent: ParentTable) -> Connection:
+        """The connection the flush (or the statement) runs on, for this parent's table."""
+        return self.connection_for_mapper(parent.mapper)
+
+    def connection_for_mapper(self, mapper: Mapper[Any]) -> Connection:
+        if self.uow is not None:
+            return self.uow.transaction.connection(mapper)
+        return self.session.connection(bind_arguments={"mapper": mapper})
+
+    def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
+        """Multi-level leaf deltas of this flush not yet translated, for one middle row."""
+        return sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
+
+    def translate(self, connection_for: Any = None) -> None:
+        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``)."""
+        for sink in self.sinks.values():
+            if sink.pending:
+                sink.translate(connection_for or self.connection_for_mapper)
+
+    def write(self) -> None:
+        """Let every strategy write what it holds for now (``after_flush``)."""
+        self.translate()
+        many_to_many.collect(self)
+        for strategy in self.strategies.values():
+            strategy.flush_done()
+        if transactions.is_committing(self.session):
+            # the commit's own final flush: shard rows now, after every parent
+            # row (the order fold() locks them in), deleted parents' included
+            transactions.write_shards(self.session)
+
+    def show(self) -> None:
+        """Show what was written on the parents in memory (``after_flush_postexec``)."""
+        for parent, results in self.results:
+            memory.apply(self.session, parent, results)
+            transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
+        self.results = []
+
+    def finish(self) -> None:
+        """Both at once (an ORM bulk statement, which has no flush around it)."""
+        self.write()
+        self.show()
+
+    def strategy(self, name: str) -> Any:
+        """This flush's instance of the strategy called ``name`` (created on first use)."""
+        found = self.strategies.get(name)
+        if found is None:
+            found = self.strategies[name] = STRATEGY_CLASSES[name](self)
+        return found
+
+    def single(self, child: _Child) -> tuple[CounterCache, Any, str, Any] | None:
+        """``(counter, strategy, foreign key, its equality test)`` when the child feeds one plain
+        count through one foreign key, summed per flush (not ``per_row``, not a
+        multi-level side, no value an UPDATE sets by itself): the row hooks then
+        add +1 / -1 directly, the common case of a large flush."""
+        try:
+            return self.singles[child]
+        except KeyError:
+            pass
+        pairs, per_row = self.plan(child)
+        found = None
+        if len(pairs) == 1 and not per_row and not child.views and not child.computed_keys:
+            counter, strategy, fk_keys, simple = pairs[0]
+            if simple and len(fk_keys) == 1 and not isinstance(strategy, through.Sink):
+                ((fk, equal),) = child.equals()  # (the one counted key)
+                found = (counter, strategy, fk, equal)
+        self.singles[child] = found
+        return found
+
+    def plan(self, child: _Child) -> tuple[list[Plan], list[Any]]:
+        """The child's counters paired with this flush's strategy objects (resolved once)."""
+        found = self.plans.get(child)
+        if found is None:
+            pairs = []
+            per_row = []
+            for counter, name, fk_keys, simple, leaves in child.layout():
+                strategy = self.strategy(name)
+                if strategy.per_row and strategy not in per_row:
+                    per_row.append(strategy)
+                if leaves:  # a multi-level counter's leaves
+                    sink = self.sinks.get(name)
+                    if sink is None:
+                        sink = self.sinks[name] = through.Sink(strategy)
+                    strategy = sink
+                pairs.append((counter, strategy, fk_keys, simple))
+            found = self.plans[child] = (pairs, per_row)
+        return found
+
+
+#: Session -> child states whose rows its transaction loaded with a row lock
+#: (forgotten when a transaction or savepoint ends by rollback, and at the end
+#: of the outermost transaction).
+_locked: weakref.WeakKeyDictionary[Session, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+#: Session.hash_key (= InstanceState.session_id) -> the flush under way.
+_flushes: dict[int, FlushState] = {}
+_suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
+
+
+def is_suspended(session: Session) -> bool:
+    return bool(_suspended.get(session))
+
+
+def flushing_session(state: InstanceState[Any]) -> Session | None:
+    """The session whose counted flush is writing ``state`` (None when suspended or none)."""
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
+    return fs.session if fs is not None else None
+
+
+def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``after_delete``: a parent with sharded counters is gone."""
+    session = flushing_session(state)
+    if session is None:
+        return
+    for parent in ParentTable.of_mapper(mapper):
+        if any(STRATEGY_CLASSES[c.strategy()].uses_shard_table for c in parent.counters):
+            transactions.parent_deleted(session, parent, tuple(state.key[1]))
+
+
+# -- session hooks ------------------------------------------------------------
+
+
+def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
+    if memory._merged:
+        memory.undo_merged(session)
+    if _suspended.get(session):
+        _flushes.pop(session.hash_key, None)
+    else:
+        _flushes[session.hash_key] = FlushState(session, uow)
+
+
+def _after_flush(session: Session, uow: UOWTransaction) -> None:
+    fs = _flushes.get(session.hash_key)
+    if fs is not None:
+        fs.write()
+
+
+def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
+    fs = _flushes.pop(session.hash_key, None)
+    if fs is not None:
+        fs.show()
+
+
+def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    # A flush that failed never reached after_flush_postexec: forget it.
+    _flushes.pop(session.hash_key, None)
+    _locked.pop(session, None)
+
+
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        _locked.pop(session, None)
+
+
+def forget_locked(session: Session) -> None:
+    """A statement may have changed rows behind the objects (ORM bulk UPDATE/DELETE)."""
+    _locked.pop(session, None)
+
+
+def _after_rollback(session: Session) -> None:
+    _locked.pop(session, None)  # a savepoint's rollback releases the row locks taken inside it
+
+
+@contextmanager
+def suspended(session: Any) -> Iterator[None]:
+    """Turn counter maintenance off for ``session`` inside the block.
+
+    What is flushed inside the block is never counted, even if it is committed
+    after the block; run :func:`countercache.reconcile` afterwards. Meant for
+    bulk imports. Accepts a :class:`~sqlalchemy.orm.Session` or an
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
+    """
+    sync = getattr(session, "sync_session", session)
+    _suspended[sync] = _suspended.get(sync, 0) + 1
+    try:
+        yield
+    finally:
+        left = _suspended[sync] - 1
+        if left:
+            _suspended[sync] = left
+        else:
+            del _suspended[sync]

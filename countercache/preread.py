@@ -1,0 +1,195 @@
+"""The locking pre-read: a flush's rows read and locked before their UPDATE / DELETE (private).
+
+``before_update`` / ``before_delete`` (child mapper): the first call for a
+child class in a flush reads, in one ``SELECT ... ORDER BY pk FOR UPDATE``,
+the current counted values of every row of that class the flush will delete
+or re-parent (see :mod:`countercache.tracking` for the whole flow). Rows a
+query of this transaction loaded with a row lock (``load`` / ``refresh``
+hooks below) need no read.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from sqlalchemy.orm.base import NO_VALUE
+
+from . import through
+from .children import _child_for
+from .flush import _GONE, _flushes, _locked
+from .locking import _begin_sqlite_write, count_deleted, read_foreign_keys
+from .tracking import _add_removed
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Mapper, Session
+    from sqlalchemy.orm.state import InstanceState
+
+    from .children import _Child
+    from .flush import FlushState
+
+
+def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
+    if fs is None:
+        return
+    if mapper not in fs.ready_update:
+        fs.ready_update.add(mapper)  # the class's other rows: nothing more to do before them...
+        child = fs.child(mapper)
+        if child is not None and child not in fs.read:
+            _pre_read(fs, connection, child)
+            return
+    if fs.uow.cycles and state not in fs.old:  # type: ignore[union-attr]
+        # ...unless the flush runs row by row (a cycle between classes): a
+        # foreign key it copied from a row it inserted after the class's read
+        # (a child moved to a new parent) has changed since: read that row now
+        child = fs.child(mapper)
+        if child is not None and not child.key_set.isdisjoint(state.committed_state):
+            _pre_read(fs, connection, child, [state])
+
+
+def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
+    if fs is None or mapper in fs.ready_delete:
+        return
+    fs.ready_delete.add(mapper)  # the class's other rows: nothing to do before them
+    child = fs.child(mapper)
+    if child is None:
+        return
+    if child not in fs.read:
+        _pre_read(fs, connection, child)
+    if child.views and child not in fs.deletes_counted:
+        # the first delete of a middle class: every leaf of the flush is written,
+        # no middle row is gone yet; translate, then count what each deleted one keeps
+        fs.deletes_counted.add(child)
+        fs.translate(lambda m: connection)
+        flags = fs.uow.states  # type: ignore[union-attr]
+        deleting = {st.key[1]: fs.old[st] for st in _states_of(fs, child)
+                    if flags[st][0] and not flags[st][1] and st.key is not None and isinstance(fs.old.get(st), dict)}
+        through.add_leaf_counts(connection, child, deleting)
+
+
+def _pre_read(fs: FlushState, connection: Connection, child: _Child,
+              states: Iterable[InstanceState[Any]] | None = None) -> None:
+    """Read (and lock) the database's foreign keys of rows this flush deletes or moves
+    (of ``states``: by default every row of the class in the flush).
+
+    A flush that only deletes rows of this class (no move to read in the same
+    key order) counts them here, from the locked rows grouped by their values:
+    their ``after_delete`` has nothing left to do. Not for ``per_row``
+    (an UPDATE per row, after it) nor a multi-level middle (its leaves).
+    """
+    fs.read.add(child)
+    keys, key_set = child.keys, child.key_set
+    wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
+    deleting = moving = False
+    # (a middle row's value includes its leaves: always read)
+    locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
+    flags = fs.uow.states  # type: ignore[union-attr]
+    for state in _states_of(fs, child) if states is None else states:
+        isdelete, listonly = flags[state]
+        if listonly or state.key is None:
+            continue
+        if not isdelete and key_set.isdisjoint(state.committed_state):
+            continue  # no counted value changed
+        if locked and state in locked:
+            known = _committed_values(state, keys)
+            if known is not None:  # locked by this transaction when loaded: as in the database
+                fs.old[state] = known
+                continue
+        if isdelete:
+            deleting = True
+        else:
+            moving = True
+        wanted[state.key[1]] = state
+    if not wanted:
+        return
+    if connection.dialect.name == "sqlite":
+        _begin_sqlite_write(connection)
+    if not moving and not child.views and child.groupable():
+        pairs, per_row = fs.plan(child)
+        # (not for multi-level leaves: a middle row moved later in a flush
+        # ordered row by row counts its leaves still in the database, and
+        # takes what the flush holds for them as already written)
+        if not per_row and not any(isinstance(strategy, through.Sink) for _, strategy, _, _ in pairs):
+            for values, n in count_deleted(connection, child, list(wanted)):
+                _add_removed(pairs, values, n)
+            for state in wanted.values():
+                fs.old[state] = _GONE  # counted (or deleted by someone else first)
+            return
+    found = read_foreign_keys(connection, child, list(wanted), lock="update" if deleting else "no key update")
+    if child.views:
+        # middle rows that move take their leaves along: count them now, locked,
+        # before this flush changes any leaf (deleted ones: in _before_delete);
+        # leaves this flush already wrote (a flush ordered row by row, for a
+        # cycle between the classes) are counted by the flush, after the move
+        moving_rows = {k: found[k] for k, st in wanted.items() if k in found and not fs.uow.states[st][0]}  # type: ignore[union-attr]
+        through.add_leaf_counts(connection, child, moving_rows, held=fs.held_for)
+    for key, state in wanted.items():
+        fs.old[state] = found.get(key, _GONE)
+
+
+def _states_of(fs: FlushState, child: _Child) -> Iterator[InstanceState[Any]]:
+    """The flush's states of the child's classes (looked up per class, not per state)."""
+    for mapper, states in fs.uow.mappers.items():  # type: ignore[union-attr]
+        if fs.child(mapper) is child:
+            yield from states
+
+
+def _committed_values(state: InstanceState[Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The loaded (committed) values of ``keys``, or None when one is not loaded."""
+    committed, current = state.committed_state, state.dict
+    values = {}
+    for k in keys:
+        if k in committed:
+            value = committed[k]
+            if value is NO_VALUE:
+                return None
+        elif k in current:
+            value = current[k]
+        else:
+            return None
+        values[k] = value
+    return values
+
+
+def _loaded(state: InstanceState[Any], context: Any) -> None:
+    """``load`` / ``refresh`` of a child: remember it when the query locked its row.
+
+    A row this transaction loaded with ``FOR UPDATE`` (``NO KEY UPDATE``,
+    ``SHARE``; not ``KEY SHARE``, which lets others move it) cannot change
+    under it, and the values just loaded are the database's: deleting or
+    moving it later needs no pre-read (``SELECT ... FOR UPDATE`` then
+    ``DELETE`` is how applications pick rows under concurrency).
+    """
+    if _locks_rows(context):
+        child = _child_for(state.mapper)
+        if child is not None:
+            _mark_locked(context.session, child, state, state.dict)  # a new object: all it holds is this load's
+
+
+def _refreshed(state: InstanceState[Any], context: Any, attrs: Any) -> None:
+    """``refresh``: only the attributes named in ``attrs`` are this load's (None
+    also comes with populate_existing and load_only: trust nothing then)."""
+    if attrs and _locks_rows(context):
+        child = _child_for(state.mapper)
+        if child is not None:
+            _mark_locked(context.session, child, state, attrs)
+
+
+def _locks_rows(context: Any) -> bool:
+    """Did the query lock the rows it loaded against any change by others? Not
+    with FOR KEY SHARE (others may still move a row) or FOR UPDATE OF another table."""
+    lock = getattr(getattr(context, "query", None), "_for_update_arg", None)
+    return (lock is not None and not (lock.read and lock.key_share) and lock.of is None
+            and getattr(context, "session", None) is not None)
+
+
+def _mark_locked(session: Session, child: _Child, state: InstanceState[Any], fresh: Any) -> None:
+    if not all(k in fresh for k in child.keys):
+        return  # a counted value is older than the lock
+    locked = _locked.get(session)
+    if locked is None:
+        locked = _locked[session] = weakref.WeakSet()
+    locked.add(state)
