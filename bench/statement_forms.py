@@ -52,7 +52,7 @@ DEFAULT_URLS = [
 SHAPES = [(1, 200), (100, 200), (10_000, 20)]
 WARMUP = {1: 10, 100: 10, 10_000: 2}
 BUDGET_S = 10.0  # per form and shape
-MYSQL_CHUNK = 1000  # as countercache.writer.MYSQL_CHUNK
+MYSQL_CHUNK = 1000  # as countercache.statements.MYSQL_CHUNK
 
 T = "parents"
 Deltas = dict[int, int]
