@@ -30,6 +30,7 @@ from sqlalchemy import tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import through, tracking
+from ._compat import has_post_values_clause, multi_values, statement_values
 from .children import _child_for
 from .flush import forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
@@ -75,12 +76,6 @@ def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -
     return found
 
 
-def _statement_values(statement: Any) -> dict[Any, Any]:
-    values = dict(getattr(statement, "_values", None) or {})
-    values.update(dict(getattr(statement, "_ordered_values", None) or ()))
-    return values
-
-
 def _refuse(child: Any, why: str) -> None:
     names = ", ".join(c.name for c in child.counters)
     raise CounterCacheError(
@@ -101,13 +96,13 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
-    if getattr(statement, "_post_values_clause", None) is not None:
+    if has_post_values_clause(statement):
         _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
     params: Any = state.parameters
     rows = params if isinstance(params, list) else [params] if params else []
-    inline = _statement_values(statement)
+    inline = statement_values(statement)
     sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
-    for batch in getattr(statement, "_multi_values", None) or ():
+    for batch in multi_values(statement):
         sources.extend(values for values in batch if isinstance(values, dict))
     new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
     result = state.invoke_statement()
@@ -171,7 +166,7 @@ def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if isinstance(state.parameters, list):  # bulk UPDATE by primary key (executemany)
         return _by_primary_key(state, mapper, child, deleting=False)
-    values = _statement_values(state.statement)
+    values = statement_values(state.statement)
     if isinstance(state.parameters, dict):
         values.update(state.parameters)  # update(Child).where(...), {"col": value}
     if not _attribute_values(mapper, values, child.keys):

@@ -24,15 +24,16 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Mapper
-from sqlalchemy.orm.evaluator import UnevaluatableError, _EvaluatorCompiler
-from sqlalchemy.sql import ColumnElement, coercions, roles
+from sqlalchemy.orm.evaluator import UnevaluatableError
+from sqlalchemy.sql import ColumnElement
 
+from ._compat import EvaluatorCompiler, column_annotation, expect_expression, property_of_column
 from .errors import ConfigurationError
 
 Evaluator = Callable[[dict[str, Any]], Any]
 
 
-class _ValuesEvaluator(_EvaluatorCompiler):
+class _ValuesEvaluator(EvaluatorCompiler):
     """SQLAlchemy's evaluator, reading attribute values from a dict."""
 
     def __init__(self, mapper: Mapper[Any]) -> None:
@@ -41,10 +42,10 @@ class _ValuesEvaluator(_EvaluatorCompiler):
         self.keys: list[str] = []
 
     def visit_column(self, clause: Any) -> Evaluator:
-        parentmapper = clause._annotations.get("parentmapper")
+        parentmapper = column_annotation(clause, "parentmapper")
         if parentmapper is None or not self.mapper.isa(parentmapper):
             raise UnevaluatableError(f"{clause} is not a column of {self.mapper.class_.__name__}")
-        key = parentmapper._columntoproperty[clause].key
+        key = property_of_column(parentmapper, clause).key
         if key not in self.keys:
             self.keys.append(key)
         return lambda values: values.get(key)
@@ -62,7 +63,7 @@ def resolve(value: Any, child: Mapper[Any], what: str, name: str) -> ColumnEleme
             raise ConfigurationError(f"{name}: sum={value!r} is not a column of {child.class_.__name__}")
         value = getattr(child.class_, value)
     try:
-        return coercions.expect(roles.ExpressionElementRole, value)
+        return expect_expression(value)
     except Exception as exc:
         raise ConfigurationError(f"{name}: {what}= is not a SQL expression ({exc})") from None
 

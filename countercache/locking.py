@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from ._compat import driver_in_transaction
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
@@ -37,9 +39,7 @@ def _begin_sqlite_write(connection: Connection) -> None:
     own. Connections that manage BEGIN themselves are already inside one.
     """
     dbapi = connection.connection.dbapi_connection
-    in_transaction = getattr(dbapi, "in_transaction", None)
-    if in_transaction is None:  # SQLAlchemy's aiosqlite adapter: ask the aiosqlite connection
-        in_transaction = getattr(getattr(dbapi, "_connection", None), "in_transaction", True)
+    in_transaction = driver_in_transaction(dbapi)
     if in_transaction is False and getattr(dbapi, "isolation_level", None) is not None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 

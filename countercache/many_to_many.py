@@ -22,7 +22,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Mapper
-from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+
+from ._compat import PASSIVE_NO_INITIALIZE
 
 if TYPE_CHECKING:
     from .declaration import CounterCache

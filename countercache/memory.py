@@ -13,14 +13,15 @@ keeping the value the target session already holds.
 
 from __future__ import annotations
 
-import sys
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
+from ._compat import NEVER_SET as _NEVER_SET
+from ._compat import NO_VALUE as _NO_VALUE
+from ._compat import calling_frame
 from .errors import AssignmentError
 
 if TYPE_CHECKING:
@@ -65,14 +66,8 @@ def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -
 
 
 def _is_merge() -> bool:
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "merge" and frame.f_globals.get("__name__", "").startswith("sqlalchemy.orm"):
-            return True
-        frame = frame.f_back
-    return False
+    """Does this ``set`` come from ``Session.merge()``?"""
+    return calling_frame("merge", 2, 4, "sqlalchemy.orm") is not None
 
 
 def guard_assignment(counter: CounterCache) -> None:
@@ -104,6 +99,3 @@ def uninstall() -> None:
         if event.contains(attribute, "set", fn):
             event.remove(attribute, "set", fn)
 
-
-from sqlalchemy.orm.base import NEVER_SET as _NEVER_SET  # noqa: E402
-from sqlalchemy.orm.base import NO_VALUE as _NO_VALUE  # noqa: E402

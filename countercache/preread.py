@@ -13,9 +13,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from sqlalchemy.orm.base import NO_VALUE
-
 from . import through
+from ._compat import FOR_UPDATE_ARG, NO_VALUE
 from .children import _child_for
 from .flush import _GONE, _flushes, _locked
 from .locking import _begin_sqlite_write, count_deleted, read_foreign_keys
@@ -181,7 +180,7 @@ def _refreshed(state: InstanceState[Any], context: Any, attrs: Any) -> None:
 def _locks_rows(context: Any) -> bool:
     """Did the query lock the rows it loaded against any change by others? Not
     with FOR KEY SHARE (others may still move a row) or FOR UPDATE OF another table."""
-    lock = getattr(getattr(context, "query", None), "_for_update_arg", None)
+    lock = getattr(getattr(context, "query", None), FOR_UPDATE_ARG, None)
     return (lock is not None and not (lock.read and lock.key_share) and lock.of is None
             and getattr(context, "session", None) is not None)
 

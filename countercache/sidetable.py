@@ -16,8 +16,8 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, Stri
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
 
+from ._compat import InternalTraversal
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, column, text
 from sqlalchemy.engine import Connection
 
+from ._compat import bind_processor
+
 if TYPE_CHECKING:
     from sqlalchemy import Column, Table
 
@@ -235,7 +237,7 @@ class StatementForms:
             return text(sql)
 
         stmt = self._cached(connection, "sqlite", slots, build)
-        processors = [c.type._cached_bind_processor(connection.dialect) for c in self.pk_cols]
+        processors = [bind_processor(c.type, connection.dialect) for c in self.pk_cols]
         rows = []
         for k in keys:
             row = [p(v) if p else v for p, v in zip(processors, k, strict=False)]

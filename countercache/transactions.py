@@ -18,14 +18,13 @@ drops everything (SQLAlchemy expires every object itself then).
 
 from __future__ import annotations
 
-import sys
-from types import FrameType
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import memory, shard_writes
+from ._compat import calling_frame
 
 if TYPE_CHECKING:
     from .writer import Deltas, ParentTable
@@ -117,15 +116,9 @@ def _committing_transaction() -> SessionTransaction | None:
     ``before_commit`` fires for a savepoint's release and for the outermost
     commit alike and does not say which; the frame that fired it does.
     """
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "_prepare_impl":
-            found = frame.f_locals.get("self")
-            return found if isinstance(found, SessionTransaction) else None
-        frame = frame.f_back
-    return None
+    frame = calling_frame("_prepare_impl", 2, 6)
+    found = frame.f_locals.get("self") if frame is not None else None
+    return found if isinstance(found, SessionTransaction) else None
 
 
 def _before_commit(session: Session) -> None:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
+from .._compat import alembic_plugins, dispatcher_registry
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
 from ..sidetable import TABLE_NAME
@@ -334,17 +335,17 @@ def uninstall() -> None:
 
     while _installed:
         entry, key = _installed.pop()
-        registered = comparators._registry.get(key)
+        registered = dispatcher_registry(comparators).get(key)
         if isinstance(registered, list) and entry in registered:
             registered.remove(entry)
 
 
 def _register_plugin_without_entry_point() -> None:
     """Alembic 1.18+, package not installed (no entry point): register the plugin here."""
-    try:
-        from alembic.runtime.plugins import Plugin, _all_plugins
-    except ImportError:  # pragma: no cover - Alembic < 1.18
+    found = alembic_plugins()
+    if found is None:  # pragma: no cover - Alembic < 1.18
         return
+    Plugin, _all_plugins = found
     from importlib import metadata
 
     if PLUGIN_NAME in _all_plugins:

@@ -1,0 +1,133 @@
+"""Every use of SQLAlchemy's and Alembic's private API, in one place (private).
+
+Checked against SQLAlchemy 2.1.9 (the version installed for the tests) and
+2.0.29 (the floor in ``setup.cfg``), and Alembic 1.20.1 (the floor is 1.13;
+the plugin registry exists from 1.18). When SQLAlchemy changes one of these,
+this module is the one to mend; each entry says what it is for.
+
+Read directly where they are used, for speed (a per-row path must not pay a
+function call), and listed here so that a search finds them all:
+
+* ``InstanceState.committed_state``: the loaded values of changed attributes
+  (the row hooks in :mod:`countercache.tracking`, :mod:`countercache.preread`,
+  :mod:`countercache.memory`); :data:`NO_VALUE` marks one never loaded.
+* ``AttributeImpl.is_equal``: the attribute's own equality test, what its
+  history compares with (:meth:`countercache.children._Child.equals`).
+* ``UOWTransaction.states`` / ``.mappers`` / ``.cycles`` /
+  ``.get_attribute_history()``: the flush's states with their
+  ``(isdelete, listonly)`` flags, per mapper, whether it runs row by row, and
+  the histories it acted on (:mod:`countercache.flush`,
+  :mod:`countercache.preread`, :mod:`countercache.many_to_many`).
+* ``ClauseElement._traverse_internals`` on the side table's own construct
+  (:mod:`countercache.sidetable`), with :data:`InternalTraversal`, so that
+  SQLAlchemy's statement cache tells two of them apart.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.orm.base import NEVER_SET as NEVER_SET
+from sqlalchemy.orm.base import NO_VALUE as NO_VALUE
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE as PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.evaluator import _EvaluatorCompiler as EvaluatorCompiler
+from sqlalchemy.sql import coercions, roles
+from sqlalchemy.sql.visitors import InternalTraversal as InternalTraversal
+
+__all__ = [
+    "NEVER_SET", "NO_VALUE", "PASSIVE_NO_INITIALIZE", "EvaluatorCompiler", "InternalTraversal",
+    "FOR_UPDATE_ARG", "calling_frame", "statement_values", "multi_values", "has_post_values_clause",
+    "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
+    "expect_expression", "dispatcher_registry",
+]
+
+#: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
+#: of the query that loaded a row (``read``, ``key_share``, ``of``), read by the
+#: ``load`` hook (:func:`countercache.preread._locks_rows`).
+FOR_UPDATE_ARG = "_for_update_arg"
+
+
+def calling_frame(name: str, depth: int, limit: int, module: str | None = None) -> FrameType | None:
+    """The first of ``limit`` frames, from ``depth`` levels above the caller
+    up, running a function called ``name`` (of a module whose name starts with
+    ``module``, if given); None when there is none.
+
+    SQLAlchemy's events do not say what fired them in two cases: whether a
+    ``before_commit`` is the outermost commit (``SessionTransaction._prepare_impl``,
+    :mod:`countercache.transactions`) and whether an attribute ``set`` comes
+    from ``Session.merge()`` (:mod:`countercache.memory`).
+    """
+    frame: FrameType | None = sys._getframe(depth + 1)
+    for _ in range(limit):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == name and (
+                module is None or frame.f_globals.get("__name__", "").startswith(module)):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def column_annotation(clause: Any, name: str) -> Any:
+    """An annotation of an ORM-annotated column (``parentmapper``: the mapper it came from)."""
+    return clause._annotations.get(name)
+
+
+def property_of_column(mapper: Any, column: Any) -> Any:
+    """The mapper's property of an (annotated) column (``_columntoproperty``)."""
+    return mapper._columntoproperty[column]
+
+
+def expect_expression(value: Any) -> Any:
+    """Coerce ``value`` to a SQL expression as SQLAlchemy's own constructs do
+    (``sqlalchemy.sql.coercions.expect(roles.ExpressionElementRole, ...)``)."""
+    return coercions.expect(roles.ExpressionElementRole, value)
+
+
+def dispatcher_registry(dispatcher: Any) -> Any:
+    """Alembic ``Dispatcher._registry``: what ``dispatch_for`` registered (to remove it again)."""
+    return dispatcher._registry
+
+
+def statement_values(statement: Any) -> dict[Any, Any]:
+    """``insert().values()`` / ``update().values()`` (``_values``, and
+    ``_ordered_values`` of ``ordered_values()`` on SQLAlchemy 2.0)."""
+    values = dict(getattr(statement, "_values", None) or {})
+    values.update(dict(getattr(statement, "_ordered_values", None) or ()))
+    return values
+
+
+def multi_values(statement: Any) -> Any:
+    """The row lists of ``insert().values([...])`` (``_multi_values``)."""
+    return getattr(statement, "_multi_values", None) or ()
+
+
+def has_post_values_clause(statement: Any) -> bool:
+    """Is the INSERT an upsert (``on_conflict_do_*`` / ``on_duplicate_key_update``)?"""
+    return getattr(statement, "_post_values_clause", None) is not None
+
+
+def bind_processor(type_: Any, dialect: Any) -> Any:
+    """The type's bind processor for ``dialect``, cached by SQLAlchemy (``_cached_bind_processor``)."""
+    return type_._cached_bind_processor(dialect)
+
+
+def driver_in_transaction(dbapi_connection: Any) -> Any:
+    """``in_transaction`` of a sqlite3 connection or, through SQLAlchemy's
+    aiosqlite adapter (its ``_connection``), of the aiosqlite one; True when
+    neither says."""
+    in_transaction = getattr(dbapi_connection, "in_transaction", None)
+    if in_transaction is None:  # SQLAlchemy's aiosqlite adapter: ask the aiosqlite connection
+        in_transaction = getattr(getattr(dbapi_connection, "_connection", None), "in_transaction", True)
+    return in_transaction
+
+
+def alembic_plugins() -> tuple[Any, Any] | None:
+    """Alembic's ``(Plugin, registered plugins by name)`` (1.18+: ``_all_plugins``), else None."""
+    try:
+        from alembic.runtime.plugins import Plugin, _all_plugins  # optional dependency
+    except ImportError:  # pragma: no cover - Alembic < 1.18
+        return None
+    return Plugin, _all_plugins
