@@ -29,18 +29,21 @@ import sys
 from types import FrameType
 from typing import Any
 
+from sqlalchemy import Boolean
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm.base import NEVER_SET as NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE as PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.evaluator import _EvaluatorCompiler as EvaluatorCompiler
 from sqlalchemy.sql import coercions, roles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal as InternalTraversal
 
 __all__ = [
     "NEVER_SET", "NO_VALUE", "PASSIVE_NO_INITIALIZE", "EvaluatorCompiler", "InternalTraversal",
     "FOR_UPDATE_ARG", "calling_frame", "statement_values", "multi_values", "has_post_values_clause",
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
-    "expect_expression", "dispatcher_registry",
+    "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -131,3 +134,34 @@ def alembic_plugins() -> tuple[Any, Any] | None:
     except ImportError:  # pragma: no cover - Alembic < 1.18
         return None
     return Plugin, _all_plugins
+
+
+def autoflush(session: Any) -> None:
+    """``Session._autoflush()``: flush now if the session autoflushes (what an
+    ORM statement does when it runs: ``BulkUDCompileState.orm_pre_session_exec``)."""
+    session._autoflush()
+
+
+class OnlyInSQL(ColumnElement[bool]):
+    """A criterion the database applies and SQLAlchemy's in-Python evaluator
+    (``synchronize_session="evaluate"``) takes as true: the evaluator
+    (``_EvaluatorCompiler.process``) dispatches on ``__visit_name__``, the SQL
+    compiler on the ``@compiles`` hook below. ``self_group`` returns itself:
+    ``where()`` would wrap a Boolean element as ``IS true``, which the
+    evaluator cannot read."""
+
+    __visit_name__ = "true"
+    inherit_cache = True
+    _traverse_internals = [("clause", InternalTraversal.dp_clauseelement)]
+    type = Boolean()
+
+    def __init__(self, clause: Any) -> None:
+        self.clause = clause
+
+    def self_group(self, against: Any = None) -> Any:
+        return self
+
+
+@compiles(OnlyInSQL)
+def _render_only_in_sql(element: OnlyInSQL, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clause, **kw)

@@ -30,7 +30,7 @@ from sqlalchemy import tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import through, tracking
-from ._compat import has_post_values_clause, multi_values, statement_values
+from ._compat import OnlyInSQL, autoflush, has_post_values_clause, multi_values, statement_values
 from .children import _child_for
 from .flush import forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
@@ -49,10 +49,18 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     child = _child_for(mapper)
     if child is None:
         return None
+    if is_suspended(state.session):
+        if not state.is_insert:
+            forget_locked(state.session)
+        return None
+    if state.execution_options.get("autoflush", True):
+        # SQLAlchemy autoflushes when the statement runs (invoke_statement
+        # below), which would be after the locking read: flush first, so that
+        # the read sees the rows the statement will see (the second autoflush
+        # then finds nothing to do)
+        autoflush(state.session)
     if not state.is_insert:
         forget_locked(state.session)  # rows may change behind the loaded objects
-    if is_suspended(state.session):
-        return None
     if state.is_insert:
         return _insert(state, mapper, child)
     if state.is_delete:
@@ -146,12 +154,14 @@ def _with_leaves(connection: Any, child: Any, found: dict[Any, Any]) -> dict[Any
 
 
 def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
-    # ORM attributes, not bare columns, so that synchronize_session="evaluate"
-    # can evaluate the added criterion in Python
-    pk = [getattr(mapper.class_, mapper.get_property_by_column(c).key) for c in child_primary_key(child)]
+    """The statement, restricted in SQL only to the rows read: objects in the
+    session are synchronized by the user's criteria alone (an object whose
+    unflushed values match is updated or removed in memory as without
+    countercache)."""
+    pk = child_primary_key(child)
     if len(pk) == 1:
-        return statement.where(pk[0].in_([k[0] for k in keys]))
-    return statement.where(tuple_(*pk).in_(keys))
+        return statement.where(OnlyInSQL(pk[0].in_([k[0] for k in keys])))
+    return statement.where(OnlyInSQL(tuple_(*pk).in_(keys)))
 
 
 def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:

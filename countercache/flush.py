@@ -40,7 +40,7 @@ Plan = tuple["CounterCache", Any, tuple[str, ...], bool]
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
+    __slots__ = ("session", "uow", "old", "unread", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -50,8 +50,9 @@ class FlushState:
         #: child state -> {fk key: value in the database before the flush}, or _GONE
         #: (gone already, or a deleted row the pre-read counted)
         self.old: dict[InstanceState[Any], Any] = {}
-        #: child infos whose rows were pre-read in this flush
-        self.read: set[_Child] = set()
+        #: child infos with rows this flush updates that the pre-read has not
+        #: seen yet: read right before the next UPDATE statement (preread._before_write)
+        self.unread: set[_Child] = set()
         #: strategy name -> strategy instance for this flush (created on first use)
         self.strategies: dict[str, Any] = {}
         #: (parent table, results) to show on in-memory parents after the flush
@@ -107,14 +108,44 @@ class FlushState:
         return self.session.connection(bind_arguments={"mapper": mapper})
 
     def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
-        """Multi-level leaf deltas of this flush not yet translated, for one middle row."""
-        return sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
+        """Multi-level leaf deltas not yet translated (this flush's, and those the
+        transaction keeps for its commit), for one middle row."""
+        return (sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
+                + transactions.held_leaves(self.session, counter, middle_key))
 
-    def translate(self, connection_for: Any = None) -> None:
-        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``)."""
+    def translate(self, connection_for: Any = None, *, middles: Mapper[Any] | None = None) -> None:
+        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``).
+
+        A strategy that writes at commit keeps them, per middle key, for the
+        commit (the middle rows are locked then, with the parent rows, in one
+        order), unless ``middles`` (a middle class whose rows this flush is
+        about to delete) needs them, and those kept so far, translated now.
+        """
+        connection_for = connection_for or self.connection_for_mapper
         for sink in self.sinks.values():
             if sink.pending:
-                sink.translate(connection_for or self.connection_for_mapper)
+                if middles is None and sink.strategy.keeps_leaves():
+                    transactions.keep_leaves(self.session, sink.strategy.held, sink.pending)
+                    sink.pending = {}
+                else:
+                    sink.translate(connection_for, self.will_write)
+        if middles is not None:
+            kept = transactions.take_leaves(
+                self.session, lambda c: middles.isa(c.middle_mapper) or c.middle_mapper.isa(middles))
+            for name, by_counter in kept.items():
+                sink = through.Sink(self.strategy(name))
+                sink.pending = by_counter
+                sink.translate(connection_for, self.will_write)
+
+    def will_write(self, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+        """Will this transaction write a counter of this parent row (so that a
+        lock taken on it now must be the lock for writing)?"""
+        for strategy in self.strategies.values():
+            if strategy.writes_rows:
+                vector = strategy.pending.get(parent, {}).get(key)
+                if vector is not None and any(vector):
+                    return True
+        return transactions.will_write(self.session, parent, key)
 
     def write(self) -> None:
         """Let every strategy write what it holds for now (``after_flush``)."""

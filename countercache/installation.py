@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, Session, mapped_column
 
-from . import _registry, config, many_to_many, memory, transactions
+from . import _registry, commit, config, many_to_many, memory, preread, transactions
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
@@ -212,7 +212,7 @@ _SESSION_HOOKS = (
 
 
 def _install_session_hooks() -> None:
-    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
+    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS:
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
     if not event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -221,7 +221,7 @@ def _install_session_hooks() -> None:
 
 def _uninstall_session_hooks() -> None:
     """Every session and row hook, and what the flush remembers of counted classes."""
-    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS:
+    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS:
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     if event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -233,6 +233,7 @@ def _uninstall_session_hooks() -> None:
         if event.contains(mapper, "after_delete", parent_deleted):
             event.remove(mapper, "after_delete", parent_deleted)
     _parents_hooked.clear()
+    preread.forget_watched()
     _children.clear()
     _child_cache.clear()
     _locked.clear()

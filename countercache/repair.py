@@ -37,7 +37,7 @@ from sqlalchemy import and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, configure_mappers
 
-from . import _registry, memory, transactions
+from . import _registry, commit, memory, transactions
 from .errors import CounterCacheError
 from .sidetable import pending_expression
 
@@ -205,7 +205,7 @@ def _write_held(session: Session) -> None:
                 "check()/reconcile() inside a savepoint while deferred or sharded counters hold "
                 "deltas for the commit: run it outside the savepoint, or with an Engine"
             )
-        transactions.write_deferred(session)
+        commit.write_deferred(session)
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from . import _registry, memory, transactions
+from . import _registry, commit, memory
 from .errors import CounterCacheError
 from .repair import _connection, resolve_counters
 from .sidetable import TABLE_NAME as TABLE_NAME
@@ -108,7 +108,7 @@ def exact(session: Any, instance: Any, counter: str) -> int:
     value = sync.connection(bind_arguments={"mapper": parent.mapper}).scalar(statement)
     if value is None:
         raise CounterCacheError(f"{definition.name}: no parent row with key {key!r}")
-    return value + transactions.held_delta(sync, parent, key, definition.slot)
+    return value + commit.held_delta(sync, parent, key, definition.slot)
 
 
 # -- folding ------------------------------------------------------------------

@@ -30,6 +30,7 @@ from sqlalchemy import and_, func, literal, select
 
 from .children import _child_for, _key
 from .locking import chunk_size, read_foreign_keys
+from .writer import ParentTable, lock_order
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -103,8 +104,16 @@ class Sink:
         by_key = self.pending.setdefault(counter, {})
         by_key[key] = by_key.get(key, 0) + delta
 
-    def translate(self, connection_for: Any) -> None:
-        """Hand the held deltas to the strategy, keyed by parent (middle rows read and share-locked)."""
+    def translate(self, connection_for: Any, will_write: Any = None) -> None:
+        """Hand the held deltas to the strategy, keyed by parent (middle rows read and locked).
+
+        The middle rows are locked in key order, in the strongest mode this
+        transaction needs for any of them: for writing (``NO KEY UPDATE``)
+        when ``will_write(parent table, key)`` says a counter of the middle
+        class itself is written for one of them (a direct counter on the
+        same row: a shared lock now would have to be upgraded then, and two
+        writers doing so deadlock), else shared.
+        """
         pending, self.pending = self.pending, {}
         # one read per middle class, whatever the number of its counters; every
         # middle row whose leaves changed is locked, also where the deltas
@@ -116,10 +125,12 @@ class Sink:
         for counter, by_key in pending.items():
             wanted.setdefault(counter.middle_mapper, set()).update(by_key)
         rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
-        for mapper, keys in wanted.items():
+        for mapper, keys in sorted(wanted.items(), key=lambda item: lock_order(item[0].local_table)):
             if keys:
-                middle = _child_for(mapper)
-                rows[mapper] = read_foreign_keys(connection_for(mapper), middle, sorted(keys), lock="share")
+                written = will_write is not None and any(
+                    will_write(parent, key) for parent in ParentTable.of_mapper(mapper) for key in keys)
+                rows[mapper] = read_foreign_keys(connection_for(mapper), _child_for(mapper), sorted(keys),
+                                                 lock="no key update" if written else "share")
         for counter, by_key in pending.items():
             found = rows.get(counter.middle_mapper, {})
             for key, delta in by_key.items():

@@ -1,4 +1,4 @@
-"""Transactions and savepoints: what a rollback must take back, and the commit hook (private).
+"""Transactions and savepoints: what a rollback must take back (private).
 
 Each session keeps a stack with one entry per open transaction boundary
 (the root transaction and each ``begin_nested()`` savepoint) that has
@@ -7,13 +7,16 @@ something to remember:
 * ``deferred`` / ``sharded``: deltas of those strategies, summed over the
   flushes made inside that boundary, written once right before the
   outermost COMMIT (to the parent rows, or to the shard rows);
+* ``leaves``: multi-level leaf deltas of those strategies, per middle row,
+  translated to their parents at the commit (:mod:`countercache.commit`);
 * ``refreshed``: parents whose in-memory counter the library set inside a
   savepoint. SQLAlchemy expires only dirty objects when a savepoint rolls
   back, so the library expires these itself.
 
 A savepoint that is released hands its entry to the enclosing boundary; one
 that rolls back drops it (expiring what it refreshed). The root's rollback
-drops everything (SQLAlchemy expires every object itself then).
+drops everything (SQLAlchemy expires every object itself then). The
+commit itself is :mod:`countercache.commit`.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import memory, shard_writes
-from ._compat import calling_frame
 
 if TYPE_CHECKING:
     from .writer import Deltas, ParentTable
 
+#: Multi-level leaf deltas: counter -> {middle row key: delta}.
+Leaves = dict[Any, dict[tuple[Any, ...], Any]]
+
 
 class _Entry:
-    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted")
+    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted", "leaves")
 
     def __init__(self, transaction: SessionTransaction) -> None:
         self.transaction = transaction
@@ -40,9 +45,12 @@ class _Entry:
         self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
         #: parents with sharded counters deleted inside this boundary
         self.deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
+        #: multi-level leaf deltas of deferred / sharded counters, per middle
+        #: row, translated at the commit: strategy name -> counter -> {middle key: delta}
+        self.leaves: dict[str, Leaves] = {}
 
     def holds(self) -> bool:
-        return bool(self.deferred or self.sharded or self.deleted)
+        return bool(self.deferred or self.sharded or self.deleted or self.leaves)
 
     def absorb(self, other: _Entry) -> None:
         for parent, deltas in other.deferred.items():
@@ -51,6 +59,8 @@ class _Entry:
             add_deltas(self.sharded, parent, deltas)
         for parent, keys in other.deleted.items():
             self.deleted.setdefault(parent, set()).update(keys)
+        for name, by_counter in other.leaves.items():
+            add_leaves(self.leaves.setdefault(name, {}), by_counter)
         self.refreshed.extend(other.refreshed)
 
 
@@ -79,6 +89,82 @@ def add_deltas(into: dict[ParentTable, Deltas], parent: ParentTable, deltas: Del
         else:
             for i, d in enumerate(vector):
                 mine[i] += d
+
+
+def add_leaves(into: Leaves, by_counter: Leaves) -> None:
+    for counter, by_key in by_counter.items():
+        mine = into.setdefault(counter, {})
+        for key, delta in by_key.items():
+            mine[key] = mine.get(key, 0) + delta
+
+
+def keep_leaves(session: Session, name: str, by_counter: Leaves) -> None:
+    """Keep a flush's multi-level leaf deltas (per middle key) for the commit."""
+    add_leaves(current_entry(session).leaves.setdefault(name, {}), by_counter)
+
+
+def held_leaves(session: Session, counter: Any, middle_key: tuple[Any, ...]) -> Any:
+    """The leaf deltas of ``counter`` kept for the commit, for one middle row."""
+    state = _states.get(session)
+    if state is None:
+        return 0
+    return sum(by_counter.get(counter, {}).get(middle_key, 0)
+               for entry in state.stack for by_counter in entry.leaves.values())
+
+
+def take_leaves(session: Session, accept: Any = None) -> dict[str, Leaves]:
+    """Take the kept leaf deltas (of the counters ``accept(counter)`` accepts,
+    or all): strategy name -> counter -> {middle key: delta}."""
+    taken: dict[str, Leaves] = {}
+    state = _states.get(session)
+    for entry in state.stack if state is not None else ():
+        for name, by_counter in entry.leaves.items():
+            for counter in [c for c in by_counter if accept is None or accept(c)]:
+                add_leaves(taken.setdefault(name, {}), {counter: by_counter.pop(counter)})
+        entry.leaves = {name: by_counter for name, by_counter in entry.leaves.items() if by_counter}
+    return taken
+
+
+def peek_leaves(session: Session) -> list[Leaves]:
+    """The kept leaf deltas of every boundary and strategy (not taken)."""
+    state = _states.get(session)
+    return [by_counter for entry in (state.stack if state is not None else ()) for by_counter in entry.leaves.values()]
+
+
+def will_write(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+    """Does the transaction hold ``deferred`` deltas for this parent row (written at commit)?"""
+    state = _states.get(session)
+    for entry in state.stack if state is not None else ():
+        vector = entry.deferred.get(parent, {}).get(key)
+        if vector is not None and any(vector):
+            return True
+    return False
+
+
+def held_deltas(session: Session, attribute: str) -> dict[ParentTable, Deltas]:
+    """Take the ``deferred`` or ``sharded`` deltas of every boundary, summed."""
+    merged: dict[ParentTable, Deltas] = {}
+    state = _states.get(session)
+    for entry in state.stack if state is not None else ():
+        for parent, deltas in getattr(entry, attribute).items():
+            add_deltas(merged, parent, deltas)
+        setattr(entry, attribute, {})
+    return merged
+
+
+def hold(session: Session, attribute: str, pending: dict[ParentTable, Deltas]) -> None:
+    """Add deltas to the innermost boundary's ``deferred`` or ``sharded`` deltas."""
+    held = getattr(current_entry(session), attribute)
+    for parent, deltas in pending.items():
+        add_deltas(held, parent, deltas)
+
+
+def set_committing(session: Session) -> None:
+    """From the outermost before_commit on, a flush writes at once."""
+    state = _states.get(session)
+    if state is None:
+        state = _states[session] = _SessionState()
+    state.committing = True
 
 
 def _boundary(session: Session) -> SessionTransaction | None:
@@ -110,68 +196,16 @@ def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[A
 # -- session hooks ------------------------------------------------------------
 
 
-def _committing_transaction() -> SessionTransaction | None:
-    """The transaction whose ``_prepare_impl`` fired this ``before_commit``.
-
-    ``before_commit`` fires for a savepoint's release and for the outermost
-    commit alike and does not say which; the frame that fired it does.
-    """
-    frame = calling_frame("_prepare_impl", 2, 6)
-    found = frame.f_locals.get("self") if frame is not None else None
-    return found if isinstance(found, SessionTransaction) else None
-
-
-def _before_commit(session: Session) -> None:
-    if session.in_nested_transaction():  # a savepoint's release, or the commit of all
-        transaction = _committing_transaction()
-        if transaction is None or transaction.parent is not None:
-            return  # a savepoint release: its entry moves up when it ends
-    # (no savepoint open: only the outermost transaction fires before_commit)
-    state = _states.get(session)
-    if state is None or not holds_any(session):
-        # nothing deferred so far; a flush made now (the commit's final one)
-        # still lands in the stack and is written by after_flush below
-        if state is None:
-            state = _states[session] = _SessionState()
-        state.committing = True
-        return
-    # The final flush first, so that its deltas join the rest.
-    session.flush()
-    state.committing = True
-    write_deferred(session)
-
-
-def write_deferred(session: Session) -> None:
-    """Write every deferred delta of the transaction now (outermost commit)."""
-    state = _states.get(session)
-    if state is None:
-        return
-    merged: dict[ParentTable, Deltas] = {}
-    for entry in state.stack:
-        for parent, deltas in entry.deferred.items():
-            add_deltas(merged, parent, deltas)
-        entry.deferred = {}
-    for parent in sorted(merged, key=lambda p: p.table.fullname):
-        connection = session.connection(bind_arguments={"mapper": parent.mapper})
-        results = parent.apply(connection, merged[parent])
-        if results:
-            memory.apply(session, parent, results)
-    write_shards(session)  # after the parent rows, as fold() locks them
-
-
 def write_shards(session: Session) -> None:
     """Write the sharded deltas of the transaction now, and forget deleted parents' rows."""
     state = _states.get(session)
     if state is None:
         return
-    sharded: dict[ParentTable, Deltas] = {}
+    sharded = held_deltas(session, "sharded")
     deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
     for entry in state.stack:
-        for parent, deltas in entry.sharded.items():
-            add_deltas(sharded, parent, deltas)
         for parent, keys in entry.deleted.items():
             deleted.setdefault(parent, set()).update(keys)
-        entry.sharded = {}
         entry.deleted = {}
     if sharded or deleted:
         shard_writes.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}),
@@ -250,7 +284,6 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 
 SESSION_HOOKS = (
-    ("before_commit", _before_commit),
     ("after_rollback", _after_rollback),
     ("after_transaction_end", _after_transaction_end),
 )

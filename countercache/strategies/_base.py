@@ -23,6 +23,14 @@ class Strategy:
     #: a parent's delete then takes its shard rows along.
     uses_shard_table = False
 
+    #: Whether it writes the parent rows themselves: a row it will write is
+    #: locked for writing from the start (``through.Sink.translate``).
+    writes_rows = True
+
+    #: The transaction entry's attribute holding this strategy's deltas until
+    #: the commit (None: the flush writes them).
+    held: str | None = None
+
     def __init__(self, flush: FlushState) -> None:
         self.flush = flush
         self.pending: dict[ParentTable, Deltas] = {}
@@ -41,19 +49,24 @@ class Strategy:
     few = False
 
     def write(self, connection_for: Any = None, connection: Connection | None = None) -> None:
-        """Apply and forget everything pending, parent tables in name order, on
+        """Apply and forget everything pending, parent tables in lock order, on
         ``connection`` or on ``connection_for(parent table)``."""
         pending = self.pending
         if not pending:
             return
         self.pending = {}
         flush = self.flush
-        for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.table.fullname)):
+        for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.lock_order)):
             deltas = pending[parent]
             results = parent.apply(connection if connection is not None else connection_for(parent), deltas,
                                    values=flush.holds_any(parent, deltas), few=self.few)
             if results:
                 flush.results.append((parent, results))
+
+    def keeps_leaves(self) -> bool:
+        """Are multi-level leaf deltas kept, per middle row, for the commit
+        (translated and locked there with the parent rows) rather than now?"""
+        return False
 
     def row_done(self, connection: Connection) -> None:
         """One child row's changes are all added."""

@@ -20,6 +20,7 @@ class ShardedStrategy(DeferredStrategy):
     name = "sharded"
     held = "sharded"
     uses_shard_table = True
+    writes_rows = False  # (the side table's rows, never the parent's)
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the

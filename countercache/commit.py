@@ -1,0 +1,111 @@
+"""The outermost COMMIT: what ``deferred`` and ``sharded`` counters held is written (private).
+
+Right before the COMMIT (``before_commit`` of the outermost transaction,
+after its final flush), in one pass and one lock order:
+
+1. the multi-level leaf deltas kept per middle row (``transactions.keep_leaves``)
+   are translated to their parents: the middle rows are read and locked, in
+   key order, for writing where this commit writes a counter of theirs too
+   (a direct counter on the same row), else shared;
+2. the ``deferred`` deltas are written, parent tables in
+   :attr:`~countercache.writer.ParentTable.lock_order` (a child's table
+   before its parents'), keys ascending;
+3. the ``sharded`` deltas go to the side table, after every parent row (the
+   order ``fold()`` locks them in).
+
+So a transaction locks nothing for its counters before its commit, however
+often it flushes, and every commit locks in the same order: two transactions
+cannot deadlock on counters (a direct and a multi-level counter on one row
+included).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, SessionTransaction
+
+from . import memory, transactions
+from ._compat import calling_frame
+from .children import _child_for, _key
+from .locking import read_foreign_keys
+from .strategies import STRATEGY_CLASSES
+from .through import Sink
+
+if TYPE_CHECKING:
+    from .writer import ParentTable
+
+
+def _committing_transaction() -> SessionTransaction | None:
+    """The transaction whose ``_prepare_impl`` fired this ``before_commit``.
+
+    ``before_commit`` fires for a savepoint's release and for the outermost
+    commit alike and does not say which; the frame that fired it does.
+    """
+    frame = calling_frame("_prepare_impl", 2, 6)
+    found = frame.f_locals.get("self") if frame is not None else None
+    return found if isinstance(found, SessionTransaction) else None
+
+
+def _before_commit(session: Session) -> None:
+    if session.in_nested_transaction():  # a savepoint's release, or the commit of all
+        transaction = _committing_transaction()
+        if transaction is None or transaction.parent is not None:
+            return  # a savepoint release: its entry moves up when it ends
+    # (no savepoint open: only the outermost transaction fires before_commit)
+    if not transactions.holds_any(session):
+        # nothing deferred so far; a flush made now (the commit's final one)
+        # still lands in the stack and is written by after_flush
+        transactions.set_committing(session)
+        return
+    # The final flush first, so that its deltas join the rest.
+    session.flush()
+    transactions.set_committing(session)
+    write_deferred(session)
+
+
+def write_deferred(session: Session) -> None:
+    """Write everything the transaction holds for its commit, now."""
+    _translate_kept(session, transactions.take_leaves(session))
+    merged = transactions.held_deltas(session, "deferred")
+    for parent in sorted(merged, key=lambda p: p.lock_order):
+        connection = session.connection(bind_arguments={"mapper": parent.mapper})
+        results = parent.apply(connection, merged[parent])
+        if results:
+            memory.apply(session, parent, results)
+    transactions.write_shards(session)  # after the parent rows, as fold() locks them
+
+
+def _translate_kept(session: Session, kept: dict[str, transactions.Leaves]) -> None:
+    """Kept leaf deltas to the held deltas of their parents (middle rows locked now)."""
+    for name, by_counter in sorted(kept.items()):
+        strategy = STRATEGY_CLASSES[name](None)
+        sink = Sink(strategy)
+        sink.pending = by_counter
+        sink.translate(lambda mapper: session.connection(bind_arguments={"mapper": mapper}),
+                       lambda parent, key: transactions.will_write(session, parent, key))
+        transactions.hold(session, strategy.held, strategy.pending)
+
+
+def held_delta(session: Session, parent: ParentTable, key: tuple[Any, ...], slot: int) -> Any:
+    """What this session's transaction will add to one parent's counter at commit
+    (kept leaf deltas of a multi-level counter by where their middle rows point
+    now: read, not locked)."""
+    total = transactions.held_delta(session, parent, key, slot)
+    counter = parent.counters[slot]
+    if getattr(counter, "middle_mapper", None) is None:
+        return total
+    by_middle: dict[tuple[Any, ...], Any] = {}
+    for by_counter in transactions.peek_leaves(session):
+        for middle_key, delta in by_counter.get(counter, {}).items():
+            by_middle[middle_key] = by_middle.get(middle_key, 0) + delta
+    by_middle = {k: d for k, d in by_middle.items() if d}
+    if not by_middle:
+        return total
+    connection = session.connection(bind_arguments={"mapper": counter.middle_mapper})
+    found = read_foreign_keys(connection, _child_for(counter.middle_mapper), sorted(by_middle), lock=None)
+    return total + sum(delta for middle_key, delta in by_middle.items()
+                       if _key(found.get(middle_key), counter.middle_fk_keys) == key)
+
+
+SESSION_HOOKS = (("before_commit", _before_commit),)
