@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
+from sqlalchemy import Boolean, event, tuple_
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import BindParameter, ClauseElement
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from . import through, tracking
 from .errors import CounterCacheError
@@ -46,10 +48,18 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     child = tracking._child_for(mapper)
     if child is None:
         return None
+    if tracking.is_suspended(state.session):
+        if not state.is_insert:
+            tracking.forget_locked(state.session)
+        return None
+    if state.execution_options.get("autoflush", True):
+        # SQLAlchemy autoflushes when the statement runs (invoke_statement
+        # below), which would be after the locking read: flush first, so that
+        # the read sees the rows the statement will see (the second autoflush
+        # then finds nothing to do)
+        state.session._autoflush()
     if not state.is_insert:
         tracking.forget_locked(state.session)  # rows may change behind the loaded objects
-    if tracking.is_suspended(state.session):
-        return None
     if state.is_insert:
         return _insert(state, mapper, child)
     if state.is_delete:
@@ -148,15 +158,35 @@ def _with_leaves(connection: Any, child: Any, found: dict[Any, Any]) -> dict[Any
     return found
 
 
-def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
-    # ORM attributes, not bare columns, so that synchronize_session="evaluate"
-    # can evaluate the added criterion in Python
-    pk = [getattr(mapper.class_, mapper.get_property_by_column(c).key) for c in tracking.child_primary_key(child)]
-    if len(pk) == 1:
-        return statement.where(pk[0].in_([k[0] for k in keys]))
-    from sqlalchemy import tuple_
+class _OnlyInSQL(ColumnElement[bool]):
+    """A criterion the database applies and SQLAlchemy's in-Python evaluator
+    (``synchronize_session="evaluate"``, which dispatches on the visit name)
+    takes as true: the statement's objects in the session are synchronized
+    by the user's criteria alone, as without countercache (an object whose
+    unflushed values match is updated or removed in memory just the same)."""
 
-    return statement.where(tuple_(*pk).in_(keys))
+    __visit_name__ = "true"
+    inherit_cache = True
+    _traverse_internals = [("clause", InternalTraversal.dp_clauseelement)]
+    type = Boolean()
+
+    def __init__(self, clause: Any) -> None:
+        self.clause = clause
+
+    def self_group(self, against: Any = None) -> Any:
+        return self  # (not wrapped as "IS true", which the evaluator cannot read)
+
+
+@compiles(_OnlyInSQL)
+def _render_only_in_sql(element: _OnlyInSQL, compiler: Any, **kw: Any) -> str:
+    return compiler.process(element.clause, **kw)
+
+
+def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tuple[Any, ...]]) -> Any:
+    pk = tracking.child_primary_key(child)
+    if len(pk) == 1:
+        return statement.where(_OnlyInSQL(pk[0].in_([k[0] for k in keys])))
+    return statement.where(_OnlyInSQL(tuple_(*pk).in_(keys)))
 
 
 def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import (Boolean, Date, DateTime, Integer, Numeric, String, Text, Time, Uuid, any_, bindparam,
                         cast, event, func, select, true, tuple_)
@@ -150,7 +150,7 @@ Plan = tuple["CounterCache", Any, tuple[str, ...], bool]
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "read", "strategies", "results", "plans", "saved", "sinks",
+    __slots__ = ("session", "uow", "old", "unread", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -160,8 +160,9 @@ class FlushState:
         #: child state -> {fk key: value in the database before the flush}, or _GONE
         #: (gone already, or a deleted row the pre-read counted)
         self.old: dict[InstanceState[Any], Any] = {}
-        #: child infos whose rows were pre-read in this flush
-        self.read: set[_Child] = set()
+        #: child infos with rows this flush updates that the pre-read has not
+        #: seen yet: read right before the next UPDATE statement (see _before_write)
+        self.unread: set[_Child] = set()
         #: strategy name -> strategy instance for this flush (created on first use)
         self.strategies: dict[str, Any] = {}
         #: (parent table, results) to show on in-memory parents after the flush
@@ -477,22 +478,50 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 
 
 def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
+    """``before_update``: the rows' pre-read is due before their UPDATE statement.
+
+    Not now: SQLAlchemy calls every ``before_update`` listener of every row
+    of the batch first (an application's own may still set a counted column,
+    on this row or a later one), then emits the UPDATEs. The read runs right
+    before the first of them (:func:`_before_statement`), when every row
+    shows what the flush writes. A flush ordered row by row (a cycle between
+    classes) updates one row at a time: each such row is scheduled again (a
+    foreign key the flush copied from a row it inserted since the last read).
+    """
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     if fs is None:
         return
     if mapper not in fs.ready_update:
-        fs.ready_update.add(mapper)  # the class's other rows: nothing more to do before them...
-        child = fs.child(mapper)
-        if child is not None and child not in fs.read:
-            _pre_read(fs, connection, child)
-            return
-    if fs.uow.cycles and state not in fs.old:  # type: ignore[union-attr]
-        # ...unless the flush runs row by row (a cycle between classes): a
-        # foreign key it copied from a row it inserted after the class's read
-        # (a child moved to a new parent) has changed since: read that row now
-        child = fs.child(mapper)
-        if child is not None and not child.key_set.isdisjoint(state.committed_state):
-            _pre_read(fs, connection, child, [state])
+        fs.ready_update.add(mapper)  # the batch's other rows: nothing more to do before them...
+    elif not fs.uow.cycles or state in fs.old:  # type: ignore[union-attr]
+        return  # ...unless the flush runs row by row
+    child = fs.child(mapper)
+    if child is not None:
+        fs.unread.add(child)
+        _awaiting[connection] = fs
+        if connection not in _watched:
+            _watched.add(connection)
+            event.listen(connection, "before_execute", _before_statement)
+
+
+#: Connections with a flush whose pre-read is due before its next DML statement.
+_awaiting: weakref.WeakKeyDictionary[Connection, FlushState] = weakref.WeakKeyDictionary()
+#: Connections carrying the _before_statement listener (it goes with the connection).
+_watched: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _before_statement(connection: Connection, clauseelement: Any, multiparams: Any, params: Any,
+                      execution_options: Any) -> None:
+    """``before_execute`` on a flush's connection: the pre-read of the rows the
+    coming UPDATE writes (see :func:`_before_write`); every other statement passes."""
+    if not _awaiting or not getattr(clauseelement, "is_dml", False):
+        return
+    fs = _awaiting.pop(connection, None)
+    if fs is None or _flushes.get(fs.session.hash_key) is not fs:
+        return
+    unread, fs.unread = fs.unread, set()
+    for child in unread:
+        _pre_read(fs, connection, child)
 
 
 def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
@@ -503,8 +532,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
     child = fs.child(mapper)
     if child is None:
         return
-    if child not in fs.read:
-        _pre_read(fs, connection, child)
+    _pre_read(fs, connection, child)
     if child.views and child not in fs.deletes_counted:
         # the first delete of a middle class: every leaf of the flush is written,
         # no middle row is gone yet; translate, then count what each deleted one keeps
@@ -635,27 +663,26 @@ _MAPPER_HOOKS = (
 )
 
 
-def _pre_read(fs: FlushState, connection: Connection, child: _Child,
-              states: Iterable[InstanceState[Any]] | None = None) -> None:
+def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
     """Read (and lock) the database's foreign keys of rows this flush deletes or moves
-    (of ``states``: by default every row of the class in the flush).
+    (those of the class not read yet).
 
     A flush that only deletes rows of this class (no move to read in the same
     key order) counts them here, from the locked rows grouped by their values:
     their ``after_delete`` has nothing left to do. Not for ``per_row``
     (an UPDATE per row, after it) nor a multi-level middle (its leaves).
     """
-    fs.read.add(child)
     keys, key_set = child.keys, child.key_set
+    old = fs.old
     wanted: dict[tuple[Any, ...], InstanceState[Any]] = {}
     deleting = moving = False
     # (a middle row's value includes its leaves: always read)
     locked = _locked.get(fs.session) if connection.dialect.name != "sqlite" and not child.views else None
     flags = fs.uow.states  # type: ignore[union-attr]
-    for state in _states_of(fs, child) if states is None else states:
+    for state in _states_of(fs, child):
         isdelete, listonly = flags[state]
-        if listonly or state.key is None:
-            continue
+        if listonly or state.key is None or state in old:
+            continue  # (not in the database, or read already)
         if not isdelete and key_set.isdisjoint(state.committed_state):
             continue  # no counted value changed
         if locked and state in locked:
@@ -936,6 +963,11 @@ def uninstall() -> None:
         if event.contains(mapper, "after_delete", parent_deleted):
             event.remove(mapper, "after_delete", parent_deleted)
     _parents_hooked.clear()
+    for connection in list(_watched):
+        if event.contains(connection, "before_execute", _before_statement):
+            event.remove(connection, "before_execute", _before_statement)
+    _watched.clear()
+    _awaiting.clear()
     _children.clear()
     _child_cache.clear()
     _locked.clear()
