@@ -135,9 +135,18 @@ class Sink:
         by_key = self.pending.setdefault(counter, {})
         by_key[key] = by_key.get(key, 0) + delta
 
-    def translate(self, connection_for: Any) -> None:
-        """Hand the held deltas to the strategy, keyed by parent (middle rows read and share-locked)."""
+    def translate(self, connection_for: Any, will_write: Any = None) -> None:
+        """Hand the held deltas to the strategy, keyed by parent (middle rows read and locked).
+
+        The middle rows are locked in key order, in the strongest mode this
+        transaction needs for any of them: for writing (``NO KEY UPDATE``)
+        when ``will_write(parent table, key)`` says a counter of the middle
+        class itself is written for one of them (a direct counter on the
+        same row: a shared lock now would have to be upgraded then, and two
+        writers doing so deadlock), else shared.
+        """
         from . import tracking
+        from .writer import ParentTable
 
         pending, self.pending = self.pending, {}
         # one read per middle class, whatever the number of its counters; every
@@ -150,10 +159,13 @@ class Sink:
         for counter, by_key in pending.items():
             wanted.setdefault(counter.middle_mapper, set()).update(by_key)
         rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
-        for mapper, keys in wanted.items():
+        for mapper, keys in sorted(wanted.items(), key=lambda item: _middle_order(item[0])):
             if keys:
                 middle = tracking._child_for(mapper)
-                rows[mapper] = tracking.read_foreign_keys(connection_for(mapper), middle, sorted(keys), lock="share")
+                written = will_write is not None and any(
+                    will_write(parent, key) for parent in ParentTable.of_mapper(mapper) for key in keys)
+                rows[mapper] = tracking.read_foreign_keys(connection_for(mapper), middle, sorted(keys),
+                                                          lock="no key update" if written else "share")
         for counter, by_key in pending.items():
             found = rows.get(counter.middle_mapper, {})
             for key, delta in by_key.items():
@@ -161,3 +173,11 @@ class Sink:
                 parent_key = tracking._key(values, counter.middle_fk_keys) if values is not None and delta else None
                 if parent_key is not None:
                     self.strategy.add(counter, parent_key, delta)
+
+
+def _middle_order(mapper: Any) -> tuple[int, str]:
+    """Middle tables in the order every lock is taken (see ``ParentTable.lock_order``)."""
+    from .writer import _depth
+
+    table = mapper.local_table
+    return (-_depth(table, set()), table.fullname)

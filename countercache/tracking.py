@@ -218,14 +218,40 @@ class FlushState:
         return self.session.connection(bind_arguments={"mapper": mapper})
 
     def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
-        """Multi-level leaf deltas of this flush not yet translated, for one middle row."""
-        return sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
+        """Multi-level leaf deltas not yet translated (this flush's, and those the
+        transaction holds for its commit), for one middle row."""
+        return (sum(sink.pending.get(counter, {}).get(middle_key, 0) for sink in self.sinks.values())
+                + transactions.held_leaves(self.session, counter, middle_key))
 
-    def translate(self, connection_for: Any = None) -> None:
-        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``)."""
+    def translate(self, connection_for: Any = None, *, middles: Any = None) -> None:
+        """Multi-level leaf deltas, held per middle key, to their parents (see ``through.py``).
+
+        A strategy that writes at commit keeps them, per middle key, for the
+        commit (the middle rows are locked then, with its parent rows, in one
+        order) unless ``middles`` (a middle class whose rows this flush is
+        about to delete) needs them translated now.
+        """
+        connection_for = connection_for or self.connection_for_mapper
         for sink in self.sinks.values():
             if sink.pending:
-                sink.translate(connection_for or self.connection_for_mapper)
+                if middles is None and sink.strategy.keeps_leaves():
+                    transactions.keep_leaves(self.session, sink.strategy.held, sink.pending)
+                    sink.pending = {}
+                else:
+                    sink.translate(connection_for, self.will_write)
+        if middles is not None:
+            for name, sink in transactions.take_leaves(self.session, middles, self.strategy):
+                sink.translate(connection_for, self.will_write)
+
+    def will_write(self, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+        """Will this transaction write a counter of this parent row (so that
+        a lock taken on it now must be the lock for writing)?"""
+        for strategy in self.strategies.values():
+            if strategy.writes_rows:
+                vector = strategy.pending.get(parent, {}).get(key)
+                if vector is not None and any(vector):
+                    return True
+        return transactions.will_write(self.session, parent, key)
 
     def write(self) -> None:
         """Let every strategy write what it holds for now (``after_flush``)."""
@@ -537,7 +563,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         # the first delete of a middle class: every leaf of the flush is written,
         # no middle row is gone yet; translate, then count what each deleted one keeps
         fs.deletes_counted.add(child)
-        fs.translate(lambda m: connection)
+        fs.translate(lambda m: connection, middles=mapper)
         flags = fs.uow.states  # type: ignore[union-attr]
         deleting = {st.key[1]: fs.old[st] for st in _states_of(fs, child)
                     if flags[st][0] and not flags[st][1] and st.key is not None and isinstance(fs.old.get(st), dict)}

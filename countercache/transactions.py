@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class _Entry:
-    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted")
+    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted", "leaves")
 
     def __init__(self, transaction: SessionTransaction) -> None:
         self.transaction = transaction
@@ -41,9 +41,12 @@ class _Entry:
         self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
         #: parents with sharded counters deleted inside this boundary
         self.deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
+        #: multi-level leaf deltas of deferred / sharded counters, per middle
+        #: row, translated at the commit: strategy name -> counter -> {middle key: delta}
+        self.leaves: dict[str, dict[Any, dict[tuple[Any, ...], Any]]] = {}
 
     def holds(self) -> bool:
-        return bool(self.deferred or self.sharded or self.deleted)
+        return bool(self.deferred or self.sharded or self.deleted or self.leaves)
 
     def absorb(self, other: _Entry) -> None:
         for parent, deltas in other.deferred.items():
@@ -52,6 +55,8 @@ class _Entry:
             add_deltas(self.sharded, parent, deltas)
         for parent, keys in other.deleted.items():
             self.deleted.setdefault(parent, set()).update(keys)
+        for name, by_counter in other.leaves.items():
+            _add_leaves(self.leaves.setdefault(name, {}), by_counter)
         self.refreshed.extend(other.refreshed)
 
 
@@ -80,6 +85,87 @@ def add_deltas(into: dict[ParentTable, Deltas], parent: ParentTable, deltas: Del
         else:
             for i, d in enumerate(vector):
                 mine[i] += d
+
+
+def _add_leaves(into: dict[Any, dict[tuple[Any, ...], Any]], by_counter: dict[Any, dict[tuple[Any, ...], Any]]) -> None:
+    for counter, by_key in by_counter.items():
+        mine = into.setdefault(counter, {})
+        for key, delta in by_key.items():
+            mine[key] = mine.get(key, 0) + delta
+
+
+def keep_leaves(session: Session, name: str, by_counter: dict[Any, dict[tuple[Any, ...], Any]]) -> None:
+    """Keep a flush's multi-level leaf deltas (per middle key) for the commit."""
+    _add_leaves(current_entry(session).leaves.setdefault(name, {}), by_counter)
+
+
+def held_leaves(session: Session, counter: Any, middle_key: tuple[Any, ...]) -> Any:
+    """The leaf deltas of ``counter`` kept for the commit, for one middle row."""
+    state = _states.get(session)
+    if state is None:
+        return 0
+    return sum(by_counter.get(counter, {}).get(middle_key, 0)
+               for entry in state.stack for by_counter in entry.leaves.values())
+
+
+def take_leaves(session: Session, middle: Any, strategy_for: Any) -> list[tuple[str, Any]]:
+    """The kept leaf deltas of counters through ``middle``'s class, as sinks of
+    ``strategy_for(name)`` to translate now (its rows are about to be deleted)."""
+    from .through import Sink
+
+    state = _states.get(session)
+    if state is None:
+        return []
+    taken: dict[str, dict[Any, dict[tuple[Any, ...], Any]]] = {}
+    for entry in state.stack:
+        for name, by_counter in entry.leaves.items():
+            for counter in [c for c in by_counter if middle.isa(c.middle_mapper) or c.middle_mapper.isa(middle)]:
+                _add_leaves(taken.setdefault(name, {}), {counter: by_counter.pop(counter)})
+        entry.leaves = {name: by_counter for name, by_counter in entry.leaves.items() if by_counter}
+    sinks = []
+    for name, by_counter in taken.items():
+        sink = Sink(strategy_for(name))
+        sink.pending = by_counter
+        sinks.append((name, sink))
+    return sinks
+
+
+def will_write(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+    """Does the transaction hold ``deferred`` deltas for this parent row (written at commit)?"""
+    state = _states.get(session)
+    if state is None:
+        return False
+    for entry in state.stack:
+        vector = entry.deferred.get(parent, {}).get(key)
+        if vector is not None and any(vector):
+            return True
+    return False
+
+
+def _translate_kept(session: Session, state: _SessionState) -> None:
+    """At the commit: the kept leaf deltas to their parents' held deltas. The
+    middle rows are locked first (children's tables before their parents'),
+    for writing where this commit writes a counter of theirs too."""
+    from .strategies import STRATEGY_CLASSES
+    from .through import Sink
+
+    kept: dict[str, dict[Any, dict[tuple[Any, ...], Any]]] = {}
+    for entry in state.stack:
+        for name, by_counter in entry.leaves.items():
+            _add_leaves(kept.setdefault(name, {}), by_counter)
+        entry.leaves = {}
+    if not kept:
+        return
+    root = state.stack[0]
+    for name, by_counter in sorted(kept.items()):
+        strategy = STRATEGY_CLASSES[name](None)
+        sink = Sink(strategy)
+        sink.pending = by_counter
+        sink.translate(lambda mapper: session.connection(bind_arguments={"mapper": mapper}),
+                       lambda parent, key: will_write(session, parent, key))
+        held = getattr(root, strategy.held)
+        for parent, deltas in strategy.pending.items():
+            add_deltas(held, parent, deltas)
 
 
 def _boundary(session: Session) -> SessionTransaction | None:
@@ -153,12 +239,13 @@ def write_deferred(session: Session) -> None:
     state = _states.get(session)
     if state is None:
         return
+    _translate_kept(session, state)
     merged: dict[ParentTable, Deltas] = {}
     for entry in state.stack:
         for parent, deltas in entry.deferred.items():
             add_deltas(merged, parent, deltas)
         entry.deferred = {}
-    for parent in sorted(merged, key=lambda p: p.table.fullname):
+    for parent in sorted(merged, key=lambda p: p.lock_order):
         connection = session.connection(bind_arguments={"mapper": parent.mapper})
         results = parent.apply(connection, merged[parent])
         if results:
@@ -207,7 +294,30 @@ def held_delta(session: Session, parent: ParentTable, key: tuple[Any, ...], slot
             vector = held.get(parent, {}).get(key)
             if vector is not None:
                 total += vector[slot]
+    counter = parent.counters[slot]
+    if state is not None and getattr(counter, "middle_mapper", None) is not None:
+        total += _kept_for(session, state, counter, key)
     return total
+
+
+def _kept_for(session: Session, state: _SessionState, counter: Any, key: tuple[Any, ...]) -> Any:
+    """What the kept leaf deltas of a multi-level counter add to one parent, by
+    where their middle rows point now (read, not locked)."""
+    from . import tracking
+
+    by_middle: dict[tuple[Any, ...], Any] = {}
+    for entry in state.stack:
+        for by_counter in entry.leaves.values():
+            for middle_key, delta in by_counter.get(counter, {}).items():
+                by_middle[middle_key] = by_middle.get(middle_key, 0) + delta
+    by_middle = {k: d for k, d in by_middle.items() if d}
+    if not by_middle:
+        return 0
+    middle = tracking._child_for(counter.middle_mapper)
+    connection = session.connection(bind_arguments={"mapper": counter.middle_mapper})
+    found = tracking.read_foreign_keys(connection, middle, sorted(by_middle), lock=None)
+    return sum(delta for middle_key, delta in by_middle.items()
+               if tracking._key(found.get(middle_key), counter.middle_fk_keys) == key)
 
 
 def _after_rollback(session: Session) -> None:

@@ -194,8 +194,16 @@ def test_leaves_that_cancel_out_still_lock_their_middle_row(engine, m):
         writer.flush()
         # what a move's pre-read takes (FOR NO KEY UPDATE on PostgreSQL, which
         # the insert's foreign-key check, FOR KEY SHARE, does not block)
-        with pytest.raises(DBAPIError):  # lock not available
-            other.execute(select(Q.id).where(Q.id == 10).with_for_update(nowait=True, key_share=True)).all()
+        lock = select(Q.id).where(Q.id == 10).with_for_update(nowait=True, key_share=True)
+        if m.strategy in ("deferred", "sharded"):
+            # kept per question until the commit, which locks it with the
+            # parent rows in one order: nothing is locked before (on MariaDB
+            # the insert's foreign-key check holds a shared lock on it anyway)
+            if engine.dialect.name == "postgresql":
+                assert other.execute(lock).all() == [(10,)]
+        else:
+            with pytest.raises(DBAPIError):  # lock not available
+                other.execute(lock).all()
         other.rollback()
         writer.commit()
         assert other.execute(select(Q.id).where(Q.id == 10)

@@ -17,6 +17,12 @@ class Strategy:
 
     #: Whether ``row_done`` writes (tracking calls it only for such strategies).
     per_row = False
+    #: Whether it writes the parent rows themselves (a row it will write is
+    #: locked for writing from the start, see ``through.Sink.translate``).
+    writes_rows = True
+    #: The transaction entry's attribute holding this strategy's deltas until
+    #: the commit (None: written by the flush).
+    held: str | None = None
 
     def __init__(self, flush: FlushState) -> None:
         self.flush = flush
@@ -43,12 +49,17 @@ class Strategy:
             return
         self.pending = {}
         flush = self.flush
-        for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.table.fullname)):
+        for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.lock_order)):
             deltas = pending[parent]
             results = parent.apply(connection if connection is not None else connection_for(parent), deltas,
                                    values=flush.holds_any(parent, deltas), few=self.few)
             if results:
                 flush.results.append((parent, results))
+
+    def keeps_leaves(self) -> bool:
+        """Are multi-level leaf deltas kept, per middle row, for the commit
+        (translated and locked there with the parent rows) rather than now?"""
+        return False
 
     def row_done(self, connection: Connection) -> None:
         """One child row's changes are all added."""

@@ -22,6 +22,13 @@ class DeferredStrategy(Strategy):
     #: The transaction entry's attribute holding this strategy's deltas.
     held = "deferred"
 
+    def keeps_leaves(self) -> bool:
+        # until the commit, where the middle rows are locked together with the
+        # parent rows, in one order (locked now, they would stay locked in the
+        # order of this transaction's flushes, and two transactions flushing
+        # in different orders deadlock)
+        return not transactions.is_committing(self.flush.session)
+
     def flush_done(self) -> None:
         session = self.flush.session
         if transactions.is_committing(session):

@@ -19,6 +19,7 @@ from .deferred import DeferredStrategy
 class ShardedStrategy(DeferredStrategy):
     name = "sharded"
     held = "sharded"
+    writes_rows = False  # (the side table's rows, never the parent's)
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the
