@@ -17,6 +17,7 @@ from sqlalchemy.orm import Mapper
 
 from . import config
 from .declaration import MiddleView
+from .kinds import MultiLevel
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -66,7 +67,7 @@ class _Child:
         generation = config._config.generation
         if self._layout is None or self._layout[0] != generation:
             self._layout = (generation, [
-                (c, c.strategy(), c.fk_keys, c.simple, getattr(c, "middle_mapper", None) is not None)
+                (c, c.strategy(), c.fk_keys, c.simple, isinstance(getattr(c, "kind", None), MultiLevel))
                 for c in self.counters])
         return self._layout[1]
 

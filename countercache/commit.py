@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from . import memory, transactions
 from ._compat import calling_frame
 from .children import _child_for, _key
+from .kinds import MultiLevel
 from .locking import read_foreign_keys
 from .strategies import STRATEGY_CLASSES
 from .through import Sink
@@ -92,20 +93,20 @@ def held_delta(session: Session, parent: ParentTable, key: tuple[Any, ...], slot
     (kept leaf deltas of a multi-level counter by where their middle rows point
     now: read, not locked)."""
     total = transactions.held_delta(session, parent, key, slot)
-    counter = parent.counters[slot]
-    if getattr(counter, "middle_mapper", None) is None:
+    kind = parent.counters[slot].kind
+    if not isinstance(kind, MultiLevel):
         return total
     by_middle: dict[tuple[Any, ...], Any] = {}
     for by_counter in transactions.peek_leaves(session):
-        for middle_key, delta in by_counter.get(counter, {}).items():
+        for middle_key, delta in by_counter.get(parent.counters[slot], {}).items():
             by_middle[middle_key] = by_middle.get(middle_key, 0) + delta
     by_middle = {k: d for k, d in by_middle.items() if d}
     if not by_middle:
         return total
-    connection = session.connection(bind_arguments={"mapper": counter.middle_mapper})
-    found = read_foreign_keys(connection, _child_for(counter.middle_mapper), sorted(by_middle), lock=None)
+    connection = session.connection(bind_arguments={"mapper": kind.middle_mapper})
+    found = read_foreign_keys(connection, _child_for(kind.middle_mapper), sorted(by_middle), lock=None)
     return total + sum(delta for middle_key, delta in by_middle.items()
-                       if _key(found.get(middle_key), counter.middle_fk_keys) == key)
+                       if _key(found.get(middle_key), kind.middle_fk_keys) == key)
 
 
 SESSION_HOOKS = (("before_commit", _before_commit),)

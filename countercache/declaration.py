@@ -29,6 +29,7 @@ from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 from . import _registry, config
 from .errors import ConfigurationError
 from .expressions import compile_evaluator, resolve, sql_text
+from .kinds import Count, Filtered, Kind, ManyToMany, MultiLevel
 
 if TYPE_CHECKING:
     from sqlalchemy import Column
@@ -54,36 +55,26 @@ class CounterCache:
         self.declared_shards = shards
         self._where_arg = where
         self._sum_arg = sum
-        #: The resolved ``where=`` / ``sum=`` expressions (None when not given).
-        self.where: Any = None
-        self.sum: Any = None
-        self.where_fn: Any = None
-        self.sum_fn: Any = None
+        #: What it counts (:mod:`countercache.kinds`), once mappers are configured.
+        self.kind: Kind | None = None
         #: ``where=`` / ``sum=`` as SQL text over the child table's columns
-        #: (what migrations record and ``backfill_counter`` runs).
+        #: (what migrations record and ``backfill_counter`` runs; None when not given).
         self.where_sql: str | None = None
         self.sum_sql: str | None = None
-        #: Child attribute keys whose values decide this counter (foreign key first).
-        self.value_keys: tuple[str, ...] = ()
         self.cls: type | None = None
         self.key: str | None = None
         self.column: Column[Any] | None = None
         self.mapper: Mapper[Any] | None = None
         self.parent: ParentTable | None = None
+        #: The rows that feed it, once resolved (the kind itself, or a multi-level
+        #: counter's leaves; None for many-to-many, fed by the association rows):
+        #: their mapper, foreign key attributes, the attributes whose values decide
+        #: it, whether every row weighs 1, and what a row weighs (read per row).
         self.child_mapper: Mapper[Any] | None = None
-        # Child attribute keys of the foreign key, in the parent key's order.
         self.fk_keys: tuple[str, ...] = ()
-        #: Many-to-many only: the association table, its columns referring to
-        #: the parent's primary key, and the relationship keys on both sides.
-        self.secondary: Any = None
-        self.secondary_parent_cols: tuple[Any, ...] = ()
-        self.relationship_key: str | None = None
-        self.reverse_key: str | None = None
-        #: Multi-level (``"questions.answers"``): the middle mapper, its
-        #: attribute keys referring to the parent's key, and its key columns.
-        #: ``child_mapper`` / ``fk_keys`` are then the leaf's, referring to the middle.
-        self.middle_mapper: Mapper[Any] | None = None
-        self.middle_fk_keys: tuple[str, ...] = ()
+        self.value_keys: tuple[str, ...] = ()
+        self.simple = True
+        self.weight: Any = None
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
         #: (configuration generation, strategy, shards) as resolved for that generation
@@ -95,19 +86,6 @@ class CounterCache:
         if self.cls is None:
             return f"<unbound counter over {self.relationship!r}>"
         return f"{self.cls.__name__}.{self.key}"
-
-    @property
-    def simple(self) -> bool:
-        """A plain count: no ``where=`` and no ``sum=``."""
-        return self.where_fn is None and self.sum_fn is None
-
-    def weight(self, values: dict[str, Any]) -> Any:
-        """What a child row with these values adds to this counter (0 when it does not count)."""
-        if self.where_fn is not None and not self.where_fn(values):
-            return 0
-        if self.sum_fn is None:
-            return 1
-        return self.sum_fn(values) or 0
 
     def _settings(self) -> tuple[int, str, int]:
         """Strategy and shard count for the configuration in force (resolved once per change)."""
@@ -158,25 +136,34 @@ class CounterCache:
             self._resolve_many_to_many(mapper, prop)
             return
         child_mapper, fk_keys = self._foreign_keys(mapper, prop, path[0])
-        if len(path) == 2:
-            # "questions.answers": the leaf's rows, through the middle's
-            leaf_prop = self._relationship_property(child_mapper, path[1])
-            if leaf_prop.secondary is not None:
-                raise ConfigurationError(
-                    f"{self.name}: a multi-level counter cannot go through the many-to-many "
-                    f"{path[1]!r} (unsupported construct)"
-                )
-            self.middle_mapper, self.middle_fk_keys = child_mapper, fk_keys
-            child_mapper, fk_keys = self._foreign_keys(child_mapper, leaf_prop, path[1])
-            if len(fk_keys) != 1 or len(self.middle_fk_keys) != 1:
-                raise ConfigurationError(
-                    f"{self.name}: a multi-level counter needs one-column primary keys on "
-                    f"{mapper.class_.__name__} and {self.middle_mapper.class_.__name__} "
-                    "(unsupported construct)"
-                )
-        self.child_mapper = child_mapper
-        self.fk_keys = fk_keys
-        self._resolve_expressions(child_mapper)
+        if len(path) == 1:
+            self._feed(self._rows(child_mapper, fk_keys))
+            return
+        # "questions.answers": the leaf's rows, through the middle's
+        leaf_prop = self._relationship_property(child_mapper, path[1])
+        if leaf_prop.secondary is not None:
+            raise ConfigurationError(
+                f"{self.name}: a multi-level counter cannot go through the many-to-many "
+                f"{path[1]!r} (unsupported construct)"
+            )
+        middle_mapper, middle_fk_keys = child_mapper, fk_keys
+        leaf_mapper, leaf_fk_keys = self._foreign_keys(middle_mapper, leaf_prop, path[1])
+        if len(leaf_fk_keys) != 1 or len(middle_fk_keys) != 1:
+            raise ConfigurationError(
+                f"{self.name}: a multi-level counter needs one-column primary keys on "
+                f"{mapper.class_.__name__} and {middle_mapper.class_.__name__} "
+                "(unsupported construct)"
+            )
+        leaf = self._rows(leaf_mapper, leaf_fk_keys)
+        self.kind = MultiLevel(middle_mapper, middle_fk_keys, leaf)
+        self._feed(leaf)
+
+    def _feed(self, rows: Count) -> None:
+        """The counter is fed by these rows (see the attributes in ``__init__``)."""
+        if self.kind is None:
+            self.kind = rows
+        self.child_mapper, self.fk_keys, self.value_keys = rows.child_mapper, rows.fk_keys, rows.value_keys
+        self.simple, self.weight = rows.simple, rows.weight
 
     def _foreign_keys(self, mapper: Mapper[Any], prop: RelationshipProperty[Any],
                       name: str) -> tuple[Mapper[Any], tuple[str, ...]]:
@@ -222,22 +209,24 @@ class CounterCache:
                 f"{self.name}: {self.relationship!r} must join {prop.secondary.name} on "  # type: ignore[union-attr]
                 f"{mapper.class_.__name__}'s primary key"
             )
-        self.secondary = prop.secondary
-        self.secondary_parent_cols = tuple(by_parent[id(c)] for c in pk)
-        self.child_mapper = prop.mapper
-        self.relationship_key = prop.key
         backref = prop.backref[0] if isinstance(prop.backref, tuple) else prop.backref
-        self.reverse_key = prop.back_populates or backref or None
+        self.kind = ManyToMany(prop.mapper, prop.secondary, tuple(by_parent[id(c)] for c in pk), prop.key,
+                               prop.back_populates or backref or None)
+        self.child_mapper = prop.mapper
 
-    def _resolve_expressions(self, child: Mapper[Any]) -> None:
-        keys = list(self.fk_keys)
+    def _rows(self, child: Mapper[Any], fk_keys: tuple[str, ...]) -> Count:
+        """The child rows over ``fk_keys``: a plain :class:`Count`, or :class:`Filtered`
+        with ``where=`` / ``sum=`` (resolved, compiled for Python and rendered as SQL text)."""
+        if self._where_arg is None and self._sum_arg is None:
+            return Count(child, fk_keys, fk_keys)
+        keys = list(fk_keys)
+        found: dict[str, Any] = {}
         for what, arg in (("where", self._where_arg), ("sum", self._sum_arg)):
             if arg is None:
                 continue
             expression = resolve(arg, child, what, self.name)
             fn, used = compile_evaluator(expression, child, what, self.name)
-            setattr(self, what, expression)
-            setattr(self, f"{what}_fn", fn)
+            found[what], found[f"{what}_fn"] = expression, fn
             setattr(self, f"{what}_sql", sql_text(expression))
             keys.extend(k for k in used if k not in keys)
         tables = {child.get_property(k).columns[0].table for k in keys}  # type: ignore[attr-defined]
@@ -246,7 +235,7 @@ class CounterCache:
                 f"{self.name}: where=/sum= read columns of {', '.join(sorted(t.name for t in tables))}; "
                 "a counter's columns must live in the child's own table (unsupported construct)"
             )
-        self.value_keys = tuple(keys)
+        return Filtered(child, fk_keys, tuple(keys), **found)
 
     def _relationship_property(self, mapper: Mapper[Any], name: str) -> RelationshipProperty[Any]:
         prop: MapperProperty[Any] | None = mapper.attrs.get(name)
@@ -278,9 +267,10 @@ class MiddleView:
     simple = False
 
     def __init__(self, counter: CounterCache) -> None:
+        assert isinstance(counter.kind, MultiLevel)
         self.counter = counter
-        self.fk_keys = counter.middle_fk_keys
-        self.value_keys = counter.middle_fk_keys
+        self.fk_keys = counter.kind.middle_fk_keys
+        self.value_keys = counter.kind.middle_fk_keys
         #: Where a middle row's value dict keeps its number of counted leaves.
         self.count_key = f"countercache leaves of {counter.name}"
 

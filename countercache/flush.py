@@ -131,7 +131,7 @@ class FlushState:
                     sink.translate(connection_for, self.will_write)
         if middles is not None:
             kept = transactions.take_leaves(
-                self.session, lambda c: middles.isa(c.middle_mapper) or c.middle_mapper.isa(middles))
+                self.session, lambda c: middles.isa(c.kind.middle_mapper) or c.kind.middle_mapper.isa(middles))
             for name, by_counter in kept.items():
                 sink = through.Sink(self.strategy(name))
                 sink.pending = by_counter

@@ -30,6 +30,7 @@ from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
 from .errors import ConfigurationError
+from .kinds import ManyToMany, MultiLevel
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
                     _after_transaction_end, _before_flush, _locked, parent_deleted)
 from .preread import _before_delete, _before_write, _loaded, _refreshed
@@ -154,7 +155,7 @@ def _start(counter: CounterCache) -> None:
 def _track(counter: CounterCache) -> None:
     """The listeners that maintain a resolved counter (again, after :func:`uninstall`)."""
     memory.guard_assignment(counter)
-    if counter.secondary is not None:
+    if isinstance(counter.kind, ManyToMany):
         many_to_many.track(counter)
         _install_session_hooks()
     else:
@@ -265,12 +266,11 @@ def track_child(child_mapper: Mapper[Any], counter: Any) -> None:
     multi-level counter, from its middle rows)."""
     add_counter(child_mapper, counter)
     _hook(child_mapper)
-    middle = getattr(counter, "middle_mapper", None)
-    if middle is not None:
+    if isinstance(getattr(counter, "kind", None), MultiLevel):  # (a MiddleView has no kind)
         view = counter.__dict__.get("_middle_view")
         if view is None:
             view = counter._middle_view = MiddleView(counter)
-        track_child(middle, view)
+        track_child(counter.kind.middle_mapper, view)
 
 
 #: Mappers carrying the hooks themselves (propagated to their subclasses).

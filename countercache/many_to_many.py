@@ -70,7 +70,7 @@ def collect(fs: FlushState) -> None:
         if not sides:
             continue
         for counter, side in sides:
-            key = counter.relationship_key if side == "parent" else counter.reverse_key
+            key = counter.kind.relationship_key if side == "parent" else counter.kind.reverse_key
             if key is None:
                 continue
             if side == "parent" and isdelete:

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import and_, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, configure_mappers
 
@@ -128,38 +128,13 @@ class _Sql:
     """The statements of one counter."""
 
     def __init__(self, counter: CounterCache) -> None:
-        assert counter.parent is not None and counter.child_mapper is not None
+        assert counter.parent is not None and counter.kind is not None
         self.counter = counter
         self.table = counter.parent.table
         self.pk = list(counter.parent.pk_cols)
         self.column = self.table.c[counter.column.key]  # type: ignore[union-attr]
-        if counter.secondary is not None:  # many-to-many: the association rows
-            fk_cols = list(counter.secondary_parent_cols)
-        else:
-            child = counter.child_mapper
-            fk_cols = [child.get_property(k).columns[0] for k in counter.fk_keys]  # type: ignore[attr-defined]
-        child_table = fk_cols[0].table
-        # the very expressions the flush evaluates in Python (expressions.py)
-        value = func.count() if counter.sum is None else func.coalesce(func.sum(counter.sum), 0)
-        if counter.middle_mapper is not None:  # multi-level: the leaves of the parent's middle rows
-            middle = counter.middle_mapper
-            middle_fk = [middle.get_property(k).columns[0] for k in counter.middle_fk_keys]  # type: ignore[attr-defined]
-            middle_pk = list(middle.primary_key)
-            source: Any = child_table.join(
-                middle_fk[0].table, and_(*(fk == mpk for fk, mpk in zip(fk_cols, middle_pk))))
-            criteria = [fk == pk for fk, pk in zip(middle_fk, self.pk)]
-        else:
-            source = child_table
-            criteria = [fk == pk for fk, pk in zip(fk_cols, self.pk)]
-        if counter.where is not None:
-            criteria.append(counter.where)
-        self.actual = (
-            select(value)
-            .select_from(source)
-            .where(and_(*criteria))
-            .correlate(self.table)
-            .scalar_subquery()
-        )
+        # the very expressions the flush evaluates in Python (kinds.py, expressions.py)
+        self.actual = counter.kind.real_count(self.pk).correlate(self.table).scalar_subquery()
         self.key = self.pk[0] if len(self.pk) == 1 else tuple_(*self.pk)
         # a sharded counter's stored value is its column plus the pending shard
         # deltas, read in the same statement as the count (one snapshot)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, literal, select
+from sqlalchemy import and_, select
 
 from .children import _child_for, _key
 from .locking import chunk_size, read_foreign_keys
@@ -63,18 +63,18 @@ def leaf_counts(connection: Connection, child: Any, keys: list[tuple[Any, ...]])
     size = chunk_size(connection)
     ordered = sorted(k[0] for k in keys)
     for view in child.views:
-        counter = view.counter
-        leaf = counter.child_mapper
-        fk = leaf.get_property(counter.fk_keys[0]).columns[0]  # type: ignore[union-attr]
+        leaf = view.counter.kind.leaf
+        (fk,) = leaf.key_columns()
+        condition = leaf.condition()
         for start in range(0, len(ordered), size):  # MariaDB: IN lists below its subquery conversion
             criteria = [fk.in_(ordered[start : start + size])]
-            if counter.where is not None:
-                criteria.append(counter.where)
+            if condition is not None:
+                criteria.append(condition)
             # a locking read sees the latest committed leaves whatever the isolation
             # level (REPEATABLE READ's snapshot may predate the middle row's lock)
-            rows = (select(fk.label("k"), (counter.sum if counter.sum is not None else literal(1)).label("v"))
+            rows = (select(fk.label("k"), leaf.row_value().label("v"))
                     .where(and_(*criteria)).with_for_update(read=True).subquery())
-            value = func.count() if counter.sum is None else func.coalesce(func.sum(rows.c.v), 0)
+            value = leaf.aggregate(rows.c.v)
             for middle_key, n in connection.execute(select(rows.c.k, value).group_by(rows.c.k)).all():
                 found[(middle_key,)][view.count_key] = n
         for values in found.values():
@@ -123,7 +123,7 @@ class Sink:
         # predates)
         wanted: dict[Any, set[tuple[Any, ...]]] = {}
         for counter, by_key in pending.items():
-            wanted.setdefault(counter.middle_mapper, set()).update(by_key)
+            wanted.setdefault(counter.kind.middle_mapper, set()).update(by_key)
         rows: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {}
         for mapper, keys in sorted(wanted.items(), key=lambda item: lock_order(item[0].local_table)):
             if keys:
@@ -132,9 +132,9 @@ class Sink:
                 rows[mapper] = read_foreign_keys(connection_for(mapper), _child_for(mapper), sorted(keys),
                                                  lock="no key update" if written else "share")
         for counter, by_key in pending.items():
-            found = rows.get(counter.middle_mapper, {})
+            found = rows.get(counter.kind.middle_mapper, {})
             for key, delta in by_key.items():
                 values = found.get(key)
-                parent_key = _key(values, counter.middle_fk_keys) if values is not None and delta else None
+                parent_key = _key(values, counter.kind.middle_fk_keys) if values is not None and delta else None
                 if parent_key is not None:
                     self.strategy.add(counter, parent_key, delta)

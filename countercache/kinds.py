@@ -1,0 +1,172 @@
+"""What a counter counts: its kind, resolved when mappers are configured (private).
+
+:class:`~countercache.declaration.CounterCache` is the declaration; when its
+relationship is looked up it gets one of these as ``counter.kind``:
+
+* :class:`Count`: the child rows whose foreign key names the parent
+  (``counter_cache("questions")``);
+* :class:`Filtered`: the same, with ``where=`` (rows that match) and/or
+  ``sum=`` (a sum instead of a count);
+* :class:`ManyToMany`: the parent's rows in an association table
+  (``relationship(secondary=...)``);
+* :class:`MultiLevel`: the leaves of the parent's middle rows
+  (``counter_cache("questions.answers")``), where ``leaf`` is a
+  :class:`Count` or :class:`Filtered` of the leaf rows over the middle's key.
+
+Each kind answers the questions the rest of the library asks, instead of
+being tested for None-valued fields: what a child row weighs (the flush),
+and the real value in SQL (:meth:`Kind.real_count`, the one definition that
+``check()``, ``reconcile()`` and the multi-level translation share; the
+migration backfill renders the same shape from the recorded SQL text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import and_, func, literal, select
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper
+
+__all__ = ["Kind", "Count", "Filtered", "ManyToMany", "MultiLevel"]
+
+
+class Kind:
+    """What a counter counts."""
+
+    #: The mapper whose rows (or links) feed the counter.
+    child_mapper: Mapper[Any]
+
+    def key_columns(self) -> list[Any]:
+        """The columns that hold the parent's key, in its key's order."""
+        raise NotImplementedError
+
+    def source(self) -> Any:
+        """The FROM clause of the counted rows (a table, or a join)."""
+        return self.key_columns()[0].table
+
+    def row_value(self) -> Any:
+        """What one counted row adds, in SQL."""
+        return literal(1)
+
+    def condition(self) -> Any:
+        """Which rows count, in SQL (None: every row)."""
+        return None
+
+    def aggregate(self, values: Any = None) -> Any:
+        """The aggregate of the counted rows (``values``: a column of row values)."""
+        return func.count()
+
+    def real_count(self, parent_key: list[Any]) -> Any:
+        """``SELECT count(*) | coalesce(sum(...), 0) FROM <rows> WHERE <key> = <parent_key> [AND where]``,
+        correlated to the parent key columns given."""
+        criteria = [col == pk for col, pk in zip(self.key_columns(), parent_key)]
+        condition = self.condition()
+        if condition is not None:
+            criteria.append(condition)
+        return select(self.aggregate(self.row_value())).select_from(self.source()).where(and_(*criteria))
+
+
+@dataclass(eq=False)
+class Count(Kind):
+    """The child rows whose foreign key (``fk_keys``) names the parent."""
+
+    child_mapper: Mapper[Any]
+    #: Child attribute keys of the foreign key, in the parent key's order.
+    fk_keys: tuple[str, ...]
+    #: Child attribute keys whose values decide this counter (foreign key first).
+    value_keys: tuple[str, ...]
+
+    #: A plain count: every row weighs 1.
+    simple: ClassVar[bool] = True
+
+    def weight(self, values: dict[str, Any]) -> Any:
+        return 1
+
+    def key_columns(self) -> list[Any]:
+        return [self.child_mapper.get_property(k).columns[0] for k in self.fk_keys]  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False)
+class Filtered(Count):
+    """``where=`` (rows that match count) and/or ``sum=`` (the sum of a value).
+
+    The very same expressions are evaluated in Python on a row's values
+    during a flush (``where_fn``, ``sum_fn``: :mod:`countercache.expressions`)
+    and rendered into SQL here.
+    """
+
+    where: Any = None
+    sum: Any = None
+    where_fn: Any = None
+    sum_fn: Any = None
+
+    simple: ClassVar[bool] = False
+
+    def weight(self, values: dict[str, Any]) -> Any:
+        """What a child row with these values adds (0 when it does not count)."""
+        if self.where_fn is not None and not self.where_fn(values):
+            return 0
+        if self.sum_fn is None:
+            return 1
+        return self.sum_fn(values) or 0
+
+    def row_value(self) -> Any:
+        return self.sum if self.sum is not None else literal(1)
+
+    def condition(self) -> Any:
+        return self.where
+
+    def aggregate(self, values: Any = None) -> Any:
+        return func.count() if self.sum is None else func.coalesce(func.sum(values), 0)
+
+
+@dataclass(eq=False)
+class ManyToMany(Kind):
+    """The parent's rows in the association table ``secondary``."""
+
+    child_mapper: Mapper[Any]
+    secondary: Any
+    #: The association table's columns referring to the parent's key, in its order.
+    parent_cols: tuple[Any, ...]
+    #: The relationship on the parent, and its reverse on the child (None: one-sided).
+    relationship_key: str
+    reverse_key: str | None
+
+    def key_columns(self) -> list[Any]:
+        return list(self.parent_cols)
+
+
+@dataclass(eq=False)
+class MultiLevel(Kind):
+    """The ``leaf`` rows of the parent's ``middle_mapper`` rows."""
+
+    middle_mapper: Mapper[Any]
+    #: Middle attribute keys referring to the parent's key.
+    middle_fk_keys: tuple[str, ...]
+    #: The leaf rows over the middle's key.
+    leaf: Count
+
+    @property
+    def child_mapper(self) -> Mapper[Any]:  # type: ignore[override]
+        return self.leaf.child_mapper
+
+    def key_columns(self) -> list[Any]:
+        return [self.middle_mapper.get_property(k).columns[0] for k in self.middle_fk_keys]  # type: ignore[attr-defined]
+
+    def source(self) -> Any:
+        middle_pk = list(self.middle_mapper.primary_key)
+        leaf_fk = self.leaf.key_columns()
+        return leaf_fk[0].table.join(
+            self.key_columns()[0].table, and_(*(fk == pk for fk, pk in zip(leaf_fk, middle_pk))))
+
+    def row_value(self) -> Any:
+        return self.leaf.row_value()
+
+    def condition(self) -> Any:
+        return self.leaf.condition()
+
+    def aggregate(self, values: Any = None) -> Any:
+        return self.leaf.aggregate(values)
