@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import memory, transactions
+from . import transactions
 from ._compat import calling_frame
 from .children import _child_for, _key
 from .kinds import MultiLevel
@@ -66,15 +66,14 @@ def _before_commit(session: Session) -> None:
 
 
 def write_deferred(session: Session) -> None:
-    """Write everything the transaction holds for its commit, now."""
+    """Write everything the transaction holds for its commit, now: the kept
+    leaf deltas translated first, then each strategy that holds deltas writes
+    them where it keeps them (``deferred``: the parent rows; ``sharded``, after
+    them, as ``fold()`` locks them: the side table)."""
     _translate_kept(session, transactions.take_leaves(session))
-    merged = transactions.held_deltas(session, "deferred")
-    for parent in sorted(merged, key=lambda p: p.lock_order):
-        connection = session.connection(bind_arguments={"mapper": parent.mapper})
-        results = parent.apply(connection, merged[parent])
-        if results:
-            memory.apply(session, parent, results)
-    transactions.write_shards(session)  # after the parent rows, as fold() locks them
+    for strategy in STRATEGY_CLASSES.values():
+        if strategy.held is not None:
+            strategy.write_held(session)
 
 
 def _translate_kept(session: Session, kept: dict[str, transactions.Leaves]) -> None:

@@ -63,6 +63,10 @@ class Strategy:
             if results:
                 flush.results.append((parent, results))
 
+    @classmethod
+    def write_held(cls, session: Any) -> None:
+        """At the outermost commit: write what the transaction holds (strategies with ``held``)."""
+
     def keeps_leaves(self) -> bool:
         """Are multi-level leaf deltas kept, per middle row, for the commit
         (translated and locked there with the parent rows) rather than now?"""

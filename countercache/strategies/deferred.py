@@ -13,8 +13,13 @@ memory) do not include the transaction's own changes.
 
 from __future__ import annotations
 
-from .. import transactions
+from typing import TYPE_CHECKING
+
+from .. import memory, transactions
 from ._base import Strategy
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 class DeferredStrategy(Strategy):
@@ -37,6 +42,17 @@ class DeferredStrategy(Strategy):
             self.write(self.flush.connection_for)
             return
         self.hold()
+
+    @classmethod
+    def write_held(cls, session: Session) -> None:
+        """At the commit: the transaction's held deltas to the parent rows, tables in
+        lock order, and the parents in memory."""
+        merged = transactions.held_deltas(session, cls.held)  # type: ignore[arg-type]
+        for parent in sorted(merged, key=lambda p: p.lock_order):
+            connection = session.connection(bind_arguments={"mapper": parent.mapper})
+            results = parent.apply(connection, merged[parent])
+            if results:
+                memory.apply(session, parent, results)
 
     def hold(self) -> None:
         """Add what this flush found to the transaction's running sum, for the commit."""

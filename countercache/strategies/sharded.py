@@ -13,7 +13,13 @@ the exact value.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .. import transactions
 from .deferred import DeferredStrategy
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 class ShardedStrategy(DeferredStrategy):
@@ -21,6 +27,11 @@ class ShardedStrategy(DeferredStrategy):
     held = "sharded"
     uses_shard_table = True
     writes_rows = False  # (the side table's rows, never the parent's)
+
+    @classmethod
+    def write_held(cls, session: Session) -> None:
+        """At the commit: the held deltas to the side table (and deleted parents' rows out)."""
+        transactions.write_shards(session)
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the
