@@ -18,12 +18,7 @@ from sqlalchemy.orm import Session
 from helpers import assert_counts
 from models import qa
 
-pytestmark = pytest.mark.servers_only
-
-
-@pytest.fixture(params=["bulk", "per_row", "deferred"])
-def strategy(request):
-    return request.param
+pytestmark = [pytest.mark.servers_only, pytest.mark.slow]  # two sessions racing, with sleeps
 
 
 def prepare(engine, strategy):
