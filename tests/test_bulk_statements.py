@@ -12,19 +12,12 @@ from sqlalchemy.orm import Session
 
 import countercache
 from helpers import assert_counts, exact_value
-from models import qa
+from models import qa_seeded
 
 
-def prepare(engine, strategy, per_user=(3, 2, 0)):
-    m = qa(strategy)
-    m.Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        users = [m.User(name=f"u{i}") for i in range(len(per_user))]
-        for user, n in zip(users, per_user):
-            user.questions.extend(m.Question(title=f"q{j}") for j in range(n))
-        s.add_all(users)
-        s.commit()
-        return m, [u.id for u in users]
+def prepare(engine, strategy):
+    """Users a, b, c with 3, 2 and 0 questions (titled q0, q1, ...)."""
+    return qa_seeded(engine, strategy, (3, 2, 0))
 
 
 def loaded(s, m, ids):

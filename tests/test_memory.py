@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import countercache
 from countercache import CounterCacheError
 from helpers import assert_counts, exact_value
-from models import qa
+from models import qa_seeded
 
 
 def settle(s, strategy):
@@ -26,12 +26,8 @@ def settle(s, strategy):
 
 
 def setup(engine, strategy, **kw):
-    m = qa(strategy, **kw)
-    m.Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        s.add_all([m.User(name="a"), m.User(name="b")])
-        s.commit()
-    return m
+    """Two users without questions."""
+    return qa_seeded(engine, strategy, (0, 0), **kw)[0]
 
 
 def test_new_value_without_select_where_returning_exists(engine, strategy, statements, backend):

@@ -9,31 +9,19 @@ against the database.
 
 from __future__ import annotations
 
-import pytest
 
 import countercache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from helpers import assert_counts, exact_value
-from models import qa
+from models import qa, seed
 
 
 def setup(engine, strategy, **kw):
     m = qa(strategy, **kw)
     m.Base.metadata.create_all(engine)
     return m
-
-
-def seed(engine, m, per_user=(3, 2, 0)):
-    """Users with the given numbers of questions; returns their ids."""
-    with Session(engine) as s:
-        users = [m.User(name=f"u{i}") for i in range(len(per_user))]
-        for user, n in zip(users, per_user, strict=False):
-            user.questions.extend(m.Question(title=f"q{j}") for j in range(n))
-        s.add_all(users)
-        s.commit()
-        return [u.id for u in users]
 
 
 def deferred(m):

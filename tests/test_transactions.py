@@ -8,18 +8,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from helpers import assert_counts, exact_value
-from models import qa
+from models import qa_seeded
 
 
 def prepare(engine, strategy):
-    m = qa(strategy)
-    m.Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        users = [m.User(name=n) for n in "ab"]
-        users[0].questions.append(m.Question(title="first"))
-        s.add_all(users)
-        s.commit()
-        return m, [u.id for u in users]
+    """Users a, b with 1 and 0 questions."""
+    return qa_seeded(engine, strategy, (1, 0))
 
 
 def memory_equals_real(s, m, *users):
