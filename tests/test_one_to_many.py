@@ -9,7 +9,6 @@ against the database.
 
 from __future__ import annotations
 
-
 import countercache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
