@@ -12,7 +12,19 @@ Interface (see also tests/test_backends.py):
   fails (at teardown).
 * ``statements``: SQL recorder, ``with statements.record() as rec: ...``.
 * ``real_count``: ``real_count("SELECT count(*) FROM t WHERE x = :x", x=1)``.
-* markers: ``slow``, ``postgresql_only``, ``mariadb_only``.
+* ``strategy``: the strategy name, parametrized over
+  ``countercache.config.STRATEGIES`` (the library's own list; ids = the
+  names), so every suite that takes it runs ``sharded`` too.  A ``sharded``
+  column lags until ``countercache.fold()``: compare through
+  ``helpers.assert_counts`` (exact for every strategy), ``countercache.check``
+  or ``helpers.exact_value``.  A test that cannot apply to some strategy
+  narrows it with ``@pytest.mark.parametrize("strategy", [...])`` or skips
+  with a one-line reason.
+* markers: ``slow`` (the concurrency/stress tests), ``postgresql_only``,
+  ``mariadb_only``, ``servers_only``, ``sqlite_postgresql_only``.
+
+Fast tier: ``python3 tests/run.py -q -m "not slow" --backend sqlite`` (under a
+minute) leaves out the ``slow`` tests; the whole suite runs them.
 
 Unreachable servers: the test fails when env ``CI`` is ``true``, else skips.
 Server location: env ``COUNTERCACHE_PG_HOST``/``COUNTERCACHE_PG_PORT`` and
@@ -337,6 +349,18 @@ def _kill_other_sessions(engine: Engine) -> None:
 
 @pytest.fixture(params=ALL_BACKENDS, ids=ALL_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def _strategies() -> tuple[str, ...]:
+    from countercache.config import STRATEGIES
+
+    return STRATEGIES
+
+
+@pytest.fixture(params=_strategies(), ids=list(_strategies()))
+def strategy(request: pytest.FixtureRequest) -> str:
+    """Every strategy the library implements (``countercache.config.STRATEGIES``)."""
     return request.param
 
 

@@ -57,3 +57,25 @@ def qa(strategy: str | None = "bulk", *, cascade: str = "save-update, merge",
         )
 
     return SimpleNamespace(Base=Base, User=User, Question=Question, Tag=Tag, real=real)
+
+
+def seed(engine, m: SimpleNamespace, per_user=(3, 2, 0)) -> list[int]:
+    """Commit users ``u0, u1, ...`` of :func:`qa` models with ``per_user[i]``
+    questions ``q0, q1, ...`` each; return their ids, in order."""
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as s:
+        users = [m.User(name=f"u{i}") for i in range(len(per_user))]
+        for user, n in zip(users, per_user, strict=True):
+            user.questions.extend(m.Question(title=f"q{j}") for j in range(n))
+        s.add_all(users)
+        s.commit()
+        return [u.id for u in users]
+
+
+def qa_seeded(engine, strategy: str | None = "bulk", per_user=(3, 2, 0),
+              **kw) -> tuple[SimpleNamespace, list[int]]:
+    """:func:`qa` models (``kw`` passed on), their tables created, and :func:`seed`'s users: ``(m, ids)``."""
+    m = qa(strategy, **kw)
+    m.Base.metadata.create_all(engine)
+    return m, seed(engine, m, per_user)

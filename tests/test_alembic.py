@@ -385,6 +385,7 @@ def test_example_migrations(engine: sa.Engine) -> None:
 # -- a live table: writers running while the backfill migration runs -------------
 
 
+@pytest.mark.slow  # writer threads racing the migration
 def test_backfill_while_writers_run(env: Env, engine: sa.Engine) -> None:
     """The documented order: column (default 0), code, backfill, check.
 

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.sqlite_postgresql_only
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 
 
-@pytest.fixture(params=["bulk", "per_row", "deferred"])
-def strategy(request):
-    return request.param
-
-
 def run(engine, backend, body):
     url = engine.url.set(drivername=ASYNC_DRIVERS[backend])
 
@@ -35,6 +30,14 @@ def run(engine, backend, body):
     asyncio.run(main())
 
 
+async def counts(s, strategy, *users):
+    """The users' counters: in memory, with no IO; ``sharded`` (whose column
+    lags until a fold) through ``countercache.exact``."""
+    if strategy == "sharded":
+        return await s.run_sync(lambda sync: tuple(countercache.exact(sync, u, "question_count") for u in users))
+    return tuple(u.question_count for u in users)
+
+
 def test_add_delete_move_and_savepoint(engine, backend, strategy):
     m = qa(strategy, cascade="all, delete-orphan")
     m.Base.metadata.create_all(engine)
@@ -46,9 +49,9 @@ def test_add_delete_move_and_savepoint(engine, backend, strategy):
             s.add_all([a, b, m.Question(user=a), m.Question(user=a), m.Question(user=b)])
             await s.flush()
             if strategy != "deferred":
-                seen["after flush"] = (a.question_count, b.question_count)  # no IO needed
+                seen["after flush"] = await counts(s, strategy, a, b)  # no IO needed
             await s.commit()
-            seen["after commit"] = (a.question_count, b.question_count)
+            seen["after commit"] = await counts(s, strategy, a, b)
 
             questions = (await s.scalars(select(m.Question).where(m.Question.user_id == a.id))).all()
             questions[0].user = b
@@ -60,7 +63,7 @@ def test_add_delete_move_and_savepoint(engine, backend, strategy):
             await s.commit()
             await s.refresh(a)
             await s.refresh(b)
-            seen["end"] = (a.question_count, b.question_count)
+            seen["end"] = await counts(s, strategy, a, b)
 
     run(engine, backend, body)
     if strategy != "deferred":

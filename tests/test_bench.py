@@ -33,6 +33,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
+@pytest.mark.slow  # the whole benchmark, every contender
 def test_every_workload_and_contender_on_sqlite_without_drift(tmp_path):
     url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
     done = countercache("bench", "--url", url, *TINY, "--json")
@@ -89,6 +90,7 @@ def test_noise_is_the_median_absolute_deviation_and_judges_closeness():
     assert not Target("t", 1.12, 1.10, False).within_noise
 
 
+@pytest.mark.slow  # runs the benchmark, plots with matplotlib
 def test_table_and_plot(tmp_path):
     try:
         import matplotlib  # noqa: F401
@@ -157,6 +159,7 @@ def test_bench_outside_a_source_checkout_is_one_line_exit_2(monkeypatch, tmp_pat
     assert len(err) == 1 and err[0].startswith("countercache: error:") and "bench" in err[0]
 
 
+@pytest.mark.slow  # concurrent writers on one hot parent
 def test_hot_on_sqlite_without_drift(tmp_path):
     url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
     done = countercache(

@@ -16,25 +16,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from helpers import assert_counts
-from models import qa
+from models import qa_seeded
 
-pytestmark = pytest.mark.servers_only
-
-
-@pytest.fixture(params=["bulk", "per_row", "deferred"])
-def strategy(request):
-    return request.param
+pytestmark = [pytest.mark.servers_only, pytest.mark.slow]  # two sessions racing, with sleeps
 
 
 def prepare(engine, strategy):
-    m = qa(strategy)
-    m.Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        users = [m.User(name=n) for n in "abc"]
-        users[0].questions.extend([m.Question(), m.Question()])
-        s.add_all(users)
-        s.commit()
-        return m, [u.id for u in users]
+    """Users a, b, c with 2, 0 and 0 questions."""
+    return qa_seeded(engine, strategy, (2, 0, 0))
 
 
 def race(first, second):

@@ -54,6 +54,7 @@ def _sphinx_build(builder: str, out: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a full Sphinx build
 def test_html_builds_without_warnings(sphinx: None, tmp_path: Path) -> None:
     done = _sphinx_build("html", tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -89,6 +90,7 @@ def test_every_example_is_shown() -> None:
             assert f"examples/{out.name}" in pages, f"{out.name} is on no page"
 
 
+@pytest.mark.slow  # every example in a subprocess
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_example_runs(script: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COUNTERCACHE_")}

@@ -11,6 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, 
 
 import countercache
 from countercache import CounterCacheError, counter_cache
+from helpers import fold
 from kinds_models import shop
 from models import qa
 
@@ -64,7 +65,6 @@ def test_subclass_rows_count_once_with_counters_on_base_and_subclass(engine):
         assert conn.execute(text("SELECT item_count, special_count FROM boxes")).one() == (2, 1)
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
 def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
     """The locking read joins the base and subclass tables (a cross product
     read one arbitrary row per key, and counted every pair when grouped)."""
@@ -92,6 +92,7 @@ def test_joined_subclass_with_counted_keys_in_both_tables(engine, strategy):
         s.delete(specials[2])
         s.delete(specials[3])
         s.commit()
+    fold(engine)  # sharded: pending deltas into the columns (a no-op otherwise)
     with engine.connect() as conn:
         rows = truth(conn)
     assert [(r[1], r[3]) for r in rows] == [(r[2], r[4]) for r in rows]
@@ -189,7 +190,6 @@ def test_uninstall_then_a_new_declaration_restores_every_counter(engine):
             user.question_count = 5
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
 def test_assigning_a_stale_loaded_value_again_moves_nothing(engine, strategy):
     """q is loaded at ada; another session moves it to bob; q.user_id = ada
     (its loaded value) is no net change for the ORM, so no UPDATE runs: the
@@ -216,7 +216,6 @@ def test_assigning_a_stale_loaded_value_again_moves_nothing(engine, strategy):
     assert assert_counts(engine) == {ada_id: 0, bob_id: 1}
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
 def test_values_an_update_computes_itself_count_as_written(engine, strategy):
     """``onupdate`` sets a counted column in the UPDATE: the new value is the flush's, not the pre-read's."""
     from helpers import assert_counts
@@ -244,11 +243,11 @@ def test_values_an_update_computes_itself_count_as_written(engine, strategy):
         s.commit()
         s.get(K, 1).p_id = 2
         s.commit()
+    fold(engine)  # sharded: pending deltas into the columns (a no-op otherwise)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, fresh, revs FROM p ORDER BY id")).all() == [(1, 0, 0), (2, 0, 5)]
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
 def test_multi_level_with_a_cycle_between_middle_and_leaf(engine, strategy):
     """Question.accepted_answer_id -> answers makes SQLAlchemy order the flush row by
     row: an answer of a moving question may be inserted before the question's UPDATE."""
@@ -293,13 +292,13 @@ def test_multi_level_with_a_cycle_between_middle_and_leaf(engine, strategy):
                 q.user_id = 2 if q.user_id == 1 else 1
                 s.add(Answer(question_id=q.id))
             s.commit()
+            fold(engine)  # sharded: pending deltas into the columns (a no-op otherwise)
             with engine.connect() as conn:
                 rows = conn.execute(real).all()
             assert all(r[1] == r[2] for r in rows), (round_, rows)
     Base.metadata.drop_all(engine)
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
 def test_child_moved_to_a_parent_inserted_by_a_flush_ordered_row_by_row(engine, strategy):
     """Question.accepted_answer_id -> answers makes the flush run row by row. An
     answer edited early reads the class's rows; a moved answer's foreign key is
@@ -339,6 +338,7 @@ def test_child_moved_to_a_parent_inserted_by_a_flush_ordered_row_by_row(engine, 
             answers[1 + round_].question = new  # its foreign key is set by the flush, later
             s.add(new)
             s.commit()
+            fold(engine)  # sharded: pending deltas into the columns (a no-op otherwise)
             with engine.connect() as conn:
                 rows = conn.execute(real).all()
             assert all(r[1] == r[2] for r in rows), (round_, rows)

@@ -24,13 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, 
 import countercache
 from countercache import counter_cache
 
-STRATEGIES = ["bulk", "per_row", "deferred", "sharded"]
 SYNC = [False, "evaluate", "fetch", "auto"]
-
-
-@pytest.fixture(params=STRATEGIES)
-def strategy(request):
-    return request.param
 
 
 def models(strategy: str | None) -> SimpleNamespace:

@@ -1,4 +1,9 @@
-"""Parents in memory (SPEC §5): fresh after the flush, never dirty, never assigned."""
+"""Parents in memory (SPEC §5): fresh after the flush, never dirty, never assigned.
+
+A ``sharded`` column is only moved by ``countercache.fold()``: its value in
+memory lags by design, so these tests read it through ``countercache.exact``
+(``helpers.exact_value``) and check the lag itself where it matters.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +13,21 @@ from sqlalchemy.orm import Session
 
 import countercache
 from countercache import CounterCacheError
-from helpers import assert_counts
-from models import qa
-
-STRATEGIES = ["bulk", "per_row", "deferred"]
-
-
-@pytest.fixture(params=STRATEGIES)
-def strategy(request):
-    return request.param
+from helpers import assert_counts, exact_value
+from models import qa_seeded
 
 
 def settle(s, strategy):
-    """Flush, or commit for ``deferred`` (whose counters move at commit)."""
-    if strategy == "deferred":
+    """Flush, or commit for ``deferred`` and ``sharded`` (whose counters move at commit)."""
+    if strategy in ("deferred", "sharded"):
         s.commit()
     else:
         s.flush()
 
 
 def setup(engine, strategy, **kw):
-    m = qa(strategy, **kw)
-    m.Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        s.add_all([m.User(name="a"), m.User(name="b")])
-        s.commit()
-    return m
+    """Two users without questions."""
+    return qa_seeded(engine, strategy, (0, 0), **kw)[0]
 
 
 def test_new_value_without_select_where_returning_exists(engine, strategy, statements, backend):
@@ -46,11 +40,15 @@ def test_new_value_without_select_where_returning_exists(engine, strategy, state
         settle(s, strategy)
         with statements.record() as rec:
             values = (a.question_count, b.question_count)
-        assert values == (2, 1)
-        if backend == "mariadb":  # no UPDATE ... RETURNING: expired, read back on access
-            assert len(rec) >= 1
+        if strategy == "sharded":  # the column lags until a fold; nothing to read back
+            assert values == (0, 0) and len(rec) == 0, rec.sql()
+            assert (exact_value(s, a), exact_value(s, b)) == (2, 1)
         else:
-            assert len(rec) == 0, rec.sql()
+            assert values == (2, 1)
+            if backend == "mariadb":  # no UPDATE ... RETURNING: expired, read back on access
+                assert len(rec) >= 1
+            else:
+                assert len(rec) == 0, rec.sql()
         s.commit()
 
 
@@ -62,7 +60,7 @@ def test_counter_never_makes_parent_dirty(engine, strategy):
         settle(s, strategy)
         assert a not in s.dirty
         assert not s.is_modified(a)
-        assert a.question_count == 1
+        assert exact_value(s, a) == 1
         assert a not in s.dirty
         s.commit()
 
@@ -74,7 +72,7 @@ def test_version_id_not_bumped(engine, strategy):
         version = a.version_id
         a.questions.append(m.Question())
         s.commit()
-        assert a.question_count == 1
+        assert exact_value(s, a) == 1
         assert a.version_id == version
         a.name = "renamed"  # the user's own change still versions, and does not conflict
         s.commit()
@@ -102,7 +100,7 @@ def test_merge_of_loaded_parent_is_not_assignment(engine, strategy):
         s.add(m.Question(user_id=detached.id))
         s.commit()
         merged = s.merge(detached)
-        assert merged.question_count == 1
+        assert exact_value(s, merged) == 1
         s.commit()
     assert_counts(engine)
 
@@ -116,5 +114,5 @@ def test_suspended_flush_is_never_counted(engine, strategy):
             s.flush()
         s.add(m.Question(user=a))
         s.commit()
-        assert a.question_count == 1
+        assert exact_value(s, a) == 1
         assert m.real(s, a.id) == 3

@@ -24,7 +24,6 @@ PARENTS = 3
 parent_index = st.one_of(st.none(), st.integers(0, PARENTS - 1))
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred", "sharded"])
 def test_random_sequences_match_model(engine, backend, strategy):
     if backend == "sqlite":
         # savepoints need real transactions on pysqlite (released savepoints

@@ -103,6 +103,7 @@ def test_bad_arguments_name_the_problem(engine):
 
 
 @pytest.mark.postgresql_only
+@pytest.mark.slow  # stress: 200,000 parents
 def test_reconcile_200k_parents_in_bounded_memory(engine):
     """200,000 parents: batches keep Python's memory small whatever the table size."""
     import time

@@ -685,3 +685,29 @@ def test_fold_without_delete_returning_deletes_only_what_it_read(engine, monkeyp
     assert countercache.fold(engine) == 1
     assert shard_rows(engine) == []
     assert assert_counts(engine) == {1: 3}
+
+
+def test_fold_is_a_no_op_unless_sharded_and_assert_counts_exact_for_every_strategy(engine, strategy, statements):
+    """``helpers.assert_counts`` folds for every strategy: without a sharded
+    counter ``fold()`` finds no side table and emits no statement; with one it
+    checks the column plus the pending deltas, then folds."""
+    from helpers import pending_deltas
+
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        a, b = m.User(name="a"), m.User(name="b")
+        s.add_all([a, b, m.Question(user=a), m.Question(user=a), m.Question(user=b)])
+        s.commit()
+        ids = (a.id, b.id)
+    pending = pending_deltas(engine, "users", "question_count")
+    if strategy == "sharded":
+        assert pending == {str(ids[0]): 2, str(ids[1]): 1}
+    else:
+        assert pending == {}
+        with statements.record() as rec:
+            assert countercache.fold(engine) == 0
+        assert rec.sql() == []
+    assert assert_counts(engine) == {ids[0]: 2, ids[1]: 1}
+    assert pending_deltas(engine, "users", "question_count") == {}
+    assert countercache.check(engine) == []
