@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 import countercache
 from countercache import counter_cache
 
-pytestmark = pytest.mark.servers_only
+pytestmark = [pytest.mark.servers_only, pytest.mark.slow]
 
 THREADS = 6
 TXNS = 8
