@@ -43,7 +43,8 @@ __all__ = [
     "NEVER_SET", "NO_VALUE", "PASSIVE_NO_INITIALIZE", "EvaluatorCompiler", "InternalTraversal",
     "FOR_UPDATE_ARG", "calling_frame", "statement_values", "multi_values", "has_post_values_clause",
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
-    "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL",
+    "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
+    "drop_events_flag",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -165,3 +166,26 @@ class OnlyInSQL(ColumnElement[bool]):
 @compiles(OnlyInSQL)
 def _render_only_in_sql(element: OnlyInSQL, compiler: Any, **kw: Any) -> str:
     return compiler.process(element.clause, **kw)
+
+
+#: The connection events (``ConnectionEvents``) a listener can be registered for.
+_CONNECTION_EVENTS = ("before_execute", "after_execute", "before_cursor_execute", "after_cursor_execute",
+                      "begin", "commit", "rollback", "savepoint", "rollback_savepoint", "release_savepoint",
+                      "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase",
+                      "set_connection_execution_options", "engine_connect", "engine_disposed",
+                      "set_engine_execution_options")
+
+
+def has_own_events(connection: Any) -> bool:
+    """``Connection._has_events``: does SQLAlchemy dispatch events for this
+    connection's statements (set once a listener is added to it)?"""
+    return bool(connection._has_events)
+
+
+def drop_events_flag(connection: Any) -> None:
+    """After its last listener is removed, let the connection's statements
+    skip event dispatch again (``_has_events`` stays set otherwise), unless
+    some listener is still there."""
+    dispatch = connection.dispatch
+    if not any(getattr(dispatch, name, None) for name in _CONNECTION_EVENTS):
+        connection._has_events = False

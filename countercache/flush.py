@@ -13,9 +13,11 @@ import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
+from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
 from . import many_to_many, memory, through, transactions
+from ._compat import drop_events_flag, has_own_events
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
@@ -40,7 +42,7 @@ Plan = tuple["CounterCache", Any, tuple[str, ...], bool]
 class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
-    __slots__ = ("session", "uow", "old", "unread", "strategies", "results", "plans", "saved", "sinks",
+    __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -53,6 +55,8 @@ class FlushState:
         #: child infos with rows this flush updates that the pre-read has not
         #: seen yet: read right before the next UPDATE statement (preread._before_write)
         self.unread: set[_Child] = set()
+        #: connection -> (listener, whether it had listeners before): see watch()
+        self.watching: dict[Connection, tuple[Any, bool]] = {}
         #: strategy name -> strategy instance for this flush (created on first use)
         self.strategies: dict[str, Any] = {}
         #: (parent table, results) to show on in-memory parents after the flush
@@ -149,6 +153,10 @@ class FlushState:
 
     def write(self) -> None:
         """Let every strategy write what it holds for now (``after_flush``)."""
+        if self.watching:  # every statement of the flush has run: no read is due any more
+            for connection in self.watching:
+                _awaiting.pop(connection, None)
+            release_watched(self)
         self.translate()
         many_to_many.collect(self)
         for strategy in self.strategies.values():
@@ -224,6 +232,34 @@ _locked: weakref.WeakKeyDictionary[Session, weakref.WeakSet[Any]] = weakref.Weak
 
 #: Session.hash_key (= InstanceState.session_id) -> the flush under way.
 _flushes: dict[int, FlushState] = {}
+
+#: Connections with a flush whose pre-read is due before its next DML
+#: statement (``preread._before_write``).
+_awaiting: weakref.WeakKeyDictionary[Connection, FlushState] = weakref.WeakKeyDictionary()
+
+
+def watch(fs: FlushState, connection: Connection, listener: Any) -> None:
+    """Call ``listener`` before the connection's next statements (``before_execute``),
+    until ``release_watched(fs)``."""
+    if connection not in fs.watching:
+        fs.watching[connection] = (listener, has_own_events(connection))
+        event.listen(connection, "before_execute", listener)
+
+
+def release_watched(fs: FlushState) -> None:
+    """Remove the flush's listener from its connections whose pre-read is done.
+
+    Outside the dispatch that runs the listener (removing it there breaks the
+    dispatch's iteration), and as soon as possible: a listener on a
+    connection makes SQLAlchemy dispatch events for each of its statements
+    (``per_row`` runs one per row). Only this flush's own connections: others
+    may be in the middle of a dispatch in another thread."""
+    for connection in [c for c in fs.watching if c not in _awaiting]:
+        listener, had_events = fs.watching.pop(connection)
+        if event.contains(connection, "before_execute", listener):
+            event.remove(connection, "before_execute", listener)
+        if not had_events:
+            drop_events_flag(connection)
 _suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
 
 
@@ -273,7 +309,11 @@ def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
 
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     # A flush that failed never reached after_flush_postexec: forget it.
-    _flushes.pop(session.hash_key, None)
+    fs = _flushes.pop(session.hash_key, None)
+    if fs is not None and fs.watching:
+        for connection in fs.watching:
+            _awaiting.pop(connection, None)
+        release_watched(fs)
     _locked.pop(session, None)
 
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import event
-
 from . import through
 from ._compat import FOR_UPDATE_ARG, NO_VALUE
 from .children import _child_for
-from .flush import _GONE, _flushes, _locked
+from .flush import _GONE, _awaiting, _flushes, _locked, watch
 from .locking import _begin_sqlite_write, count_deleted, read_foreign_keys
 from .tracking import _add_removed
 
@@ -53,23 +51,11 @@ def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     if child is not None:
         fs.unread.add(child)
         _awaiting[connection] = fs
-        if connection not in _watched:
-            _watched.add(connection)
-            event.listen(connection, "before_execute", _before_statement)
-
-
-#: Connections with a flush whose pre-read is due before its next DML statement.
-_awaiting: weakref.WeakKeyDictionary[Connection, FlushState] = weakref.WeakKeyDictionary()
-#: Connections carrying the _before_statement listener (it goes with the connection).
-_watched: weakref.WeakSet[Connection] = weakref.WeakSet()
+        watch(fs, connection, _before_statement)
 
 
 def forget_watched() -> None:
-    """Remove the listener from every connection that carries it (``uninstall()``)."""
-    for connection in list(_watched):
-        if event.contains(connection, "before_execute", _before_statement):
-            event.remove(connection, "before_execute", _before_statement)
-    _watched.clear()
+    """Forget the pre-reads due (``uninstall()``: flushes under way end without them)."""
     _awaiting.clear()
 
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import through
 from .children import _child_for, _key
-from .flush import _GONE, FlushState, _flushes, _suspended
+from .flush import _GONE, FlushState, _flushes, _suspended, release_watched
 from .locking import read_foreign_keys
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
     pairs, per_row = fs.plan(child)
     _add_row(pairs, old, new)
     if per_row:
+        if fs.watching:  # (a statement per row follows: not through a listener done with)
+            release_watched(fs)
         if fs.sinks:
             fs.translate(lambda mapper: connection)
         for strategy in per_row:

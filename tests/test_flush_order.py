@@ -22,7 +22,7 @@ from sqlalchemy import ForeignKey, String, delete, event, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
-from countercache import counter_cache
+from countercache import counter_cache, preread
 
 SYNC = [False, "evaluate", "fetch", "auto"]
 
@@ -210,3 +210,21 @@ def test_application_listener_setting_counted_columns_within_one_row_only(engine
         s.get(m.Question, 1).title = "x"  # a change of a column no counter reads: the listener moves it
         s.commit()
     assert assert_exact(engine, strategy) == {1: (1, 1, 1), 2: (3, 3, 3)}
+
+
+def test_the_flush_leaves_no_listener_on_its_connection(engine, strategy):
+    """The pre-read's statement listener goes with the read: later statements
+    on the connection (a per_row UPDATE per row, the application's own) are
+    not dispatched through it."""
+    m = models(strategy)
+    seed(engine, m)
+    with Session(engine) as s:
+        connection = s.connection()
+        had_events = connection._has_events
+        for i in (1, 2, 3):
+            s.get(m.Question, i).user_id = 2
+        s.flush()
+        assert not event.contains(connection, "before_execute", preread._before_statement)
+        assert connection._has_events == had_events
+        s.commit()
+    assert_exact(engine, strategy)
