@@ -32,7 +32,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement
 from . import through, tracking
 from ._compat import OnlyInSQL, autoflush, has_post_values_clause, multi_values, statement_values
 from .children import _child_for
-from .flush import forget_locked, is_suspended
+from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
 from .errors import CounterCacheError
 
@@ -136,8 +136,21 @@ def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str,
     return row
 
 
+def _translate_kept(session: Any, mapper: Mapper[Any], child: Any) -> None:
+    """A statement about to move or delete middle rows of multi-level counters:
+    the leaf deltas the transaction keeps for its commit (``deferred`` /
+    ``sharded``, per middle row) are translated first, under the owners the
+    rows have now; the statement's own count of their leaves then moves them
+    along (or takes them out) like any other."""
+    if child.views:
+        fs = FlushState(session, None)
+        fs.translate(middles=mapper)
+        fs.finish()
+
+
 def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
     session = state.session
+    _translate_kept(session, mapper, child)
     connection = session.connection(bind_arguments={"mapper": mapper})
     found = read_foreign_keys(
         connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
@@ -197,6 +210,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
         return None
     pk_keys = [mapper.get_property_by_column(c).key for c in child_primary_key(child)]
     keys = [tuple(p.get(k) for k in pk_keys) for p in params]
+    _translate_kept(state.session, mapper, child)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     locked = _with_leaves(connection, child, read_foreign_keys(
         connection, child, keys, lock="update" if deleting else "no key update"))

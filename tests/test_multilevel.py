@@ -170,6 +170,34 @@ def test_check_and_reconcile_join_through_the_middle(engine, m):
     assert assert_exact(engine, m.strategy) == {1: (0, 0, 0), 2: (2, 0, 2)}
 
 
+@pytest.mark.parametrize("how", ["update", "update_by_pk", "delete"])
+def test_bulk_statement_on_middle_rows_after_leaf_changes_of_the_transaction(engine, m, how):
+    """deferred / sharded keep a transaction's leaf deltas per question until
+    the commit: an ORM bulk statement that then moves or deletes the question
+    translates them first, under the user the question has until then."""
+    A, Q, U = m.Answer, m.Question, m.User
+    with Session(engine) as s:
+        s.add_all([U(id=1), U(id=2), Q(id=10, user_id=1, answers=[A(id=100), A(id=101, accepted=True)]),
+                   Q(id=20, user_id=2)])
+        s.commit()
+    with Session(engine) as s:
+        s.get(A, 100).question_id = 20
+        s.add(A(id=102, question_id=10, score=4))
+        s.flush()
+        if how == "update":
+            s.execute(update(Q).where(Q.id == 10).values(user_id=2))
+        elif how == "update_by_pk":
+            s.execute(update(Q), [{"id": 10, "user_id": 2}])
+        else:
+            s.get(A, 101).question_id = 20
+            s.get(A, 102).question_id = 20
+            s.flush()
+            s.execute(delete(Q).where(Q.id == 10))
+        s.commit()
+    expected = {1: (0, 0, 0), 2: (3, 1, 6)}
+    assert assert_exact(engine, m.strategy) == expected
+
+
 # -- concurrency ------------------------------------------------------------------
 
 
