@@ -129,6 +129,7 @@ class FlushState:
         for sink in self.sinks.values():
             if sink.pending:
                 if middles is None and sink.strategy.keeps_leaves():
+                    sink.canonical()
                     transactions.keep_leaves(self.session, sink.strategy.held, sink.pending)
                     sink.pending = {}
                 else:

@@ -30,7 +30,7 @@ from sqlalchemy import and_, select
 
 from .children import _child_for, _key
 from .locking import chunk_size, read_foreign_keys
-from .writer import ParentTable, lock_order
+from .writer import ParentTable, canonical_key, key_converters, lock_order
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -104,6 +104,17 @@ class Sink:
         by_key = self.pending.setdefault(counter, {})
         by_key[key] = by_key.get(key, 0) + delta
 
+    def canonical(self) -> None:
+        """Middle keys as the database stores them (``"3"`` -> ``3``), equal ones summed."""
+        for counter, by_key in list(self.pending.items()):
+            converters = key_converters(counter.kind.middle_mapper.primary_key)
+            if converters is not None:
+                merged: dict[tuple[Any, ...], Any] = {}
+                for key, delta in by_key.items():
+                    key = canonical_key(converters, key)
+                    merged[key] = merged.get(key, 0) + delta
+                self.pending[counter] = merged
+
     def translate(self, connection_for: Any, will_write: Any = None) -> None:
         """Hand the held deltas to the strategy, keyed by parent (middle rows read and locked).
 
@@ -114,6 +125,7 @@ class Sink:
         same row: a shared lock now would have to be upgraded then, and two
         writers doing so deadlock), else shared.
         """
+        self.canonical()
         pending, self.pending = self.pending, {}
         # one read per middle class, whatever the number of its counters; every
         # middle row whose leaves changed is locked, also where the deltas

@@ -51,6 +51,7 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,28 @@ FEW = 4
 
 #: mapper -> ParentTable.of_mapper(mapper), until the next counter is added
 _of_mapper: weakref.WeakKeyDictionary[Any, list[ParentTable]] = weakref.WeakKeyDictionary()
+
+
+def key_converters(columns: Any) -> tuple[Any, ...] | None:
+    """Per key column, ``(python type, conversion)`` where a value given as
+    another type (a string from a web form for an integer or UUID key) is
+    stored by the database as that type; None when no column needs one."""
+    found = []
+    for col in columns:
+        try:
+            python_type = col.type.python_type
+        except NotImplementedError:  # (a TypeDecorator without one, say)
+            python_type = None
+        found.append((python_type, python_type) if python_type in (int, uuid.UUID) else None)
+    return tuple(found) if any(found) else None
+
+
+def canonical_key(converters: tuple[Any, ...], key: Key) -> Key:
+    """The key as the database will store it (``"3"`` -> ``3`` for an integer key)."""
+    if all(c is None or type(v) is c[0] or v is None for c, v in zip(converters, key)):
+        return key
+    return tuple(v if c is None or v is None or type(v) is c[0] else c[1](v if c[0] is int else str(v))
+                 for c, v in zip(converters, key))
 
 
 def lock_order(table: Table) -> tuple[int, str]:
@@ -141,6 +164,26 @@ class ParentTable(StatementForms):
 
     def new_vector(self) -> list[int]:
         return [0] * len(self.counters)
+
+    def canonical(self, deltas: Deltas) -> Deltas:
+        """``deltas`` keyed as the database stores the keys: keys given as another
+        type (``"3"`` for an integer key, as a web form sends it) converted, and
+        the deltas of keys that are then equal summed. Sorting, grouping, the
+        identity map and the UPDATE all see one key per row."""
+        converters = self.__dict__.get("_converters", False)
+        if converters is False:
+            converters = self.__dict__["_converters"] = key_converters(self.pk_cols)
+        if converters is None:
+            return deltas
+        found: Deltas = {}
+        for key, vector in deltas.items():
+            key = canonical_key(converters, key)
+            mine = found.get(key)
+            if mine is None:
+                found[key] = vector
+            else:
+                found[key] = [a + b for a, b in zip(mine, vector)]
+        return found
 
     @property
     def lock_order(self) -> tuple[int, str]:

@@ -56,5 +56,6 @@ class DeferredStrategy(Strategy):
 
     def hold(self) -> None:
         """Add what this flush found to the transaction's running sum, for the commit."""
-        transactions.hold(self.flush.session, self.held, self.pending)  # type: ignore[arg-type]
+        transactions.hold(self.flush.session, self.held,  # type: ignore[arg-type]
+                          {parent: parent.canonical(deltas) for parent, deltas in self.pending.items()})
         self.pending = {}
