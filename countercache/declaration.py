@@ -80,6 +80,11 @@ class CounterCache:
         #: (configuration generation, strategy, shards) as resolved for that generation
         self._resolved: tuple[int, str, int] = (-1, "", 0)
 
+    def copy(self) -> CounterCache:
+        """The same declaration, not bound to any class yet (for another class's copy of the column)."""
+        return CounterCache(self.relationship, self.declared_strategy, self._where_arg, self._sum_arg,
+                            self.declared_shards)
+
     @property
     def name(self) -> str:
         """``"User.question_count"``: how configuration and errors name it."""
@@ -123,7 +128,7 @@ class CounterCache:
         path = self.relationship.split(".")
         if len(path) > 2:
             raise ConfigurationError(
-                f"{self.name}: {self.relationship!r} goes through {len(path) - 1} relationships; "
+                f"{self.name}: {self.relationship!r} goes through {len(path)} relationships; "
                 "a counter goes through at most two (\"middles.children\", unsupported construct)"
             )
         prop = self._relationship_property(mapper, path[0])

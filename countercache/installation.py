@@ -106,7 +106,14 @@ def _after_mapper_constructed(mapper: Mapper[Any], class_: type) -> None:
     found = False
     for column in mapper.columns:
         definition = column.info.get("countercache")
-        if isinstance(definition, CounterCache) and definition.cls is None:
+        if not isinstance(definition, CounterCache):
+            continue
+        if definition.cls is not None and definition.column is not column:
+            # a copy of the column for another class (a mixin's or an
+            # __abstract__ base's column, copied into each mapped class): the
+            # counter is that class's own
+            definition = column.info["countercache"] = definition.copy()
+        if definition.cls is None:
             definition._bind(mapper, column)
             if definition.declared_strategy is not None \
                     and STRATEGY_CLASSES[definition.declared_strategy].uses_shard_table:

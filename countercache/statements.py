@@ -187,8 +187,8 @@ class StatementForms:
 
         def build_lock() -> Any:
             return text(
-                f"SELECT 1 FROM {t} JOIN {keys_unnest} AS v({', '.join(f'k{j}' for j in range(len(pk)))}) ON "
-                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
+                f"SELECT 1 FROM {t} JOIN {keys_unnest} AS countercache_v({', '.join(f'k{j}' for j in range(len(pk)))}) ON "
+                + " AND ".join(f"{t}.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
                 + " ORDER BY " + ", ".join(f"{t}.{c}" for c in pk)
                 + f" FOR NO KEY UPDATE OF {t}"
             )
@@ -201,12 +201,12 @@ class StatementForms:
             ]
             v_cols = [f"k{j}" for j in range(len(pk))] + [f"d{i}" for i in slots]
             return text(
-                f"UPDATE {t} AS p SET "
-                + self._set_list(connection, slots, lambda i: f"v.d{i}", prefix="p.")
-                + f" FROM unnest({', '.join(arrays)}) AS v({', '.join(v_cols)}) WHERE "
-                + " AND ".join(f"p.{c} = v.k{j}" for j, c in enumerate(pk))
+                f"UPDATE {t} AS countercache_p SET "
+                + self._set_list(connection, slots, lambda i: f"countercache_v.d{i}", prefix="countercache_p.")
+                + f" FROM unnest({', '.join(arrays)}) AS countercache_v({', '.join(v_cols)}) WHERE "
+                + " AND ".join(f"countercache_p.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
                 + " RETURNING "
-                + self._returning_list(connection, slots, prefix="p.")
+                + self._returning_list(connection, slots, prefix="countercache_p.")
             )
 
         lock = self._cached(connection, "pg-lock", (), build_lock)
@@ -228,9 +228,9 @@ class StatementForms:
             cols += [f"json_extract(value, '$[{n + m}]') AS d{i}" for m, i in enumerate(slots)]
             sql = (
                 f"UPDATE {t} SET "
-                + self._set_list(connection, slots, lambda i: f"v.d{i}", prefix=f"{t}.")
-                + f" FROM (SELECT {', '.join(cols)} FROM json_each(:rows)) AS v WHERE "
-                + " AND ".join(f"{t}.{c} = v.k{j}" for j, c in enumerate(pk))
+                + self._set_list(connection, slots, lambda i: f"countercache_v.d{i}", prefix=f"{t}.")
+                + f" FROM (SELECT {', '.join(cols)} FROM json_each(:rows)) AS countercache_v WHERE "
+                + " AND ".join(f"{t}.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
                 + " RETURNING "
                 + self._returning_list(connection, slots)
             )

@@ -1,0 +1,147 @@
+"""Models written the way applications write them (issue 15).
+
+A counter declared on a mixin or on an ``__abstract__`` base belongs to each
+mapped class that inherits it (each gets its own copy of the column): every
+one of them is counted, not only the first (the others kept 0 silently).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+from sqlalchemy import ForeignKey, String, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
+
+import countercache
+from countercache import counter_cache
+
+
+def models(strategy: str) -> SimpleNamespace:
+    class Base(DeclarativeBase):
+        pass
+
+    class Counted:  # a mixin
+        item_count: Mapped[int] = counter_cache("items", strategy=strategy)
+
+    class Owner(Base):  # an abstract base
+        __abstract__ = True
+        open_count: Mapped[int] = counter_cache("items", strategy=strategy, where=lambda: Item.open.is_(True))
+
+    class Shelf(Counted, Owner):
+        __tablename__ = "shelves"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list["Item"]] = relationship(foreign_keys="Item.shelf_id")
+
+    class Box(Counted, Owner):
+        __tablename__ = "boxes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list["Item"]] = relationship(foreign_keys="Item.box_id")
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        open: Mapped[bool] = mapped_column(default=True)
+        shelf_id: Mapped[Optional[int]] = mapped_column(ForeignKey("shelves.id"))
+        box_id: Mapped[Optional[int]] = mapped_column(ForeignKey("boxes.id"))
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    return SimpleNamespace(Base=Base, Shelf=Shelf, Box=Box, Item=Item)
+
+
+def test_counters_of_mixins_and_abstract_bases_count_in_every_class(engine, strategy):
+    m = models(strategy)
+    m.Base.metadata.create_all(engine)
+    assert {countercache.configured_strategy(c) for c in
+            (m.Shelf.item_count, m.Box.item_count, m.Shelf.open_count, m.Box.open_count)} == {strategy}
+    with Session(engine) as s:
+        s.add_all([m.Shelf(id=1), m.Box(id=1), m.Box(id=2)])
+        s.flush()
+        s.add_all([m.Item(id=1, shelf_id=1), m.Item(id=2, box_id=1), m.Item(id=3, box_id=1, open=False),
+                   m.Item(id=4, box_id=2), m.Item(id=5, shelf_id=1, box_id=2)])
+        s.commit()
+        s.delete(s.get(m.Item, 4))
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        for table, fk in (("shelves", "shelf_id"), ("boxes", "box_id")):
+            rows = conn.execute(text(
+                f"SELECT p.id, p.item_count, p.open_count, (SELECT count(*) FROM items i WHERE i.{fk} = p.id), "
+                f"(SELECT count(*) FROM items i WHERE i.{fk} = p.id AND i.open = :t) FROM {table} p ORDER BY p.id"
+            ), {"t": True}).all()
+            assert all(r[1] == r[3] and r[2] == r[4] for r in rows), rows
+    assert [tuple(r) for r in rows] == [(1, 2, 1, 2, 1), (2, 1, 1, 1, 1)]
+
+
+def test_tables_named_like_the_generated_aliases(engine, strategy):
+    """Generated SQL must not collide with user names: a parent table ``v`` and
+    a child table ``p``, several parents per flush (the multi-row UPDATE)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class V(Base):
+        __tablename__ = "v"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        ps: Mapped[list["P"]] = relationship()
+        n: Mapped[int] = counter_cache("ps", strategy=strategy)
+
+    class P(Base):
+        __tablename__ = "p"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        v_id: Mapped[Optional[int]] = mapped_column(ForeignKey("v.id"))
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([V(id=i) for i in range(1, 6)])
+        s.flush()
+        s.add_all([P(v_id=1 + i % 5) for i in range(12)])
+        s.commit()
+        for p in s.scalars(select(P).where(P.v_id.in_([1, 3]))).all():
+            p.v_id = 2 if p.v_id == 1 else 4
+        s.commit()
+    assert countercache.check(engine) == []
+
+
+
+def _declare(path: str = "children", where_of=None, **counter_kwargs):
+    """A Parent counting its Children, declared with these arguments (``where_of(Child)``: where=)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    if where_of is not None:
+        counter_kwargs["where"] = lambda: where_of(Child)
+
+    class Parent(Base):
+        __tablename__ = "parents"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        children: Mapped[list["Child"]] = relationship()
+        n: Mapped[int] = counter_cache(path, **counter_kwargs)
+
+    class Child(Base):
+        __tablename__ = "children"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20), default="")
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("parents.id"))
+
+    return Parent, Child
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"path": "children.a.b"}, "Parent.n: 'children.a.b' goes through 3 relationships; a counter goes through at most two"),
+    ({"sum": "name"}, "Parent.n: sum= must be a number, not String(length=20) (children.name)"),
+    ({"where_of": lambda child: child.name.like("a%")}, "(Cannot evaluate BinaryExpression with operator LIKE)"),
+], ids=["three_levels", "sum_of_text", "operator_name"])
+def test_misdeclared_counters_are_refused_at_configuration_with_a_clear_message(kwargs, message):
+    _declare(**kwargs)
+    with pytest.raises(countercache.CounterCacheError) as raised:
+        configure_mappers()
+    assert message in str(raised.value)
+    assert "<function" not in str(raised.value)
