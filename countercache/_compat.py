@@ -44,7 +44,7 @@ __all__ = [
     "FOR_UPDATE_ARG", "calling_frame", "statement_values", "multi_values", "has_post_values_clause",
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
-    "drop_events_flag",
+    "drop_events_flag", "enum_db_value",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -189,3 +189,15 @@ def drop_events_flag(connection: Any) -> None:
     dispatch = connection.dispatch
     if not any(getattr(dispatch, name, None) for name in _CONNECTION_EVENTS):
         connection._has_events = False
+
+
+def enum_db_value(type_: Any, value: Any) -> Any:
+    """What an ``Enum`` column stores for ``value`` (a member, or one of the
+    strings it accepts): ``Enum._db_value_for_elem``; None stays None, and a
+    value it does not know stays as it is (the database compares it as given)."""
+    if value is None:
+        return None
+    try:
+        return type_._db_value_for_elem(value)
+    except LookupError:
+        return value

@@ -20,14 +20,16 @@ summed value adds 0.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Enum, Integer, Numeric
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import ColumnElement
 
-from ._compat import EvaluatorCompiler, column_annotation, expect_expression, property_of_column
+from ._compat import EvaluatorCompiler, column_annotation, enum_db_value, expect_expression, property_of_column
 from .errors import ConfigurationError
 
 Evaluator = Callable[[dict[str, Any]], Any]
@@ -48,7 +50,17 @@ class _ValuesEvaluator(EvaluatorCompiler):
         key = property_of_column(parentmapper, clause).key
         if key not in self.keys:
             self.keys.append(key)
+        if isinstance(clause.type, Enum):
+            # as the database compares it: a member or its string, as stored
+            type_ = clause.type
+            return lambda values: enum_db_value(type_, values.get(key))
         return lambda values: values.get(key)
+
+    def visit_bindparam(self, clause: Any) -> Evaluator:
+        if isinstance(clause.type, Enum):  # ("open" compared with an Enum column: as stored)
+            value = enum_db_value(clause.type, clause.callable() if clause.callable else clause.value)
+            return lambda values: value
+        return super().visit_bindparam(clause)  # type: ignore[no-any-return]
 
 
 def resolve(value: Any, child: Mapper[Any], what: str, name: str) -> ColumnElement[Any]:
@@ -75,12 +87,19 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
     try:
         fn = compiler.process(expression)
     except UnevaluatableError as exc:
+        # (SQLAlchemy names an operator by its function's repr: "<function like_op at 0x...>")
+        why = re.sub(r"<function (\w+?)(?:_op)? at 0x[0-9a-f]+>", lambda m: m.group(1).upper(), str(exc))
         raise ConfigurationError(
-            f"{name}: {what}= cannot be evaluated in Python during a flush ({exc}); "
+            f"{name}: {what}= cannot be evaluated in Python during a flush ({why}); "
             "use plain comparisons and arithmetic over the child's own columns"
         ) from None
     if not compiler.keys:
         raise ConfigurationError(f"{name}: {what}= uses none of {child.class_.__name__}'s columns")
+    if what == "sum" and not isinstance(expression.type, (Integer, Numeric)):
+        raise ConfigurationError(
+            f"{name}: sum= must be a number, not {expression.type!r} "
+            f"({sql_text(expression)}); sum a numeric column or expression"
+        )
     return fn, compiler.keys
 
 

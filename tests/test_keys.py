@@ -6,12 +6,13 @@ the database stores them, and the parent in memory shows its count.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from types import SimpleNamespace
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, Integer, Uuid, insert, text
+from sqlalchemy import Enum, ForeignKey, Integer, Uuid, insert, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -102,3 +103,49 @@ def test_uuid_keys_given_as_strings(engine, strategy):
         rows = conn.execute(text(
             "SELECT u.question_count, (SELECT count(*) FROM questions q WHERE q.user_id = u.id) FROM users u")).all()
     assert sorted(rows) == [(1, 1), (2, 2)]
+
+
+class Status(enum.Enum):
+    open = "o"
+    closed = "c"
+
+
+def test_where_on_an_enum_column_counts_members_and_strings_as_sql_does(engine, strategy):
+    """``where=Question.status == "open"`` on an ``Enum(PyEnum)`` column: the flush
+    compares as the database does (the member, or its name as a string), so
+    it agrees with ``check()``."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        by_name: Mapped[int] = counter_cache("questions", strategy=strategy, where=lambda: Question.status == "open")
+        by_member: Mapped[int] = counter_cache("questions", strategy=strategy,
+                                               where=lambda: Question.status == Status.open)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        status: Mapped[Status] = mapped_column(Enum(Status), default=Status.open)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.flush()
+        s.add_all([Question(id=1, user_id=1), Question(id=2, user_id=1, status=Status.closed),
+                   Question(id=3, user_id=1, status="open"), Question(id=4, user_id=1, status="closed")])
+        s.commit()
+        s.get(Question, 2).status = Status.open
+        s.get(Question, 3).status = "closed"
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT by_name, by_member FROM users")).one() == (2, 2)
