@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events
@@ -272,6 +273,19 @@ def flushing_session(state: InstanceState[Any]) -> Session | None:
     """The session whose counted flush is writing ``state`` (None when suspended or none)."""
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     return fs.session if fs is not None else None
+
+
+def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``before_insert``: a new row has no children yet, whatever
+    value its object carries (a loaded object made transient and added again
+    as a copy keeps the original's counts): its counters are inserted as 0;
+    children added in the same flush are counted after the INSERT."""
+    values = state.dict
+    for parent in ParentTable.of_mapper(mapper):
+        for counter in parent.counters:
+            key = counter.key
+            if values.get(key, 0) != 0:
+                set_committed_value(state.obj(), key, 0)
 
 
 def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:

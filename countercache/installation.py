@@ -32,7 +32,8 @@ from .declaration import CounterCache, MiddleView
 from .errors import ConfigurationError
 from .kinds import ManyToMany, MultiLevel
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
-                    _after_transaction_end, _before_flush, _locked, parent_deleted)
+                    _after_transaction_end, _before_flush, _locked, parent_deleted,
+                    parent_inserting)
 from .preread import _before_delete, _before_write, _loaded, _refreshed
 from .shard_writes import forget_pools
 from .sidetable import check_shardable, check_shards, shard_table
@@ -238,8 +239,9 @@ def _uninstall_session_hooks() -> None:
         _unhook(mapper)
     forget_pools()
     for mapper in list(_parents_hooked):
-        if event.contains(mapper, "after_delete", parent_deleted):
-            event.remove(mapper, "after_delete", parent_deleted)
+        for name, fn in _PARENT_HOOKS:
+            if event.contains(mapper, name, fn):
+                event.remove(mapper, name, fn)
     _parents_hooked.clear()
     preread.forget_watched()
     _children.clear()
@@ -309,13 +311,21 @@ def _unhook(mapper: Mapper[Any]) -> None:
 _parents_hooked: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
+#: A counter's parent mappers: a new row starts at 0 (parent_inserting), a
+#: deleted one takes its shard rows along (parent_deleted).
+_PARENT_HOOKS = (("before_insert", parent_inserting), ("after_delete", parent_deleted))
+
+
 def track_parent(mapper: Mapper[Any]) -> None:
-    """Watch deletes of a counter's parents (a ``sharded`` counter's rows go with them)."""
+    """Watch inserts and deletes of a counter's parents."""
     if any(m in _parents_hooked for m in mapper.iterate_to_root()):
         return
     for sub in list(mapper.self_and_descendants):
-        if sub in _parents_hooked and event.contains(sub, "after_delete", parent_deleted):
-            event.remove(sub, "after_delete", parent_deleted)
+        if sub in _parents_hooked:
+            for name, fn in _PARENT_HOOKS:
+                if event.contains(sub, name, fn):
+                    event.remove(sub, name, fn)
             _parents_hooked.discard(sub)
-    event.listen(mapper, "after_delete", parent_deleted, raw=True, propagate=True, retval=True)
+    for name, fn in _PARENT_HOOKS:
+        event.listen(mapper, name, fn, raw=True, propagate=True, retval=True)
     _parents_hooked.add(mapper)
