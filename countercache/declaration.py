@@ -181,18 +181,26 @@ class CounterCache:
                 "foreign key; declare the extra condition with where= on a plain relationship "
                 "(unsupported construct)"
             )
-        parent_cols = [local for local, _ in prop.local_remote_pairs]
-        pk = list(mapper.primary_key)
-        if sorted(map(id, parent_cols)) != sorted(map(id, pk)) or len(parent_cols) != len(pk):
+        # the parent's key attributes: a joined-inheritance subclass maps its own
+        # table's key column and its base's to one attribute (admins.id, users.id)
+        def attribute_of(col: Any) -> str | None:
+            try:
+                return mapper.get_property_by_column(col).key
+            except Exception:  # noqa: BLE001 - not a column of the parent class
+                return None
+
+        pk_keys = [attribute_of(col) for col in mapper.primary_key]
+        remote_by_key = {attribute_of(local): remote for local, remote in prop.local_remote_pairs}
+        if None in remote_by_key or set(remote_by_key) != set(pk_keys) \
+                or len(prop.local_remote_pairs) != len(pk_keys):
             raise ConfigurationError(
                 f"{self.name}: relationship {name!r} must join on "
                 f"{mapper.class_.__name__}'s primary key; joins on other columns are not supported"
             )
-        remote_by_local = {id(local): remote for local, remote in prop.local_remote_pairs}
         child_mapper = prop.mapper
         fk_keys = []
-        for col in pk:
-            remote = remote_by_local[id(col)]
+        for key in pk_keys:
+            remote = remote_by_key[key]
             try:
                 fk_keys.append(child_mapper.get_property_by_column(remote).key)
             except Exception:
@@ -200,6 +208,28 @@ class CounterCache:
                     f"{self.name}: column {remote} is not mapped on {child_mapper.class_.__name__}"
                 ) from None
         return child_mapper, tuple(fk_keys)
+
+    def check_post_update(self) -> None:
+        """Once every mapper is configured: no relationship writes a counted foreign
+        key with ``post_update=True`` (a second UPDATE that no row event reports)."""
+        kind = self.kind
+        if isinstance(kind, MultiLevel):
+            sides = [(kind.leaf.child_mapper, kind.leaf.key_columns()), (kind.middle_mapper, kind.key_columns())]
+        elif isinstance(kind, Count):
+            sides = [(kind.child_mapper, kind.key_columns())]
+        else:
+            return
+        for mapper, fk_cols in sides:
+            relationships = list(mapper.relationships)
+            for parent_side in self.mapper.relationships if self.mapper is not None else ():
+                relationships.append(parent_side)
+            for rel in relationships:
+                if rel.post_update and set(fk_cols) & {col for pair in rel.local_remote_pairs for col in pair}:
+                    raise ConfigurationError(
+                        f"{self.name}: {rel} has post_update=True, so the flush writes the foreign key "
+                        "in a second UPDATE that no row event reports and the counter could not follow; "
+                        "drop post_update on it (unsupported construct)"
+                    )
 
     def _resolve_many_to_many(self, mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> None:
         """``Tag.post_count`` over ``secondary``: counts the association rows."""

@@ -135,12 +135,17 @@ def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
 
 
 def _after_configured() -> None:
-    """Every mapper is configured: resolve the multi-level counters."""
+    """Every mapper is configured: resolve the multi-level counters, then check
+    what needs every relationship configured."""
     for counter in _registry.all_counters():
         if counter.parent is None and counter.mapper is not None and "." in counter.relationship \
                 and counter.mapper.configured:
             counter._resolve(counter.mapper)
             _start(counter)
+    for counter in _registry.all_counters():
+        if counter.kind is not None and not counter.__dict__.get("_checked"):
+            counter.check_post_update()
+            counter._checked = True
 
 
 _HOOKS = (

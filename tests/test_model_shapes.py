@@ -175,3 +175,72 @@ def test_a_copy_made_with_make_transient_starts_at_zero(engine, strategy):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, item_count FROM boxes ORDER BY id")).all() == [(1, 3), (2, 1)]
 
+
+def test_joined_subclass_counting_children_that_refer_to_its_own_table(engine, strategy):
+    """``Admin(User)`` in its own table; ``Grant.admin_id`` refers to
+    ``admins.id``, which is the primary key too (joined to ``users.id``)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(String(10))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "user"}
+
+    class Admin(User):
+        __tablename__ = "admins"
+        id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+        grants: Mapped[list["Grant"]] = relationship()
+        grant_count: Mapped[int] = counter_cache("grants", strategy=strategy)
+        __mapper_args__ = {"polymorphic_identity": "admin"}
+
+    class Grant(Base):
+        __tablename__ = "grants"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        admin_id: Mapped[Optional[int]] = mapped_column(ForeignKey("admins.id"))
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Admin(id=1), Admin(id=2), User(id=3)])
+        s.flush()
+        s.add_all([Grant(id=i, admin_id=1 + i % 2) for i in range(10, 15)])
+        s.commit()
+        s.get(Grant, 10).admin_id = 2
+        s.delete(s.get(Grant, 11))
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, grant_count FROM admins ORDER BY id")).all() == [(1, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("side", ["one_to_many", "many_to_one"])
+def test_post_update_on_the_counted_relationship_is_refused_at_configuration(side):
+    """``post_update=True`` makes the flush write the foreign key in a second
+    UPDATE that no row event reports: refused when mappers are configured
+    (the counter was never moved), naming the counter and the relationship."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Parent(Base):
+        __tablename__ = "parents"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        children: Mapped[list["Child"]] = relationship(back_populates="parent",
+                                                       post_update=side == "one_to_many")
+        n: Mapped[int] = counter_cache("children")
+
+    class Child(Base):
+        __tablename__ = "children"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("parents.id"))
+        parent: Mapped[Optional[Parent]] = relationship(back_populates="children",
+                                                        post_update=side == "many_to_one")
+
+    with pytest.raises(countercache.CounterCacheError, match=r"Parent\.n: .* has post_update=True"):
+        configure_mappers()
