@@ -30,7 +30,8 @@ from sqlalchemy import tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import through, tracking
-from ._compat import OnlyInSQL, autoflush, has_post_values_clause, multi_values, statement_values
+from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, statement_prefixes,
+                      statement_values)
 from .children import _child_for
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
@@ -106,6 +107,9 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
     if has_post_values_clause(statement):
         _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
+    skipping = [p for p in statement_prefixes(statement) if "IGNORE" in p.upper() or "REPLACE" in p.upper()]
+    if skipping:
+        _refuse(child, f"INSERT {skipping[0]} may insert fewer rows than it is given, or replace others")
     params: Any = state.parameters
     rows = params if isinstance(params, list) else [params] if params else []
     inline = statement_values(statement)

@@ -228,3 +228,20 @@ def test_the_flush_leaves_no_listener_on_its_connection(engine, strategy):
         assert connection._has_events == had_events
         s.commit()
     assert_exact(engine, strategy)
+
+
+@pytest.mark.parametrize("prefix", ["OR IGNORE", "OR REPLACE", "IGNORE"])
+def test_insert_that_may_skip_or_replace_rows_is_refused(engine, strategy, prefix):
+    """``insert(...).prefix_with("IGNORE")`` (MariaDB) / ``"OR IGNORE"``, ``"OR
+    REPLACE"`` (SQLite) through the session: the rows it skips or replaces
+    cannot be known from its parameters. Refused before it runs (they were
+    counted as inserted), like an upsert; nothing is written."""
+    from sqlalchemy import insert
+
+    m = models(strategy)
+    seed(engine, m)
+    with Session(engine) as s:
+        with pytest.raises(countercache.CounterCacheError, match=rf"User\.question_count.*INSERT {prefix} may insert"):
+            s.execute(insert(m.Question).prefix_with(prefix), [{"id": 1, "user_id": 2}, {"id": 9, "user_id": 2}])
+    assert questions(engine) == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert_exact(engine, strategy)
