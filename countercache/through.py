@@ -24,13 +24,14 @@ counter is fed from two sides, both through :mod:`countercache.tracking`:
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, select
 
 from .children import _child_for, _key
 from .locking import chunk_size, read_foreign_keys
-from .writer import ParentTable, canonical_key, key_converters, lock_order
+from .writer import ParentTable, canonical_keys, key_converters, lock_order
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -109,11 +110,7 @@ class Sink:
         for counter, by_key in list(self.pending.items()):
             converters = key_converters(counter.kind.middle_mapper.primary_key)
             if converters is not None:
-                merged: dict[tuple[Any, ...], Any] = {}
-                for key, delta in by_key.items():
-                    key = canonical_key(converters, key)
-                    merged[key] = merged.get(key, 0) + delta
-                self.pending[counter] = merged
+                self.pending[counter] = canonical_keys(converters, by_key, operator.add)
 
     def translate(self, connection_for: Any, will_write: Any = None) -> None:
         """Hand the held deltas to the strategy, keyed by parent (middle rows read and locked).

@@ -102,6 +102,19 @@ def canonical_key(converters: tuple[Any, ...], key: Key) -> Key:
                  for c, v in zip(converters, key))
 
 
+def canonical_keys(converters: tuple[Any, ...], by_key: dict[Key, Any], add: Any) -> dict[Key, Any]:
+    """``by_key`` with its keys as the database stores them, the values of keys
+    that are then equal combined with ``add``; ``by_key`` itself (no copy) when
+    every key already is (the common case: this runs on every flush)."""
+    if all(canonical_key(converters, key) is key for key in by_key):
+        return by_key
+    found: dict[Key, Any] = {}
+    for key, value in by_key.items():
+        key = canonical_key(converters, key)
+        found[key] = add(found[key], value) if key in found else value
+    return found
+
+
 def lock_order(table: Table) -> tuple[int, str]:
     """The one order in which a flush or a commit locks rows of several tables:
     a child's table before its parents' (the multi-level translation locks a
@@ -175,15 +188,7 @@ class ParentTable(StatementForms):
             converters = self.__dict__["_converters"] = key_converters(self.pk_cols)
         if converters is None:
             return deltas
-        found: Deltas = {}
-        for key, vector in deltas.items():
-            key = canonical_key(converters, key)
-            mine = found.get(key)
-            if mine is None:
-                found[key] = vector
-            else:
-                found[key] = [a + b for a, b in zip(mine, vector)]
-        return found
+        return canonical_keys(converters, deltas, lambda a, b: [x + y for x, y in zip(a, b)])
 
     @property
     def lock_order(self) -> tuple[int, str]:
