@@ -79,6 +79,10 @@ class StatementForms:
         refs = [f":k{m}_{j}" for j in range(len(self.pk_cols))]
         return refs[0] if len(refs) == 1 else "(" + ", ".join(refs) + ")"
 
+    def _key_processors(self, connection: Connection) -> list[Any]:
+        """Per key column, its type's bind processor (None where values pass as they are)."""
+        return [bind_processor(c.type, connection.dialect) for c in self.pk_cols]
+
     def _type(self, slot: int) -> Any:
         return self.counters[slot].column.type  # type: ignore[union-attr]
 
@@ -200,18 +204,22 @@ class StatementForms:
                 for i in slots
             ]
             v_cols = [f"k{j}" for j in range(len(pk))] + [f"d{i}" for i in slots]
-            return text(
+            return self._typed(
                 f"UPDATE {t} AS countercache_p SET "
                 + self._set_list(connection, slots, lambda i: f"countercache_v.d{i}", prefix="countercache_p.")
                 + f" FROM unnest({', '.join(arrays)}) AS countercache_v({', '.join(v_cols)}) WHERE "
                 + " AND ".join(f"countercache_p.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
                 + " RETURNING "
-                + self._returning_list(connection, slots, prefix="countercache_p.")
+                + self._returning_list(connection, slots, prefix="countercache_p."),
+                {}, slots,
             )
 
         lock = self._cached(connection, "pg-lock", (), build_lock)
         update = self._cached(connection, "pg", slots, build_update)
-        params: dict[str, Any] = {f"k{j}": [k[j] for k in keys] for j in range(len(self.pk_cols))}
+        # the arrays are untyped parameters: each key goes through its column's
+        # type first (a TypeDecorator storing a UUID as bytes, say)
+        params: dict[str, Any] = {f"k{j}": [p(k[j]) for k in keys] if p else [k[j] for k in keys]
+                                  for j, p in enumerate(self._key_processors(connection))}
         connection.execute(lock, params)
         params.update({f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots})
         return self._results(connection.execute(update, params).fetchall(), slots)
@@ -237,10 +245,13 @@ class StatementForms:
             return text(sql)
 
         stmt = self._cached(connection, "sqlite", slots, build)
-        processors = [bind_processor(c.type, connection.dialect) for c in self.pk_cols]
+        processors = self._key_processors(connection)
         rows = []
         for k in keys:
             row = [p(v) if p else v for p, v in zip(processors, k, strict=False)]
+            if any(isinstance(v, (bytes, bytearray, memoryview)) for v in row):
+                # JSON has no bytes (a UUID stored as BINARY(16)): one typed UPDATE per parent
+                return self._apply_each(connection, slots, keys, deltas)
             row.extend(deltas[k][i] for i in slots)
             rows.append(row)
         # default=str: Decimal sums travel as text, which SQLite's arithmetic reads as a number
@@ -272,7 +283,9 @@ class StatementForms:
                 f"UPDATE {t} SET {', '.join(sets)} WHERE {key_sql} IN ({', '.join(key_refs)}) "
                 f"ORDER BY {', '.join(pk)}"
             )
-            connection.execute(text(sql), params)
+            key_binds = [bindparam(f"k{m}_{j}", type_=c.type) for m in range(len(chunk))
+                         for j, c in enumerate(self.pk_cols)]
+            connection.execute(text(sql).bindparams(*key_binds), params)
         return self._no_results(keys)
 
     def _apply_each(

@@ -55,6 +55,7 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import TypeDecorator
 from sqlalchemy.engine import Connection
 
 from . import _registry
@@ -113,6 +114,10 @@ def canonical_keys(converters: tuple[Any, ...], by_key: dict[Key, Any], add: Any
         key = canonical_key(converters, key)
         found[key] = add(found[key], value) if key in found else value
     return found
+
+
+def _plain(value: Any) -> Any:
+    return bytes(value) if isinstance(value, (bytearray, memoryview)) else value
 
 
 def lock_order(table: Table) -> tuple[int, str]:
@@ -178,17 +183,58 @@ class ParentTable(StatementForms):
     def new_vector(self) -> list[int]:
         return [0] * len(self.counters)
 
-    def canonical(self, deltas: Deltas) -> Deltas:
+    def canonical(self, deltas: Deltas, dialect: Any = None) -> Deltas:
         """``deltas`` keyed as the database stores the keys: keys given as another
         type (``"3"`` for an integer key, as a web form sends it) converted, and
         the deltas of keys that are then equal summed. Sorting, grouping, the
-        identity map and the UPDATE all see one key per row."""
+        identity map and the UPDATE all see one key per row. A key of a user's
+        type (``TypeDecorator``) is processed as ``dialect`` stores and loads it."""
+        if dialect is not None and self.decorated_keys:
+            return self._one_per_row(dialect, deltas)
         converters = self.__dict__.get("_converters", False)
         if converters is False:
             converters = self.__dict__["_converters"] = key_converters(self.pk_cols)
         if converters is None:
             return deltas
         return canonical_keys(converters, deltas, lambda a, b: [x + y for x, y in zip(a, b)])
+
+    @property
+    def decorated_keys(self) -> bool:
+        """Has the key a column of a user's type (``TypeDecorator``)? Its values
+        are known equal only once processed as the database will store them."""
+        found = self.__dict__.get("_decorated")
+        if found is None:
+            found = self.__dict__["_decorated"] = any(isinstance(c.type, TypeDecorator) for c in self.pk_cols)
+        return found
+
+    def _stored_key(self, connection: Connection) -> Any:
+        """A sort key: the key as the database stores it (the order its index locks in)."""
+        dialect = connection.dialect
+        decorated = [c.type if isinstance(c.type, TypeDecorator) else None for c in self.pk_cols]
+
+        def stored(key: Key) -> Key:
+            return tuple(v if t is None or v is None else _plain(t.process_bind_param(v, dialect))
+                         for t, v in zip(decorated, key))
+        return stored
+
+    def _one_per_row(self, dialect: Any, deltas: Deltas) -> Deltas:
+        """``deltas`` keyed by each key as the database stores and returns it
+        (a UUID given as text, for a UUID stored as bytes, becomes the UUID the
+        row loads as), the deltas of keys then equal combined: a statement
+        naming one row twice would apply one delta only, and the identity map
+        knows the parent by the loaded key."""
+        decorated = [c.type if isinstance(c.type, TypeDecorator) else None for c in self.pk_cols]
+
+        def loaded(t: Any, v: Any) -> Any:
+            if t is None or v is None:
+                return v
+            return t.process_result_value(_plain(t.process_bind_param(v, dialect)), dialect)
+
+        merged: Deltas = {}
+        for key, vector in deltas.items():
+            key = tuple(loaded(t, v) for t, v in zip(decorated, key))
+            merged[key] = [x + y for x, y in zip(merged[key], vector)] if key in merged else vector
+        return merged
 
     @property
     def lock_order(self) -> tuple[int, str]:
@@ -223,8 +269,10 @@ class ParentTable(StatementForms):
         changed = {k: v for k, v in deltas.items() if any(v)}
         if not changed:
             return []
+        if self.decorated_keys:
+            changed = self._one_per_row(connection.dialect, changed)
         slots = tuple(i for i in range(len(self.counters)) if any(v[i] for v in changed.values()))
-        keys = sorted(changed)
+        keys = sorted(changed, key=self._stored_key(connection)) if self.decorated_keys else sorted(changed)
         dialect = connection.dialect.name
         if len(keys) == 1:
             return self._apply_one(connection, slots, keys[0], changed[keys[0]], values)

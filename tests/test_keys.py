@@ -12,8 +12,9 @@ from types import SimpleNamespace
 from typing import Optional
 
 import pytest
-from sqlalchemy import Enum, ForeignKey, Integer, Uuid, insert, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy import Enum, ForeignKey, Integer, LargeBinary, TypeDecorator, Uuid, delete, func, insert, select, text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
 from countercache import counter_cache
@@ -149,3 +150,108 @@ def test_where_on_an_enum_column_counts_members_and_strings_as_sql_does(engine, 
         countercache.fold(engine)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT by_name, by_member FROM users")).one() == (2, 2)
+
+
+class BinaryUUID(TypeDecorator):
+    """A UUID stored as 16 bytes (``BINARY(16)``), the way MySQL applications store them."""
+
+    impl = LargeBinary(16)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.BINARY(16))
+        return dialect.type_descriptor(LargeBinary(16))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).bytes
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else uuid.UUID(bytes=bytes(value))
+
+
+def test_sharded_refuses_a_type_decorator_key():
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id = mapped_column(BinaryUUID, primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions", strategy="sharded")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id = mapped_column(BinaryUUID, ForeignKey("users.id"))
+
+    with pytest.raises(countercache.CounterCacheError, match=r"User.question_count: the sharded strategy needs"):
+        configure_mappers()
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])  # (sharded: refused, above)
+def test_type_decorator_keys_as_the_database_stores_them(engine, strategy):
+    """A primary key with a ``TypeDecorator`` (a UUID stored as ``BINARY(16)``):
+    every statement passes the keys through the type, so a flush touching
+    several parents updates each of them (it updated none on SQLite and
+    MariaDB, and PostgreSQL refused ``uuid[]`` as ``bytea[]``)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id = mapped_column(BinaryUUID, primary_key=True)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user")
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+        answer_count: Mapped[int] = counter_cache("questions.answers", strategy=strategy)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id = mapped_column(BinaryUUID, primary_key=True)
+        user_id = mapped_column(BinaryUUID, ForeignKey("users.id"), nullable=True)
+        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+        answers: Mapped[list["Answer"]] = relationship(back_populates="question")
+
+    class Answer(Base):
+        __tablename__ = "answers"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        question_id = mapped_column(BinaryUUID, ForeignKey("questions.id"))
+        question: Mapped[Optional[Question]] = relationship(back_populates="answers")
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    uids = [uuid.UUID(int=n) for n in (3, 1, 2)]
+    qids = [uuid.uuid4() for _ in range(6)]
+    with Session(engine, expire_on_commit=False) as s:
+        users = [User(id=u) for u in uids]
+        s.add_all(users)
+        s.flush()
+        # one parent named by its UUID and by the UUID's text in one flush
+        s.add_all([Question(id=q, user_id=uids[n % 3] if n != 4 else str(uids[1])) for n, q in enumerate(qids)])
+        s.flush()
+        if strategy in ("bulk", "per_row"):  # the parents in memory show their counts
+            assert [u.question_count for u in users] == [2, 2, 2]
+        s.add_all([Answer(question_id=qids[n % 6]) for n in range(9)])
+        s.commit()
+        s.get(Question, qids[0]).user_id = uids[1]
+        s.get(Question, qids[1]).user = users[2]
+        s.execute(insert(Question), [{"id": uuid.uuid4(), "user_id": uids[0]}, {"id": uuid.uuid4(), "user_id": uids[2]}])
+        s.delete(s.get(Question, qids[5]))
+        s.execute(delete(Answer).where(Answer.question_id == qids[5]))
+        s.commit()
+        if strategy == "sharded":
+            countercache.fold(engine)
+        s.expire_all()
+        got = {u.id: (u.question_count, u.answer_count) for u in users}
+    assert countercache.check(engine) == []
+    with engine.connect() as conn:
+        qs = conn.execute(select(Question.user_id, func.count()).group_by(Question.user_id)).all()
+        ans = conn.execute(select(Question.user_id, func.count()).join(Answer, Answer.question_id == Question.id)
+                           .group_by(Question.user_id)).all()
+    real = {u: (dict(qs).get(u, 0), dict(ans).get(u, 0)) for u in uids}
+    assert got == real
+    assert sum(n for n, _ in real.values()) == 7

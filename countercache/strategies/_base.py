@@ -57,9 +57,9 @@ class Strategy:
         self.pending = {}
         flush = self.flush
         for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.lock_order)):
-            deltas = parent.canonical(pending[parent])
-            results = parent.apply(connection if connection is not None else connection_for(parent), deltas,
-                                   values=flush.holds_any(parent, deltas), few=self.few)
+            on = connection if connection is not None else connection_for(parent)
+            deltas = parent.canonical(pending[parent], on.dialect)
+            results = parent.apply(on, deltas, values=flush.holds_any(parent, deltas), few=self.few)
             if results:
                 flush.results.append((parent, results))
 
