@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, Date, DateTime, Integer, Numeric, String, Time, Uuid
+from sqlalchemy import Boolean, Date, DateTime, Float, Integer, Numeric, String, Time, Uuid
 from sqlalchemy.orm import Mapper
 
 from . import config
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 #: Value types whose values compare and hash as themselves (GROUP BY and a dict key).
-_GROUPABLE_TYPES = (Integer, Numeric, String, Boolean, Date, DateTime, Time, Uuid)
+_GROUPABLE_TYPES = (Integer, Numeric, Float, String, Boolean, Date, DateTime, Time, Uuid)
 
 
 class _Child:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Enum, Integer, Numeric
+from sqlalchemy import Enum, Float, Integer, Numeric, TypeDecorator
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import ColumnElement
@@ -95,12 +95,19 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
         ) from None
     if not compiler.keys:
         raise ConfigurationError(f"{name}: {what}= uses none of {child.class_.__name__}'s columns")
-    if what == "sum" and not isinstance(expression.type, (Integer, Numeric)):
+    if what == "sum" and not is_number(expression.type):
         raise ConfigurationError(
             f"{name}: sum= must be a number, not {expression.type!r} "
             f"({sql_text(expression)}); sum a numeric column or expression"
         )
     return fn, compiler.keys
+
+
+def is_number(type_: Any) -> bool:
+    """Integer, Numeric or Float (SQLAlchemy 2.1's Float is no Numeric), also under a TypeDecorator."""
+    if isinstance(type_, TypeDecorator):
+        type_ = type_.impl_instance
+    return isinstance(type_, (Integer, Numeric, Float))
 
 
 def sql_text(expression: ColumnElement[Any]) -> str:

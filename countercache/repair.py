@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, select, tuple_
+from sqlalchemy import REAL, Float, Integer, Numeric, TypeDecorator, and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, configure_mappers
 
@@ -45,6 +45,13 @@ if TYPE_CHECKING:
     from .declaration import CounterCache
 
 __all__ = ["Drift", "check", "reconcile"]
+
+#: Relative difference below which a floating-point sum equals its recount:
+#: single precision (about 7 digits), double precision (about 16). A running
+#: sum rounds at every increment, the recount once: the two differ in the last
+#: digits the column keeps, and more so the more increments it has seen.
+SINGLE_TOLERANCE = 1e-5
+DOUBLE_TOLERANCE = 1e-9
 
 #: ``progress(counter, parents_done)``: called after each batch.
 Progress = Callable[["CounterCache", int], None]
@@ -124,6 +131,33 @@ def resolve_counters(counters: tuple[Any, ...]) -> list[CounterCache]:
     return found
 
 
+def differs(stored: Any, actual: Any, type_: Any, dialect: str) -> Any:
+    """SQL that is true where a counter's stored value and its recount differ
+    in what the column can hold: exactly for integers and exact decimals;
+    rounded to the column's scale for a ``Numeric`` that SQLite keeps as a
+    binary float; for floating point, by more than :data:`SINGLE_TOLERANCE`
+    or :data:`DOUBLE_TOLERANCE` of their size (MariaDB/MySQL ``FLOAT`` and
+    PostgreSQL ``REAL`` are single precision)."""
+    if isinstance(type_, TypeDecorator):
+        type_ = type_.impl_instance
+    if isinstance(type_, Integer) or not isinstance(type_, (Numeric, Float)):
+        return stored != actual
+    floating = isinstance(type_, Float) or dialect == "sqlite"
+    if not floating:
+        return stored != actual  # an exact decimal column
+    scale = getattr(type_, "scale", None)
+    if not isinstance(type_, Float) and scale is not None:  # Numeric(p, s) on SQLite
+        return func.round(stored, scale) != func.round(actual, scale)
+    precision = getattr(type_, "precision", None)
+    single = (
+        (dialect in ("mysql", "mariadb") and not isinstance(type_, REAL) and type(type_).__name__ != "DOUBLE"
+         and (precision is None or precision <= 24))
+        or (dialect == "postgresql" and (isinstance(type_, REAL) or precision is not None and precision <= 24))
+    )
+    tolerance = SINGLE_TOLERANCE if single else DOUBLE_TOLERANCE
+    return func.abs(stored - actual) > tolerance * (func.abs(stored) + func.abs(actual))
+
+
 class _Sql:
     """The statements of one counter."""
 
@@ -156,11 +190,15 @@ class _Sql:
             return self.key.between(lo, hi)
         return and_(self.key >= tuple_(*lo), self.key <= tuple_(*hi))
 
+    def differs(self, conn: Connection) -> Any:
+        """``stored <> actual`` at the column's precision (see :func:`differs`)."""
+        return differs(self.stored, self.actual, self.column.type, conn.dialect.name)
+
     def drifts(self, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
         actual = self.actual.label("actual")
         stmt = (
             select(*self.pk, self.stored, actual)
-            .where(self.in_range(lo, hi), self.stored != self.actual)
+            .where(self.in_range(lo, hi), self.differs(conn))
             .order_by(*self.pk)
         )
         attribute = getattr(self.counter.cls, self.counter.key)  # type: ignore[arg-type]
@@ -248,7 +286,7 @@ def _repair_batch(sql: _Sql, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
     if drifts:
         conn.execute(
             sql.table.update()
-            .where(sql.in_range(lo, hi), sql.stored != sql.actual)
+            .where(sql.in_range(lo, hi), sql.differs(conn))
             .values({sql.column: sql.target})
         )
     return drifts
