@@ -20,16 +20,18 @@ summed value adds 0.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Enum, Float, Integer, Numeric, TypeDecorator
+from sqlalchemy import Enum, Float, Integer, Numeric, String, TypeDecorator
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import ColumnElement
 
 from ._compat import EvaluatorCompiler, column_annotation, enum_db_value, expect_expression, property_of_column
+from .collation import compare
 from .errors import ConfigurationError
 
 Evaluator = Callable[[dict[str, Any]], Any]
@@ -56,11 +58,71 @@ class _ValuesEvaluator(EvaluatorCompiler):
             return lambda values: enum_db_value(type_, values.get(key))
         return lambda values: values.get(key)
 
+    def visit_binary(self, clause: Any) -> Evaluator:
+        """A comparison of strings: as the column's collation compares them
+        (:mod:`countercache.collation`); anything else: SQLAlchemy's way."""
+        op = getattr(clause.operator, "__name__", "")
+        column = _string_column(clause.left, self.mapper) if op in _COLLATED else None
+        if column is None and op in _COLLATED and op not in _LIKE:
+            column = _string_column(clause.right, self.mapper)
+            if column is not None and op in _FLIPPED:  # ('a' < col) is (col > 'a')
+                left, right = self.process(clause.right), self.process(clause.left)
+                return _collated(_FLIPPED[op], left, right, column, self.mapper, None)
+        if column is None:
+            return super().visit_binary(clause)  # type: ignore[no-any-return]
+        left, right = self.process(clause.left), self.process(clause.right)
+        return _collated(op, left, right, column, self.mapper, clause.modifiers.get("escape"))
+
     def visit_bindparam(self, clause: Any) -> Evaluator:
         if isinstance(clause.type, Enum):  # ("open" compared with an Enum column: as stored)
             value = enum_db_value(clause.type, clause.callable() if clause.callable else clause.value)
             return lambda values: value
         return super().visit_bindparam(clause)  # type: ignore[no-any-return]
+
+
+_LIKE = {"startswith_op", "endswith_op"}
+_FLIPPED = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+_COLLATED = {"in_op", "not_in_op"} | _LIKE | set(_FLIPPED)
+
+
+def _string_column(element: Any, mapper: Mapper[Any]) -> Any:
+    """``element`` if it is a string column of the child (Enum aside: compared as stored)."""
+    type_ = getattr(element, "type", None)
+    if getattr(element, "table", None) is None or not isinstance(getattr(type_, "_type_affinity", None), type) \
+            or not issubclass(type_._type_affinity, String) or isinstance(type_, Enum):
+        return None
+    return element
+
+
+def _collated(op: str, left: Evaluator, right: Evaluator, column: Any, mapper: Mapper[Any],
+              escape: str | None) -> Evaluator:
+    def evaluate(values: dict[str, Any]) -> Any:
+        a, b = left(values), right(values)
+        if a is None or b is None:
+            return None
+        if not isinstance(a, str):
+            return _PYTHON[op](a, b)
+        if op in ("in_op", "not_in_op"):
+            found: Any = False
+            for item in b:
+                if item is None:
+                    found = None if found is False else found
+                elif (compare("eq", column, mapper, a, item) if isinstance(item, str) else a == item):
+                    found = True
+                    break
+            return found if op == "in_op" or found is None else not found
+        if not isinstance(b, str):
+            return _PYTHON[op](a, b)
+        if op in _LIKE:
+            return compare("like", column, mapper, a, b + "%" if op == "startswith_op" else "%" + b, escape)
+        return compare(op, column, mapper, a, b)
+
+    return evaluate
+
+
+_PYTHON = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+           "ge": operator.ge, "in_op": lambda a, b: a in b, "not_in_op": lambda a, b: a not in b,
+           "startswith_op": lambda a, b: a.startswith(b), "endswith_op": lambda a, b: a.endswith(b)}
 
 
 def resolve(value: Any, child: Mapper[Any], what: str, name: str) -> ColumnElement[Any]:

@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import many_to_many, memory, through, transactions
+from . import collation, many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
@@ -44,7 +44,8 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children", "ready_update", "ready_delete", "singles")
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations",
+                 "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
@@ -77,6 +78,9 @@ class FlushState:
         self.ready_delete: set[Mapper[Any]] = set()
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
+        #: column -> (its collation rule, the connection to ask on), for where= (collation.py)
+        self.collations: dict[Any, Any] = {}
+        collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
         try:

@@ -55,10 +55,10 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import TypeDecorator
+from sqlalchemy import String, TypeDecorator
 from sqlalchemy.engine import Connection
 
-from . import _registry
+from . import _registry, collation
 from .statements import MYSQL_CHUNK as MYSQL_CHUNK
 from .statements import Deltas as Deltas
 from .statements import Key as Key
@@ -236,6 +236,57 @@ class ParentTable(StatementForms):
             merged[key] = [x + y for x, y in zip(merged[key], vector)] if key in merged else vector
         return merged
 
+    def same_rows(self, connection: Connection, deltas: Deltas, session: Any = None) -> Deltas:
+        """``deltas`` with the string keys that name one row under the key's
+        collation combined ('python', 'Python' and 'python ' under MariaDB's
+        default collation, or SQLite's ``NOCASE``): a statement naming one row
+        twice would add one of their deltas only. The key kept is the one
+        ``session`` knows the parent by, so the parent in memory shows it."""
+        if not self.string_keys:
+            return deltas
+        rules = [collation.rule_for(c, connection) if isinstance(c.type, String) else None for c in self.pk_cols]
+        if all(r is None or r.exact for r in rules):
+            return deltas
+        by_row: dict[Key, Key] = {}  # the row's key as the collation sees it -> the key kept
+        merged: Deltas = {}
+        known = None
+        for key, vector in deltas.items():
+            row = tuple(v if r is None or not isinstance(v, str) else r.normal(v, connection, self.table, c)
+                        for r, v, c in zip(rules, key, self.pk_cols))
+            kept = by_row.get(row)
+            if kept is None:
+                if session is not None:
+                    if known is None:
+                        known = self._known_keys(session, rules, connection)
+                    kept = known.get(row, key)
+                else:
+                    kept = key
+                by_row[row] = kept
+                merged[kept] = list(vector)
+            else:
+                merged[kept] = [x + y for x, y in zip(merged[kept], vector)]
+        return merged
+
+    def _known_keys(self, session: Any, rules: list[Any], connection: Connection) -> dict[Key, Key]:
+        """The keys of this table's parents in ``session``, by their row as the collation sees it."""
+        found = {}
+        for ident in list(session.identity_map.keys()):
+            cls, key = ident[0], ident[1]
+            mapper = getattr(cls, "__mapper__", None)
+            if mapper is not None and mapper.isa(self.mapper):
+                row = tuple(v if r is None or not isinstance(v, str) else r.normal(v, connection, self.table, c)
+                            for r, v, c in zip(rules, key, self.pk_cols))
+                found.setdefault(row, tuple(key))
+        return found
+
+    @property
+    def string_keys(self) -> bool:
+        """Has the key a string column (whose collation may hold unequal strings equal)?"""
+        found = self.__dict__.get("_string_keys")
+        if found is None:
+            found = self.__dict__["_string_keys"] = any(isinstance(c.type, String) for c in self.pk_cols)
+        return found
+
     @property
     def lock_order(self) -> tuple[int, str]:
         """Where this table's rows come in the one order every lock of a flush
@@ -251,7 +302,7 @@ class ParentTable(StatementForms):
     # -- applying ----------------------------------------------------------
 
     def apply(self, connection: Connection, deltas: Deltas, *, values: bool = True,
-              few: bool = False) -> Results:
+              few: bool = False, session: Any = None) -> Results:
         """Add ``deltas`` to the counters; return the new values where known.
 
         ``values=False``: no parent of these is in memory, so skip
@@ -260,6 +311,8 @@ class ParentTable(StatementForms):
         lock-then-update pair; the primary-key index scan takes the locks in
         key order, but without the separate lock the order is the plan's.
         """
+        if self.string_keys:
+            deltas = self.same_rows(connection, deltas, session)
         if len(deltas) == 1:  # the common small transaction, and per_row: no sorting, no set-up
             ((key, vector),) = deltas.items()
             if len(vector) == 1:  # one counter on the table

@@ -59,6 +59,8 @@ class Strategy:
         for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.lock_order)):
             on = connection if connection is not None else connection_for(parent)
             deltas = parent.canonical(pending[parent], on.dialect)
+            if parent.string_keys:  # (before asking which parents are in memory: by the key they are known by)
+                deltas = parent.same_rows(on, deltas, flush.session)
             results = parent.apply(on, deltas, values=flush.holds_any(parent, deltas), few=self.few)
             if results:
                 flush.results.append((parent, results))

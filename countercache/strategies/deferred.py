@@ -50,7 +50,7 @@ class DeferredStrategy(Strategy):
         merged = transactions.held_deltas(session, cls.held)  # type: ignore[arg-type]
         for parent in sorted(merged, key=lambda p: p.lock_order):
             connection = session.connection(bind_arguments={"mapper": parent.mapper})
-            results = parent.apply(connection, merged[parent])
+            results = parent.apply(connection, merged[parent], session=session)
             if results:
                 memory.apply(session, parent, results)
 
