@@ -44,7 +44,7 @@ __all__ = [
     "FOR_UPDATE_ARG", "calling_frame", "statement_values", "multi_values", "has_post_values_clause",
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
-    "drop_events_flag", "enum_db_value", "statement_prefixes",
+    "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -206,3 +206,10 @@ def enum_db_value(type_: Any, value: Any) -> Any:
 def statement_prefixes(statement: Any) -> list[str]:
     """The text of ``prefix_with()`` prefixes (``_prefixes``: (clause, dialect) pairs)."""
     return [str(prefix) for prefix, _dialect in getattr(statement, "_prefixes", None) or ()]
+
+
+def single_table_criterion(mapper: Any) -> Any:
+    """The discriminator condition that picks a single-table-inheritance
+    subclass's rows from its table (``Mapper._single_table_criterion``; None
+    for any other mapper)."""
+    return getattr(mapper, "_single_table_criterion", None)

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import through, tracking
-from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, statement_prefixes,
-                      statement_values)
+from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, single_table_criterion,
+                      statement_prefixes, statement_values)
 from .children import _child_for
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
@@ -48,7 +48,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if mapper is None:
         return None
     child = _child_for(mapper)
-    if child is None:
+    family = _family(mapper)
+    if child is None and not family:
         return None
     if is_suspended(state.session):
         if not state.is_insert:
@@ -62,6 +63,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         autoflush(state.session)
     if not state.is_insert:
         forget_locked(state.session)  # rows may change behind the loaded objects
+    if family:  # rows of subclasses that count differently: each row as its class
+        return _by_class(state, mapper, family)
     if state.is_insert:
         return _insert(state, mapper, child)
     if state.is_delete:
@@ -231,3 +234,111 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     tracking.record_rows(state.session, mapper, rows)
     return result
 
+
+
+# -- statements on a class whose subclasses count differently -----------------
+
+
+def _family(mapper: Mapper[Any]) -> list[Mapper[Any]]:
+    """The subclasses of ``mapper`` whose rows feed counters its own rows do
+    not (``update(Post)`` reaching the rows of ``Question``, which feed
+    ``User.question_count``): a statement on ``mapper`` is counted row by row,
+    each row as the class its discriminator names."""
+    own = _child_for(mapper)
+    own_counters = set(own.counters) if own is not None else set()
+    found = []
+    for sub in mapper.self_and_descendants:
+        if sub is not mapper:
+            child = _child_for(sub)
+            if child is not None and set(child.counters) != own_counters:
+                found.append(sub)
+    return found
+
+
+def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[Any]]) -> Any:
+    session = state.session
+    children = {m: c for m in [mapper, *family] if (c := _child_for(m)) is not None}
+    discriminator = mapper.polymorphic_on
+    table = mapper.local_table
+    names = ", ".join(sorted({c.name for child in children.values() for c in child.counters}))
+    columns = {m: {k: m.get_property(k).columns[0] for k in c.keys} for m, c in children.items()}  # type: ignore[attr-defined]
+    needed = {col for cols in columns.values() for col in cols.values()}
+    if discriminator is None or discriminator not in table.c.values() or not needed <= set(table.c.values()) \
+            or any(c.views for c in children.values()):
+        raise CounterCacheError(
+            f"{names}: a bulk statement on {mapper.class_.__name__} reaches rows of its subclasses "
+            f"({', '.join(m.class_.__name__ for m in family)}) that countercache cannot tell apart or read "
+            "in its table; run it on each subclass, or inside countercache.suspended(session) "
+            "and repair with countercache.reconcile()"
+        )
+    classes = mapper.polymorphic_map
+
+    def route(values: dict[Any, Any] | None) -> dict[Mapper[Any], dict[str, Any]]:
+        """``{the counted class this row is: its counted values}`` (empty: not counted)."""
+        target = classes.get(values.get(discriminator)) if values is not None else None
+        owner = _owner(target, children) if target is not None else None
+        if owner is None:
+            return {}
+        return {owner: {k: values.get(col) for k, col in columns[owner].items()}}  # type: ignore[union-attr]
+
+    if state.is_insert:
+        if getattr(state.statement, "select", None) is not None:
+            _refuse(next(iter(children.values())), "INSERT ... FROM SELECT is not counted")
+        params: Any = state.parameters
+        rows = params if isinstance(params, list) else [params] if params else []
+        inline = statement_values(state.statement)
+        identity = discriminator.key
+        new_rows = []
+        for values in [{**inline, **v} for v in rows] or ([inline] if inline else []):
+            by_column = {getattr(k, "key", k): v for k, v in values.items()}
+            kind = by_column.get(identity, by_column.get(mapper.get_property_by_column(discriminator).key,
+                                                          mapper.polymorphic_identity))
+            target = classes.get(kind)
+            owner = _owner(target, children) if target is not None else None
+            if owner is not None:
+                child = children[owner]
+                new_rows.append((owner, _complete(owner, child, _attribute_values(owner, values, child.keys))))
+        result = state.invoke_statement()
+        for owner in children:
+            tracking.record_rows(session, owner, [(None, row) for m, row in new_rows if m is owner])
+        return result
+    if isinstance(state.parameters, list):
+        _refuse(next(iter(children.values())),
+                f"a bulk UPDATE/DELETE by primary key on {mapper.class_.__name__} reaches subclasses that count "
+                "differently; run it on each subclass")
+    values = statement_values(state.statement)
+    if isinstance(state.parameters, dict):
+        values.update(state.parameters)
+    watched = needed | {discriminator}
+    names_of = {col.key for col in watched} | {
+        m.get_property_by_column(col).key for m in children for col in watched if col in m.columns.values()}
+    if state.is_update and not {getattr(k, "key", k) for k in values} & names_of:
+        return None  # no counted value or class changes
+    pk = list(table.primary_key.columns)
+    read = [*pk, discriminator, *sorted(needed - {discriminator}, key=lambda c: c.name)]
+    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
+    before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}
+    restrict = pk[0].in_([k[0] for k in before]) if len(pk) == 1 else tuple_(*pk).in_(list(before))
+    result = state.invoke_statement(statement=state.statement.where(OnlyInSQL(restrict)))
+    after: dict[Any, Any] = {}
+    if state.is_update and before:
+        after = {tuple(r[:len(pk)]): dict(zip(read, r))
+                 for r in connection.execute(select(*read).where(restrict)).all()}
+    for owner in children:
+        rows = []
+        for key, old in before.items():
+            was, now = route(old).get(owner), route(after.get(key)).get(owner)
+            if was is not None or now is not None:
+                rows.append((was, now))
+        tracking.record_rows(session, owner, rows)
+    return result
+
+
+def _owner(target: Mapper[Any], children: dict[Mapper[Any], Any]) -> Mapper[Any] | None:
+    """The most specific mapper of ``children`` that ``target`` is (its counters include its ancestors')."""
+    for m in target.iterate_to_root():
+        if m in children:
+            return m
+    return None

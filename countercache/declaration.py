@@ -27,6 +27,7 @@ from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty
 from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
 from . import _registry, config
+from ._compat import single_table_criterion
 from .errors import ConfigurationError
 from .expressions import compile_evaluator, resolve, sql_text
 from .kinds import Count, Filtered, Kind, ManyToMany, MultiLevel
@@ -250,6 +251,13 @@ class CounterCache:
         self.child_mapper = prop.mapper
 
     def _rows(self, child: Mapper[Any], fk_keys: tuple[str, ...]) -> Count:
+        rows = self._rows_of(child, fk_keys)
+        of_class = single_table_criterion(child)
+        if of_class is not None:  # the migration's backfill counts this class's rows only
+            self.where_sql = sql_text(of_class) + ("" if self.where_sql is None else f" AND ({self.where_sql})")
+        return rows
+
+    def _rows_of(self, child: Mapper[Any], fk_keys: tuple[str, ...]) -> Count:
         """The child rows over ``fk_keys``: a plain :class:`Count`, or :class:`Filtered`
         with ``where=`` / ``sum=`` (resolved, compiled for Python and rendered as SQL text)."""
         if self._where_arg is None and self._sum_arg is None:

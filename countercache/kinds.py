@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import and_, func, literal, select
 
+from ._compat import single_table_criterion
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
 
@@ -88,6 +90,10 @@ class Count(Kind):
     def key_columns(self) -> list[Any]:
         return [self.child_mapper.get_property(k).columns[0] for k in self.fk_keys]  # type: ignore[attr-defined]
 
+    def condition(self) -> Any:
+        # a single-table-inheritance subclass: its rows only
+        return single_table_criterion(self.child_mapper)
+
 
 @dataclass(eq=False)
 class Filtered(Count):
@@ -117,7 +123,10 @@ class Filtered(Count):
         return self.sum if self.sum is not None else literal(1)
 
     def condition(self) -> Any:
-        return self.where
+        rows = Count.condition(self)
+        if rows is None or self.where is None:
+            return self.where if rows is None else rows
+        return and_(rows, self.where)
 
     def aggregate(self, values: Any = None) -> Any:
         return func.count() if self.sum is None else func.coalesce(func.sum(values), 0)
@@ -166,7 +175,8 @@ class MultiLevel(Kind):
         return self.leaf.row_value()
 
     def condition(self) -> Any:
-        return self.leaf.condition()
+        found = [c for c in (self.leaf.condition(), single_table_criterion(self.middle_mapper)) if c is not None]
+        return and_(*found) if len(found) > 1 else found[0] if found else None
 
     def aggregate(self, values: Any = None) -> Any:
         return self.leaf.aggregate(values)

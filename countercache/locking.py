@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from ._compat import driver_in_transaction
+from ._compat import driver_in_transaction, single_table_criterion
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -88,6 +88,9 @@ def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key:
         # values in more than one table of a joined-inheritance class: the
         # tables joined as the mapper joins them (not a cross product)
         stmt = stmt.select_from(mapper.persist_selectable)
+    rows_of_class = single_table_criterion(mapper)  # (single-table inheritance: this class's rows)
+    if rows_of_class is not None:
+        stmt = stmt.where(rows_of_class)
     stmt = stmt.where(criteria).order_by(*pk)
     if lock == "share":
         stmt = stmt.with_for_update(read=True)

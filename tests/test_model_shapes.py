@@ -245,3 +245,90 @@ def test_post_update_on_the_counted_relationship_is_refused_at_configuration(sid
 
     with pytest.raises(countercache.CounterCacheError, match=r"Parent\.n: .* has post_update=True"):
         configure_mappers()
+
+
+def test_single_table_subclass_children_with_statements_on_any_class(engine, strategy):
+    """Counted relationships to single-table-inheritance subclasses (``Question``,
+    ``Answer`` in ``posts``, each with its own counter, and every post counted
+    by ``User.post_count``): ORM writes, and bulk statements issued on the
+    base class (reaching rows of every class), on a subclass (its rows only,
+    though a sibling's rows match the criteria) and changing a row's class,
+    keep each counter equal to the recount of its class's rows."""
+    from sqlalchemy import delete, func, insert, update
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(viewonly=True)
+        questions: Mapped[list["Question"]] = relationship(viewonly=True)
+        answers: Mapped[list["Answer"]] = relationship(viewonly=True)
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+        answer_score: Mapped[int] = counter_cache("answers", strategy=strategy, sum="score")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(String(10))
+        score: Mapped[int] = mapped_column(default=0)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "post"}
+
+    class Question(Post):
+        __mapper_args__ = {"polymorphic_identity": "question"}
+
+    class Answer(Post):
+        __mapper_args__ = {"polymorphic_identity": "answer"}
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+
+    def exact():
+        if strategy == "sharded":
+            countercache.fold(engine)
+        assert countercache.check(engine) == []
+        with engine.connect() as conn:
+            rows = conn.execute(select(User.id, User.post_count, User.question_count, User.answer_score)
+                                .order_by(User.id)).all()
+            real = conn.execute(text(
+                "SELECT u.id, (SELECT count(*) FROM posts p WHERE p.user_id = u.id), "
+                "(SELECT count(*) FROM posts p WHERE p.user_id = u.id AND p.kind = 'question'), "
+                "(SELECT coalesce(sum(score), 0) FROM posts p WHERE p.user_id = u.id AND p.kind = 'answer') "
+                "FROM users u ORDER BY u.id")).all()
+        assert [tuple(r) for r in rows] == [tuple(r) for r in real]
+        return [tuple(r)[1:] for r in rows]
+
+    with Session(engine) as s:
+        s.add_all([User(id=1), User(id=2)])
+        s.flush()
+        s.add_all([Question(id=1, user_id=1), Question(id=2, user_id=1), Answer(id=3, user_id=1, score=5),
+                   Answer(id=4, user_id=2, score=7), Post(id=5, user_id=1)])
+        s.commit()
+    assert exact() == [(4, 2, 5), (1, 0, 7)]
+    with Session(engine) as s:
+        s.execute(update(Post).where(Post.id.in_([1, 3, 5])).values(user_id=2))  # every class moves
+        s.commit()
+    assert exact() == [(1, 1, 0), (4, 1, 12)]
+    with Session(engine) as s:
+        s.execute(update(Question).where(Question.user_id == 2).values(user_id=1))  # (the answers match too)
+        s.execute(update(Answer).where(Answer.id == 4).values(score=Answer.score + 1))
+        s.commit()
+    assert exact() == [(2, 2, 0), (3, 0, 13)]
+    with Session(engine) as s:
+        s.execute(insert(Post), [{"id": 10, "kind": "question", "user_id": 2},
+                                 {"id": 11, "kind": "answer", "user_id": 2, "score": 2},
+                                 {"id": 12, "user_id": 2}])
+        s.execute(update(Post).where(Post.id == 5).values(kind="answer", score=3))  # a post becomes an answer
+        s.commit()
+    assert exact() == [(2, 2, 0), (6, 1, 18)]
+    with Session(engine) as s:
+        s.execute(delete(Post).where(Post.user_id == 2, Post.kind != "post"))
+        s.execute(delete(Question).where(Question.id == 1))
+        s.commit()
+    assert exact() == [(1, 1, 0), (1, 0, 0)]
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Post.__table__)).scalar() == 2
