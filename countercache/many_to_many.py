@@ -7,7 +7,9 @@ sides; so this module reads, in ``after_flush`` and only for the objects the
 flush handled, the very histories the flush acted on (the unit of work's
 cache), and turns them into per-tag deltas:
 
-* a post added to ``tag.posts`` or a tag added to ``post.tags``: +1;
+* a post added to ``tag.posts`` or a tag added to ``post.tags`` (or to any
+  other relationship writing that table, tied by ``back_populates`` or not;
+  a ``viewonly`` one writes nothing and counts nothing): +1;
 * removed from either collection: -1;
 * a post deleted: -1 for every tag it was linked to (the flush deletes
   those rows), a tag deleted: nothing (a deleted parent needs no update).
@@ -29,24 +31,60 @@ if TYPE_CHECKING:
     from .declaration import CounterCache
     from .flush import FlushState
 
-#: mapper -> [(counter, "parent" | "child")]: which side of which counter a class is.
-_sides: weakref.WeakKeyDictionary[Mapper[Any], list[tuple[CounterCache, str]]] = weakref.WeakKeyDictionary()
+#: The many-to-many counters to count.
+_counters: list[CounterCache] = []
+#: mapper -> [(counter, "parent" | "child", relationship key)]: which relationships
+#: of a class write association rows of which counter, from which side (built
+#: at the first flush after a counter is added, when every mapper is configured)
+_sides: weakref.WeakKeyDictionary[Mapper[Any], list[tuple[CounterCache, str, str]]] = weakref.WeakKeyDictionary()
+_built = False
 
 
 def track(counter: CounterCache) -> None:
     """Count ``counter``'s association rows in the flushes of both its classes."""
-    for mapper, side in ((counter.mapper, "parent"), (counter.child_mapper, "child")):
-        entries = _sides.setdefault(mapper, [])  # type: ignore[arg-type]
-        if (counter, side) not in entries:
-            entries.append((counter, side))
+    global _built
+    if counter not in _counters:
+        _counters.append(counter)
+        _built = False
 
 
 def clear() -> None:
+    global _built
+    _counters.clear()
     _sides.clear()
+    _built = False
 
 
-def _sides_of(mapper: Mapper[Any]) -> list[tuple[CounterCache, str]]:
-    found: list[tuple[CounterCache, str]] = []
+def _build() -> None:
+    """Every relationship that writes a counter's association rows: the
+    counted one unless ``viewonly``, its ``back_populates`` partner, and any
+    other over the same table (one-sided, or not tied to the counted one),
+    on the side whose columns name the parent."""
+    global _built
+    _sides.clear()
+    for counter in _counters:
+        kind = counter.kind
+        parent_cols = set(kind.parent_cols)
+        mappers = {m for reg in {counter.mapper.registry, counter.child_mapper.registry}  # type: ignore[union-attr]
+                   for m in reg.mappers}
+        for mapper in mappers:
+            for rel in mapper.relationships:
+                if rel.secondary is not kind.secondary or rel.viewonly or rel.parent is not mapper:
+                    continue
+                if {dest for _, dest in rel.synchronize_pairs} == parent_cols:
+                    side = "parent"
+                elif {dest for _, dest in rel.secondary_synchronize_pairs or ()} == parent_cols:
+                    side = "child"
+                else:
+                    continue
+                entries = _sides.setdefault(mapper, [])
+                if (counter, side, rel.key) not in entries:
+                    entries.append((counter, side, rel.key))
+    _built = True
+
+
+def _sides_of(mapper: Mapper[Any]) -> list[tuple[CounterCache, str, str]]:
+    found: list[tuple[CounterCache, str, str]] = []
     for m in mapper.iterate_to_root():
         found.extend(_sides.get(m, ()))
     return found
@@ -61,18 +99,17 @@ def _pk(state: Any) -> tuple[Any, ...] | None:
 
 def collect(fs: FlushState) -> None:
     """Add the deltas of the association rows this flush wrote (``after_flush``)."""
-    if not _sides or fs.uow is None:
+    if not _counters or fs.uow is None:
         return
+    if not _built:
+        _build()
     uow = fs.uow
     links: dict[CounterCache, tuple[set[tuple[Any, Any]], set[tuple[Any, Any]]]] = {}
     for state, (isdelete, listonly) in list(uow.states.items()):
         sides = _sides_of(state.mapper)
         if not sides:
             continue
-        for counter, side in sides:
-            key = counter.kind.relationship_key if side == "parent" else counter.kind.reverse_key
-            if key is None:
-                continue
+        for counter, side, key in sides:
             if side == "parent" and isdelete:
                 continue  # a deleted parent needs no update
             history = uow.get_attribute_history(state, key, PASSIVE_NO_INITIALIZE)

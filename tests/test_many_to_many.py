@@ -107,3 +107,57 @@ def test_migration_backfill_counts_association_rows():
     column = Tag.__table__.c.post_count
     op = _backfill_for(column, column.info["countercache"], None, None)
     assert (op.table_name, op.child_table, op.child_fk, op.parent_key) == ("tags", "post_tags", "tag_id", "id")
+
+
+def test_links_written_by_any_relationship_over_the_association_table(engine, strategy):
+    """The counted side is ``viewonly`` (it writes no rows: changing it counts
+    nothing) and the links are written by relationships not tied to it by
+    ``back_populates`` (one-sided ``Post.tags``, and a second one,
+    ``Tag.featured``, over the same table): each link the flush writes or
+    removes moves the counter, once."""
+    import warnings
+
+    from sqlalchemy import exc as sa_exc
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id"), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id"), primary_key=True),
+    )
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, viewonly=True)
+        featured: Mapped[list["Post"]] = relationship(secondary=post_tags, overlaps="tags")
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, overlaps="featured")
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa_exc.SAWarning)
+        with Session(engine, expire_on_commit=False) as s:
+            a, b = Tag(id=1), Tag(id=2)
+            p1, p2, p3 = Post(id=1, tags=[a, b]), Post(id=2, tags=[a]), Post(id=3)
+            s.add_all([a, b, p1, p2, p3])
+            s.commit()
+            assert values(s, a, b) == (2, 1)
+            b.featured.append(p3)  # the second writer
+            p1.tags.remove(a)
+            s.commit()
+            assert values(s, a, b) == (1, 2)
+            a.posts.append(p3)  # viewonly: no row, no count
+            s.commit()
+            s.delete(p2)
+            s.commit()
+            assert values(s, a, b) == (0, 2)
+    assert_exact(engine)
