@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import operator
 import re
+from decimal import Decimal
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ from sqlalchemy.sql import ColumnElement
 
 from ._compat import EvaluatorCompiler, column_annotation, enum_db_value, expect_expression, property_of_column
 from .collation import compare
-from .errors import ConfigurationError
+from .errors import ConfigurationError, CounterCacheError
 
 Evaluator = Callable[[dict[str, Any]], Any]
 
@@ -56,6 +57,18 @@ class _ValuesEvaluator(EvaluatorCompiler):
             # as the database compares it: a member or its string, as stored
             type_ = clause.type
             return lambda values: enum_db_value(type_, values.get(key))
+        number = _number_from_text(clause.type)
+        if number is not None:
+            # a number given as text (a web form's "7"): the database stores the number
+            def value(values: dict[str, Any]) -> Any:
+                found = values.get(key)
+                if isinstance(found, str):
+                    try:
+                        return number(found.strip())
+                    except (ValueError, ArithmeticError):
+                        return found  # (not a number: the database decides; comparing it fails clearly)
+                return found
+            return value
         return lambda values: values.get(key)
 
     def visit_binary(self, clause: Any) -> Evaluator:
@@ -78,6 +91,19 @@ class _ValuesEvaluator(EvaluatorCompiler):
             value = enum_db_value(clause.type, clause.callable() if clause.callable else clause.value)
             return lambda values: value
         return super().visit_bindparam(clause)  # type: ignore[no-any-return]
+
+
+def _number_from_text(type_: Any) -> Any:
+    """How the column's type reads a number from a string (None: not a number column)."""
+    if isinstance(type_, TypeDecorator):
+        return None  # (the user's type says what it stores)
+    if isinstance(type_, Integer):
+        return int
+    if isinstance(type_, Float):
+        return float
+    if isinstance(type_, Numeric):
+        return Decimal if type_.asdecimal else float
+    return None
 
 
 _LIKE = {"startswith_op", "endswith_op"}
@@ -162,7 +188,23 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
             f"{name}: sum= must be a number, not {expression.type!r} "
             f"({sql_text(expression)}); sum a numeric column or expression"
         )
-    return fn, compiler.keys
+    return _clear_errors(fn, what, name, sql_text(expression), compiler.keys), compiler.keys
+
+
+def _clear_errors(fn: Evaluator, what: str, name: str, sql: str, keys: list[str]) -> Evaluator:
+    """``fn``, raising a :class:`CounterCacheError` naming the counter where
+    Python cannot compare or add the row's values as SQL would (a naive and an
+    aware datetime, a date given as text) instead of a bare ``TypeError``."""
+    def evaluate(values: dict[str, Any]) -> Any:
+        try:
+            return fn(values)
+        except TypeError as exc:
+            given = ", ".join(f"{k}={values.get(k)!r}" for k in keys)
+            raise CounterCacheError(
+                f"{name}: {what}= ({sql}) cannot be evaluated on a row with {given} ({exc}); "
+                "give those attributes values of the column's Python type"
+            ) from None
+    return evaluate
 
 
 def is_number(type_: Any) -> bool:

@@ -6,13 +6,14 @@ the database stores them, and the parent in memory shows its count.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import uuid
 from types import SimpleNamespace
 from typing import Optional
 
 import pytest
-from sqlalchemy import Enum, ForeignKey, Integer, LargeBinary, TypeDecorator, Uuid, delete, func, insert, select, text
+from sqlalchemy import DateTime, Enum, ForeignKey, Integer, LargeBinary, TypeDecorator, Uuid, delete, func, insert, select, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
@@ -255,3 +256,70 @@ def test_type_decorator_keys_as_the_database_stores_them(engine, strategy):
     real = {u: (dict(qs).get(u, 0), dict(ans).get(u, 0)) for u in uids}
     assert got == real
     assert sum(n for n, _ in real.values()) == 7
+
+
+def test_numbers_given_as_text_count_as_the_number_stored(engine, strategy):
+    """``q.score = "7"`` (a web form) on an Integer column that ``where=`` compares
+    and ``sum=`` adds: the database stores 7, and the counters count 7."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        high: Mapped[int] = counter_cache("questions", strategy=strategy, where=lambda: Question.score > 5)
+        total: Mapped[int] = counter_cache("questions", strategy=strategy, sum="score")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        score: Mapped[int] = mapped_column(default=0)
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.flush()
+        s.add_all([Question(id=1, user_id=1, score="7"), Question(id=2, user_id=1, score=" 2"),
+                   Question(id=3, user_id=1, score=9)])
+        s.commit()
+        s.get(Question, 3).score = "1"
+        s.get(Question, 2).score = "12"
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT high, total FROM users")).one() == (2, 20)
+
+
+def test_values_python_cannot_compare_are_a_clear_error(engine):
+    """A naive datetime compared with an aware one: the flush stops with a
+    CounterCacheError naming the counter and the values, not a TypeError."""
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        recent: Mapped[int] = counter_cache("questions", where=lambda: Question.created > dt.datetime(2026, 1, 1))
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        created = mapped_column(DateTime(timezone=True))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.flush()
+        s.add(Question(id=1, user_id=1, created=dt.datetime(2026, 5, 1, tzinfo=dt.timezone.utc)))
+        with pytest.raises(countercache.CounterCacheError,
+                           match=r"User\.recent: where= \(.*created.*\) cannot be evaluated on a row with created="):
+            s.flush()
