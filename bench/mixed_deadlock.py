@@ -9,7 +9,7 @@ Setup: 2 users and 2 posts (post 1 of user 1, post 2 of user 2; with
 ``--same-user`` both posts belong to user 1). N threads, each with its own
 Session on one Engine, run transactions that only insert 1-4 comments, each on
 a random one of the two posts, with a ``flush()`` after some of them (so a
-transaction flushes several times), then commit. Nothing is retried: a failed
+transaction flushes several times; not with ``--single-flush``), then commit. Nothing is retried: a failed
 transaction is rolled back and counted as ``deadlocked`` (PostgreSQL 40P01,
 MariaDB 1213) or ``other``. After each cell every counter is compared with a
 recount (``sharded``: ``countercache.check`` with the pending shard deltas,
@@ -20,7 +20,7 @@ Run (a scratch database is created when missing; its tables are dropped)::
     .venv/bin/python bench/mixed_deadlock.py \\
         --url postgresql+psycopg://postgres@127.0.0.1:5432/ccbench_deadlock \\
         [--strategy bulk ...] [--variant both ...] [--threads 6] [--txns 25] \\
-        [--seconds 60] [--seed 1] [--same-user] [--isolation "READ COMMITTED"] [--json]
+        [--seconds 60] [--seed 1] [--same-user] [--single-flush] [--isolation "READ COMMITTED"] [--json]
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def classify(exc: BaseException) -> str:
     return "deadlocked" if "deadlock" in str(exc).lower() else "other"
 
 
-def worker(engine, m, post_ids, rng, txns, deadline, out: Counter, examples: list, lock) -> None:
+def worker(engine, m, post_ids, rng, txns, deadline, out: Counter, examples: list, lock,
+           single_flush: bool = False) -> None:
     with Session(engine) as session:
         for _ in range(txns):
             if time.monotonic() >= deadline:
@@ -122,7 +123,7 @@ def worker(engine, m, post_ids, rng, txns, deadline, out: Counter, examples: lis
             kind = "committed"
             try:
                 for i in range(rng.randint(1, 4)):
-                    if i and rng.random() < 0.5:
+                    if i and rng.random() < 0.5 and not single_flush:
                         session.flush()  # one more flush: the earlier flushes' locks are held
                     session.add(m["Comment"](post_id=rng.choice(post_ids)))
                 session.commit()
@@ -178,7 +179,8 @@ def run_cell(args, variant: str, strategy: Optional[str]) -> dict[str, Any]:
         seed = random.Random(f"{args.seed}/{variant}/{strategy}")
         start = time.monotonic()
         threads = [threading.Thread(target=worker, args=(
-            engine, m, [1, 2], random.Random(seed.random()), args.txns, start + args.seconds, out, examples, lock))
+            engine, m, [1, 2], random.Random(seed.random()), args.txns, start + args.seconds, out, examples, lock,
+            args.single_flush))
             for _ in range(args.threads)]
         for t in threads:
             t.start()
@@ -195,7 +197,8 @@ def run_cell(args, variant: str, strategy: Optional[str]) -> dict[str, Any]:
 
 def print_table(args, results: list[dict[str, Any]]) -> None:
     title = (f"{args.server}, {args.isolation or 'default isolation'}, "
-             f"{'both posts of user 1' if args.same_user else 'post 1 of user 1, post 2 of user 2'}: "
+             f"{'both posts of user 1' if args.same_user else 'post 1 of user 1, post 2 of user 2'}"
+             f"{', one flush per transaction' if args.single_flush else ''}: "
              f"{args.threads} threads x {args.txns} txns, cap {args.seconds:g} s, seed {args.seed}")
     cols = ["variant", "strategy", "committed", "deadlocked", "other", "seconds", "drift"]
     rows = [[str(r[c]) if c != "drift" else ("DRIFT" if r["drift"] else "no") for c in cols] for r in results]
@@ -229,6 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="start no transaction after this (per cell)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--same-user", action="store_true", help="both posts belong to user 1")
+    p.add_argument("--single-flush", action="store_true",
+                   help="no flush before the commit's (each transaction locks its rows once)")
     p.add_argument("--isolation", help='e.g. "READ COMMITTED" (default: the server\'s)')
     p.add_argument("--json", action="store_true", help="JSON on stdout (the table goes to stderr)")
     args = p.parse_args(argv)

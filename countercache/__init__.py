@@ -27,6 +27,7 @@ from . import _registry, config
 from .config import configured_strategy as configured_strategy
 from .declaration import CounterCache as CounterCache
 from .errors import AssignmentError as AssignmentError
+from .errors import CounterCacheWarning as CounterCacheWarning
 from .errors import ConfigurationError as ConfigurationError
 from .errors import CounterCacheError as CounterCacheError
 from .flush import suspended as suspended
@@ -60,6 +61,7 @@ __all__ = [
     "CounterCacheError",
     "ConfigurationError",
     "AssignmentError",
+    "CounterCacheWarning",
 ]
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ moment it was found, so that callers who care can tell them apart.
 
 from __future__ import annotations
 
-__all__ = ["CounterCacheError", "ConfigurationError", "AssignmentError"]
+__all__ = ["CounterCacheError", "ConfigurationError", "AssignmentError", "CounterCacheWarning"]
 
 
 class CounterCacheError(Exception):
@@ -23,3 +23,13 @@ class ConfigurationError(CounterCacheError):
 
 class AssignmentError(CounterCacheError, AttributeError):
     """Application code tried to write a counter attribute directly."""
+
+
+class CounterCacheWarning(UserWarning):
+    """A change countercache sees but cannot count, and cannot refuse either
+    (it learns of it only after the database made it): the counters it
+    touches may now differ from their recount. Each case is in the
+    documentation's list of what is not maintained, with its remedy
+    (usually :func:`countercache.reconcile`). Turn it into an error with
+    ``warnings.simplefilter("error", countercache.CounterCacheWarning)``.
+    """

@@ -44,7 +44,7 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations",
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -76,6 +76,7 @@ class FlushState:
         #: mappers whose rows need nothing more before their UPDATE / DELETE in this flush
         self.ready_update: set[Mapper[Any]] = set()
         self.ready_delete: set[Mapper[Any]] = set()
+        self.ready_insert: set[Mapper[Any]] = set()
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)

@@ -34,7 +34,7 @@ from .kinds import ManyToMany, MultiLevel
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
                     _after_transaction_end, _before_flush, _locked, parent_deleted,
                     parent_inserting)
-from .preread import _before_delete, _before_write, _loaded, _refreshed
+from .preread import _before_delete, _before_insert, _before_write, _loaded, _refreshed
 from .shard_writes import forget_pools
 from .sidetable import check_shardable, check_shards, shard_table
 from .strategies import STRATEGY_CLASSES
@@ -262,11 +262,12 @@ def _uninstall_session_hooks() -> None:
 #: calls the hook itself instead of a wrapper that only returns EXT_CONTINUE
 #: (the dispatch ignores what a listener returns). These run per row.
 _UNWRAPPED = {name: {"retval": True} for name in
-              ("after_insert", "before_update", "before_delete", "after_update", "after_delete")}
+              ("before_insert", "after_insert", "before_update", "before_delete", "after_update", "after_delete")}
 
 _MAPPER_HOOKS = (
     ("load", _loaded),
     ("refresh", _refreshed),
+    ("before_insert", _before_insert),
     ("after_insert", _after_insert),
     ("before_update", _before_write),
     ("before_delete", _before_delete),

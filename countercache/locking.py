@@ -8,9 +8,10 @@ counted values per row) and :func:`count_deleted` (rows grouped by them).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, true, tuple_
+from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, text, true, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._compat import driver_in_transaction, single_table_criterion
@@ -145,3 +146,40 @@ def count_deleted(connection: Connection, child: _Child,
                 values = tuple(values)
                 counts[values] = counts.get(values, 0) + 1
     return [(dict(zip(value_keys, values)), n) for values, n in counts.items()]
+
+
+def lock_rows(connection: Connection, table: Any, keys: list[tuple[Any, ...]]) -> None:
+    """``SELECT pk FROM table WHERE pk IN (...) ORDER BY pk FOR UPDATE``, in
+    key-ordered chunks (the server orders: keys of any Python type)."""
+    pk = list(table.primary_key.columns)
+    pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
+    size = chunk_size(connection)
+    for start in range(0, len(keys), size):
+        chunk = keys[start : start + size]
+        criterion = pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)
+        connection.execute(select(*pk).where(criterion).order_by(*pk).with_for_update()).all()
+
+
+#: child table -> {engine: the column-name sets of its enforced foreign keys}
+_enforced: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, set[frozenset[str]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def enforced_foreign_key(connection: Connection, table: Any, columns: list[Any]) -> bool:
+    """Does the database (MariaDB/MySQL) enforce a foreign key on exactly these
+    columns of ``table``? Read once per table and engine from
+    ``information_schema`` (a constraint the metadata declares may have been
+    dropped, or never created)."""
+    per_engine = _enforced.get(table)
+    if per_engine is None:
+        per_engine = _enforced[table] = weakref.WeakKeyDictionary()
+    found = per_engine.get(connection.engine)
+    if found is None:
+        by_name: dict[str, set[str]] = {}
+        for name, column in connection.execute(text(
+                "SELECT constraint_name, column_name FROM information_schema.key_column_usage "
+                "WHERE table_schema = COALESCE(:s, DATABASE()) AND table_name = :t "
+                "AND referenced_table_name IS NOT NULL"), {"s": table.schema, "t": table.name}).all():
+            by_name.setdefault(name, set()).add(column)
+        found = per_engine[connection.engine] = {frozenset(cols) for cols in by_name.values()}
+    return frozenset(c.name for c in columns) in found
