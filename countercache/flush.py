@@ -44,7 +44,7 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert",
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -77,6 +77,8 @@ class FlushState:
         self.ready_update: set[Mapper[Any]] = set()
         self.ready_delete: set[Mapper[Any]] = set()
         self.ready_insert: set[Mapper[Any]] = set()
+        #: parent table -> keys of its rows this flush inserts and has not inserted yet (see inserted_yet())
+        self.uninserted: dict[ParentTable, set[tuple[Any, ...]]] = {}
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)
@@ -89,6 +91,25 @@ class FlushState:
         except KeyError:
             found = self.children[mapper] = _child_for(mapper)
             return found
+
+    def inserted_yet(self, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+        """Is the parent row ``key`` in the database at this point of the flush?
+        False only for a row this flush inserts later (a child given its
+        parent's key as a value, inserted first: no constraint enforced, or a
+        deferred one)."""
+        waiting = self.uninserted.get(parent)
+        if waiting is None:
+            waiting = self.uninserted[parent] = set()
+            if self.uow is not None:
+                flags = self.uow.states
+                for mapper, states in self.uow.mappers.items():
+                    if mapper.isa(parent.mapper):
+                        for state in states:
+                            if state.key is None and not flags[state][0]:
+                                found = tuple(parent.mapper.primary_key_from_instance(state.obj()))
+                                if None not in found:
+                                    waiting.add(found)
+        return key not in waiting
 
     def holds_any(self, parent: ParentTable, keys: Any) -> bool:
         """Is any of these parents in the session (so the UPDATE should return values)?
@@ -286,11 +307,14 @@ def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:
     as a copy keeps the original's counts): its counters are inserted as 0;
     children added in the same flush are counted after the INSERT."""
     values = state.dict
+    fs = _flushes.get(state.session_id)
     for parent in ParentTable.of_mapper(mapper):
         for counter in parent.counters:
             key = counter.key
             if values.get(key, 0) != 0:
                 set_committed_value(state.obj(), key, 0)
+        if fs is not None and parent in fs.uninserted:  # (its INSERT runs before any later row's hooks)
+            fs.uninserted[parent].discard(tuple(mapper.primary_key_from_instance(state.obj())))
 
 
 def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import and_, func, literal, select
+from sqlalchemy.sql.util import ClauseAdapter, find_tables
 
 from ._compat import single_table_criterion
 
@@ -64,11 +65,19 @@ class Kind:
     def real_count(self, parent_key: list[Any]) -> Any:
         """``SELECT count(*) | coalesce(sum(...), 0) FROM <rows> WHERE <key> = <parent_key> [AND where]``,
         correlated to the parent key columns given."""
-        criteria = [col == pk for col, pk in zip(self.key_columns(), parent_key)]
-        condition = self.condition()
+        source, keys, condition, value = self.source(), self.key_columns(), self.condition(), self.row_value()
+        parents = {col.table for col in parent_key}
+        shared = [t for t in find_tables(source) if t in parents]
+        if shared:
+            # a self-referential counter (replies of a comment): the counted rows
+            # are an alias of the parent's table, not the parent row itself
+            adapter = ClauseAdapter(shared[0].alias("countercache_rows"))
+            source, condition, value = adapter.traverse(source), adapter.traverse(condition), adapter.traverse(value)
+            keys = [adapter.traverse(col) for col in keys]
+        criteria = [col == pk for col, pk in zip(keys, parent_key)]
         if condition is not None:
             criteria.append(condition)
-        return select(self.aggregate(self.row_value())).select_from(self.source()).where(and_(*criteria))
+        return select(self.aggregate(value)).select_from(source).where(and_(*criteria))
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ one UPDATE per parent table, like ``bulk``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._base import Strategy
 
@@ -25,10 +25,28 @@ class PerRowStrategy(Strategy):
     per_row = True
     few = True
 
+    def __init__(self, flush: Any) -> None:
+        super().__init__(flush)
+        #: deltas of parents this flush inserts after the child row (written at its end)
+        self.later: dict[Any, Any] = {}
+
     def row_done(self, connection: Connection) -> None:
+        flush = self.flush
+        for parent, deltas in self.pending.items():
+            for key in [k for k in deltas if not flush.inserted_yet(parent, k)]:
+                vector = self.later.setdefault(parent, {}).setdefault(key, parent.new_vector())
+                for i, d in enumerate(deltas.pop(key)):
+                    vector[i] += d
         self.write(connection=connection)
 
     def flush_done(self) -> None:
-        # Nothing is left after a flush (every row wrote its own); an ORM bulk
-        # statement has no rows of its own, so it is written as one change.
+        # Nothing is left after a flush (every row wrote its own) but what waited
+        # for its parent's INSERT; an ORM bulk statement has no rows of its own,
+        # so it is written as one change.
+        for parent, deltas in self.later.items():
+            for key, vector in deltas.items():
+                for slot, d in enumerate(vector):
+                    if d:
+                        self.add(parent.counters[slot], key, d)
+        self.later = {}
         self.write(self.flush.connection_for)
