@@ -178,7 +178,10 @@ def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tupl
     session are synchronized by the user's criteria alone (an object whose
     unflushed values match is updated or removed in memory as without
     countercache)."""
-    pk = child_primary_key(child)
+    # the key columns of the table the statement changes (a joined subclass's
+    # own table: its key has the same values as the table holding the counted
+    # columns, which the statement may not name)
+    pk = list(mapper.local_table.primary_key.columns) or child_primary_key(child)
     if len(pk) == 1:
         return statement.where(OnlyInSQL(pk[0].in_([k[0] for k in keys])))
     return statement.where(OnlyInSQL(tuple_(*pk).in_(keys)))
@@ -189,8 +192,20 @@ def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
         return _by_primary_key(state, mapper, child, deleting=True)
     locked = _locked(state, mapper, child, deleting=True)
     result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
-    tracking.record_rows(state.session, mapper, [(old, None) for old in locked.values()])
+    tracking.record_rows(state.session, mapper, _deleted(mapper, child, locked.values()))
     return result
+
+
+def _deleted(mapper: Mapper[Any], child: Any, rows: Any) -> list[tuple[Any, Any]]:
+    """``(old, new)`` of rows a DELETE on ``mapper`` removed: gone, unless the
+    statement deletes from a joined subclass's own table only (SQLAlchemy's
+    ``delete(Review)``): then the rows of the base table stay, and so do the
+    counts of the counters whose columns live there."""
+    table = mapper.local_table
+    gone = [k for k in child.keys if mapper.get_property(k).columns[0].table is table]  # type: ignore[attr-defined]
+    if len(gone) == len(child.keys):
+        return [(old, None) for old in rows]
+    return [(old, {**old, **{k: None for k in gone}}) for old in rows]
 
 
 def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
@@ -228,7 +243,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
         if old is None:
             continue  # no such row (gone): nothing changed
         if deleting:
-            rows.append((old, None))
+            rows.extend(_deleted(mapper, child, [old]))
         else:
             rows.append((old, {**old, **_attribute_values(mapper, p, child.keys)}))
     tracking.record_rows(state.session, mapper, rows)

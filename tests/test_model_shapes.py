@@ -409,3 +409,57 @@ def test_a_child_inserted_before_its_parent_in_one_flush(engine, strategy):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, reply_count FROM comments ORDER BY id")).all() == [
             (1, 1), (2, 2), (4, 0), (5, 0)]
+
+
+def test_bulk_delete_on_a_joined_subclass_removes_its_own_rows_only(engine, strategy):
+    """``delete(Review)`` (joined inheritance) deletes from ``reviews`` and leaves
+    the ``items`` rows, as in plain SQLAlchemy: the counter over a ``reviews``
+    column moves, the one over an ``items`` column does not (the statement
+    failed when countercache named ``items.id`` in it, or the items counter
+    was decremented)."""
+    from sqlalchemy import delete
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Author(Base):
+        __tablename__ = "authors"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list["Item"]] = relationship(foreign_keys="Item.author_id", viewonly=True)
+        reviews: Mapped[list["Review"]] = relationship(foreign_keys="Review.reviewer_id", viewonly=True)
+        item_count: Mapped[int] = counter_cache("items", strategy=strategy)
+        review_count: Mapped[int] = counter_cache("reviews", strategy=strategy)
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        type: Mapped[str] = mapped_column(String(20))
+        author_id: Mapped[Optional[int]] = mapped_column(ForeignKey("authors.id"))
+        __mapper_args__ = {"polymorphic_on": "type", "polymorphic_identity": "item"}
+
+    class Review(Item):
+        __tablename__ = "reviews"
+        id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+        reviewer_id: Mapped[Optional[int]] = mapped_column(ForeignKey("authors.id"))
+        __mapper_args__ = {"polymorphic_identity": "review"}
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Author(id=1), Author(id=2)])
+        s.flush()
+        s.add_all([Review(id=10, author_id=1, reviewer_id=2), Review(id=11, author_id=1, reviewer_id=2),
+                   Item(id=12, author_id=2)])
+        s.commit()
+        result = s.execute(delete(Review).where(Review.id == 10))
+        assert result.rowcount == 1
+        s.execute(delete(Review).where(Review.reviewer_id == 2))
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, item_count, review_count FROM authors ORDER BY id")).all() == [
+            (1, 2, 0), (2, 1, 0)]
+        assert conn.execute(text("SELECT count(*) FROM items")).scalar() == 3
