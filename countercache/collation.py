@@ -257,3 +257,15 @@ def compare(op: str, column: Column[Any], mapper: Mapper[Any], a: str, b: str, e
     if op == "like":
         return rule.like(a, b, escape, connection)
     return rule.compare(op, a, b, connection)
+
+
+def dialect_name(mapper: Mapper[Any]) -> str | None:
+    """The name of the database the flush evaluating now writes ``mapper``'s rows to (None outside a flush)."""
+    ref = _active.get()
+    state = ref() if ref is not None else None
+    if state is None:
+        return None
+    found = state.collations.get(mapper)
+    if found is None:
+        found = state.collations[mapper] = state.connection_for_mapper(mapper).dialect.name
+    return found  # type: ignore[no-any-return]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import operator
 import re
-from decimal import Decimal
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from sqlalchemy.sql import ColumnElement
 from ._compat import EvaluatorCompiler, column_annotation, enum_db_value, expect_expression, property_of_column
 from .collation import compare
 from .errors import ConfigurationError, CounterCacheError
+from .values import as_stored
 
 Evaluator = Callable[[dict[str, Any]], Any]
 
@@ -57,18 +57,10 @@ class _ValuesEvaluator(EvaluatorCompiler):
             # as the database compares it: a member or its string, as stored
             type_ = clause.type
             return lambda values: enum_db_value(type_, values.get(key))
-        number = _number_from_text(clause.type)
-        if number is not None:
-            # a number given as text (a web form's "7"): the database stores the number
-            def value(values: dict[str, Any]) -> Any:
-                found = values.get(key)
-                if isinstance(found, str):
-                    try:
-                        return number(found.strip())
-                    except (ValueError, ArithmeticError):
-                        return found  # (not a number: the database decides; comparing it fails clearly)
-                return found
-            return value
+        stored = as_stored(clause.type, self.mapper)
+        if stored is not None:
+            # a number as the column holds it (rounded to its scale, "7" read as 7)
+            return lambda values: stored(values.get(key))
         return lambda values: values.get(key)
 
     def visit_binary(self, clause: Any) -> Evaluator:
@@ -91,19 +83,6 @@ class _ValuesEvaluator(EvaluatorCompiler):
             value = enum_db_value(clause.type, clause.callable() if clause.callable else clause.value)
             return lambda values: value
         return super().visit_bindparam(clause)  # type: ignore[no-any-return]
-
-
-def _number_from_text(type_: Any) -> Any:
-    """How the column's type reads a number from a string (None: not a number column)."""
-    if isinstance(type_, TypeDecorator):
-        return None  # (the user's type says what it stores)
-    if isinstance(type_, Integer):
-        return int
-    if isinstance(type_, Float):
-        return float
-    if isinstance(type_, Numeric):
-        return Decimal if type_.asdecimal else float
-    return None
 
 
 _LIKE = {"startswith_op", "endswith_op"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, text, true, tuple_
+from sqlalchemy import Float, Integer, Numeric, Text, any_, bindparam, cast, func, select, text, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._compat import driver_in_transaction, single_table_criterion
@@ -79,12 +79,19 @@ def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]
         yield pk_expr.in_([k[0] for k in chunk] if len(pk) == 1 else chunk)
 
 
-def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key: bool = True) -> Any:
+def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key: bool = True,
+                    dialect: str = "") -> Any:
     """``SELECT [pk,] counted values WHERE criteria ORDER BY pk`` with its row lock."""
     mapper = child.mapper
     pk = child_primary_key(child)
     value_cols = [mapper.get_property(k).columns[0] for k in child.keys]  # type: ignore[attr-defined]
-    stmt = select(*pk, *value_cols) if with_key else select(*value_cols)
+    read = value_cols
+    if dialect == "sqlite":
+        # SQLite keeps a Numeric as the number given (10.004 in a Numeric(12, 2)),
+        # which SQLAlchemy's type rounds when reading: read what SQL compares
+        read = [type_coerce(c, Float()) if isinstance(c.type, Numeric) and not isinstance(c.type, Float) else c
+                for c in value_cols]
+    stmt = select(*pk, *read) if with_key else select(*read)
     if len({col.table for col in value_cols}) > 1:
         # values in more than one table of a joined-inheritance class: the
         # tables joined as the mapper joins them (not a cross product)
@@ -110,7 +117,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
     for criterion in criteria:
-        rows = connection.execute(_locking_select(child, criterion, lock)).all()  # one fetchall, not a fetchone per row
+        rows = connection.execute(_locking_select(child, criterion, lock, dialect=connection.dialect.name)).all()  # one fetchall, not a fetchone per row
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
@@ -134,7 +141,7 @@ def count_deleted(connection: Connection, child: _Child,
     value_keys = child.keys
     counts: dict[tuple[Any, ...], int] = {}
     for criterion in _criteria(connection, child, keys):
-        stmt = _locking_select(child, criterion, "update", with_key=False)
+        stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect.name)
         if connection.dialect.name == "postgresql":
             locked = stmt.subquery()
             cols = list(locked.c)

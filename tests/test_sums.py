@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Optional
 
 import pytest
-from sqlalchemy import REAL, Float, ForeignKey, Numeric, text
+from sqlalchemy import REAL, Float, ForeignKey, Numeric, text  # noqa: F401
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
@@ -90,3 +90,54 @@ def test_a_sum_equal_at_the_columns_precision_is_not_drift(engine, strategy, kin
     assert [d.pk for d in found] == [2], found
     assert [d.pk for d in countercache.reconcile(engine)] == [2]
     assert countercache.check(engine) == []
+
+
+def test_values_are_counted_as_the_column_stores_them(engine, strategy):
+    """``Decimal("9.999")`` in a ``Numeric(12, 2)`` is stored as 10.00 by
+    PostgreSQL and MariaDB, 2.4 in an ``Integer`` as 2 (SQLite keeps both as
+    given): ``where=`` and ``sum=`` count the stored value, as the recount
+    does (the unrounded one drifted silently; found by an outside try)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Customer(Base):
+        __tablename__ = "customers"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        orders: Mapped[list["Order"]] = relationship()
+        big: Mapped[int] = counter_cache("orders", strategy=strategy, where=lambda: Order.amount >= 10)
+        exactly_ten: Mapped[int] = counter_cache("orders", strategy=strategy, where=lambda: Order.amount == 10)
+        many: Mapped[int] = counter_cache("orders", strategy=strategy, where=lambda: Order.qty > 2)
+        if strategy != "sharded":  # (sharded keeps integer deltas)
+            total = counter_cache("orders", strategy=strategy, sum="amount", type_=Numeric(14, 2))
+            if engine.dialect.name != "sqlite":  # (SQLite keeps 1.4 in an integer column)
+                qty_sum: Mapped[int] = counter_cache("orders", strategy=strategy, sum="qty")
+
+    class Order(Base):
+        __tablename__ = "orders"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        customer_id: Mapped[Optional[int]] = mapped_column(ForeignKey("customers.id"))
+        amount = mapped_column(Numeric(12, 2), nullable=False)
+        qty: Mapped[int] = mapped_column(default=0)
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    as_float = engine.dialect.name == "sqlite"  # (SQLite's driver takes no Decimal for an integer)
+    with Session(engine) as s:
+        s.add(Customer(id=1))
+        s.flush()
+        s.add_all([Order(id=1, customer_id=1, amount=Decimal("9.999"), qty=2.4),
+                   Order(id=2, customer_id=1, amount=9.995, qty=2.5 if as_float else Decimal("2.5")),
+                   Order(id=3, customer_id=1, amount="10.004", qty=3),
+                   Order(id=4, customer_id=1, amount=Decimal("0.004"), qty=1.4)])
+        s.commit()
+        s.get(Order, 3).amount = Decimal("9.996")
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        got = conn.execute(text("SELECT big, exactly_ten, many FROM customers")).one()
+    if engine.dialect.name != "sqlite":
+        assert tuple(got) == (3, 3, 2)  # 10.00, 10.00, 10.00, 0.00; qty 2, 3, 3, 1
