@@ -242,7 +242,7 @@ class StatementForms:
                 + " RETURNING "
                 + self._returning_list(connection, slots)
             )
-            return text(sql)
+            return self._typed(sql, {}, slots)  # (keys loaded through their type: a Uuid's hex text)
 
         stmt = self._cached(connection, "sqlite", slots, build)
         processors = self._key_processors(connection)
