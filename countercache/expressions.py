@@ -80,7 +80,11 @@ class _ValuesEvaluator(EvaluatorCompiler):
 
     def visit_bindparam(self, clause: Any) -> Evaluator:
         if isinstance(clause.type, Enum):  # ("open" compared with an Enum column: as stored)
-            value = enum_db_value(clause.type, clause.callable() if clause.callable else clause.value)
+            given = clause.callable() if clause.callable else clause.value
+            if isinstance(given, (list, tuple)):  # in_([...])
+                value: Any = [enum_db_value(clause.type, v) for v in given]
+            else:
+                value = enum_db_value(clause.type, given)
             return lambda values: value
         return super().visit_bindparam(clause)  # type: ignore[no-any-return]
 

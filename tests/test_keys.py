@@ -127,6 +127,8 @@ def test_where_on_an_enum_column_counts_members_and_strings_as_sql_does(engine, 
         by_name: Mapped[int] = counter_cache("questions", strategy=strategy, where=lambda: Question.status == "open")
         by_member: Mapped[int] = counter_cache("questions", strategy=strategy,
                                                where=lambda: Question.status == Status.open)
+        listed: Mapped[int] = counter_cache("questions", strategy=strategy,
+                                            where=lambda: Question.status.in_([Status.open, "closed"]))
 
     class Question(Base):
         __tablename__ = "questions"
@@ -150,7 +152,7 @@ def test_where_on_an_enum_column_counts_members_and_strings_as_sql_does(engine, 
     if strategy == "sharded":
         countercache.fold(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT by_name, by_member FROM users")).one() == (2, 2)
+        assert conn.execute(text("SELECT by_name, by_member, listed FROM users")).one() == (2, 2, 4)
 
 
 class BinaryUUID(TypeDecorator):
