@@ -281,6 +281,7 @@ def track_child(child_mapper: Mapper[Any], counter: Any) -> None:
     multi-level counter, from its middle rows)."""
     add_counter(child_mapper, counter)
     _hook(child_mapper)
+    memory.guard_discriminator(child_mapper)
     if isinstance(getattr(counter, "kind", None), MultiLevel):  # (a MiddleView has no kind)
         view = counter.__dict__.get("_middle_view")
         if view is None:

@@ -22,7 +22,8 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from ._compat import NEVER_SET as _NEVER_SET
 from ._compat import NO_VALUE as _NO_VALUE
 from ._compat import calling_frame
-from .errors import AssignmentError
+from .children import _child_for
+from .errors import AssignmentError, CounterCacheError
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -90,6 +91,35 @@ def guard_assignment(counter: CounterCache) -> None:
 
     if not any(a is attribute for a, _ in _guarded):
         event.listen(attribute, "set", refuse, retval=True)
+        _guarded.append((attribute, refuse))
+
+
+def guard_discriminator(child_mapper: Any) -> None:
+    """Refuse changing the class of a loaded row of ``child_mapper``'s
+    hierarchy by assigning its discriminator (``post.type = "answer"``): the
+    flush would update the row as its old class, and the counters of the new
+    class would not see it. ``update(Post).values(type=...)`` is counted."""
+    base = child_mapper.base_mapper
+    column = base.polymorphic_on
+    if column is None or column not in base.columns.values():
+        return
+    prop = base.get_property_by_column(column)
+    attribute = getattr(base.class_, prop.key)
+
+    def refuse(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+        state = instance_state(target)
+        if state.key is None or oldvalue is _NO_VALUE or oldvalue is _NEVER_SET or value == oldvalue:
+            return value  # (a new object gets its class's identity; an unchanged value)
+        names = ", ".join(sorted({c.name for m in base.self_and_descendants
+                                   for c in getattr(_child_for(m), "counters", ())}))
+        raise CounterCacheError(
+            f"{names}: {type(target).__name__}.{prop.key} changes from {oldvalue!r} to {value!r}, which moves a "
+            "loaded row to another class the flush cannot count; run "
+            f"update({base.class_.__name__}).where(...).values({prop.key}=...) instead (it is counted)"
+        )
+
+    if not any(a is attribute for a, _ in _guarded):
+        event.listen(attribute, "set", refuse, retval=True, propagate=True)
         _guarded.append((attribute, refuse))
 
 
