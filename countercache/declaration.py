@@ -198,6 +198,8 @@ class CounterCache:
                 f"{self.name}: relationship {name!r} must join on "
                 f"{mapper.class_.__name__}'s primary key; joins on other columns are not supported"
             )
+        for local, remote in prop.local_remote_pairs:
+            _same_collation(self.name, local, remote)
         child_mapper = prop.mapper
         fk_keys = []
         for key in pk_keys:
@@ -337,3 +339,22 @@ class MiddleView:
 
     def __repr__(self) -> str:
         return f"<MiddleView of {self.counter.name}>"
+
+
+#: Collations (SQLite's) under which strings that differ compare equal.
+_LOOSE = {"NOCASE", "RTRIM"}
+
+
+def _same_collation(name: str, parent_col: Any, child_col: Any) -> None:
+    """Refuse a parent key and a foreign key that compare strings differently:
+    the parent's UPDATE would match a row under one collation that the
+    relationship and the recount (``child.fk = parent.pk``) do not match
+    under the other (SQLite's ``NOCASE`` on the parent key only, say)."""
+    declared = [getattr(c.type, "collation", None) for c in (parent_col, child_col)]
+    if declared[0] == declared[1] or not any(d and d.upper() in _LOOSE for d in declared):
+        return
+    raise ConfigurationError(
+        f"{name}: {parent_col.table.name}.{parent_col.name} (collation {declared[0] or 'default'}) and "
+        f"{child_col.table.name}.{child_col.name} (collation {declared[1] or 'default'}) compare keys "
+        "differently; declare the same collation on both"
+    )

@@ -146,3 +146,31 @@ def test_string_parent_keys_equal_under_the_collation(engine, strategy):
     assert got == real
     if same:
         assert real == {"python": 6, "sql": 3}
+
+
+def test_keys_compared_under_different_collations_are_refused():
+    """SQLite ``NOCASE`` on the parent key only: the parent's UPDATE matches
+    'Python' to 'python', the relationship and the recount do not; refused
+    when mappers are configured, naming both columns."""
+    import pytest
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        name: Mapped[str] = mapped_column(String(20, collation="NOCASE"), primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        post_count: Mapped[int] = counter_cache("posts")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tag_name: Mapped[Optional[str]] = mapped_column(String(20), ForeignKey("tags.name"))
+
+    with pytest.raises(countercache.CounterCacheError,
+                       match=r"Tag\.post_count: tags\.name \(collation NOCASE\) and posts\.tag_name "
+                             r"\(collation default\) compare keys differently"):
+        configure_mappers()
+    del Tag, Post
