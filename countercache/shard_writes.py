@@ -146,6 +146,8 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
         connection = connection_for(parent)
         slot = _slot(connection)
         gone = deleted.get(parent, ())
+        if parent.string_keys:  # (the side table matches parent keys as text: the stored spelling)
+            deltas = parent.stored_spellings(connection, deltas)
         # per counter slot, looked up on first use: (its rows, its name, its shard)
         targets: dict[int, tuple[list[dict[str, Any]], str, int]] = {}
         for key, vector in deltas.items():

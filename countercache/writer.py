@@ -55,7 +55,7 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, TypeDecorator
+from sqlalchemy import String, TypeDecorator, select
 from sqlalchemy.engine import Connection
 
 from . import _registry, collation
@@ -265,6 +265,29 @@ class ParentTable(StatementForms):
                 merged[kept] = list(vector)
             else:
                 merged[kept] = [x + y for x, y in zip(merged[kept], vector)]
+        return merged
+
+    def stored_spellings(self, connection: Connection, deltas: Deltas) -> Deltas:
+        """``deltas`` keyed by the spelling the table stores for each string key
+        that its collation holds equal to another ('Python' -> 'python'): for
+        rows matched as text, not by the collation (the sharded side table's
+        ``parent_key``). A key no row has stays as given."""
+        if not self.string_keys or len(self.pk_cols) != 1:
+            return deltas
+        (column,) = self.pk_cols
+        rule = collation.rule_for(column, connection)
+        if rule.exact:
+            return deltas
+        given = [k[0] for k in deltas if isinstance(k[0], str)]
+        stored = {}
+        for start in range(0, len(given), 500):
+            for value in connection.execute(select(column).where(column.in_(given[start:start + 500]))).scalars():
+                stored[rule.normal(value, connection, self.table, column)] = value
+        merged: Deltas = {}
+        for key, vector in deltas.items():
+            if isinstance(key[0], str):
+                key = (stored.get(rule.normal(key[0], connection, self.table, column), key[0]),)
+            merged[key] = [x + y for x, y in zip(merged[key], vector)] if key in merged else list(vector)
         return merged
 
     def _known_keys(self, session: Any, rules: list[Any], connection: Connection) -> dict[Key, Key]:
