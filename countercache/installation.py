@@ -104,6 +104,13 @@ def counter_cache(
 
 def _after_mapper_constructed(mapper: Mapper[Any], class_: type) -> None:
     _registry._declared_classes.add(class_.__name__)
+    _bind_counters(mapper, class_)
+
+
+def _bind_counters(mapper: Mapper[Any], class_: type) -> None:
+    """The mapper's counter columns become its counters (also one assigned to
+    the class after its body, ``User.n = counter_cache(...)``, which
+    SQLAlchemy maps when the mappers are configured)."""
     found = False
     for column in mapper.columns:
         definition = column.info.get("countercache")
@@ -125,6 +132,7 @@ def _after_mapper_constructed(mapper: Mapper[Any], class_: type) -> None:
 
 
 def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    _bind_counters(mapper, class_)
     for column in mapper.columns:
         definition = column.info.get("countercache")
         if isinstance(definition, CounterCache) and definition.mapper is mapper and definition.parent is None:

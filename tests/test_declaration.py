@@ -168,3 +168,41 @@ def test_custom_primaryjoin_refused():
 
     with pytest.raises(CounterCacheError, match=r"User\.question_count: .*custom primaryjoin.*where="):
         configure_mappers()
+
+
+def test_a_counter_assigned_after_the_class_body_is_a_counter(engine):
+    """``User.question_count = counter_cache("questions")`` after the class body
+    (SQLAlchemy maps such a column when mappers are configured): maintained,
+    checked and guarded like one in the body (it was a plain column)."""
+    from typing import Optional
+
+    from sqlalchemy import ForeignKey, text
+    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+    import countercache
+    from countercache import counter_cache
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+
+    User.question_count = counter_cache("questions")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        user = User(id=1)
+        s.add_all([user, Question(id=1, user_id=1), Question(id=2, user_id=1)])
+        s.commit()
+        assert s.scalar(text("SELECT question_count FROM users")) == 2
+        with pytest.raises(countercache.AssignmentError):
+            user.question_count = 5
+    assert [c.name for c in countercache.check(engine)] == []
