@@ -35,6 +35,7 @@ from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values
 from .children import _child_for
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, read_foreign_keys
+from .core_statements import warn_core
 from .errors import CounterCacheError
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     mapper = state.bind_mapper
     if mapper is None:
+        warn_core(state)
         return None
     child = _child_for(mapper)
     family = _family(mapper)
@@ -357,3 +359,4 @@ def _owner(target: Mapper[Any], children: dict[Mapper[Any], Any]) -> Mapper[Any]
         if m in children:
             return m
     return None
+

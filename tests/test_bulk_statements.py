@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Optional
 
 import pytest
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ForeignKey, String, delete, insert, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
 from helpers import assert_counts, exact_value
@@ -152,3 +153,45 @@ def test_concurrent_bulk_deletes_count_once(engine, strategy):
     s2.close()
     assert not errors, errors
     assert assert_counts(engine) == {a: 0, b: 2, c: 0}
+
+
+def test_core_statements_through_the_session_warn(engine):
+    """A Core statement on a counted table, run through the session, is not
+    counted (the docs' "not maintained" list): a CounterCacheWarning names
+    the counter and points at the application's line; ORM statements and
+    Core statements that change nothing counted do not warn."""
+    import warnings as _warnings
+
+    _cc = countercache
+    _insert = insert
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(20), default="")
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = _cc.counter_cache("questions")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        title: Mapped[str] = mapped_column(String(20), default="")
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.commit()
+        with pytest.warns(_cc.CounterCacheWarning, match=r"User\.question_count: a Core INSERT on questions") as seen:
+            s.execute(Question.__table__.insert().values(id=1, user_id=1))
+        assert seen[0].filename == __file__
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error", _cc.CounterCacheWarning)
+            s.execute(_insert(Question).values(id=2, user_id=1))  # ORM: counted
+            s.execute(Question.__table__.update().values(title="x"))  # nothing counted changes
+            s.execute(User.__table__.update().values(name="y"))
+        s.commit()
+    assert [d.pk for d in _cc.check(engine)] == [1]  # (the Core INSERT, as warned)
