@@ -44,7 +44,7 @@ class FlushState:
     """What one flush has found so far (kept per session, for one flush)."""
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
-                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted",
+                 "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -79,6 +79,8 @@ class FlushState:
         self.ready_insert: set[Mapper[Any]] = set()
         #: parent table -> keys of its rows this flush inserts and has not inserted yet (see inserted_yet())
         self.uninserted: dict[ParentTable, set[tuple[Any, ...]]] = {}
+        #: many-to-many counter -> (parent key, child key) links the database's cascade removes
+        self.cascaded: dict[CounterCache, set[tuple[Any, Any]]] = {}
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)
@@ -336,7 +338,8 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
     if _suspended.get(session):
         _flushes.pop(session.hash_key, None)
     else:
-        _flushes[session.hash_key] = FlushState(session, uow)
+        fs = _flushes[session.hash_key] = FlushState(session, uow)
+        many_to_many.read_cascaded(fs)
 
 
 def _after_flush(session: Session, uow: UOWTransaction) -> None:

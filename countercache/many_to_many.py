@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Mapper
 
 from ._compat import PASSIVE_NO_INITIALIZE
@@ -97,6 +98,33 @@ def _pk(state: Any) -> tuple[Any, ...] | None:
     return None if None in key else tuple(key)
 
 
+def read_cascaded(fs: FlushState) -> None:
+    """``before_flush``: the links of deleted objects that the database, not the
+    flush, will remove (``passive_deletes=True`` on a relationship writing the
+    association table, its collection not loaded: ``ON DELETE CASCADE``),
+    read (and locked) now, while they exist; :func:`collect` counts them."""
+    if not _counters or not fs.session.deleted:
+        return
+    if not _built:
+        _build()
+    for obj in list(fs.session.deleted):
+        state = inspect(obj)
+        for counter, side, key in _sides_of(state.mapper):
+            rel = state.mapper.get_property(key)
+            if side != "child" or not rel.passive_deletes or key in state.dict or state.key is None:
+                continue
+            parent_cols = list(counter.kind.parent_cols)
+            criteria = [dest == getattr(obj, state.mapper.get_property_by_column(src).key)
+                        for src, dest in rel.synchronize_pairs]
+            connection = fs.session.connection(bind_arguments={"mapper": state.mapper})  # (no flush transaction yet)
+            stmt = select(*parent_cols).where(*criteria).order_by(*parent_cols)
+            if connection.dialect.name != "sqlite":
+                stmt = stmt.with_for_update()
+            me = tuple(state.key[1])
+            for row in connection.execute(stmt).all():
+                fs.cascaded.setdefault(counter, set()).add((tuple(row), me))
+
+
 def collect(fs: FlushState) -> None:
     """Add the deltas of the association rows this flush wrote (``after_flush``)."""
     if not _counters or fs.uow is None:
@@ -127,6 +155,8 @@ def collect(fs: FlushState) -> None:
                 pair = _pair(side, me, other)
                 if pair is not None:
                     added.add(pair)
+    for counter, pairs in fs.cascaded.items():
+        links.setdefault(counter, (set(), set()))[1].update(pairs)
     for counter, (added, removed) in links.items():
         strategy = fs.strategy(counter.strategy())
         for parent_key, _ in added - removed:
@@ -137,8 +167,6 @@ def collect(fs: FlushState) -> None:
 
 def _pair(side: str, me: tuple[Any, ...] | None, other: Any) -> tuple[Any, Any] | None:
     """``(parent key, child key)`` of a link seen from ``me``'s side."""
-    from sqlalchemy import inspect
-
     if other is None:
         return None
     other_key = _pk(inspect(other))

@@ -161,3 +161,50 @@ def test_links_written_by_any_relationship_over_the_association_table(engine, st
             s.commit()
             assert values(s, a, b) == (0, 2)
     assert_exact(engine)
+
+
+def test_links_the_database_cascade_removes(engine, strategy):
+    """``passive_deletes=True`` with ``ON DELETE CASCADE`` on the association
+    table: deleting a post whose tags are not loaded lets the database remove
+    its links; they are read (and locked) before the flush and counted."""
+    from sqlalchemy import event
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+    )
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags", passive_deletes=True)
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts", passive_deletes=True)
+
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+        engine.dispose()
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        a, b = Tag(id=1), Tag(id=2)
+        s.add_all([Post(id=1, tags=[a, b]), Post(id=2, tags=[a]), Post(id=3, tags=[b])])
+        s.commit()
+    with Session(engine) as s:
+        s.delete(s.get(Post, 1))  # tags not loaded: the database removes its two links
+        post = s.get(Post, 2)
+        post.tags  # loaded: the flush removes the link itself
+        s.delete(post)
+        s.commit()
+    assert_exact(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM post_tags")).scalar() == 1
