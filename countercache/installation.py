@@ -225,6 +225,7 @@ def uninstall() -> None:
 
 _SESSION_HOOKS = (
     ("before_flush", _before_flush),
+    ("before_flush", preread._before_flush),  # (after the one above: the flush's state exists)
     ("after_flush", _after_flush),
     ("after_flush_postexec", _after_flush_postexec),
     ("after_soft_rollback", _after_soft_rollback),

@@ -471,3 +471,55 @@ def test_bulk_delete_on_a_joined_subclass_removes_its_own_rows_only(engine, stra
         assert conn.execute(text("SELECT id, item_count, review_count FROM authors ORDER BY id")).all() == [
             (1, 2, 0), (2, 1, 0)]
         assert conn.execute(text("SELECT count(*) FROM items")).scalar() == 3
+
+
+def test_children_the_database_cascade_deletes_with_their_parent(engine, strategy):
+    """``Post.comments`` with ``passive_deletes=True`` and ``ON DELETE CASCADE``:
+    deleting a post lets the database delete its unloaded comments; their
+    other counter (``User.comment_count``) counts them out, read and locked
+    before the flush (it stayed too high)."""
+    from sqlalchemy import event
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        comments: Mapped[list["Comment"]] = relationship(viewonly=True)
+        comment_count: Mapped[int] = counter_cache("comments", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        comments: Mapped[list["Comment"]] = relationship(passive_deletes=True, cascade="all, delete-orphan")
+        comment_count: Mapped[int] = counter_cache("comments", strategy=strategy)
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[int] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"))
+        author_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+        engine.dispose()
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=1), User(id=2), Post(id=1), Post(id=2)])
+        s.flush()
+        s.add_all([Comment(id=n, post_id=1 + n % 2, author_id=1 + n % 3 // 2) for n in range(1, 8)])
+        s.commit()
+    with Session(engine) as s:
+        comment = s.get(Comment, 2)
+        s.delete(s.get(Post, 1))  # comments not loaded: the database deletes them
+        s.delete(comment)  # (deleted by the flush too: counted once)
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM comments")).scalar() == 4
+        assert conn.execute(text("SELECT sum(comment_count) FROM users")).scalar() == 4
