@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from . import collation, many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events
@@ -45,6 +44,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
+                 "early", "early_counters",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -81,6 +81,10 @@ class FlushState:
         self.uninserted: dict[ParentTable, set[tuple[Any, ...]]] = {}
         #: many-to-many counter -> (parent key, child key) links the database's cascade removes
         self.cascaded: dict[CounterCache, set[tuple[Any, Any]]] = {}
+        #: new child state -> its counted values, counted before its INSERT (MariaDB: preread._count_early)
+        self.early: dict[InstanceState[Any], dict[str, Any]] = {}
+        #: child -> the counters counted so
+        self.early_counters: dict[_Child, set[CounterCache]] = {}
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)
@@ -301,32 +305,6 @@ def flushing_session(state: InstanceState[Any]) -> Session | None:
     """The session whose counted flush is writing ``state`` (None when suspended or none)."""
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
     return fs.session if fs is not None else None
-
-
-def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:
-    """Parent mapper ``before_insert``: a new row has no children yet, whatever
-    value its object carries (a loaded object made transient and added again
-    as a copy keeps the original's counts): its counters are inserted as 0;
-    children added in the same flush are counted after the INSERT."""
-    values = state.dict
-    fs = _flushes.get(state.session_id)
-    for parent in ParentTable.of_mapper(mapper):
-        for counter in parent.counters:
-            key = counter.key
-            if values.get(key, 0) != 0:
-                set_committed_value(state.obj(), key, 0)
-        if fs is not None and parent in fs.uninserted:  # (its INSERT runs before any later row's hooks)
-            fs.uninserted[parent].discard(tuple(mapper.primary_key_from_instance(state.obj())))
-
-
-def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
-    """Parent mapper ``after_delete``: a parent with sharded counters is gone."""
-    session = flushing_session(state)
-    if session is None:
-        return
-    for parent in ParentTable.of_mapper(mapper):
-        if any(STRATEGY_CLASSES[c.strategy()].uses_shard_table for c in parent.counters):
-            transactions.parent_deleted(session, parent, tuple(state.key[1]))
 
 
 # -- session hooks ------------------------------------------------------------

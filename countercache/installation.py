@@ -32,8 +32,8 @@ from .declaration import CounterCache, MiddleView
 from .errors import ConfigurationError
 from .kinds import ManyToMany, MultiLevel
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
-                    _after_transaction_end, _before_flush, _locked, parent_deleted,
-                    parent_inserting)
+                    _after_transaction_end, _before_flush, _locked)
+from .parents import parent_deleted, parent_inserting
 from .preread import _before_delete, _before_insert, _before_write, _loaded, _refreshed
 from .shard_writes import forget_pools
 from .sidetable import check_shardable, check_shards, shard_table

@@ -18,6 +18,7 @@ from sqlalchemy import and_, inspect
 from . import through
 from ._compat import FOR_UPDATE_ARG, NO_VALUE
 from .children import _child_for
+from .strategies import STRATEGY_CLASSES
 from .flush import _GONE, _awaiting, _flushes, _locked, watch
 from .locking import _begin_sqlite_write, count_deleted, enforced_foreign_key, lock_rows, read_foreign_keys
 from .tracking import _add_removed, _add_row
@@ -57,9 +58,18 @@ def _before_write(mapper: Mapper[Any], connection: Connection, state: InstanceSt
 
 
 def _before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
-    """``before_insert`` (MariaDB/MySQL): the first row of a class in a flush
-    locks, for writing, the parents that the flush's new rows of the class
-    will be counted on (:func:`_lock_parents`)."""
+    """``before_insert`` (MariaDB/MySQL, where the database enforces the key):
+    the first row of a class in a flush writes its counters of the flush's new
+    rows before their INSERT (``bulk``, ``per_row``; :func:`_count_early`), or
+    locks their parents for writing (``deferred``; :func:`_lock_parents`).
+
+    InnoDB's foreign-key check of an INSERT share-locks the parent row; a
+    counter's UPDATE after it needs the row exclusively, and two transactions
+    adding children to one parent then wait for each other's shared lock: a
+    deadlock, in every such pair (``bench/mixed_deadlock.py``: 79 to 113 of
+    150 transactions). Holding the exclusive lock first, the check finds it
+    held by its own transaction and a second writer waits instead.
+    """
     if connection.dialect.name not in ("mysql", "mariadb"):
         return
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
@@ -67,33 +77,75 @@ def _before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceS
         return
     fs.ready_insert.add(mapper)
     child = fs.child(mapper)
-    if child is not None:
-        flags = fs.uow.states  # type: ignore[union-attr]
-        _lock_parents(fs, connection, child,
-                      [st.dict for st in _states_of(fs, child) if st.key is None and not flags[st][0]])
+    if child is None:
+        return
+    early, lock = _first_writes(fs, connection, child)
+    if not early and not lock:
+        return
+    flags = fs.uow.states  # type: ignore[union-attr]
+    every = list(_states_of(fs, child))
+    states = [st for st in every if st.key is None and not flags[st][0]]
+    if early and any(st.key is not None for st in every):
+        # rows of the class also move or go in this flush: their deltas may cancel
+        # the new rows' (a net-zero parent gets no UPDATE): lock now, write at the end
+        early, lock = [], early + lock
+    if early:
+        _count_early(fs, connection, child, states, early)
+    if lock:
+        _lock_parents(connection, lock, [st.dict for st in states])
 
 
-def _lock_parents(fs: FlushState, connection: Connection, child: _Child, rows: list[dict[str, Any]]) -> None:
-    """Lock for writing (``FOR UPDATE``, key order, tables in lock order) the
-    parent rows that ``rows`` (attribute values of child rows) point at, where
-    a counter of theirs is written in this transaction (MariaDB/MySQL only).
-
-    InnoDB's foreign-key check of an INSERT or of an UPDATE that sets the
-    key share-locks the parent row (where the database enforces the key); the counter's UPDATE then needs it
-    exclusively. Two transactions adding children to one parent both hold
-    the shared lock and wait for each other's: a deadlock, in every such
-    pair (measured: 100 of 150 transactions of ``bench/mixed_deadlock.py``).
-    Holding the exclusive lock first, the check finds it held by its own
-    transaction and the second writer waits instead.
-    """
-    wanted: dict[Any, set[tuple[Any, ...]]] = {}
-    for counter, strategy, fk_keys, _ in fs.plan(child)[0]:
+def _first_writes(fs: FlushState, connection: Connection, child: _Child) -> tuple[list[Any], list[Any]]:
+    """The child's counters whose parent row is written in this transaction,
+    behind a key the database enforces: those written at the flush, and those
+    written at the commit (``deferred``)."""
+    early, lock = [], []
+    for pair in fs.plan(child)[0]:
+        counter, strategy, fk_keys, _ = pair
         if not getattr(strategy, "writes_rows", False) or getattr(counter, "kind", None) is None \
                 or counter.parent is None:
             continue  # (the side table's rows, a multi-level middle's leaves: no parent row written here)
         columns = [child.mapper.get_property(k).columns[0] for k in fk_keys]  # type: ignore[attr-defined]
         if not enforced_foreign_key(connection, columns[0].table, columns):
             continue  # no constraint, no shared lock to upgrade: the write's own order stands
+        (lock if strategy.held else early).append(pair)
+    return early, lock
+
+
+def _count_early(fs: FlushState, connection: Connection, child: _Child, states: list[InstanceState[Any]],
+                 early: list[Any]) -> None:
+    """Write the ``early`` counters of the new rows now, before their INSERT
+    (the UPDATE takes the parent's exclusive lock: no extra statement). The
+    row's values are kept: ``after_insert`` counts only what changed since
+    (a listener of the application's that set a counted column later)."""
+    # per strategy, a writer of its own: one UPDATE per row for per_row, one in all for bulk
+    writers = {strategy.name: STRATEGY_CLASSES[strategy.name](fs) for _, strategy, _, _ in early}
+    plan = [(counter, writers[strategy.name], fk_keys, simple) for counter, strategy, fk_keys, simple in early]
+    by_row = [w for w in writers.values() if w.per_row]
+    counted = fs.early_counters.setdefault(child, set())
+    counted.update(counter for counter, _, _, _ in early)
+    for state in states:
+        values = state.dict
+        if not values.keys() >= child.key_set:
+            continue  # a value left to the database: counted after the INSERT, as usual
+        if any(None not in (key := tuple(values.get(k) for k in fk_keys))
+               and not fs.inserted_yet(counter.parent, key) for counter, _, fk_keys, _ in early):
+            continue  # a parent this flush inserts later: counted after both INSERTs
+        snapshot = {k: values[k] for k in child.keys}
+        _add_row(plan, None, snapshot)
+        fs.early[state] = snapshot
+        for writer in by_row:
+            writer.write(connection=connection)
+    for writer in writers.values():
+        writer.write(connection=connection)
+
+
+def _lock_parents(connection: Connection, pairs: list[Any], rows: list[dict[str, Any]]) -> None:
+    """Lock for writing (``FOR UPDATE``, key order, tables in lock order) the
+    parent rows of ``pairs``' counters that ``rows`` (attribute values of
+    child rows) point at."""
+    wanted: dict[Any, set[tuple[Any, ...]]] = {}
+    for counter, _, fk_keys, _ in pairs:
         for values in rows:
             key = tuple(values.get(k) for k in fk_keys)
             if None not in key:
@@ -241,9 +293,11 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         fs.old[state] = found.get(key, _GONE)
     if moving and connection.dialect.name in ("mysql", "mariadb"):
         # the UPDATE's foreign-key check share-locks the new parents: lock them,
-        # and the old ones, for writing first (one order: see _lock_parents)
-        rows = [st.dict for st in wanted.values() if not flags[st][0]]
-        _lock_parents(fs, connection, child, rows + [v for v in found.values() if v is not _GONE])
+        # and the old ones, for writing first (see _before_insert)
+        early, lock = _first_writes(fs, connection, child)
+        if early or lock:
+            rows = [st.dict for st in wanted.values() if not flags[st][0]]
+            _lock_parents(connection, early + lock, rows + [v for v in found.values() if v is not _GONE])
 
 
 def _states_of(fs: FlushState, child: _Child) -> Iterator[InstanceState[Any]]:

@@ -61,12 +61,13 @@ if TYPE_CHECKING:
 
 
 def _changed(fs: FlushState, connection: Connection, child: _Child,
-             old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
-    """Hand one child row's change (old and new foreign keys) to the strategies.
+             old: dict[str, Any] | None, new: dict[str, Any] | None, plan: Any = None) -> None:
+    """Hand one child row's change (old and new foreign keys) to the strategies
+    (``plan``: some of the child's counters only).
 
     This runs once per changed child row: keep it lean.
     """
-    pairs, per_row = fs.plan(child)
+    pairs, per_row = plan or fs.plan(child)
     _add_row(pairs, old, new)
     if per_row:
         if fs.watching:  # (a statement per row follows: not through a listener done with)
@@ -123,6 +124,9 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
     child = fs.child(mapper)
     if child is not None:
         values = state.dict
+        if fs.early and state in fs.early:  # counted before the INSERT (MariaDB): what changed since
+            _after_early_insert(fs, connection, child, state)
+            return
         single = fs.singles[child] if child in fs.singles else fs.single(child)
         if single is not None:
             counter, strategy, fk, _ = single
@@ -138,6 +142,18 @@ def _after_insert(mapper: Mapper[Any], connection: Connection, state: InstanceSt
             values = {**read_foreign_keys(connection, child, [tuple(key)], lock=None).get(tuple(key), {}),
                       **{k: v for k, v in values.items() if k in child.keys}}
         _changed(fs, connection, child, None, values)
+
+
+def _after_early_insert(fs: FlushState, connection: Connection, child: _Child, state: InstanceState[Any]) -> None:
+    """A new row whose counters were written before its INSERT
+    (:func:`countercache.preread._count_early`): those move by what changed
+    since (nothing, unless a listener set a counted column later); the
+    child's other counters count the row as usual."""
+    counted, values = fs.early.pop(state), state.dict
+    early = fs.early_counters[child]
+    pairs, per_row = fs.plan(child)
+    _add_row([p for p in pairs if p[0] in early], counted, values)
+    _changed(fs, connection, child, None, values, ([p for p in pairs if p[0] not in early], per_row))
 
 
 def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
