@@ -140,8 +140,9 @@ class FlushState:
         return self.connection_for_mapper(parent.mapper)
 
     def connection_for_mapper(self, mapper: Mapper[Any]) -> Connection:
-        if self.uow is not None:
-            return self.uow.transaction.connection(mapper)
+        transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
+        if transaction is not None:
+            return transaction.connection(mapper)
         return self.session.connection(bind_arguments={"mapper": mapper})
 
     def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
