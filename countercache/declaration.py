@@ -27,10 +27,9 @@ from sqlalchemy.orm import Mapper, MapperProperty, RelationshipProperty
 from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
 from . import _registry, config
-from ._compat import single_table_criterion
 from .errors import ConfigurationError
 from .expressions import compile_evaluator, resolve, sql_text
-from .kinds import Count, Filtered, Kind, ManyToMany, MultiLevel
+from .kinds import Count, Filtered, Kind, ManyToMany, MultiLevel, rows_of_class
 
 if TYPE_CHECKING:
     from sqlalchemy import Column
@@ -254,7 +253,7 @@ class CounterCache:
 
     def _rows(self, child: Mapper[Any], fk_keys: tuple[str, ...]) -> Count:
         rows = self._rows_of(child, fk_keys)
-        of_class = single_table_criterion(child)
+        of_class = rows_of_class(child, child.get_property(fk_keys[0]).columns[0].table)  # type: ignore[attr-defined]
         if of_class is not None:  # the migration's backfill counts this class's rows only
             self.where_sql = sql_text(of_class) + ("" if self.where_sql is None else f" AND ({self.where_sql})")
         return rows

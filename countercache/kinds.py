@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import and_, func, literal, select
+from sqlalchemy import and_, exists, func, literal, select
 from sqlalchemy.sql.util import ClauseAdapter, find_tables
 
 from ._compat import single_table_criterion
@@ -34,6 +34,17 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
 
 __all__ = ["Kind", "Count", "Filtered", "ManyToMany", "MultiLevel"]
+
+
+def rows_of_class(mapper: Mapper[Any], table: Any) -> Any:
+    """The condition picking ``mapper``'s rows from ``table`` (None: every row):
+    a single-table subclass's discriminator, or, for a joined subclass counted
+    by a column of its base's table, that its own table has the row."""
+    found = single_table_criterion(mapper)
+    if found is None and mapper.inherits is not None and mapper.local_table is not table \
+            and mapper.inherit_condition is not None:
+        found = exists().where(mapper.inherit_condition)
+    return found
 
 
 class Kind:
@@ -100,8 +111,7 @@ class Count(Kind):
         return [self.child_mapper.get_property(k).columns[0] for k in self.fk_keys]  # type: ignore[attr-defined]
 
     def condition(self) -> Any:
-        # a single-table-inheritance subclass: its rows only
-        return single_table_criterion(self.child_mapper)
+        return rows_of_class(self.child_mapper, self.key_columns()[0].table)
 
 
 @dataclass(eq=False)
@@ -184,7 +194,8 @@ class MultiLevel(Kind):
         return self.leaf.row_value()
 
     def condition(self) -> Any:
-        found = [c for c in (self.leaf.condition(), single_table_criterion(self.middle_mapper)) if c is not None]
+        middle = rows_of_class(self.middle_mapper, self.key_columns()[0].table)
+        found = [c for c in (self.leaf.condition(), middle) if c is not None]
         return and_(*found) if len(found) > 1 else found[0] if found else None
 
     def aggregate(self, values: Any = None) -> Any:
