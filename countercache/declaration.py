@@ -159,6 +159,13 @@ class CounterCache:
                 f"{mapper.class_.__name__} and {middle_mapper.class_.__name__} "
                 "(unsupported construct)"
             )
+        tables = [m.get_property(k).columns[0].table  # type: ignore[attr-defined]
+                  for m, k in ((middle_mapper, middle_fk_keys[0]), (leaf_mapper, leaf_fk_keys[0]))]
+        if len({mapper.local_table, *tables}) < 3:
+            raise ConfigurationError(
+                f"{self.name}: a multi-level counter through a self-referential relationship "
+                f"({self.relationship!r}: one table at two levels) is not supported (unsupported construct)"
+            )
         leaf = self._rows(leaf_mapper, leaf_fk_keys)
         self.kind = MultiLevel(middle_mapper, middle_fk_keys, leaf)
         self._feed(leaf)

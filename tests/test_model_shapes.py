@@ -575,3 +575,24 @@ def test_joined_subclass_counted_by_a_base_table_column_is_recounted_as_its_clas
     with engine.connect() as conn:
         assert conn.execute(text("SELECT book_count FROM owners")).scalar() == 2
     assert "EXISTS" in Owner.__table__.c.book_count.info["countercache"].where_sql
+
+
+def test_multi_level_through_a_self_referential_relationship_is_refused():
+    """``Comment.grand_count = counter_cache("replies.replies")``: one table at
+    two levels (its recount failed to run on every backend): refused when
+    mappers are configured."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("comments.id"))
+        replies: Mapped[list["Comment"]] = relationship()
+        grand_count: Mapped[int] = counter_cache("replies.replies")
+
+    with pytest.raises(countercache.CounterCacheError,
+                       match=r"Comment\.grand_count: a multi-level counter through a self-referential relationship"):
+        configure_mappers()
+    del Comment
