@@ -119,7 +119,8 @@ def guard_discriminator(child_mapper: Any) -> None:
         )
 
     if not any(a is attribute for a, _ in _guarded):
-        event.listen(attribute, "set", refuse, retval=True, propagate=True)
+        # (active_history: an expired discriminator is loaded, to compare with)
+        event.listen(attribute, "set", refuse, retval=True, propagate=True, active_history=True)
         _guarded.append((attribute, refuse))
 
 
