@@ -218,6 +218,23 @@ class CounterCache:
                 ) from None
         return child_mapper, tuple(fk_keys)
 
+    def check_association_class(self) -> None:
+        """Refuse a many-to-many counter whose association table a class also
+        maps (``class Enrolment: __table__ = enrolment``): rows that class
+        writes are links no relationship event reports."""
+        kind = self.kind
+        if not isinstance(kind, ManyToMany):
+            return
+        for registry in {self.mapper.registry, kind.child_mapper.registry}:  # type: ignore[union-attr]
+            for mapper in registry.mappers:
+                if kind.secondary in mapper.tables:
+                    raise ConfigurationError(
+                        f"{self.name}: its association table {kind.secondary.name} is also mapped by "
+                        f"{mapper.class_.__name__}, whose rows are links the counter could not follow; count "
+                        f"them with counter_cache over a one-to-many relationship to {mapper.class_.__name__} "
+                        "(unsupported construct)"
+                    )
+
     def check_post_update(self) -> None:
         """Once every mapper is configured: no relationship writes a counted foreign
         key with ``post_update=True`` (a second UPDATE that no row event reports)."""

@@ -153,6 +153,7 @@ def _after_configured() -> None:
     for counter in _registry.all_counters():
         if counter.kind is not None and not counter.__dict__.get("_checked"):
             counter.check_post_update()
+            counter.check_association_class()
             counter._checked = True
 
 

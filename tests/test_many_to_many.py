@@ -208,3 +208,39 @@ def test_links_the_database_cascade_removes(engine, strategy):
     assert_exact(engine)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM post_tags")).scalar() == 1
+
+
+def test_an_association_table_mapped_by_a_class_is_refused():
+    """``class Enrolment: __table__ = enrolment`` beside a many-to-many counter
+    over that table: its rows are links no relationship event reports (they
+    were never counted); refused when mappers are configured, with the way
+    that counts them."""
+    import pytest
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(DeclarativeBase):
+        pass
+
+    enrolment = Table(
+        "enrolment", Base.metadata,
+        Column("student_id", ForeignKey("students.id"), primary_key=True),
+        Column("course_id", ForeignKey("courses.id"), primary_key=True),
+    )
+
+    class Course(Base):
+        __tablename__ = "courses"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        students: Mapped[list["Student"]] = relationship(secondary=enrolment, viewonly=True)
+        student_count: Mapped[int] = counter_cache("students")
+
+    class Student(Base):
+        __tablename__ = "students"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Enrolment(Base):
+        __table__ = enrolment
+
+    with pytest.raises(countercache.CounterCacheError,
+                       match=r"Course\.student_count: its association table enrolment is also mapped by Enrolment"):
+        configure_mappers()
+    del Course, Student, Enrolment
