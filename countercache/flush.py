@@ -83,8 +83,8 @@ class FlushState:
         self.cascaded: dict[CounterCache, set[tuple[Any, Any]]] = {}
         #: new child state -> its counted values, counted before its INSERT (MariaDB: preread._count_early)
         self.early: dict[InstanceState[Any], dict[str, Any]] = {}
-        #: child -> the counters counted so
-        self.early_counters: dict[_Child, set[CounterCache]] = {}
+        #: child -> (its plan's pairs counted so, (the other pairs, per-row strategies))
+        self.early_counters: dict[_Child, Any] = {}
         #: child -> its one plain count, for the row hooks' short way (see single())
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)

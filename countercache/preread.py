@@ -122,8 +122,11 @@ def _count_early(fs: FlushState, connection: Connection, child: _Child, states: 
     writers = {strategy.name: STRATEGY_CLASSES[strategy.name](fs) for _, strategy, _, _ in early}
     plan = [(counter, writers[strategy.name], fk_keys, simple) for counter, strategy, fk_keys, simple in early]
     by_row = [w for w in writers.values() if w.per_row]
-    counted = fs.early_counters.setdefault(child, set())
-    counted.update(counter for counter, _, _, _ in early)
+    # the flush's own plan, split: these counters (corrections only, after the
+    # INSERT) and the others (counted after it as usual)
+    pairs, per_row = fs.plan(child)
+    fs.early_counters[child] = ([p for p in pairs if p in early],
+                                ([p for p in pairs if p not in early], per_row))
     for state in states:
         values = state.dict
         if not values.keys() >= child.key_set:

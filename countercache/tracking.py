@@ -150,10 +150,11 @@ def _after_early_insert(fs: FlushState, connection: Connection, child: _Child, s
     since (nothing, unless a listener set a counted column later); the
     child's other counters count the row as usual."""
     counted, values = fs.early.pop(state), state.dict
-    early = fs.early_counters[child]
-    pairs, per_row = fs.plan(child)
-    _add_row([p for p in pairs if p[0] in early], counted, values)
-    _changed(fs, connection, child, None, values, ([p for p in pairs if p[0] not in early], per_row))
+    early_pairs, rest = fs.early_counters[child]
+    if any(values.get(k) != v for k, v in counted.items()):
+        _add_row(early_pairs, counted, values)
+    if rest[0]:
+        _changed(fs, connection, child, None, values, rest)
 
 
 def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceState[Any]) -> None:
