@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import through, tracking
+from . import cascades, through, tracking
 from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, single_table_criterion,
                       statement_prefixes, statement_values)
 from .children import _child_for
@@ -51,7 +51,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     child = _child_for(mapper)
     family = _family(mapper)
-    if child is None and not family:
+    cascading = state.is_delete and cascades.reaches_counted(mapper)
+    if child is None and not family and not cascading:
         return None
     if is_suspended(state.session):
         if not state.is_insert:
@@ -65,6 +66,10 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         autoflush(state.session)
     if not state.is_insert:
         forget_locked(state.session)  # rows may change behind the loaded objects
+    if cascading:  # rows the database deletes with the statement's: read, locked and counted first
+        keys = _cascade_first(state, mapper)
+        if child is None and not family:
+            return state.invoke_statement(statement=_restricted(state.statement, mapper, None, keys))
     if family:  # rows of subclasses that count differently: each row as its class
         return _by_class(state, mapper, family)
     if state.is_insert:
@@ -72,6 +77,23 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if state.is_delete:
         return _delete(state, mapper, child)
     return _update(state, mapper, child)
+
+
+def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[Any, ...]]:
+    """A DELETE whose rows take others along (``ON DELETE CASCADE``): its rows
+    locked in key order, and what goes with them counted out
+    (:mod:`countercache.cascades`); the statement then deletes exactly those."""
+    pk = list(mapper.local_table.primary_key.columns)
+    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    connection = state.session.connection(bind_arguments={"mapper": mapper})
+    stmt = select(*pk).where(*where).order_by(*pk)
+    if connection.dialect.name != "sqlite":
+        stmt = stmt.with_for_update()
+    keys = [tuple(row) for row in connection.execute(stmt).all()]
+    fs = FlushState(state.session, None)
+    cascades.from_rows(fs, mapper, keys)
+    fs.finish()
+    return keys
 
 
 def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper
 
 from ._compat import PASSIVE_NO_INITIALIZE
@@ -173,3 +173,42 @@ def _pair(side: str, me: tuple[Any, ...] | None, other: Any) -> tuple[Any, Any] 
     if me is None or other_key is None:
         return None
     return (me, other_key) if side == "parent" else (other_key, me)
+
+
+def cascaded_links(mapper: Mapper[Any]) -> list[tuple[CounterCache, list[Any]]]:
+    """``(counter, association columns referring to mapper's key)`` where the
+    database deletes a counter's links with ``mapper``'s rows (``ON DELETE
+    CASCADE`` on the child side of the association table)."""
+    found = []
+    pk = list(mapper.primary_key)
+    for counter in _counters:
+        kind = counter.kind
+        if kind is None:
+            continue
+        refs = {fk.column: fk.parent for fk in kind.secondary.foreign_keys
+                if fk.parent not in kind.parent_cols and fk.ondelete and fk.ondelete.upper() == "CASCADE"}
+        if all(col in refs for col in pk):
+            found.append((counter, [refs[col] for col in pk]))
+    return found
+
+
+def count_cascaded_links(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]]) -> None:
+    """Read (and lock) the links the database deletes with ``mapper``'s rows
+    ``keys``; counted by :func:`collect` in a flush, at once otherwise."""
+    for counter, columns in cascaded_links(mapper):
+        parent_cols = list(counter.kind.parent_cols)
+        connection = fs.session.connection(bind_arguments={"mapper": mapper})
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            where = columns[0].in_([k[0] for k in chunk]) if len(columns) == 1 else \
+                tuple_(*columns).in_(chunk)
+            stmt = select(*parent_cols, *columns).where(where)
+            if connection.dialect.name != "sqlite":
+                stmt = stmt.with_for_update()
+            n = len(parent_cols)
+            for row in connection.execute(stmt).all():
+                pair = (tuple(row[:n]), tuple(row[n:]))
+                if fs.uow is not None:
+                    fs.cascaded.setdefault(counter, set()).add(pair)
+                else:
+                    fs.strategy(counter.strategy()).add(counter, pair[0], -1)

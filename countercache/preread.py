@@ -13,9 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import and_, inspect
-
-from . import through
+from . import cascades, through
 from ._compat import FOR_UPDATE_ARG, NO_VALUE
 from .children import _child_for
 from .strategies import STRATEGY_CLASSES
@@ -161,41 +159,7 @@ def _before_flush(session: Session, uow: Any, instances: Any) -> None:
     """Session ``before_flush`` (after :mod:`countercache.flush`'s, which starts the flush's state)."""
     fs = _flushes.get(session.hash_key)
     if fs is not None and session.deleted:
-        read_db_cascades(fs)
-
-
-def read_db_cascades(fs: FlushState) -> None:
-    """``before_flush``: children that the database will delete with a parent
-    the flush deletes (``passive_deletes=True``, the collection not loaded,
-    ``ON DELETE CASCADE`` on the foreign key) are read and locked now, while
-    they exist, and counted as deleted for their other counters
-    (``User.comment_count`` when a post takes its comments along)."""
-    session = fs.session
-    for obj in list(session.deleted):
-        state = inspect(obj)
-        if state.key is None:
-            continue
-        for rel in state.mapper.relationships:
-            if not rel.passive_deletes or rel.secondary is not None or rel.key in state.dict \
-                    or rel.direction.name != "ONETOMANY":
-                continue
-            child = _child_for(rel.mapper)
-            if child is None or child.views:
-                continue
-            pairs = rel.local_remote_pairs
-            if not all(any(fk.ondelete and fk.ondelete.upper() == "CASCADE" and fk.column is local
-                           for fk in remote.foreign_keys) for local, remote in pairs):
-                continue  # (no cascade: the database refuses the delete, or sets the key NULL)
-            criteria = and_(*(remote == getattr(obj, state.mapper.get_property_by_column(local).key)
-                              for local, remote in pairs))
-            connection = session.connection(bind_arguments={"mapper": rel.mapper})
-            found = read_foreign_keys(connection, child, where=criteria, lock="update")
-            deleted_too = {inspect(o).key for o in session.deleted}
-            rows = [(old, None) for key, old in found.items()
-                    if rel.mapper.identity_key_from_primary_key(list(key)) not in deleted_too]
-            plan = fs.plan(child)[0]
-            for old, new in rows:
-                _add_row(plan, old, new)
+        cascades.from_deleted_objects(fs)
 
 
 def forget_watched() -> None:

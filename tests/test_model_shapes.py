@@ -599,3 +599,81 @@ def test_multi_level_through_a_self_referential_relationship_is_refused():
                        match=r"Comment\.grand_count: a multi-level counter through a self-referential relationship"):
         configure_mappers()
     del Comment
+
+
+def test_nested_database_cascades_from_the_orm_and_from_bulk_deletes(engine, strategy):
+    """users -> posts -> comments, each level ``passive_deletes=True`` with
+    ``ON DELETE CASCADE``, and posts linked to tags (the association rows
+    cascade too): ``session.delete(user)`` and ORM bulk ``delete(User)`` /
+    ``delete(Post)`` count out every row the database deletes along, at any
+    depth (they drifted silently; found by an outside try)."""
+    from sqlalchemy import Column, Table, delete, event
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+    )
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        comments: Mapped[list["Comment"]] = relationship(viewonly=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags")
+        comment_count: Mapped[int] = counter_cache("comments", strategy=strategy)
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(passive_deletes=True, cascade="all, delete-orphan")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+        comments: Mapped[list["Comment"]] = relationship(passive_deletes=True, cascade="all, delete-orphan")
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts", passive_deletes=True)
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[int] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"))
+        tag_id: Mapped[Optional[int]] = mapped_column(ForeignKey("tags.id"))
+
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+        engine.dispose()
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        tags = [Tag(id=1), Tag(id=2)]
+        s.add_all(tags + [User(id=n) for n in (1, 2, 3)])
+        s.flush()
+        for p in range(1, 7):
+            s.add(Post(id=p, user_id=1 + (p - 1) // 2, tags=tags[: 1 + p % 2]))
+        s.flush()
+        s.add_all([Comment(id=c, post_id=1 + c % 6, tag_id=1 + c % 2) for c in range(1, 13)])
+        s.commit()
+
+    def exact():
+        assert countercache.check(engine) == []
+        if strategy == "sharded":
+            countercache.fold(engine)
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT comment_count, post_count FROM tags ORDER BY id")).all()
+
+    assert exact() == [(6, 6), (6, 3)]
+    with Session(engine) as s:
+        s.delete(s.get(User, 1))  # posts 1, 2 and their comments, by the database
+        s.commit()
+    assert exact() == [(4, 4), (4, 2)]
+    with Session(engine) as s:
+        s.execute(delete(Post).where(Post.id == 3))
+        s.execute(delete(User).where(User.id == 3))  # posts 5, 6 and their comments
+        s.commit()
+    assert exact() == [(0, 1), (2, 0)]  # post 4 (tag 1) and its comments 3, 9 (tag 2) remain

@@ -1,0 +1,126 @@
+"""Rows the database deletes by ``ON DELETE CASCADE`` with a row the ORM deletes (private).
+
+``passive_deletes=True`` leaves a parent's children to the database: the
+flush (or an ORM bulk ``DELETE``) deletes the parent row and the foreign
+keys' ``ON DELETE CASCADE`` deletes its children, their children, and the
+association rows of many-to-many links. No ORM event reports those rows.
+Before the parent goes, they are read here, locked, and counted out of
+their counters: one ``SELECT ... FOR UPDATE`` per cascading relationship
+and level (at most :data:`MAX_DEPTH` levels).
+
+A cascade is followed where every column of the child's foreign key says
+``ondelete="CASCADE"`` in the metadata and refers to the parent's primary
+key. Rows the flush deletes itself (objects given to ``session.delete()``)
+are counted by the flush, not here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, inspect, or_, select, tuple_
+
+from . import many_to_many
+from .children import _child_for
+from .locking import child_primary_key, read_foreign_keys
+from .tracking import _add_row
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper
+
+    from .flush import FlushState
+
+__all__ = ["from_deleted_objects", "from_rows", "reaches_counted"]
+
+#: Levels of cascades followed below a deleted row.
+MAX_DEPTH = 8
+#: Keys per IN list.
+CHUNK = 500
+
+
+def _cascading(mapper: Mapper[Any]) -> list[Any]:
+    """``mapper``'s one-to-many relationships whose rows the database deletes with its rows."""
+    found = []
+    pk = set(mapper.primary_key)
+    for rel in mapper.relationships:
+        if not rel.passive_deletes or rel.secondary is not None or rel.direction.name != "ONETOMANY":
+            continue
+        pairs = rel.local_remote_pairs
+        if {local for local, _ in pairs} != pk:
+            continue
+        if all(any(fk.ondelete and fk.ondelete.upper() == "CASCADE" and fk.column is local
+                   for fk in remote.foreign_keys) for local, remote in pairs):
+            found.append(rel)
+    return found
+
+
+def reaches_counted(mapper: Mapper[Any], depth: int = 0) -> bool:
+    """Does deleting ``mapper``'s rows make the database delete counted rows (or links)?"""
+    if many_to_many.cascaded_links(mapper):
+        return True
+    for rel in _cascading(mapper):
+        child = _child_for(rel.mapper)
+        if child is not None or (depth < MAX_DEPTH and reaches_counted(rel.mapper, depth + 1)):
+            return True
+    return False
+
+
+def _criteria(rel: Any, mapper: Mapper[Any], keys: list[tuple[Any, ...]]) -> list[Any]:
+    """WHERE clauses picking ``rel``'s rows of the parent rows ``keys``, in chunks."""
+    remote = {local: remote for local, remote in rel.local_remote_pairs}
+    columns = [remote[col] for col in mapper.primary_key]
+    found = []
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start:start + CHUNK]
+        if len(columns) == 1:
+            found.append(columns[0].in_([k[0] for k in chunk]))
+        else:
+            found.append(or_(*(and_(*(c == v for c, v in zip(columns, k))) for k in chunk))
+                         if len(chunk) < 10 else tuple_(*columns).in_(chunk))
+    return found
+
+
+def from_rows(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]], *, skip: Any = frozenset(),
+              loaded: Any = None, links: bool = True, depth: int = 0) -> None:
+    """Count out what the database deletes with ``mapper``'s rows ``keys``:
+    counted children (their other counters), recursively, and many-to-many
+    links (unless ``links`` is false: the flush counts a deleted object's own).
+    ``skip``: identity keys of rows the flush deletes itself; ``loaded``: the
+    deleted object's loaded attributes (a loaded collection is the ORM's)."""
+    session = fs.session
+    if links and keys:
+        many_to_many.count_cascaded_links(fs, mapper, keys)
+    for rel in _cascading(mapper):
+        if loaded is not None and rel.key in loaded:
+            continue
+        target = rel.mapper
+        connection = session.connection(bind_arguments={"mapper": target})
+        child = _child_for(target)
+        below: list[tuple[Any, ...]] = []
+        for criterion in _criteria(rel, mapper, keys):
+            if child is not None and not child.views and child_primary_key(child) == list(target.primary_key):
+                found = read_foreign_keys(connection, child, where=criterion, lock="update")
+                plan = fs.plan(child)[0]
+                for key, old in found.items():
+                    if target.identity_key_from_primary_key(list(key)) not in skip:
+                        _add_row(plan, old, None)
+                below.extend(found)
+            else:
+                stmt = select(*target.primary_key).where(criterion)
+                if connection.dialect.name != "sqlite":
+                    stmt = stmt.with_for_update()
+                below.extend(tuple(row) for row in connection.execute(stmt).all())
+        if below and depth < MAX_DEPTH:
+            from_rows(fs, target, below, skip=skip, depth=depth + 1)
+
+
+def from_deleted_objects(fs: FlushState) -> None:
+    """``before_flush``: what the database deletes with the objects given to
+    ``session.delete()`` (their own many-to-many links are the flush's:
+    :func:`countercache.many_to_many.read_cascaded`)."""
+    deleted = list(fs.session.deleted)
+    skip = {inspect(o).key for o in deleted}
+    for obj in deleted:
+        state = inspect(obj)
+        if state.key is not None and _cascading(state.mapper):
+            from_rows(fs, state.mapper, [tuple(state.key[1])], skip=skip, loaded=state.dict, links=False)
