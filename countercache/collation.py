@@ -259,6 +259,19 @@ def compare(op: str, column: Column[Any], mapper: Mapper[Any], a: str, b: str, e
     return rule.compare(op, a, b, connection)
 
 
+def dialect_of(mapper: Mapper[Any]) -> Any:
+    """The dialect of the database the flush evaluating now writes ``mapper``'s rows to."""
+    ref = _active.get()
+    state = ref() if ref is not None else None
+    if state is None:
+        return None
+    key = ("dialect", mapper)
+    found = state.collations.get(key)
+    if found is None:
+        found = state.collations[key] = state.connection_for_mapper(mapper).dialect
+    return found
+
+
 def dialect_name(mapper: Mapper[Any]) -> str | None:
     """The name of the database the flush evaluating now writes ``mapper``'s rows to (None outside a flush)."""
     ref = _active.get()

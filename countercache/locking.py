@@ -11,10 +11,11 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Float, Integer, Numeric, Text, any_, bindparam, cast, func, select, text, true, tuple_, type_coerce
+from sqlalchemy import Double, Float, Integer, Numeric, Text, any_, bindparam, cast, func, select, text, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._compat import driver_in_transaction, single_table_criterion
+from .values import single_precision
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -80,16 +81,22 @@ def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]
 
 
 def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key: bool = True,
-                    dialect: str = "") -> Any:
+                    dialect: Any = None) -> Any:
     """``SELECT [pk,] counted values WHERE criteria ORDER BY pk`` with its row lock."""
     mapper = child.mapper
     pk = child_primary_key(child)
     value_cols = [mapper.get_property(k).columns[0] for k in child.keys]  # type: ignore[attr-defined]
     read = value_cols
-    if dialect == "sqlite":
+    name = getattr(dialect, "name", "")
+    if name == "sqlite":
         # SQLite keeps a Numeric as the number given (10.004 in a Numeric(12, 2)),
         # which SQLAlchemy's type rounds when reading: read what SQL compares
         read = [type_coerce(c, Float()) if isinstance(c.type, Numeric) and not isinstance(c.type, Float) else c
+                for c in value_cols]
+    elif name in ("mysql", "mariadb"):
+        # MariaDB sends a single-precision FLOAT as text of 6 digits (16777216 as
+        # 1.67772e7): read the exact value, as SUM() and comparisons use it
+        read = [cast(c, Double()) if isinstance(c.type, Float) and single_precision(c.type, dialect) else c
                 for c in value_cols]
     stmt = select(*pk, *read) if with_key else select(*read)
     if len({col.table for col in value_cols}) > 1:
@@ -117,7 +124,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
     for criterion in criteria:
-        rows = connection.execute(_locking_select(child, criterion, lock, dialect=connection.dialect.name)).all()  # one fetchall, not a fetchone per row
+        rows = connection.execute(_locking_select(child, criterion, lock, dialect=connection.dialect)).all()  # one fetchall, not a fetchone per row
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
@@ -141,7 +148,7 @@ def count_deleted(connection: Connection, child: _Child,
     value_keys = child.keys
     counts: dict[tuple[Any, ...], int] = {}
     for criterion in _criteria(connection, child, keys):
-        stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect.name)
+        stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect)
         if connection.dialect.name == "postgresql":
             locked = stmt.subquery()
             cols = list(locked.c)

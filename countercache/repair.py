@@ -33,13 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import REAL, Float, Integer, Numeric, TypeDecorator, and_, func, select, tuple_
+from sqlalchemy import Float, Integer, Numeric, TypeDecorator, and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, configure_mappers
 
 from . import _registry, commit, memory, transactions
 from .errors import CounterCacheError
 from .sidetable import pending_expression
+from .values import single_precision
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -131,7 +132,7 @@ def resolve_counters(counters: tuple[Any, ...]) -> list[CounterCache]:
     return found
 
 
-def differs(stored: Any, actual: Any, type_: Any, dialect: str) -> Any:
+def differs(stored: Any, actual: Any, type_: Any, dialect: Any, summed: Any = None) -> Any:
     """SQL that is true where a counter's stored value and its recount differ
     in what the column can hold: exactly for integers and exact decimals;
     rounded to the column's scale for a ``Numeric`` that SQLite keeps as a
@@ -142,18 +143,13 @@ def differs(stored: Any, actual: Any, type_: Any, dialect: str) -> Any:
         type_ = type_.impl_instance
     if isinstance(type_, Integer) or not isinstance(type_, (Numeric, Float)):
         return stored != actual
-    floating = isinstance(type_, Float) or dialect == "sqlite"
+    floating = isinstance(type_, Float) or dialect.name == "sqlite"
     if not floating:
         return stored != actual  # an exact decimal column
     scale = getattr(type_, "scale", None)
     if not isinstance(type_, Float) and scale is not None:  # Numeric(p, s) on SQLite
         return func.round(stored, scale) != func.round(actual, scale)
-    precision = getattr(type_, "precision", None)
-    single = (
-        (dialect in ("mysql", "mariadb") and not isinstance(type_, REAL) and type(type_).__name__ != "DOUBLE"
-         and (precision is None or precision <= 24))
-        or (dialect == "postgresql" and (isinstance(type_, REAL) or precision is not None and precision <= 24))
-    )
+    single = any(t is not None and single_precision(t, dialect) for t in (type_, summed))
     tolerance = SINGLE_TOLERANCE if single else DOUBLE_TOLERANCE
     return func.abs(stored - actual) > tolerance * (func.abs(stored) + func.abs(actual))
 
@@ -192,7 +188,10 @@ class _Sql:
 
     def differs(self, conn: Connection) -> Any:
         """``stored <> actual`` at the column's precision (see :func:`differs`)."""
-        return differs(self.stored, self.actual, self.column.type, conn.dialect.name)
+        kind = self.counter.kind
+        summed = getattr(getattr(kind, "leaf", kind), "sum", None)  # (a REAL summed into a double column)
+        return differs(self.stored, self.actual, self.column.type, conn.dialect,
+                       summed.type if summed is not None else None)
 
     def drifts(self, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
         actual = self.actual.label("actual")

@@ -18,13 +18,39 @@ import struct
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Callable
 
-from sqlalchemy import REAL, Float, Integer, Numeric, TypeDecorator
+from sqlalchemy import Float, Integer, Numeric, TypeDecorator
 
-from .collation import dialect_name
+from .collation import dialect_name, dialect_of
 
-__all__ = ["as_stored"]
+__all__ = ["as_stored", "single_precision"]
 
 _ROUNDING = ("postgresql", "mysql", "mariadb")
+
+
+_SINGLE: dict[tuple[Any, str], bool] = {}
+
+
+def single_precision(type_: Any, dialect: Any) -> bool:
+    """Does the column keep single-precision floats on this database (PostgreSQL
+    ``REAL`` / ``FLOAT(p <= 24)``, MariaDB/MySQL ``FLOAT``; a ``with_variant()``
+    type as its variant there)? Read from the type's DDL for ``dialect``."""
+    key = (type_, dialect.name)
+    found = _SINGLE.get(key)
+    if found is None:
+        try:
+            ddl = str(type_.compile(dialect=dialect)).upper()
+        except Exception:  # noqa: BLE001 - a type the dialect cannot render: as double precision
+            ddl = ""
+        digits = ddl[ddl.find("(") + 1:ddl.find(")")].split(",")[0] if "(" in ddl else ""
+        precision = int(digits) if digits.strip().isdigit() else None
+        if dialect.name == "postgresql":
+            found = ddl.startswith("REAL") or ddl.startswith("FLOAT") and precision is not None and precision <= 24
+        elif dialect.name in ("mysql", "mariadb"):
+            found = ddl.startswith("FLOAT") and (precision is None or precision <= 24)
+        else:
+            found = False
+        _SINGLE[key] = found
+    return found
 
 
 def as_stored(type_: Any, mapper: Any) -> Callable[[Any], Any] | None:
@@ -40,7 +66,6 @@ def as_stored(type_: Any, mapper: Any) -> Callable[[Any], Any] | None:
         kind = "numeric"
     scale = getattr(type_, "scale", None)
     asdecimal = getattr(type_, "asdecimal", kind == "numeric")
-    precision = getattr(type_, "precision", None)
 
     def stored(value: Any) -> Any:
         if value is None or type(value) is int or isinstance(value, bool):
@@ -64,9 +89,8 @@ def as_stored(type_: Any, mapper: Any) -> Callable[[Any], Any] | None:
                 return round(value)  # (half to even, as the servers convert a float)
             return int(Decimal(value).quantize(Decimal(1), ROUND_HALF_UP))
         if kind == "float":
-            single = (dialect != "postgresql" and not isinstance(type_, REAL) and (precision is None or precision <= 24)
-                      or dialect == "postgresql" and (isinstance(type_, REAL) or precision is not None and precision <= 24))
             value = float(value)
+            single = single_precision(type_, dialect_of(mapper))
             return struct.unpack("f", struct.pack("f", value))[0] if single else value
         digits = scale if scale is not None else (0 if dialect != "postgresql" else None)
         if digits is None:

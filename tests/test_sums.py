@@ -141,3 +141,48 @@ def test_values_are_counted_as_the_column_stores_them(engine, strategy):
         got = conn.execute(text("SELECT big, exactly_ten, many FROM customers")).one()
     if engine.dialect.name != "sqlite":
         assert tuple(got) == (3, 3, 2)  # 10.00, 10.00, 10.00, 0.00; qty 2, 3, 3, 1
+
+
+@pytest.mark.servers_only  # (SQLite has no single-precision column)
+def test_single_precision_columns_count_the_stored_float(engine, strategy):
+    """A ``REAL`` column (``FLOAT`` on MariaDB, through ``with_variant``) keeps
+    0.1 as 0.100000001 and 16777217 as 16777216: ``where=x == 0.1`` counts
+    nothing, as SQL does, and a sum moves by the stored values (MariaDB sends
+    such a FLOAT as 6 digits of text: the pre-read reads it exactly)."""
+    from sqlalchemy import Double, insert
+    from sqlalchemy.dialects import mysql
+
+    class Base(DeclarativeBase):
+        pass
+
+    class P(Base):
+        __tablename__ = "p"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kids: Mapped[list["K"]] = relationship()
+        tenth: Mapped[int] = counter_cache("kids", strategy=strategy, where=lambda: K.x == 0.1)
+        if strategy != "sharded":
+            total = counter_cache("kids", strategy=strategy, sum="x", type_=Double)
+
+    class K(Base):
+        __tablename__ = "k"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        p_id: Mapped[Optional[int]] = mapped_column(ForeignKey("p.id"))
+        x = mapped_column(REAL().with_variant(mysql.FLOAT(), "mysql", "mariadb"))
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(P(id=1))
+        s.flush()
+        s.add_all([K(id=1, p_id=1, x=0.1), K(id=2, p_id=1, x=16777217.0)])
+        s.commit()
+        s.get(K, 2).x = 1.0
+        s.commit()
+        s.execute(insert(K), [{"id": 3, "p_id": 1, "x": "0.1"}])
+        s.commit()
+    assert countercache.check(engine) == []
+    if strategy == "sharded":
+        countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT tenth FROM p")).scalar() == 0
