@@ -125,6 +125,15 @@ def _count_early(fs: FlushState, connection: Connection, child: _Child, states: 
     pairs, per_row = fs.plan(child)
     fs.early_counters[child] = ([p for p in pairs if p in early],
                                 ([p for p in pairs if p not in early], per_row))
+    if by_row and len(states) > 1:
+        # one UPDATE per row, rows in their parents' key order: every writer
+        # then locks parents in one order (the rows' own order would not)
+        order = sorted(early, key=lambda pair: pair[0].parent.lock_order)
+        try:
+            states = sorted(states, key=lambda st: [(v is None, v) for _, _, fk_keys, _ in order
+                                                    for v in (st.dict.get(k) for k in fk_keys)])
+        except TypeError:
+            pass  # (keys of mixed types: the rows' order)
     for state in states:
         values = state.dict
         if not values.keys() >= child.key_set:
