@@ -2,7 +2,8 @@
 
 Runs inside the mapper's ``after_insert`` / ``after_update`` /
 ``after_delete``, so the parent row is updated right after the child row,
-like a row trigger would. A re-parented child updates both parents in one
+like a row trigger would (on MariaDB/MySQL, where the key is enforced, a new
+row's UPDATE comes right before its INSERT: :mod:`countercache.preread`). A re-parented child updates both parents in one
 statement (in key order); a child whose changes cancel out emits nothing.
 Costs one round trip per child row: choose it when code reads the counter
 inside the flush (in ``after_insert`` of another mapper, say). An ORM bulk
