@@ -34,7 +34,7 @@ from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values
                       statement_prefixes, statement_values)
 from .children import _child_for
 from .flush import FlushState, forget_locked, is_suspended
-from .locking import child_primary_key, read_foreign_keys
+from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
 from .errors import CounterCacheError
 
@@ -87,8 +87,7 @@ def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
     where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*pk).where(*where).order_by(*pk)
-    if connection.dialect.name != "sqlite":
-        stmt = stmt.with_for_update()
+    stmt = for_update(stmt, connection)
     keys = [tuple(row) for row in connection.execute(stmt).all()]
     fs = FlushState(state.session, None)
     cascades.from_rows(fs, mapper, keys)

@@ -22,7 +22,7 @@ from sqlalchemy import and_, inspect, or_, select, tuple_
 
 from . import many_to_many
 from .children import _child_for
-from .locking import child_primary_key, read_foreign_keys
+from .locking import child_primary_key, for_update, read_foreign_keys
 from .tracking import _add_row
 
 if TYPE_CHECKING:
@@ -107,8 +107,7 @@ def from_rows(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]], 
                 below.extend(found)
             else:
                 stmt = select(*target.primary_key).where(criterion)
-                if connection.dialect.name != "sqlite":
-                    stmt = stmt.with_for_update()
+                stmt = for_update(stmt, connection)
                 below.extend(tuple(row) for row in connection.execute(stmt).all())
         if below and depth < MAX_DEPTH:
             from_rows(fs, target, below, skip=skip, depth=depth + 1)

@@ -197,3 +197,8 @@ def enforced_foreign_key(connection: Connection, table: Any, columns: list[Any])
             by_name.setdefault(name, set()).add(column)
         found = per_engine[connection.engine] = {frozenset(cols) for cols in by_name.values()}
     return frozenset(c.name for c in columns) in found
+
+
+def for_update(stmt: Any, connection: Connection) -> Any:
+    """``stmt ... FOR UPDATE`` where the database has row locks (not SQLite)."""
+    return stmt if connection.dialect.name == "sqlite" else stmt.with_for_update()

@@ -27,6 +27,7 @@ from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper
 
 from ._compat import PASSIVE_NO_INITIALIZE
+from .locking import for_update
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -118,8 +119,7 @@ def read_cascaded(fs: FlushState) -> None:
                         for src, dest in rel.synchronize_pairs]
             connection = fs.session.connection(bind_arguments={"mapper": state.mapper})  # (no flush transaction yet)
             stmt = select(*parent_cols).where(*criteria).order_by(*parent_cols)
-            if connection.dialect.name != "sqlite":
-                stmt = stmt.with_for_update()
+            stmt = for_update(stmt, connection)
             me = tuple(state.key[1])
             for row in connection.execute(stmt).all():
                 fs.cascaded.setdefault(counter, set()).add((tuple(row), me))
@@ -203,8 +203,7 @@ def count_cascaded_links(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[A
             where = columns[0].in_([k[0] for k in chunk]) if len(columns) == 1 else \
                 tuple_(*columns).in_(chunk)
             stmt = select(*parent_cols, *columns).where(where)
-            if connection.dialect.name != "sqlite":
-                stmt = stmt.with_for_update()
+            stmt = for_update(stmt, connection)
             n = len(parent_cols)
             for row in connection.execute(stmt).all():
                 pair = (tuple(row[:n]), tuple(row[n:]))
