@@ -325,7 +325,7 @@ class ParentTable(StatementForms):
     # -- applying ----------------------------------------------------------
 
     def apply(self, connection: Connection, deltas: Deltas, *, values: bool = True,
-              few: bool = False, session: Any = None) -> Results:
+              few: bool = False, session: Any = None, merged: bool = False) -> Results:
         """Add ``deltas`` to the counters; return the new values where known.
 
         ``values=False``: no parent of these is in memory, so skip
@@ -334,7 +334,7 @@ class ParentTable(StatementForms):
         lock-then-update pair; the primary-key index scan takes the locks in
         key order, but without the separate lock the order is the plan's.
         """
-        if self.string_keys:
+        if self.string_keys and not merged:  # (merged: the caller ran same_rows already)
             deltas = self.same_rows(connection, deltas, session)
         if len(deltas) == 1:  # the common small transaction, and per_row: no sorting, no set-up
             ((key, vector),) = deltas.items()

@@ -61,7 +61,7 @@ class Strategy:
             deltas = parent.canonical(pending[parent], on.dialect)
             if parent.string_keys:  # (before asking which parents are in memory: by the key they are known by)
                 deltas = parent.same_rows(on, deltas, flush.session)
-            results = parent.apply(on, deltas, values=flush.holds_any(parent, deltas), few=self.few)
+            results = parent.apply(on, deltas, values=flush.holds_any(parent, deltas), few=self.few, merged=True)
             if results:
                 flush.results.append((parent, results))
 
