@@ -86,7 +86,8 @@ class StatementForms:
     def _type(self, slot: int) -> Any:
         return self.counters[slot].column.type  # type: ignore[union-attr]
 
-    def _typed(self, sql: str, binds: dict[str, Any], returning: tuple[int, ...] | None) -> Any:
+    def _typed(self, sql: str, binds: dict[str, Any], returning: tuple[int, ...] | None,
+               extra: tuple[Column[Any], ...] = ()) -> Any:
         """``text(sql)`` with typed parameters (a Decimal delta on SQLite) and,
         for ``RETURNING``, typed result columns."""
         stmt = text(sql).bindparams(*(bindparam(name, type_=type_) for name, type_ in binds.items()))
@@ -94,6 +95,7 @@ class StatementForms:
             return stmt
         cols = [column(c.name, c.type) for c in self.pk_cols]
         cols += [column(self.counters[i].column.name, self._type(i)) for i in returning]  # type: ignore[union-attr]
+        cols += [column(c.name, c.type) for c in extra]
         return stmt.columns(*cols)
 
     def _cached(self, connection: Connection, kind: str, slots: tuple[int, ...], build: Any) -> Any:
@@ -133,8 +135,29 @@ class StatementForms:
             return self._results(result.fetchall(), slots)
         return self._no_results([key]) if values else []
 
+    def apply_one_returning(self, connection: Connection, slots: tuple[int, ...], key: Key, vector: list[int],
+                            extra: tuple[Column[Any], ...]) -> tuple[Results, tuple[Any, ...] | None]:
+        """``UPDATE ... WHERE pk = :k0 RETURNING pk, counters, extra``
+        (dialects with ``UPDATE ... RETURNING``): the new values, and the row's
+        ``extra`` columns as the UPDATE left them (None: no such row). One
+        statement locks the row for writing and reads it."""
+        form = self._statements.get((connection.dialect.name, "returning", slots, extra))
+        if form is None:
+            stmt, key_names, delta_names = self._one_form(connection, slots, True, extra)
+            form = self._statements[(connection.dialect.name, "returning", slots, extra)] = (
+                stmt, key_names, delta_names)
+        stmt, key_names, delta_names = form
+        params = dict(zip(key_names, key))
+        for name, i in delta_names:
+            params[name] = vector[i]
+        rows = connection.execute(stmt, params).fetchall()
+        if not rows:
+            return [], None
+        n = len(self.pk_cols) + len(slots)
+        return self._results([row[:n] for row in rows], slots), tuple(rows[0][n:])
+
     def _one_form(self, connection: Connection, slots: tuple[int, ...],
-                  returning: bool) -> tuple[Any, list[str], list[tuple[str, int]]]:
+                  returning: bool, extra: tuple[Column[Any], ...] = ()) -> tuple[Any, list[str], list[tuple[str, int]]]:
         sql = (
             f"UPDATE {self._table_name(connection)} SET "
             + self._set_list(connection, slots, lambda i: f":d{i}")
@@ -142,10 +165,11 @@ class StatementForms:
             + " AND ".join(f"{self._q(connection, c.name)} = :k{j}" for j, c in enumerate(self.pk_cols))
         )
         if returning:
-            sql += " RETURNING " + self._returning_list(connection, slots)
+            sql += " RETURNING " + ", ".join(
+                [self._returning_list(connection, slots)] + [self._q(connection, c.name) for c in extra])
         binds = {f"k{j}": c.type for j, c in enumerate(self.pk_cols)}
         binds.update({f"d{i}": self._type(i) for i in slots})
-        stmt = self._typed(sql, binds, slots if returning else None)
+        stmt = self._typed(sql, binds, slots if returning else None, extra)
         return stmt, [f"k{j}" for j in range(len(self.pk_cols))], [(f"d{i}", i) for i in slots]
 
     def _apply_case(self, connection: Connection, slots: tuple[int, ...], keys: list[Key],

@@ -138,8 +138,14 @@ class Sink:
             if keys:
                 written = will_write is not None and any(
                     will_write(parent, key) for parent in ParentTable.of_mapper(mapper) for key in keys)
-                rows[mapper] = read_foreign_keys(connection_for(mapper), _child_for(mapper), sorted(keys),
-                                                 lock="no key update" if written else "share")
+                connection = connection_for(mapper)
+                found = None
+                if written:  # the strategy may write them now, reading them in its UPDATE
+                    attrs = tuple(dict.fromkeys(a for c in pending if c.kind.middle_mapper is mapper
+                                                for a in c.kind.middle_fk_keys))
+                    found = self.strategy.write_locking(connection, mapper, sorted(keys), attrs)
+                rows[mapper] = found if found is not None else read_foreign_keys(
+                    connection, _child_for(mapper), sorted(keys), lock="no key update" if written else "share")
         for counter, by_key in pending.items():
             found = rows.get(counter.kind.middle_mapper, {})
             for key, delta in by_key.items():

@@ -390,3 +390,73 @@ def test_bad_paths_fail_at_configuration(path, message):
 
     with pytest.raises(ConfigurationError, match=r"User\.n: .*" + message):
         configure_mappers()
+
+
+def post_models(strategy: str) -> SimpleNamespace:
+    """A direct counter on the middle row as well: Post.comment_count and User.comment_received_count."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        comment_received_count: Mapped[int] = counter_cache("posts.comments", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+        comments: Mapped[list["Comment"]] = relationship(back_populates="post")
+        comment_count: Mapped[int] = counter_cache("comments", strategy=strategy)
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[Optional[int]] = mapped_column(ForeignKey("posts.id"), index=True)
+        post: Mapped[Optional[Post]] = relationship(back_populates="comments")
+
+    return SimpleNamespace(Base=Base, User=User, Post=Post, Comment=Comment)
+
+
+def test_per_row_reads_the_middle_row_in_the_update_of_its_own_counter(engine, backend, statements):
+    """per_row, a comment counted by its post and by the post's user: where the
+    database has UPDATE ... RETURNING, the post's UPDATE returns its user_id
+    (locking and reading the row in one statement), so a comment costs its
+    INSERT and two UPDATEs, no locking SELECT; a move of a comment or of its
+    post, and a delete, stay exact."""
+    m = post_models("per_row")
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([m.User(id=1), m.User(id=2)])
+        s.flush()
+        s.add_all([m.Post(id=1, user_id=1), m.Post(id=2, user_id=2)])
+        s.commit()
+        post = s.get(m.Post, 1)
+        with statements.record() as rec:
+            s.add(m.Comment(id=1, post_id=1))
+            s.flush()
+        sql = [" ".join(x.split()).upper() for x, _, _ in rec]
+        if backend in ("postgresql", "sqlite"):
+            assert [x.split(" ")[0] for x in sql] == ["INSERT", "UPDATE", "UPDATE"], sql
+            assert "RETURNING" in sql[1] and "USER_ID" in sql[1], sql
+        assert post.comment_count == 1  # the UPDATE's new value reached the object in memory
+        s.add_all([m.Comment(id=2, post_id=2), m.Comment(id=3, post_id=1)])
+        s.flush()
+        s.get(m.Comment, 1).post_id = 2  # a move: two posts in one row's write
+        s.flush()
+        s.get(m.Post, 2).user_id = 1  # a post moves with its comments
+        s.add(m.Comment(id=4, post_id=2))
+        s.flush()
+        s.delete(s.get(m.Comment, 3))
+        s.commit()
+    with engine.connect() as conn:
+        posts = conn.execute(text(
+            "SELECT p.id, p.comment_count, (SELECT count(*) FROM comments c WHERE c.post_id = p.id) "
+            "FROM posts p ORDER BY p.id")).all()
+        users = conn.execute(text(
+            "SELECT u.id, u.comment_received_count, (SELECT count(*) FROM comments c JOIN posts p "
+            "ON c.post_id = p.id WHERE p.user_id = u.id) FROM users u ORDER BY u.id")).all()
+    assert [tuple(r) for r in posts] == [(1, 0, 0), (2, 3, 3)]
+    assert [tuple(r) for r in users] == [(1, 3, 3), (2, 0, 0)]

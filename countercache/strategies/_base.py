@@ -77,5 +77,13 @@ class Strategy:
     def row_done(self, connection: Connection) -> None:
         """One child row's changes are all added."""
 
+    def write_locking(self, connection: Connection, mapper: Any, keys: list[tuple[Any, ...]],
+                      attrs: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]] | None:
+        """Lock and read the middle rows ``keys`` (their ``attrs``) by writing
+        their own counters now, in the UPDATE that writes them, rather than by
+        a locking read before it: ``{key: {attr: value}}``, or None where this
+        strategy does not write them now (the caller then reads them)."""
+        return None
+
     def flush_done(self) -> None:
         """``after_flush``: every row of the flush is written."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..writer import ParentTable
 from ._base import Strategy
 
 if TYPE_CHECKING:
@@ -39,6 +40,34 @@ class PerRowStrategy(Strategy):
                 for i, d in enumerate(deltas.pop(key)):
                     vector[i] += d
         self.write(connection=connection)
+
+    def write_locking(self, connection: Connection, mapper: Any, keys: list[tuple[Any, ...]],
+                      attrs: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]] | None:
+        # A leaf row whose middle row's own counter this row changes too (a
+        # comment counted by Post.comment_count and User.comment_received_count):
+        # the UPDATE of the post returns its user_id, one round trip instead of
+        # a locking read and then the UPDATE (where the database has UPDATE ...
+        # RETURNING, and the row is one parent of a simple key).
+        if len(keys) != 1 or not connection.dialect.update_returning:
+            return None
+        (key,) = keys
+        for parent in ParentTable.of_mapper(mapper):
+            deltas = self.pending.get(parent)
+            if not deltas or parent.string_keys or parent.decorated_keys:
+                continue
+            deltas = parent.canonical(deltas)
+            vector = deltas.get(key)
+            columns = [mapper.get_property(a).columns[0] for a in attrs]
+            if (len(deltas) != 1 or vector is None or not any(vector) or not self.flush.inserted_yet(parent, key)
+                    or any(c.table is not parent.table or c in parent.pk_cols for c in columns)):
+                continue
+            del self.pending[parent]
+            slots = tuple(i for i, d in enumerate(vector) if d)
+            results, found = parent.apply_one_returning(connection, slots, key, vector, tuple(columns))
+            if results and self.flush.holds_any(parent, deltas):
+                self.flush.results.append((parent, results))
+            return {} if found is None else {key: dict(zip(attrs, found))}
+        return None
 
     def flush_done(self) -> None:
         # Nothing is left after a flush (every row wrote its own) but what waited
