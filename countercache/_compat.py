@@ -18,6 +18,9 @@ function call), and listed here so that a search finds them all:
   ``(isdelete, listonly)`` flags, per mapper, whether it runs row by row, and
   the histories it acted on (:mod:`countercache.flush`,
   :mod:`countercache.preread`, :mod:`countercache.many_to_many`).
+* ``SessionTransaction._connections`` and ``Connection._is_autocommit_isolation()``:
+  whether the session's own commit is what makes its flushes durable
+  (:func:`commits_elsewhere`).
 * ``ClauseElement._traverse_internals`` on the side table's own construct
   (:mod:`countercache.sidetable`), with :data:`InternalTraversal`, so that
   SQLAlchemy's statement cache tells two of them apart.
@@ -213,3 +216,22 @@ def single_table_criterion(mapper: Any) -> Any:
     subclass's rows from its table (``Mapper._single_table_criterion``; None
     for any other mapper)."""
     return getattr(mapper, "_single_table_criterion", None)
+
+
+def commits_elsewhere(session: Any) -> bool:
+    """Is what ``session`` flushes made durable by something other than its own
+    commit? A ``Connection`` given to the session (``Session(bind=connection)``,
+    ``binds={...: connection}``) is committed or rolled back by its owner,
+    whenever it likes; a connection in ``AUTOCOMMIT`` commits each statement
+    by itself. ``SessionTransaction._connections`` holds ``(connection,
+    transaction, should_commit, autoclose)`` per connection, ``autoclose``
+    False for a connection the session was given; ``Connection.
+    _is_autocommit_isolation()`` reads the isolation level without a query.
+    """
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    for conn, _, _, autoclose in transaction._connections.values():
+        if not autoclose or conn._is_autocommit_isolation():
+            return True
+    return False

@@ -196,9 +196,11 @@ class FlushState:
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
-        if transactions.is_committing(self.session):
+        if transactions.writes_now(self.session):
             # the commit's own final flush: shard rows now, after every parent
             # row (the order fold() locks them in), deleted parents' included
+            # (so too at every flush where the session's commit is not what
+            # commits its rows)
             transactions.write_shards(self.session)
 
     def show(self) -> None:

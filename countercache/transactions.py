@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import memory, shard_writes
+from ._compat import commits_elsewhere
 
 if TYPE_CHECKING:
     from .writer import Deltas, ParentTable
@@ -185,6 +186,14 @@ def current_entry(session: Session) -> _Entry:
 def is_committing(session: Session) -> bool:
     state = _states.get(session)
     return state is not None and state.committing
+
+
+def writes_now(session: Session) -> bool:
+    """Must what ``deferred`` / ``sharded`` hold for the commit be written at
+    this flush? Yes during the commit, and where the session's commit is
+    not what makes its rows durable (a Connection given to it, whose owner
+    commits; ``AUTOCOMMIT``): held deltas would be lost there."""
+    return is_committing(session) or commits_elsewhere(session)
 
 
 def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:

@@ -151,3 +151,65 @@ def test_exception_in_users_before_flush(engine, strategy):
         s.commit()
         memory_equals_real(s, m, ua)
     assert assert_counts(engine) == {a: 2, b: 0}
+
+
+# -- transactions the application controls (issue 16) --------------------------
+
+
+def test_external_transaction_committed_by_the_connection(engine, strategy):
+    """``Session(bind=connection)`` inside ``connection.begin()``: the connection
+    commits, never the session. Counters held for the session's commit would be
+    lost; they are written at each flush instead."""
+    m, (a, b) = prepare(engine, strategy)
+    with engine.connect() as conn:
+        with conn.begin():
+            s = Session(bind=conn)
+            s.add(m.Question(title="x", user_id=a))
+            s.flush()
+            s.add_all([m.Question(title="y", user_id=b), m.Question(title="z", user_id=b)])
+            s.flush()
+            s.close()
+    assert assert_counts(engine) == {a: 2, b: 2}
+
+
+@pytest.mark.parametrize("mode", ["conditional_savepoint", "create_savepoint", "rollback_only"])
+def test_outer_transaction_rolled_back_takes_everything_back(engine, backend, strategy, mode):
+    """The test-fixture pattern: an outer transaction on a Connection, a Session
+    joined to it that commits (a savepoint, or nothing), and the outer
+    transaction rolled back at the end. Inside, the counters are right; after,
+    nothing of it remains."""
+    m, (a, b) = prepare(engine, strategy)
+    with engine.connect() as conn:
+        outer = conn.begin()
+        s = Session(bind=conn, join_transaction_mode=mode, expire_on_commit=False)
+        ua = s.get(m.User, a)
+        s.add_all([m.Question(title="x", user_id=a), m.Question(title="y", user_id=b)])
+        if mode == "create_savepoint":
+            s.commit()
+        else:
+            s.flush()
+        s.add(m.Question(title="z", user_id=a))
+        s.flush()
+        memory_equals_real(s, m, ua)
+        assert exact_value(s, ua) == 3
+        s.close()
+        outer.rollback()
+    counts = assert_counts(engine)  # exact whatever stayed
+    if not (backend == "sqlite" and mode == "create_savepoint"):
+        # (pysqlite emits no BEGIN: SQLite's RELEASE of the outermost SAVEPOINT commits)
+        assert counts == {a: 1, b: 0}
+
+
+def test_autocommit_engine_keeps_every_flush(engine, strategy):
+    """``isolation_level="AUTOCOMMIT"``: each statement commits by itself, so a
+    flush's rows stay even when the session never commits; so do its counts."""
+    m, (a, b) = prepare(engine, strategy)
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with Session(auto) as s:
+        s.add_all([m.Question(title="x", user_id=a), m.Question(title="y", user_id=b)])
+        s.flush()
+        s.delete(s.get(m.Question, s.scalars(m.Question.__table__.select().where(
+            m.Question.user_id == a).order_by(m.Question.id).limit(1)).first()))
+        s.flush()
+        s.rollback()  # nothing to take back: AUTOCOMMIT committed each statement
+    assert assert_counts(engine) == {a: 1, b: 1}

@@ -32,13 +32,14 @@ class DeferredStrategy(Strategy):
         # parent rows, in one order (locked now, they would stay locked in the
         # order of this transaction's flushes, and two transactions flushing
         # in different orders deadlock)
-        return not transactions.is_committing(self.flush.session)
+        return not transactions.writes_now(self.flush.session)
 
     def flush_done(self) -> None:
         session = self.flush.session
-        if transactions.is_committing(session):
+        if transactions.writes_now(session):
             # The commit's own final flush (or one made by another
-            # before_commit hook): the commit is now, write at once.
+            # before_commit hook): the commit is now, write at once; so too
+            # where the session's commit is not what commits its rows.
             self.write(self.flush.connection_for)
             return
         self.hold()
