@@ -44,7 +44,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
-                 "early", "early_counters",
+                 "early", "early_counters", "connections",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -89,6 +89,8 @@ class FlushState:
         self.singles: dict[_Child, tuple[CounterCache, Any, str, Any] | None] = {}
         #: column -> (its collation rule, the connection to ask on), for where= (collation.py)
         self.collations: dict[Any, Any] = {}
+        #: mapper -> the connection of its bind in this transaction (asked per row by per_row)
+        self.connections: dict[Mapper[Any], Connection] = {}
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
@@ -140,10 +142,19 @@ class FlushState:
         return self.connection_for_mapper(parent.mapper)
 
     def connection_for_mapper(self, mapper: Mapper[Any]) -> Connection:
+        """The connection of ``mapper``'s bind (a session with several binds
+        writes each parent on its own, not on the child row's)."""
+        try:
+            return self.connections[mapper]
+        except KeyError:
+            pass
         transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
         if transaction is not None:
-            return transaction.connection(mapper)
-        return self.session.connection(bind_arguments={"mapper": mapper})
+            found = transaction.connection(mapper)
+        else:
+            found = self.session.connection(bind_arguments={"mapper": mapper})
+        self.connections[mapper] = found
+        return found
 
     def held_for(self, counter: CounterCache, middle_key: tuple[Any, ...]) -> Any:
         """Multi-level leaf deltas not yet translated (this flush's, and those the

@@ -90,7 +90,7 @@ def _before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceS
     if early:
         _count_early(fs, connection, child, states, early)
     if lock:
-        _lock_parents(connection, lock, [st.dict for st in states])
+        _lock_parents(fs, lock, [st.dict for st in states])
 
 
 def _first_writes(fs: FlushState, connection: Connection, child: _Child) -> tuple[list[Any], list[Any]]:
@@ -145,12 +145,12 @@ def _count_early(fs: FlushState, connection: Connection, child: _Child, states: 
         _add_row(plan, None, snapshot)
         fs.early[state] = snapshot
         for writer in by_row:
-            writer.write(connection=connection)
+            writer.write(fs.connection_for)
     for writer in writers.values():
-        writer.write(connection=connection)
+        writer.write(fs.connection_for)
 
 
-def _lock_parents(connection: Connection, pairs: list[Any], rows: list[dict[str, Any]]) -> None:
+def _lock_parents(fs: FlushState, pairs: list[Any], rows: list[dict[str, Any]]) -> None:
     """Lock for writing (``FOR UPDATE``, key order, tables in lock order) the
     parent rows of ``pairs``' counters that ``rows`` (attribute values of
     child rows) point at."""
@@ -161,7 +161,7 @@ def _lock_parents(connection: Connection, pairs: list[Any], rows: list[dict[str,
             if None not in key:
                 wanted.setdefault(counter.parent, set()).add(key)
     for parent in sorted(wanted, key=lambda p: p.lock_order):
-        lock_rows(connection, parent.table, list(wanted[parent]))
+        lock_rows(fs.connection_for(parent), parent.table, list(wanted[parent]))
 
 
 def _before_flush(session: Session, uow: Any, instances: Any) -> None:
@@ -203,7 +203,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         # the first delete of a middle class: every leaf of the flush is written,
         # no middle row is gone yet; translate, then count what each deleted one keeps
         fs.deletes_counted.add(child)
-        fs.translate(lambda m: connection, middles=mapper)
+        fs.translate(middles=mapper)
         flags = fs.uow.states  # type: ignore[union-attr]
         deleting = {st.key[1]: fs.old[st] for st in _states_of(fs, child)
                     if flags[st][0] and not flags[st][1] and st.key is not None and isinstance(fs.old.get(st), dict)}
@@ -273,7 +273,7 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         early, lock = _first_writes(fs, connection, child)
         if early or lock:
             rows = [st.dict for st in wanted.values() if not flags[st][0]]
-            _lock_parents(connection, early + lock, rows + [v for v in found.values() if v is not _GONE])
+            _lock_parents(fs, early + lock, rows + [v for v in found.values() if v is not _GONE])
 
 
 def _states_of(fs: FlushState, child: _Child) -> Iterator[InstanceState[Any]]:

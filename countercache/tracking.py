@@ -73,7 +73,7 @@ def _changed(fs: FlushState, connection: Connection, child: _Child,
         if fs.watching:  # (a statement per row follows: not through a listener done with)
             release_watched(fs)
         if fs.sinks:
-            fs.translate(lambda mapper: connection)
+            fs.translate()
         for strategy in per_row:
             strategy.row_done(connection)
 

@@ -39,7 +39,7 @@ class PerRowStrategy(Strategy):
                 vector = self.later.setdefault(parent, {}).setdefault(key, parent.new_vector())
                 for i, d in enumerate(deltas.pop(key)):
                     vector[i] += d
-        self.write(connection=connection)
+        self.write(flush.connection_for)  # (each parent on its own bind's connection)
 
     def write_locking(self, connection: Connection, mapper: Any, keys: list[tuple[Any, ...]],
                       attrs: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]] | None:
