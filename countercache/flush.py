@@ -44,7 +44,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
-                 "early", "early_counters", "connections",
+                 "early", "early_counters", "connections", "deleted",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -91,6 +91,8 @@ class FlushState:
         self.collations: dict[Any, Any] = {}
         #: mapper -> the connection of its bind in this transaction (asked per row by per_row)
         self.connections: dict[Mapper[Any], Connection] = {}
+        #: identity key -> state of the counted rows the flush deletes (row_switch.py; None: not asked yet)
+        self.deleted: dict[Any, Any] | None = None
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:

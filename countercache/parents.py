@@ -8,7 +8,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import transactions
-from .flush import _flushes, flushing_session
+from .flush import _flushes
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
 
@@ -32,10 +32,26 @@ def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:
 
 
 def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
-    """Parent mapper ``after_delete``: a parent with sharded counters is gone."""
-    session = flushing_session(state)
-    if session is None:
+    """Parent mapper ``after_delete``: a parent with sharded counters is gone;
+    what ``deferred``/``sharded`` hold for it is taken back (a row inserted
+    later with the same key starts at 0, and must get only its own children)."""
+    fs = _flushes.get(state.session_id)
+    if fs is None:
         return
+    session = fs.session
+    key = tuple(state.key[1])
     for parent in ParentTable.of_mapper(mapper):
-        if any(STRATEGY_CLASSES[c.strategy()].uses_shard_table for c in parent.counters):
-            transactions.parent_deleted(session, parent, tuple(state.key[1]))
+        held = {STRATEGY_CLASSES[c.strategy()].held for c in parent.counters} - {None}
+        if "sharded" in held:
+            transactions.parent_deleted(session, parent, key)
+        for attribute in held:
+            strategy = fs.strategies.get(attribute)
+            if strategy is not None:  # the flush's own deltas for the row, not held yet: gone with it
+                _drop_pending(strategy.pending.get(parent), parent, key)
+            transactions.take_back(session, attribute, parent, key)  # type: ignore[arg-type]
+
+
+def _drop_pending(deltas: Any, parent: ParentTable, key: tuple[Any, ...]) -> None:
+    """Forget the deltas for the parent ``key`` in ``deltas`` (keys as given: ``"3"`` for 3 too)."""
+    for given in [k for k in deltas or () if k == key or parent.canonical({k: []}).keys() == {key}]:
+        del deltas[given]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
-from . import cascades, through
+from . import cascades, row_switch, through
 from ._compat import FOR_UPDATE_ARG, NO_VALUE
 from .children import _child_for
 from .strategies import STRATEGY_CLASSES
@@ -68,10 +68,15 @@ def _before_insert(mapper: Mapper[Any], connection: Connection, state: InstanceS
     150 transactions). Holding the exclusive lock first, the check finds it
     held by its own transaction and a second writer waits instead.
     """
-    if connection.dialect.name not in ("mysql", "mariadb"):
-        return
     fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
-    if fs is None or mapper in fs.ready_insert:
+    if fs is None:
+        return
+    deleted = fs.deleted
+    if deleted is None:
+        deleted = fs.deleted = row_switch.deleted_rows(fs)
+    if deleted:  # (this row may take the place of one: SQLAlchemy's row switch)
+        row_switch.switched(fs, deleted, mapper, connection, state)
+    if mapper in fs.ready_insert or connection.dialect.name not in ("mysql", "mariadb"):
         return
     fs.ready_insert.add(mapper)
     child = fs.child(mapper)

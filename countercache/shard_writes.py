@@ -135,8 +135,9 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
 
     Rows are written in (counter, parent key) order, so two transactions that
     happen to share a shard lock their rows in the same order. Parents the
-    transaction deleted get no rows, and lose the ones they had (a new parent
-    with the same key must not inherit them).
+    transaction deleted lose the rows they had (a new parent with the same
+    key must not inherit them; what the transaction held for the deleted row
+    was taken back when it was deleted: transactions.take_back).
     """
     deleted = deleted or {}
     for parent, keys in deleted.items():
@@ -145,14 +146,11 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
     for parent, deltas in pending.items():
         connection = connection_for(parent)
         slot = _slot(connection)
-        gone = deleted.get(parent, ())
         if parent.string_keys:  # (the side table matches parent keys as text: the stored spelling)
             deltas = parent.stored_spellings(connection, deltas)
         # per counter slot, looked up on first use: (its rows, its name, its shard)
         targets: dict[int, tuple[list[dict[str, Any]], str, int]] = {}
         for key, vector in deltas.items():
-            if key in gone:
-                continue
             for index, delta in enumerate(vector):
                 if not delta:
                     continue

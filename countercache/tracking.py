@@ -197,7 +197,8 @@ def _after_update(mapper: Mapper[Any], connection: Connection, state: InstanceSt
         else:
             # expired by the UPDATE (a SQL expression was assigned, or a server
             # side onupdate): the row, locked by the pre-read, says what it is now
-            key = tuple(state.key[1])  # type: ignore[index]
+            identity = state.key or mapper.identity_key_from_instance(state.obj())  # (None: a row switch)
+            key = tuple(identity[1])
             new = read_foreign_keys(connection, child, [key], lock=None).get(key, old)
         _changed(fs, connection, child, old, through.carry_counts(child, old, new) if child.views else new)
 

@@ -226,6 +226,21 @@ def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) 
     current_entry(session).deleted.setdefault(parent, set()).add(key)
 
 
+def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...]) -> None:
+    """A parent row is deleted: what the transaction holds for it must not
+    reach a row that a later flush inserts with the same key (it starts at
+    0). The innermost boundary holds the opposite: a savepoint rolled back
+    takes the delete and this back together."""
+    state = _states.get(session)
+    total = parent.new_vector()
+    for entry in state.stack if state is not None else ():
+        vector = getattr(entry, attribute).get(parent, {}).get(key)
+        if vector is not None:
+            total = [a + b for a, b in zip(total, vector)]
+    if any(total):
+        hold(session, attribute, {parent: {key: [-d for d in total]}})
+
+
 def holds_any(session: Session) -> bool:
     """Does this session's transaction hold deferred or sharded deltas for its commit?"""
     state = _states.get(session)

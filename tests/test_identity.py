@@ -1,0 +1,123 @@
+"""Rows that change identity (issue 16): row switches, parents deleted and created again.
+
+* A **row switch**: ``session.delete(q)`` and a new object with ``q``'s primary
+  key in one flush. SQLAlchemy UPDATEs the row to the new object's values
+  (``before_insert`` then ``after_update`` on the new object, nothing on the
+  deleted one); it is counted as the move it is.
+* A **parent deleted and inserted again** with the same key in one
+  transaction: what ``deferred``/``sharded`` held for the old row must not
+  reach the new one, which starts at 0 (SQLite reuses a deleted rowid, so this
+  happens without explicit keys too).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.orm import Session
+
+import countercache
+
+from helpers import assert_counts
+from models import qa
+
+
+@pytest.fixture
+def m(engine, strategy):
+    found = qa(strategy)
+    found.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([found.User(id=1), found.User(id=2)])
+        s.flush()
+        s.add_all([found.Question(id=1, user_id=1), found.Question(id=2, user_id=1)])
+        s.commit()
+    return found
+
+
+def test_row_switch_of_a_child_moves_it(engine, m):
+    with Session(engine) as s:
+        s.delete(s.get(m.Question, 1))
+        s.add(m.Question(id=1, user_id=2, title="switched"))
+        s.commit()
+    assert assert_counts(engine) == {1: 1, 2: 1}
+
+
+def test_row_switch_keeps_what_the_new_object_does_not_set(engine, m):
+    """A column the new object leaves unset is not in the UPDATE: the row keeps it."""
+    with Session(engine) as s:
+        s.delete(s.get(m.Question, 1))
+        s.add(m.Question(id=1, title="no user given"))  # user_id not set: the row keeps user 1
+        s.delete(s.get(m.Question, 2))
+        s.add(m.Question(id=2, title="to nobody", user_id=None))  # set to NULL: leaves user 1
+        s.commit()
+    assert assert_counts(engine) == {1: 1, 2: 0}
+
+
+def test_row_switch_inside_a_rolled_back_savepoint(engine, m):
+    with Session(engine) as s:
+        with s.begin_nested() as nested:
+            s.delete(s.get(m.Question, 1))
+            s.add(m.Question(id=1, user_id=2))
+            s.flush()
+            nested.rollback()
+        s.commit()
+    assert assert_counts(engine) == {1: 2, 2: 0}
+
+
+@pytest.mark.parametrize("flushes", ["one flush", "flush between"])
+def test_parent_deleted_and_created_again_starts_at_zero(engine, m, flushes):
+    with Session(engine) as s:
+        for q in s.get(m.User, 1).questions:
+            s.delete(q)
+        if flushes == "flush between":
+            s.flush()
+        s.delete(s.get(m.User, 1))
+        s.flush()
+        s.add(m.User(id=1))
+        if flushes == "flush between":
+            s.flush()
+        s.add(m.Question(id=9, user_id=1))
+        s.commit()
+    assert assert_counts(engine) == {1: 1, 2: 0}
+
+
+def test_parent_created_again_without_explicit_keys(engine, m, backend):
+    """No keys given: SQLite hands the deleted row's rowid to the next row."""
+    if backend == "postgresql":  # (the fixture gave explicit ids: move the sequence past them)
+        with engine.begin() as conn:
+            for table in ("users", "questions"):
+                conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 10)")
+    with Session(engine) as s:
+        s.add(m.User())  # the highest id, deleted below
+        s.commit()
+    with Session(engine) as s:
+        newest = max(s.scalars(m.User.__table__.select().with_only_columns(m.User.id)).all())
+        s.add(m.Question(user_id=newest))
+        s.flush()
+        for q in s.get(m.User, newest).questions:
+            s.delete(q)
+        s.delete(s.get(m.User, newest))
+        s.flush()
+        again = m.User()
+        s.add(again)
+        s.flush()
+        if backend == "sqlite":
+            assert again.id == newest  # the rowid is reused
+        s.add_all([m.Question(user_id=again.id), m.Question(user_id=again.id)])
+        s.commit()
+        expected = {1: 2, 2: 0, again.id: 2}
+    assert assert_counts(engine) == expected
+
+
+def test_parent_deleted_in_a_rolled_back_savepoint_keeps_what_was_held(engine, m):
+    with Session(engine) as s:
+        s.add(m.Question(id=5, user_id=2))
+        s.flush()
+        with s.begin_nested() as nested:
+            s.delete(s.get(m.Question, 5))
+            s.delete(s.get(m.User, 2))
+            s.flush()
+            nested.rollback()
+        s.add(m.Question(id=6, user_id=2))
+        s.commit()
+    assert assert_counts(engine) == {1: 2, 2: 2}
+    assert countercache.check(engine) == []
