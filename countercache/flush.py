@@ -44,7 +44,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
-                 "early", "early_counters", "connections", "deleted",
+                 "early", "early_counters", "connections", "deleted", "renamed",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -93,6 +93,8 @@ class FlushState:
         self.connections: dict[Mapper[Any], Connection] = {}
         #: identity key -> state of the counted rows the flush deletes (row_switch.py; None: not asked yet)
         self.deleted: dict[Any, Any] | None = None
+        #: parent table -> {old key: new key} of parents whose primary key this flush changed (parents.py)
+        self.renamed: dict[ParentTable, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:

@@ -1,4 +1,6 @@
-"""Hooks on the parent mappers: a new parent starts at 0, a deleted one loses its shard rows (private)."""
+"""Hooks on the parent mappers (private): a new parent starts at 0, a deleted
+one loses its shard rows and what the transaction held for it, a re-keyed
+one takes its deltas and shard rows along."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import transactions
+from . import shard_writes, transactions
 from .flush import _flushes
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
 
-__all__ = ["parent_inserting", "parent_deleted"]
+__all__ = ["parent_inserting", "parent_deleted", "parent_updated"]
 
 
 def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:
@@ -55,3 +57,26 @@ def _drop_pending(deltas: Any, parent: ParentTable, key: tuple[Any, ...]) -> Non
     """Forget the deltas for the parent ``key`` in ``deltas`` (keys as given: ``"3"`` for 3 too)."""
     for given in [k for k in deltas or () if k == key or parent.canonical({k: []}).keys() == {key}]:
         del deltas[given]
+
+
+def parent_updated(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``after_update``: a changed primary key. The row keeps its
+    counters; what is addressed to the old key goes to the new one: the
+    flush's deltas (children that SQLAlchemy re-points, ``passive_updates=
+    False``, move from the old key to the new one: nothing to add), those
+    ``deferred``/``sharded`` hold, and ``sharded``'s shard rows (children a
+    database ``ON UPDATE CASCADE`` re-points are not seen at all)."""
+    fs = _flushes.get(state.session_id)
+    if fs is None or state.key is None:
+        return
+    old = tuple(state.key[1])
+    new = tuple(mapper.primary_key_from_instance(state.obj()))
+    if new == old or None in new:
+        return
+    for parent in ParentTable.of_mapper(mapper):
+        fs.renamed.setdefault(parent, {})[old] = new
+        held = {STRATEGY_CLASSES[c.strategy()].held for c in parent.counters} - {None}
+        for attribute in held:
+            transactions.rekey(fs.session, attribute, parent, old, new)  # type: ignore[arg-type]
+        if "sharded" in held:
+            shard_writes.rekey(connection, parent, old, new)

@@ -170,13 +170,26 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
         connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
 
 
-def _forget_parents(connection: Connection, parent: ParentTable, keys: set[tuple[Any, ...]]) -> None:
+def rekey(connection: Connection, parent: ParentTable, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:
+    """A parent's primary key changed from ``old`` to ``new``: its shard rows follow it."""
+    for table, names in _tables(parent).items():
+        connection.execute(table.update()
+                           .where(table.c.counter.in_(names), table.c.parent_key == str(old[0]))
+                           .values(parent_key=str(new[0])))
+
+
+def _tables(parent: ParentTable) -> dict[Table, list[str]]:
+    """The side tables of the parent's counters, with the counters' names in each."""
     tables: dict[Table, list[str]] = {}
     for counter in parent.counters:
         table = table_for(counter)
         if table is not None:
             tables.setdefault(table, []).append(counter_name(counter))
+    return tables
+
+
+def _forget_parents(connection: Connection, parent: ParentTable, keys: set[tuple[Any, ...]]) -> None:
     texts = sorted(str(k[0]) for k in keys)
-    for table, names in tables.items():
+    for table, names in _tables(parent).items():
         connection.execute(table.delete().where(table.c.counter.in_(names), table.c.parent_key.in_(texts)))
 

@@ -226,17 +226,31 @@ def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) 
     current_entry(session).deleted.setdefault(parent, set()).add(key)
 
 
-def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...]) -> None:
-    """A parent row is deleted: what the transaction holds for it must not
-    reach a row that a later flush inserts with the same key (it starts at
-    0). The innermost boundary holds the opposite: a savepoint rolled back
-    takes the delete and this back together."""
+def rekey(session: Session, attribute: str, parent: ParentTable, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:
+    """A parent's primary key changed: what the transaction holds for ``old``
+    is for ``new`` (held in the innermost boundary: a savepoint rolled back
+    takes the change of key and this back together)."""
+    total = _held_total(session, attribute, parent, old)
+    if any(total):
+        hold(session, attribute, {parent: {old: [-d for d in total], new: total}})
+
+
+def _held_total(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...]) -> list[Any]:
     state = _states.get(session)
     total = parent.new_vector()
     for entry in state.stack if state is not None else ():
         vector = getattr(entry, attribute).get(parent, {}).get(key)
         if vector is not None:
             total = [a + b for a, b in zip(total, vector)]
+    return total
+
+
+def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...]) -> None:
+    """A parent row is deleted: what the transaction holds for it must not
+    reach a row that a later flush inserts with the same key (it starts at
+    0). The innermost boundary holds the opposite: a savepoint rolled back
+    takes the delete and this back together."""
+    total = _held_total(session, attribute, parent, key)
     if any(total):
         hold(session, attribute, {parent: {key: [-d for d in total]}})
 

@@ -116,6 +116,18 @@ def canonical_keys(converters: tuple[Any, ...], by_key: dict[Key, Any], add: Any
     return found
 
 
+def renamed_keys(deltas: Deltas, renamed: dict[Key, Key] | None) -> Deltas:
+    """``deltas`` with keys a changed primary key replaced addressed to the new key (summed)."""
+    if not renamed or renamed.keys().isdisjoint(deltas):
+        return deltas
+    found: Deltas = {}
+    for key, vector in deltas.items():
+        key = renamed.get(key, key)
+        have = found.get(key)
+        found[key] = vector if have is None else [a + b for a, b in zip(have, vector)]
+    return found
+
+
 def _plain(value: Any) -> Any:
     return bytes(value) if isinstance(value, (bytearray, memoryview)) else value
 

@@ -8,14 +8,23 @@
   transaction: what ``deferred``/``sharded`` held for the old row must not
   reach the new one, which starts at 0 (SQLite reuses a deleted rowid, so this
   happens without explicit keys too).
+* A **parent's primary key changed**: the row keeps its counters; children
+  re-pointed by ``ON UPDATE CASCADE`` or by SQLAlchemy (``passive_updates=
+  False``) are not counted again, and what is held for the old key (and
+  ``sharded``'s shard rows) follows the new key.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Optional
+
 import pytest
-from sqlalchemy.orm import Session
+from sqlalchemy import ForeignKey, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
+from countercache import counter_cache
 
 from helpers import assert_counts
 from models import qa
@@ -121,3 +130,59 @@ def test_parent_deleted_in_a_rolled_back_savepoint_keeps_what_was_held(engine, m
         s.commit()
     assert assert_counts(engine) == {1: 2, 2: 2}
     assert countercache.check(engine) == []
+
+
+def rekey_models(strategy: str, cascade: bool) -> SimpleNamespace:
+    """Users whose primary key changes: children re-pointed by the database
+    (``ON UPDATE CASCADE``, ``passive_updates=True``) or by SQLAlchemy
+    (``passive_updates=False``, no constraint action)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    # (passive_updates=False is for keys the database does not enforce: no constraint there)
+    join = {} if cascade else {"primaryjoin": "User.id == foreign(Question.user_id)"}
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        questions: Mapped[list["Question"]] = relationship(back_populates="user", passive_updates=cascade, **join)
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[Optional[int]] = (
+            mapped_column(ForeignKey("users.id", onupdate="CASCADE"), index=True) if cascade
+            else mapped_column(index=True))
+        user: Mapped[Optional[User]] = relationship(back_populates="questions", **join)
+
+    return SimpleNamespace(Base=Base, User=User, Question=Question)
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["on_update_cascade", "passive_updates_false"])
+def test_parent_primary_key_change_takes_its_counts_along(engine, backend, strategy, cascade):
+    if backend == "sqlite":  # (SQLite cascades only with foreign keys on)
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
+        engine.dispose()
+    m = rekey_models(strategy, cascade)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([m.User(id=1), m.User(id=2)])
+        s.flush()
+        s.add_all([m.Question(id=1, user_id=1), m.Question(id=2, user_id=1)])
+        s.commit()
+    with Session(engine) as s:
+        u = s.get(m.User, 1)
+        u.questions.append(m.Question(id=3))  # held by deferred/sharded until the commit
+        # (passive_updates=False re-points the children in the loaded collection)
+        s.flush()
+        u.id = 10
+        s.flush()
+        with s.begin_nested() as nested:  # a change of key rolled back takes nothing along
+            s.get(m.User, 2).id = 20
+            s.flush()
+            nested.rollback()
+        s.add(m.Question(id=4, user_id=2))
+        s.commit()
+    assert assert_counts(engine) == {2: 1, 10: 3}

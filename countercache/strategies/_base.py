@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..writer import renamed_keys
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
@@ -59,6 +61,8 @@ class Strategy:
         for parent in (pending if len(pending) == 1 else sorted(pending, key=lambda p: p.lock_order)):
             on = connection if connection is not None else connection_for(parent)
             deltas = parent.canonical(pending[parent], on.dialect)
+            if flush.renamed:  # (a parent's primary key changed in this flush)
+                deltas = renamed_keys(deltas, flush.renamed.get(parent))
             if parent.string_keys:  # (before asking which parents are in memory: by the key they are known by)
                 deltas = parent.same_rows(on, deltas, flush.session)
             results = parent.apply(on, deltas, values=flush.holds_any(parent, deltas), few=self.few, merged=True)

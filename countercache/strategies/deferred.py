@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import memory, transactions
+from ..writer import renamed_keys
 from ._base import Strategy
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class DeferredStrategy(Strategy):
 
     def hold(self) -> None:
         """Add what this flush found to the transaction's running sum, for the commit."""
+        renamed = self.flush.renamed
         transactions.hold(self.flush.session, self.held,  # type: ignore[arg-type]
-                          {parent: parent.canonical(deltas) for parent, deltas in self.pending.items()})
+                          {parent: renamed_keys(parent.canonical(deltas), renamed.get(parent))
+                           for parent, deltas in self.pending.items()})
         self.pending = {}
