@@ -1,0 +1,76 @@
+"""Nothing of a session outlives it because of countercache.
+
+A session closed, rolled back or simply dropped leaves no object, state or
+session held by the library (``weakref`` says so after ``gc.collect()``),
+and a finished flush leaves no reference cycle: reference counting alone
+frees what it touched, as it does without the library.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+from sqlalchemy.orm import Session
+
+from helpers import assert_counts
+from models import qa_seeded
+
+ENDS = ["close", "rollback", "dropped"]
+
+
+def end(session: Session, how: str) -> None:
+    if how == "close":
+        session.close()
+    elif how == "rollback":
+        session.rollback()
+    # "dropped": the caller lets go of it, not closed
+
+
+def assert_freed(refs: list[weakref.ref], what: str) -> None:
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"{what}: still referenced: {alive}"
+
+
+def merged_in_a_session(engine, m, detached, uid: int, how: str) -> list[weakref.ref]:
+    """merge() over a counter this session holds unloaded (remembered by the library until the flush)."""
+    s = Session(engine)
+    user = s.get(m.User, uid)
+    s.expire(user, ["question_count"])
+    merged = s.merge(detached)
+    assert merged is user
+    refs = [weakref.ref(merged), weakref.ref(s)]
+    end(s, how)
+    return refs
+
+
+@pytest.mark.parametrize("how", ENDS)
+def test_merged_objects_of_an_ended_session_are_not_kept(engine, how):
+    m, ids = qa_seeded(engine, "bulk", (1,))
+    with Session(engine) as s:
+        detached = s.get(m.User, ids[0])
+        s.expunge(detached)
+    refs = []
+    for _ in range(3):
+        refs += merged_in_a_session(engine, m, detached, ids[0], how)
+    assert_freed(refs, f"merge() then {how}")  # (the three parents stayed until that session's next flush)
+
+
+def test_a_stale_merged_counter_is_still_never_written(engine):
+    """The merged objects are held weakly now: the stale value must still be dropped before the flush."""
+    m, ids = qa_seeded(engine, "bulk", (1,))
+    with Session(engine) as s:
+        detached = s.get(m.User, ids[0])
+        s.expunge(detached)
+    with Session(engine) as s:
+        s.add(m.Question(user_id=ids[0]))
+        s.commit()
+    with Session(engine) as s:
+        user = s.get(m.User, ids[0])
+        s.expire(user, ["question_count"])
+        s.merge(detached)  # question_count 1, stale: the database holds 2
+        user.name = "renamed"
+        s.commit()
+    assert assert_counts(engine) == {ids[0]: 2}
