@@ -12,6 +12,7 @@ import gc
 import weakref
 
 import pytest
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
 from helpers import assert_counts
@@ -74,3 +75,38 @@ def test_a_stale_merged_counter_is_still_never_written(engine):
         user.name = "renamed"
         s.commit()
     assert assert_counts(engine) == {ids[0]: 2}
+
+
+class Invalid(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ENDS)
+def test_a_flush_refused_by_a_before_flush_listener_keeps_nothing(engine, how):
+    """An application's ``before_flush`` validation raises after the library's
+    own ``before_flush``: no ``after_flush`` nor rollback follows, and the
+    flush must still be forgotten (it kept the session and its new objects)."""
+    m, ids = qa_seeded(engine, "bulk", (0,))
+
+    def validate(session, flush_context, instances):
+        if any(getattr(o, "title", None) == "invalid" for o in session.new):
+            raise Invalid
+
+    event.listen(Session, "before_flush", validate)
+    try:
+        s = Session(engine)
+        q = m.Question(user_id=ids[0], title="invalid")
+        s.add(q)
+        with pytest.raises(Invalid):
+            s.flush()
+        refs = [weakref.ref(s), weakref.ref(q), weakref.ref(inspect(q))]
+        if how == "rollback":  # the session goes on and counts the next flush
+            q.title = "fine"
+            s.commit()
+            assert s.get(m.User, ids[0]).question_count == 1
+        end(s, how)
+        del s, q
+        assert_freed(refs, f"refused flush then {how}")
+    finally:
+        event.remove(Session, "before_flush", validate)
+    assert_counts(engine)
