@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
+import countercache
 from helpers import assert_counts
 from models import qa_seeded
 
@@ -110,3 +111,26 @@ def test_a_flush_refused_by_a_before_flush_listener_keeps_nothing(engine, how):
     finally:
         event.remove(Session, "before_flush", validate)
     assert_counts(engine)
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "deferred", "sharded"])
+def test_a_dropped_session_holding_deltas_is_freed(engine, strategy):
+    """Deltas held for the commit (``deferred``, ``sharded``), or parents set
+    in memory inside a savepoint: the session dropped without close is freed,
+    its connection given back to the pool, and nothing was counted."""
+    m, ids = qa_seeded(engine, strategy, (1,))
+
+    def work() -> list[weakref.ref]:
+        s = Session(engine)
+        user = s.get(m.User, ids[0])
+        s.add(m.Question(user_id=ids[0]))
+        s.flush()
+        s.begin_nested()
+        s.add(m.Question(user_id=ids[0]))
+        s.flush()
+        return [weakref.ref(s), weakref.ref(user)]
+
+    assert_freed(work(), "a dropped session")
+    assert engine.pool.checkedout() == 0
+    assert_counts(engine)
+    assert countercache.check(engine) == []
