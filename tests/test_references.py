@@ -12,7 +12,7 @@ import gc
 import weakref
 
 import pytest
-from sqlalchemy import event, inspect
+from sqlalchemy import event, insert, inspect
 from sqlalchemy.orm import Session
 
 import countercache
@@ -134,3 +134,28 @@ def test_a_dropped_session_holding_deltas_is_freed(engine, strategy):
     assert engine.pool.checkedout() == 0
     assert_counts(engine)
     assert countercache.check(engine) == []
+
+
+def test_a_finished_flush_leaves_no_reference_cycle(engine, strategy):
+    """With the garbage collector off: after commit and close, the session, the
+    children and their states are freed by reference counting alone (the
+    flush's state and its strategies referred to each other)."""
+    m, ids = qa_seeded(engine, strategy, (1, 0))
+    gc.collect()
+    gc.disable()
+    try:
+        s = Session(engine)
+        children = [m.Question(user_id=ids[0]) for _ in range(3)]
+        s.add_all(children)
+        s.flush()
+        s.delete(children[0])
+        s.execute(insert(m.Question), [{"user_id": ids[1]}])  # an ORM bulk statement too
+        s.commit()
+        refs = [weakref.ref(s)] + [weakref.ref(c) for c in children] + [weakref.ref(inspect(c)) for c in children]
+        s.close()
+        del s, children
+        alive = [r() for r in refs if r() is not None]
+    finally:
+        gc.enable()
+    assert not alive, f"kept until the garbage collector runs: {alive}"
+    assert_counts(engine)
