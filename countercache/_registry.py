@@ -1,7 +1,9 @@
 """The process-wide registry of declared counters (private).
 
 Counters are added when their class's mapper is constructed and resolved
-when mappers are configured. Tests snapshot and restore this state.
+when mappers are configured. A counter whose mapper is gone
+(``sqlalchemy.orm.clear_mappers()``, ``registry.dispose()``) leaves the
+registry the next time it is read. Tests snapshot and restore this state.
 """
 
 from __future__ import annotations
@@ -32,20 +34,33 @@ def remove(counter: CounterCache) -> None:
             del _by_name[counter.name]
 
 
+def live(counter: CounterCache) -> bool:
+    """Is the counter's class still mapped by the mapper it was bound to?"""
+    return counter.mapper is not None and inspect(counter.cls, raiseerr=False) is counter.mapper
+
+
+def _prune() -> None:
+    """Forget counters whose mapper was disposed (their classes are unmapped)."""
+    for counter in [c for c in _counters if not live(c)]:
+        remove(counter)
+
+
 def all_counters() -> list[CounterCache]:
+    _prune()
     return list(_counters)
 
 
 def by_name(name: str) -> list[CounterCache]:
+    _prune()
     return _by_name.get(name, [])
 
 
 def class_names() -> set[str]:
-    return {c.cls.__name__ for c in _counters if c.cls is not None} | _declared_classes
+    return {c.cls.__name__ for c in all_counters() if c.cls is not None} | _declared_classes
 
 
 def counter_names(class_name: str) -> list[str]:
-    return sorted(str(c.key) for c in _counters if c.cls is not None and c.cls.__name__ == class_name)
+    return sorted(str(c.key) for c in all_counters() if c.cls is not None and c.cls.__name__ == class_name)
 
 
 # Names of every mapped class seen since install, counters or not, so that an
@@ -71,6 +86,8 @@ def lookup(counter: Any) -> CounterCache:
     definition = column.info.get("countercache")
     if definition is None or definition.cls is None:
         raise CounterCacheError(f"{counter} is not a counter declared with counter_cache()")
+    if not live(definition):
+        raise CounterCacheError(f"{definition.name}: its class is no longer mapped (its mapper was disposed)")
     return definition
 
 

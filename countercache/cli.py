@@ -7,7 +7,8 @@ checkout's ``migrations/``). Errors print one line on stderr and exit with code 
 
 ``countercache check|reconcile|fold --url URL --models MODULE [--counter Class.attr]
 [--batch-size N] [--json]`` checks, repairs, or folds the shard deltas of
-``sharded`` counters into their columns.
+``sharded`` counters into their columns: the counters named, or those whose
+tables are in the database at URL.
 
 ``countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
 [--repeat N] [--children N] [--parents N] [--json] [--plot FILE.png]`` times
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import repair, shards
+from . import _registry, repair, scope, shards
 from .config import STRATEGIES
 from .errors import CounterCacheError
 
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--models", required=True, action="append",
                          help="importable module that declares the models (repeatable)")
         sub.add_argument("--counter", action="append", default=[],
-                         help="Class.attribute of a counter (repeatable; default: every counter)")
+                         help="Class.attribute of a counter (repeatable; default: every counter "
+                              "whose tables are in the database)")
         sub.add_argument("--batch-size", type=int, default=1000,
                          help="parents per batch (default 1000)")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
@@ -97,6 +99,7 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
     import importlib
 
     from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import configure_mappers
 
     if args.batch_size < 1:
         raise CounterCacheError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -106,13 +109,20 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
             importlib.import_module(module)
         except ImportError as exc:
             raise CounterCacheError(f"--models {module}: cannot import it ({exc})") from None
-    counters = repair.resolve_counters(tuple(args.counter))
-    if not counters:
+    configure_mappers()
+    for name in args.counter:  # (a --counter naming no counter fails before connecting)
+        _registry.lookup(name)
+    if not any(c.parent is not None for c in _registry.all_counters()):
         raise CounterCacheError(f"--models {', '.join(args.models)}: declares no counter")
     engine = create_engine(args.url)
-    with engine.connect() as conn:  # a bad URL or server: one line, exit 2
-        conn.execute(text("SELECT 1"))
-    return counters, engine
+    try:
+        with engine.connect() as conn:  # a bad URL or server: one line, exit 2
+            conn.execute(text("SELECT 1"))
+        # without --counter: the counters whose tables are in this database
+        return scope.counters_for(engine, tuple(args.counter)), engine
+    except BaseException:
+        engine.dispose()
+        raise
 
 
 def _fold(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import event
@@ -49,8 +50,10 @@ class FlushState:
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
         self.session = session
-        #: the flush's unit of work; None for an ORM bulk statement
-        self.uow = uow
+        #: the flush's unit of work (weakly: when SQLAlchemy drops it, the
+        #: flush is over, however it ended: see _flush_dropped); None for an
+        #: ORM bulk statement
+        self.uow = None if uow is None else weakref.proxy(uow, partial(_flush_dropped, session.hash_key))
         #: child state -> {fk key: value in the database before the flush}, or _GONE
         #: (gone already, or a deleted row the pre-read counted)
         self.old: dict[InstanceState[Any], Any] = {}
@@ -353,11 +356,28 @@ def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     # A flush that failed never reached after_flush_postexec: forget it.
     fs = _flushes.pop(session.hash_key, None)
-    if fs is not None and fs.watching:
+    if fs is not None:
+        _forget_watched(fs)
+    _locked.pop(session, None)
+
+
+def _forget_watched(fs: FlushState) -> None:
+    if fs.watching:
         for connection in fs.watching:
             _awaiting.pop(connection, None)
         release_watched(fs)
-    _locked.pop(session, None)
+
+
+def _flush_dropped(key: int, uow: Any) -> None:
+    """SQLAlchemy dropped a flush's unit of work: a flush that ended with no
+    ``after_flush_postexec`` nor rollback (nothing left to write after
+    ``before_flush``, or a ``before_flush`` listener raised) is forgotten too,
+    so that nothing keeps its session and objects (the one under way now may
+    be a later flush of the same session: it stays)."""
+    fs = _flushes.get(key)
+    if fs is not None and fs.uow is uow:
+        _flushes.pop(key, None)
+        _forget_watched(fs)
 
 
 def _after_transaction_end(session: Session, transaction: Any) -> None:

@@ -116,10 +116,11 @@ def _bind_counters(mapper: Mapper[Any], class_: type) -> None:
         definition = column.info.get("countercache")
         if not isinstance(definition, CounterCache):
             continue
-        if definition.cls is not None and definition.column is not column:
+        if definition.cls is not None and (definition.column is not column or not _registry.live(definition)):
             # a copy of the column for another class (a mixin's or an
-            # __abstract__ base's column, copied into each mapped class): the
-            # counter is that class's own
+            # __abstract__ base's column, copied into each mapped class), or
+            # a table mapped again after clear_mappers(): the counter is that
+            # class's own
             definition = column.info["countercache"] = definition.copy()
         if definition.cls is None:
             definition._bind(mapper, column)
@@ -211,6 +212,10 @@ def uninstall() -> None:
     overrides) installs them again, every counter declared so far included.
     Meant for tests and for applications that hand maintenance to something
     else; ``reconcile()`` repairs what happened meanwhile.
+
+    With :func:`sqlalchemy.orm.clear_mappers` (before or after this, or
+    alone), the counters of the unmapped classes are forgotten; models
+    declared afterwards (a table mapped again included) get their own.
     """
     global _uninstalled
     for target, name, fn in _HOOKS:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper
 
+from . import _registry
 from ._compat import PASSIVE_NO_INITIALIZE
 from .locking import for_update
 
@@ -46,8 +47,15 @@ def track(counter: CounterCache) -> None:
     """Count ``counter``'s association rows in the flushes of both its classes."""
     global _built
     if counter not in _counters:
+        _prune()
         _counters.append(counter)
         _built = False
+
+
+def _prune() -> None:
+    """Forget counters whose mappers were disposed (``clear_mappers()``): a
+    table mapped again must not feed them too."""
+    _counters[:] = [c for c in _counters if _registry.live(c)]
 
 
 def clear() -> None:
@@ -64,6 +72,7 @@ def _build() -> None:
     on the side whose columns name the parent."""
     global _built
     _sides.clear()
+    _prune()
     for counter in _counters:
         kind = counter.kind
         parent_cols = set(kind.parent_cols)
@@ -183,7 +192,7 @@ def cascaded_links(mapper: Mapper[Any]) -> list[tuple[CounterCache, list[Any]]]:
     pk = list(mapper.primary_key)
     for counter in _counters:
         kind = counter.kind
-        if kind is None:
+        if kind is None or not _registry.live(counter):
             continue
         refs = {fk.column: fk.parent for fk in kind.secondary.foreign_keys
                 if fk.parent not in kind.parent_cols and fk.ondelete and fk.ondelete.upper() == "CASCADE"}

@@ -13,10 +13,11 @@ keeping the value the target session already holds.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from ._compat import NEVER_SET as _NEVER_SET
@@ -31,13 +32,17 @@ if TYPE_CHECKING:
 
 _guarded: list[tuple[Any, Any]] = []
 
-#: session id -> (parent, counter key) that merge() set over an unloaded counter
-_merged: dict[Any, list[tuple[Any, Any]]] = {}
+#: session -> (parent, counter key) that merge() set over an unloaded counter;
+#: weakly on both sides: nothing of a closed or dropped session is kept
+_merged: weakref.WeakKeyDictionary[Session, list[tuple[weakref.ref[Any], str]]] = weakref.WeakKeyDictionary()
 
 
 def undo_merged(session: Session) -> None:
     """Before a flush: expire counters merge() set over unloaded values (never written)."""
-    for obj, key in _merged.pop(session.hash_key, ()):
+    for ref, key in _merged.pop(session, ()):
+        obj = ref()
+        if obj is None:
+            continue
         state = instance_state(obj)
         if state.session_id == session.hash_key and key in state.committed_state:
             session.expire(obj, [key])
@@ -81,7 +86,9 @@ def guard_assignment(counter: CounterCache) -> None:
             # when ours is not loaded, the copied value is dropped again
             # before the next flush (expired), so it is never written.
             if oldvalue is _NO_VALUE or oldvalue is _NEVER_SET:
-                _merged.setdefault(instance_state(target).session_id, []).append((target, counter.key))
+                session = object_session(target)
+                if session is not None:
+                    _merged.setdefault(session, []).append((weakref.ref(target), counter.key))  # type: ignore[arg-type]
                 return value
             return oldvalue
         raise AssignmentError(

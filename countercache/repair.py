@@ -7,7 +7,9 @@ other table, or work done inside :func:`countercache.suspended`. ::
     drifts = countercache.check(engine, User.question_count, batch_size=1000)
     fixed = countercache.reconcile(engine, User.question_count)
 
-Both walk the parent table in primary-key batches (memory stays bounded by
+With no counter named, both cover the counters of the bind's database (whose
+tables exist there), optionally only those of ``metadata=``. Both walk the
+parent table in primary-key batches (memory stays bounded by
 ``batch_size``) and return :class:`Drift` records. ``reconcile()`` writes the
 true value with one set-based statement per batch that computes and writes in
 the same statement (``UPDATE parent SET n = (SELECT count(*) ...) WHERE ...
@@ -28,17 +30,18 @@ writer's delta committed meanwhile is counted exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Float, Integer, Numeric, TypeDecorator, and_, func, select, tuple_
+from sqlalchemy import Float, Integer, MetaData, Numeric, TypeDecorator, and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, configure_mappers
+from sqlalchemy.orm import Session
 
-from . import _registry, commit, memory, transactions
+from . import commit, memory, transactions
 from .errors import CounterCacheError
+from .scope import counters_for
 from .sidetable import pending_expression
 from .values import single_precision
 
@@ -83,7 +86,7 @@ class Drift:
 
 
 def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
-          progress: Progress | None = None) -> list[Drift]:
+          progress: Progress | None = None, metadata: MetaData | Iterable[MetaData] | None = None) -> list[Drift]:
     """Every parent whose counter differs from its real count.
 
     :param bind: an :class:`~sqlalchemy.engine.Engine`,
@@ -91,21 +94,32 @@ def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int =
         :class:`~sqlalchemy.orm.Session` (a Session reads in its own
         transaction, so it sees what it flushed).
     :param counters: counter attributes (``User.question_count``) or their
-        names (``"User.question_count"``); every registered counter when
-        none is given.
+        names (``"User.question_count"``). When none is given: every
+        registered counter of the bind's database, those whose parent table
+        and the tables its recount reads exist there (for a Session, in
+        the database its parent mapper's bind reaches,
+        ``session.get_bind(mapper=...)``); an application with two
+        declarative bases on two databases checks each with its own bind.
+        A counter named whose tables are not there raises
+        :class:`~countercache.CounterCacheError`, as does a bind whose
+        database holds none of the registered counters.
     :param batch_size: parents read per statement, in primary-key order;
         memory stays bounded by it.
     :param progress: ``progress(counter, parents_done)``, called after each
         batch (the command line draws its progress bar with it).
+    :param metadata: a :class:`~sqlalchemy.MetaData`, or several: only the
+        counters whose parent table belongs to it (a counter named that
+        does not raises).
 
     Returns a list of :class:`Drift`, in counter and then key order; empty
     when every counter is right. Reads only: nothing is locked or written.
     """
-    return _walk(bind, counters, batch_size, progress, repair=False)
+    return _walk(bind, counters, batch_size, progress, metadata, repair=False)
 
 
 def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
-              progress: Progress | None = None) -> list[Drift]:
+              progress: Progress | None = None,
+              metadata: MetaData | Iterable[MetaData] | None = None) -> list[Drift]:
     """Correct every drifted counter; return what was fixed (as :func:`check` saw it).
 
     Takes the same arguments as :func:`check`. Each batch of parents is
@@ -117,19 +131,7 @@ def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: i
     memory are expired). Running it again on an unchanged database
     returns ``[]``.
     """
-    return _walk(bind, counters, batch_size, progress, repair=True)
-
-
-def resolve_counters(counters: tuple[Any, ...]) -> list[CounterCache]:
-    """The definitions behind the given attributes or names (all when empty)."""
-    configure_mappers()
-    found = [_registry.lookup(c) for c in counters] if counters else [
-        c for c in _registry.all_counters() if c.parent is not None
-    ]
-    for counter in found:
-        if counter.parent is None:
-            raise CounterCacheError(f"{counter.name}: its mapper is not configured")
-    return found
+    return _walk(bind, counters, batch_size, progress, metadata, repair=True)
 
 
 def differs(stored: Any, actual: Any, type_: Any, dialect: Any, summed: Any = None) -> Any:
@@ -243,14 +245,14 @@ def _same(conn: Connection) -> Iterator[Connection]:
     yield conn
 
 
-def _walk(bind: Any, counters: tuple[Any, ...], batch_size: int, progress: Progress | None,
+def _walk(bind: Any, counters: tuple[Any, ...], batch_size: int, progress: Progress | None, metadata: Any,
           *, repair: bool) -> list[Drift]:
     if batch_size < 1:
         raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
     if isinstance(bind, Session):
         _write_held(bind)
     found: list[Drift] = []
-    for counter in resolve_counters(counters):
+    for counter in counters_for(bind, counters, metadata):
         sql = _Sql(counter)
         done = 0
         after = None

@@ -45,7 +45,8 @@ from sqlalchemy.orm import Session
 
 from . import _registry, commit, memory
 from .errors import CounterCacheError
-from .repair import _connection, resolve_counters
+from .repair import _connection
+from .scope import counters_for
 from .sidetable import TABLE_NAME as TABLE_NAME
 from .sidetable import counter_name, pending_expression, shard_table as shard_table, table_for
 
@@ -115,15 +116,17 @@ def exact(session: Any, instance: Any, counter: str) -> int:
 
 
 def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = FOLD_BATCH,
-         progress: Callable[[CounterCache, int], None] | None = None) -> int:
+         progress: Callable[[CounterCache, int], None] | None = None, metadata: Any = None) -> int:
     """Move pending shard deltas into the parent columns; return the shard rows folded.
 
     :param bind: an Engine (each batch commits by itself), or a Connection
         or Session (the caller's transaction; the caller commits).
-    :param counters: counter attributes or names; every counter of every
-        side table when none is given.
+    :param counters: counter attributes or names; when none is given,
+        every counter of a side table in the bind's database (as
+        :func:`~countercache.check` chooses them; none there: nothing to do).
     :param batch_size: parents per batch (each with up to ``shards`` rows).
     :param progress: ``progress(counter, shard_rows_done)`` after each batch.
+    :param metadata: a MetaData, or several: only their counters.
 
     Each batch, in one transaction, locks its parent rows in key order (as
     every writer that locks parent rows does), deletes the batch's shard rows
@@ -137,7 +140,7 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
     if batch_size < 1:
         raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
     total = 0
-    for counter in resolve_counters(counters):
+    for counter in counters_for(bind, counters, metadata, only=lambda c: table_for(c) is not None):
         table = table_for(counter)
         if table is None:
             continue

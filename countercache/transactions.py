@@ -37,10 +37,12 @@ Leaves = dict[Any, dict[tuple[Any, ...], Any]]
 
 
 class _Entry:
-    __slots__ = ("transaction", "deferred", "sharded", "refreshed", "deleted", "leaves")
+    __slots__ = ("_transaction", "deferred", "sharded", "refreshed", "deleted", "leaves")
 
     def __init__(self, transaction: SessionTransaction) -> None:
-        self.transaction = transaction
+        # (weakly: a transaction holds its session, which must not outlive its
+        # last reference because of this entry, kept by the session's key)
+        self._transaction = weakref.ref(transaction)
         self.deferred: dict[ParentTable, Deltas] = {}
         self.sharded: dict[ParentTable, Deltas] = {}
         self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
@@ -49,6 +51,10 @@ class _Entry:
         #: multi-level leaf deltas of deferred / sharded counters, per middle
         #: row, translated at the commit: strategy name -> counter -> {middle key: delta}
         self.leaves: dict[str, Leaves] = {}
+
+    @property
+    def transaction(self) -> SessionTransaction | None:
+        return self._transaction()
 
     def holds(self) -> bool:
         return bool(self.deferred or self.sharded or self.deleted or self.leaves)

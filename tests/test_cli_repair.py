@@ -89,3 +89,17 @@ def test_connection_and_usage_errors(args):
     done = countercache(*args)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_without_counter_the_counters_of_the_database_at_url(url, tmp_path):
+    """``--models`` of two declarative bases whose tables live in two databases:
+    without ``--counter``, those whose tables are at ``--url`` (issue 16)."""
+    both = common(url, "--models", "cli_other_models")
+    done = countercache("check", *both, "--json")
+    assert done.returncode == 0, done.stderr  # (was: exit 2, no such table cli_members)
+    assert json.loads(done.stdout)["counters"] == ["Forum.post_count"]
+    done = countercache("reconcile", *both, "--counter", "Member.order_count")
+    assert done.returncode == 2 and "Member.order_count: no tables cli_members, cli_orders" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = countercache("check", *common(f"sqlite:///{tmp_path / 'empty.db'}"))
+    assert done.returncode == 2 and "no counter has its tables in the database" in done.stderr, done.stderr

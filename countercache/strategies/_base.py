@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..writer import renamed_keys
@@ -34,7 +35,9 @@ class Strategy:
     held: str | None = None
 
     def __init__(self, flush: FlushState) -> None:
-        self.flush = flush
+        # (weakly: the flush holds its strategies, and a cycle would keep the
+        # flush, its session and its states until the garbage collector runs)
+        self.flush = flush if flush is None else weakref.proxy(flush)
         self.pending: dict[ParentTable, Deltas] = {}
 
     def add(self, counter: CounterCache, key: tuple[Any, ...], delta: int) -> None:
