@@ -250,28 +250,28 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 
 
 def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
+    """A bulk UPDATE (or DELETE) by primary key: one parameter set per row.
+    The rows are counted from what they were (read and locked first) to what
+    they are after the statement (read back): a key given twice ends as its
+    last parameter set says, and a row the statement's own WHERE left alone
+    (``update(Child).where(...)``, with its parameter list) is no change."""
     params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
     if not deleting and not any(_attribute_values(mapper, p, child.keys) for p in params):
         return None
     pk_keys = [mapper.get_property_by_column(c).key for c in child_primary_key(child)]
-    keys = [tuple(p.get(k) for k in pk_keys) for p in params]
+    keys = list(dict.fromkeys(tuple(p.get(k) for k in pk_keys) for p in params))  # (each row once)
     _translate_kept(state.session, mapper, child)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     locked = _with_leaves(connection, child, read_foreign_keys(
         connection, child, keys, lock="update" if deleting else "no key update"))
     result = state.invoke_statement()
-    rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
-    for key, p in zip(keys, params):
-        old = locked.get(key)
-        if old is None:
-            continue  # no such row (gone): nothing changed
-        if deleting:
-            rows.extend(_deleted(mapper, child, [old]))
-        else:
-            rows.append((old, {**old, **_attribute_values(mapper, p, child.keys)}))
+    if deleting:
+        rows = _deleted(mapper, child, locked.values())
+    else:
+        after = read_foreign_keys(connection, child, list(locked), lock=None)
+        rows = [(old, through.carry_counts(child, old, after.get(key))) for key, old in locked.items()]
     tracking.record_rows(state.session, mapper, rows)
     return result
-
 
 
 # -- statements on a class whose subclasses count differently -----------------

@@ -77,6 +77,39 @@ def test_update_by_primary_key(engine, strategy):
     assert assert_counts(engine) == {a: 1, b: 3, c: 1}
 
 
+def test_update_by_primary_key_repeating_a_key(engine, strategy):
+    """A key given twice: the row ends as its last parameter set says, and is
+    counted from where it was to where it ends (not once per parameter set)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        users = loaded(s, m, (a, b, c))
+        ids = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).all()
+        s.execute(update(m.Question), [{"id": ids[0], "user_id": b}, {"id": ids[0], "user_id": c},
+                                       {"id": ids[1], "user_id": c}, {"id": ids[1], "user_id": a}])
+        assert s.scalars(select(m.Question.user_id).where(m.Question.id.in_(ids[:2])).order_by(m.Question.id)
+                         ).all() == [c, a]
+        s.commit()
+        assert values(s, users) == [2, 2, 1]
+    assert assert_counts(engine) == {a: 2, b: 2, c: 1}
+
+
+def test_update_by_primary_key_with_criteria(engine, strategy):
+    """A bulk UPDATE by primary key with its own WHERE: a row the WHERE leaves
+    alone is not counted, and a key given twice is judged by the row as the
+    first parameter set left it (the database's order)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        ids = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).all()
+        other = s.scalars(select(m.Question.id).where(m.Question.user_id == b)).first()
+        s.execute(update(m.Question).where(m.Question.user_id == a),
+                  [{"id": ids[0], "user_id": b}, {"id": ids[0], "user_id": c},  # the 2nd no longer matches
+                   {"id": other, "user_id": c}],  # not a's: left alone
+                  execution_options={"synchronize_session": None})
+        s.commit()
+        assert s.scalar(select(m.Question.user_id).where(m.Question.id == ids[0])) == b
+    assert assert_counts(engine) == {a: 2, b: 3, c: 0}
+
+
 @pytest.mark.parametrize("sync", [False, "evaluate", "fetch"])
 def test_delete_with_criteria(engine, strategy, sync):
     m, (a, b, c) = prepare(engine, strategy)
