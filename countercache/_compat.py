@@ -45,6 +45,7 @@ __all__ = [
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
+    "upsert_set_keys", "insert_select_names",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -111,6 +112,21 @@ def multi_values(statement: Any) -> Any:
 def has_post_values_clause(statement: Any) -> bool:
     """Is the INSERT an upsert (``on_conflict_do_*`` / ``on_duplicate_key_update``)?"""
     return getattr(statement, "_post_values_clause", None) is not None
+
+
+def upsert_set_keys(statement: Any) -> list[Any]:
+    """The keys an upsert's ``SET`` gives values for (``on_conflict_do_update(set_=...)``:
+    ``update_values_to_set``; ``on_duplicate_key_update()``: ``update``; a dict or pairs)."""
+    clause = getattr(statement, "_post_values_clause", None)
+    sets = getattr(clause, "update_values_to_set", None) or getattr(clause, "update", None) or ()
+    if isinstance(sets, dict):
+        return list(sets)
+    return [pair[0] for pair in sets]
+
+
+def insert_select_names(statement: Any) -> list[Any]:
+    """The columns ``insert().from_select(names, ...)`` fills (``_select_names``)."""
+    return list(getattr(statement, "_select_names", None) or ())
 
 
 def bind_processor(type_: Any, dialect: Any) -> Any:

@@ -36,6 +36,7 @@ from .children import _child_for
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
+from .counter_writes import check_statement
 from .errors import CounterCacheError
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if mapper is None:
         warn_core(state)
         return None
+    check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)
