@@ -73,18 +73,51 @@ def test_refused_inside_suspended_too(engine):
     assert stored(engine, a) == 3
 
 
+@pytest.mark.parametrize("method", ["bulk_update_mappings", "bulk_insert_mappings"])
+def test_legacy_mappings_setting_a_counter_are_refused(engine, statements, method):
+    m, (a, b, c) = qa_seeded(engine, "bulk")
+    rows = [{"id": a, "question_count": 77}] if method == "bulk_update_mappings" else \
+        [{"name": "new"}, {"name": "newer", "question_count": 5}]
+    with Session(engine) as s:
+        s.add(m.User(name="flushed first"))
+        s.flush()
+        with statements.record() as rec, pytest.raises(countercache.AssignmentError, match=MESSAGE):
+            getattr(s, method)(m.User, rows)
+        assert rec.sql() == []
+        s.commit()  # the session goes on: the refused call did nothing
+        assert s.scalar(select(m.User.id).where(m.User.name == "flushed first")) is not None
+    assert stored(engine, a) == 3
+    assert assert_counts(engine) == {a: 3, b: 2, c: 0, a + 3: 0}
+
+
+def test_legacy_save_objects_writing_a_loaded_counter_back_is_refused(engine):
+    """bulk_save_objects(update_changed_only=False) would write back the
+    counter as loaded (a lost update, if another transaction counted since)."""
+    m, (a, b, c) = qa_seeded(engine, "bulk")
+    with Session(engine) as s:
+        user = s.get(m.User, a)
+        user.name = "renamed"
+        with pytest.raises(countercache.AssignmentError, match=r"User\.question_count .*bulk_save_objects"):
+            s.bulk_save_objects([user], update_changed_only=False)
+        s.bulk_save_objects([user])  # only what changed: the name
+        s.commit()
+    assert assert_counts(engine) == {a: 3, b: 2, c: 0}
+
+
 def test_writes_of_other_columns_and_new_parents_go_on(engine, strategy):
     m, (a, b, c) = qa_seeded(engine, strategy)
     with Session(engine) as s:
         s.execute(update(m.User).where(m.User.id == a).values(name="renamed"))
         s.execute(update(m.User), [{"id": b, "name": "renamed too"}])
         d = s.scalar(insert(m.User).values(name="new").returning(m.User.id))
+        s.bulk_insert_mappings(m.User, [{"name": "legacy"}])
+        s.bulk_update_mappings(m.User, [{"id": c, "name": "legacy rename"}])
         s.add(m.User(name="added"))
         s.execute(insert(m.Question), [{"user_id": d}])
         s.commit()
         assert exact_value(s, s.get(m.User, d)) == 1
     counts = assert_counts(engine)
-    assert [counts[k] for k in (a, b, c, d)] == [3, 2, 0, 1] and len(counts) == 5
+    assert [counts[k] for k in (a, b, c, d)] == [3, 2, 0, 1] and len(counts) == 6
 
 
 def test_reconcile_and_fold_still_write_the_column(engine, strategy):
