@@ -246,9 +246,12 @@ def enum_db_value(type_: Any, value: Any) -> Any:
         return value
 
 
-def statement_prefixes(statement: Any) -> list[str]:
-    """The text of ``prefix_with()`` prefixes (``_prefixes``: (clause, dialect) pairs)."""
-    return [str(prefix) for prefix, _dialect in getattr(statement, "_prefixes", None) or ()]
+def statement_prefixes(statement: Any, dialect_name: str) -> list[str]:
+    """The text of the ``prefix_with()`` prefixes the dialect ``dialect_name``
+    renders (``_prefixes``: (clause, dialect) pairs; the compiler's
+    ``_generate_prefixes`` keeps a prefix for no dialect, ``"*"``, or its own name)."""
+    return [str(prefix) for prefix, dialect in getattr(statement, "_prefixes", None) or ()
+            if dialect in (None, "*") or dialect == dialect_name]
 
 
 def single_table_criterion(mapper: Any) -> Any:

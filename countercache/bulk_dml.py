@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import cascades, through, tracking
-from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, single_table_criterion,
-                      statement_prefixes, statement_values)
-from .children import _child_for
+from . import cascades, skipping, through, tracking
+from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
+from .children import _child_for, _family
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
@@ -51,6 +50,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         warn_core(state)
         return None
     check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
+    if not is_suspended(state.session):
+        skipping.check_statement(state, mapper)  # (rows the database may skip or replace)
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)
@@ -133,11 +134,6 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
-    if has_post_values_clause(statement):
-        _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
-    skipping = [p for p in statement_prefixes(statement) if "IGNORE" in p.upper() or "REPLACE" in p.upper()]
-    if skipping:
-        _refuse(child, f"INSERT {skipping[0]} may insert fewer rows than it is given, or replace others")
     params: Any = state.parameters
     rows = params if isinstance(params, list) else [params] if params else []
     inline = statement_values(statement)
@@ -277,22 +273,6 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
 
 
 # -- statements on a class whose subclasses count differently -----------------
-
-
-def _family(mapper: Mapper[Any]) -> list[Mapper[Any]]:
-    """The subclasses of ``mapper`` whose rows feed counters its own rows do
-    not (``update(Post)`` reaching the rows of ``Question``, which feed
-    ``User.question_count``): a statement on ``mapper`` is counted row by row,
-    each row as the class its discriminator names."""
-    own = _child_for(mapper)
-    own_counters = set(own.counters) if own is not None else set()
-    found = []
-    for sub in mapper.self_and_descendants:
-        if sub is not mapper:
-            child = _child_for(sub)
-            if child is not None and set(child.counters) != own_counters:
-                found.append(sub)
-    return found
 
 
 def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[Any]]) -> Any:

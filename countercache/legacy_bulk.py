@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm.attributes import instance_state
 
 from ._compat import legacy_bulk_call
-from .bulk_dml import _family
-from .children import _child_for
+from .children import _child_for, _family
 from .declaration import MiddleView
 from .counter_writes import counters_in, refuse, written
 from .errors import CounterCacheError
