@@ -134,8 +134,7 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
-    params: Any = state.parameters
-    rows = params if isinstance(params, list) else [params] if params else []
+    rows = _parameter_rows(state, mapper)
     inline = statement_values(statement)
     sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
     for batch in multi_values(statement):
@@ -144,6 +143,19 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     result = state.invoke_statement()
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
+
+
+def _parameter_rows(state: ORMExecuteState, mapper: Mapper[Any]) -> list[dict[str, Any]]:
+    """A bulk INSERT's parameter sets as SQLAlchemy sends them: a None is left
+    out (the column's default applies) unless ``render_nulls`` is set or the
+    column's type takes None as a value (``should_evaluate_none``)."""
+    params: Any = state.parameters
+    rows = params if isinstance(params, list) else [params] if params else []
+    if state.execution_options.get("render_nulls"):
+        return rows
+    keep = {key for key, prop in mapper.column_attrs.items()
+            if prop.columns[0].type.should_evaluate_none}
+    return [{k: v for k, v in row.items() if v is not None or k in keep} for row in rows]
 
 
 def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str, Any]:
@@ -304,8 +316,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     if state.is_insert:
         if getattr(state.statement, "select", None) is not None:
             _refuse(next(iter(children.values())), "INSERT ... FROM SELECT is not counted")
-        params: Any = state.parameters
-        rows = params if isinstance(params, list) else [params] if params else []
+        rows = _parameter_rows(state, mapper)
         inline = statement_values(state.statement)
         identity = discriminator.key
         new_rows = []

@@ -228,3 +228,42 @@ def test_core_statements_through_the_session_warn(engine):
             s.execute(User.__table__.update().values(name="y"))
         s.commit()
     assert [d.pk for d in _cc.check(engine)] == [1]  # (the Core INSERT, as warned)
+
+
+@pytest.mark.parametrize("render_nulls", [False, True])
+def test_insert_none_for_a_column_with_a_default(engine, strategy, render_nulls):
+    """SQLAlchemy's bulk INSERT leaves a None out (the column's default
+    applies) unless render_nulls: the row is counted with the value it gets."""
+    _cc = countercache
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        open_count: Mapped[int] = _cc.counter_cache("questions", strategy=strategy,
+                                                    where=lambda: Question.status == "open")
+        score_total: Mapped[int] = _cc.counter_cache("questions", strategy=strategy, sum="score")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        status: Mapped[Optional[str]] = mapped_column(String(10), default="open")
+        score: Mapped[Optional[int]] = mapped_column(default=2)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.commit()
+        s.execute(insert(Question), [{"user_id": 1, "status": None, "score": None}, {"user_id": 1, "score": 5}],
+                  execution_options={"render_nulls": render_nulls})
+        s.execute(insert(Question), {"user_id": 1, "status": None, "score": None},
+                  execution_options={"render_nulls": render_nulls})
+        s.commit()
+        stored = s.execute(select(Question.status, Question.score).order_by(Question.id)).all()
+        assert stored == ([(None, None), ("open", 5), (None, None)] if render_nulls else
+                          [("open", 2), ("open", 5), ("open", 2)])
+    assert _cc.check(engine) == []
