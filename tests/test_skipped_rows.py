@@ -191,3 +191,38 @@ def test_sqlite_replace_on_a_parent_table(engine, backend):
         with pytest.raises(countercache.CounterCacheError, match=r"User\.question_count: INSERT OR REPLACE"):
             s.execute(insert(User).prefix_with("OR REPLACE"), [{"id": 1}])
     assert assert_counts(engine) == {1: 2, 2: 1, 3: 0}
+
+
+def test_statement_on_a_base_class_reaching_counted_subclasses(engine, backend):
+    """insert(Post) whose rows become Questions (single-table inheritance):
+    the same refusals as on the counted class itself."""
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        type: Mapped[str] = mapped_column(String(20))
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        __mapper_args__ = {"polymorphic_on": "type", "polymorphic_identity": "post"}
+
+    class Question(Post):
+        __mapper_args__ = {"polymorphic_identity": "question"}
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.add(Question(id=1, user_id=1))
+        s.commit()
+        upsert = {"sqlite": lambda: sqlite.insert(Post).on_conflict_do_nothing(),
+                  "postgresql": lambda: postgresql.insert(Post).on_conflict_do_nothing(),
+                  "mariadb": lambda: insert(Post).prefix_with("IGNORE")}[backend]()
+        with pytest.raises(countercache.CounterCacheError, match=r"User\.question_count: (an upsert|INSERT IGNORE)"):
+            s.execute(upsert, [{"id": 1, "type": "question", "user_id": 1}])
+    assert [d.pk for d in countercache.check(engine)] == []
