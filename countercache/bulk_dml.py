@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
-from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from . import cascades, skipping, through, tracking
 from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
@@ -37,6 +36,8 @@ from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
 from .counter_writes import check_statement
 from .errors import CounterCacheError
+from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, refuse_unkeyed,
+                        where_of)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -87,7 +88,7 @@ def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
     locked in key order, and what goes with them counted out
     (:mod:`countercache.cascades`); the statement then deletes exactly those."""
     pk = list(mapper.local_table.primary_key.columns)
-    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*pk).where(*where).order_by(*pk)
     stmt = for_update(stmt, connection)
@@ -98,82 +99,19 @@ def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
     return keys
 
 
-def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Values of the ``keys`` attributes in a parameter dict or ``.values()``
-    mapping (keyed by attribute name, column name or column)."""
-    found: dict[str, Any] = {}
-    if not values:
-        return found
-    by_column = {mapper.get_property(k).columns[0].key: k for k in keys}  # type: ignore[attr-defined]
-    for name, value in values.items():
-        name = getattr(name, "key", name)
-        if name in keys:
-            found[name] = value
-        elif name in by_column:
-            found[by_column[name]] = value
-    return found
-
-
-def _refuse(child: Any, why: str) -> None:
-    names = ", ".join(c.name for c in child.counters)
-    raise CounterCacheError(
-        f"{names}: {why}; insert through the session (or give the values), or run it inside "
-        "countercache.suspended(session) and repair with countercache.reconcile()"
-    )
-
-
-def _literal(child: Any, key: str, value: Any) -> Any:
-    if isinstance(value, BindParameter) and value.callable is None:
-        return value.value
-    if isinstance(value, ClauseElement):
-        _refuse(child, f"the bulk INSERT computes {key} in SQL, so the counter cannot know it")
-    return value
-
-
 def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
     rows = _parameter_rows(state, mapper)
     inline = statement_values(statement)
-    sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
+    sources = [bound({**inline, **values}) for values in rows] or ([inline] if inline else [])
     for batch in multi_values(statement):
         sources.extend(values for values in batch if isinstance(values, dict))
     new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
     result = state.invoke_statement()
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
-
-
-def _parameter_rows(state: ORMExecuteState, mapper: Mapper[Any]) -> list[dict[str, Any]]:
-    """A bulk INSERT's parameter sets as SQLAlchemy sends them: a None is left
-    out (the column's default applies) unless ``render_nulls`` is set or the
-    column's type takes None as a value (``should_evaluate_none``)."""
-    params: Any = state.parameters
-    rows = params if isinstance(params, list) else [params] if params else []
-    if state.execution_options.get("render_nulls"):
-        return rows
-    keep = {key for key, prop in mapper.column_attrs.items()
-            if prop.columns[0].type.should_evaluate_none}
-    return [{k: v for k, v in row.items() if v is not None or k in keep} for row in rows]
-
-
-def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """A bulk INSERT's row with the values it leaves to column defaults; the
-    ones only the database knows (server defaults) are refused."""
-    row = {k: _literal(child, k, v) for k, v in row.items()}
-    for key in child.keys:
-        if key in row:
-            continue
-        column = mapper.get_property(key).columns[0]  # type: ignore[attr-defined]
-        default = column.default
-        if default is not None and default.is_scalar:
-            row[key] = default.arg
-        elif default is not None or column.server_default is not None:
-            _refuse(child, f"the bulk INSERT leaves {key} to a default the counter cannot see")
-        else:
-            row[key] = None
-    return row
 
 
 def _translate_kept(session: Any, mapper: Mapper[Any], child: Any) -> None:
@@ -193,7 +131,7 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
     _translate_kept(session, mapper, child)
     connection = session.connection(bind_arguments={"mapper": mapper})
     found = read_foreign_keys(
-        connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
+        connection, child, where=where_of(state),  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update",
     )
     return _with_leaves(connection, child, found)
@@ -266,9 +204,11 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     last parameter set says, and a row the statement's own WHERE left alone
     (``update(Child).where(...)``, with its parameter list) is no change."""
     params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
-    if not deleting and not any(_attribute_values(mapper, p, child.keys) for p in params):
+    if not deleting and not any(_attribute_values(mapper, p, child.keys)
+                                for p in [statement_values(state.statement), *params]):
         return None
     pk_keys = [mapper.get_property_by_column(c).key for c in child_primary_key(child)]
+    refuse_unkeyed(state, child, pk_keys)
     keys = list(dict.fromkeys(tuple(p.get(k) for k in pk_keys) for p in params))  # (each row once)
     _translate_kept(state.session, mapper, child)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
@@ -320,7 +260,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
         inline = statement_values(state.statement)
         identity = discriminator.key
         new_rows = []
-        for values in [{**inline, **v} for v in rows] or ([inline] if inline else []):
+        for values in [bound({**inline, **v}) for v in rows] or ([inline] if inline else []):
             by_column = {getattr(k, "key", k): v for k, v in values.items()}
             kind = by_column.get(identity, by_column.get(mapper.get_property_by_column(discriminator).key,
                                                           mapper.polymorphic_identity))
@@ -347,7 +287,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
         return None  # no counted value or class changes
     pk = list(table.primary_key.columns)
     read = [*pk, discriminator, *sorted(needed - {discriminator}, key=lambda c: c.name)]
-    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}

@@ -8,7 +8,7 @@ import time
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, String, delete, insert, select, update
+from sqlalchemy import ForeignKey, String, bindparam, delete, insert, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -267,3 +267,36 @@ def test_insert_none_for_a_column_with_a_default(engine, strategy, render_nulls)
         assert stored == ([(None, None), ("open", 5), (None, None)] if render_nulls else
                           [("open", 2), ("open", 5), ("open", 2)])
     assert _cc.check(engine) == []
+
+
+def test_bindparams_take_their_values_from_the_parameters(engine, strategy):
+    """``bindparam()`` in values() or where(), given by the parameters: counted
+    with those values (the locking read binds them as the statement does)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        first = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).first()
+        s.execute(insert(m.Question).values(user_id=bindparam("owner")), [{"owner": c}, {"owner": c}])
+        s.execute(insert(m.Question).values(user_id=bindparam("owner")).execution_options(dml_strategy="raw"),
+                  [{"owner": b}])
+        result = s.execute(update(m.Question).where(m.Question.id == bindparam("qid")),
+                           {"qid": first, "user_id": b})
+        assert result.rowcount == 1
+        s.commit()
+    assert assert_counts(engine) == {a: 2, b: 4, c: 2}
+
+
+def test_parameter_list_not_naming_rows_by_key_refused(engine, statements):
+    """dml_strategy="core_only" with a parameter list runs the statement once
+    per set, its rows chosen by its own criteria: countercache cannot tell
+    which, and refuses before anything runs."""
+    m, (a, b, c) = prepare(engine, "bulk")
+    with Session(engine) as s:
+        stmt = (update(m.Question).where(m.Question.id == bindparam("qid")).values(user_id=bindparam("owner"))
+                .execution_options(dml_strategy="core_only"))
+        with statements.record() as rec, pytest.raises(countercache.CounterCacheError,
+                                                       match=r"User\.question_count: a bulk UPDATE/DELETE with a "
+                                                             r"parameter list is counted by the primary key"):
+            s.execute(stmt, [{"qid": 1, "owner": c}])
+        assert not rec.updates_to("questions")
+        s.rollback()
+    assert assert_counts(engine) == {a: 3, b: 2, c: 0}
