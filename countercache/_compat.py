@@ -48,6 +48,7 @@ __all__ = [
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
+    "upsert_set_keys", "insert_select_names", "legacy_bulk_call",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -61,10 +62,11 @@ def calling_frame(name: str, depth: int, limit: int, module: str | None = None) 
     up, running a function called ``name`` (of a module whose name starts with
     ``module``, if given); None when there is none.
 
-    SQLAlchemy's events do not say what fired them in two cases: whether a
+    SQLAlchemy's events do not say what fired them in three cases: whether a
     ``before_commit`` is the outermost commit (``SessionTransaction._prepare_impl``,
-    :mod:`countercache.transactions`) and whether an attribute ``set`` comes
-    from ``Session.merge()`` (:mod:`countercache.memory`).
+    :mod:`countercache.transactions`), whether an attribute ``set`` comes
+    from ``Session.merge()`` (:mod:`countercache.memory`), and whether a
+    subtransaction is a legacy bulk method's (:func:`legacy_bulk_call`).
     """
     frame: FrameType | None = sys._getframe(depth + 1)
     for _ in range(limit):
@@ -75,6 +77,32 @@ def calling_frame(name: str, depth: int, limit: int, module: str | None = None) 
             return frame
         frame = frame.f_back
     return None
+
+
+def legacy_bulk_call(depth: int) -> dict[str, Any] | None:
+    """In ``after_transaction_create`` (``depth`` frames above the caller: the
+    event's dispatch): the arguments of the legacy bulk method whose
+    subtransaction this is, else None.
+
+    ``Session.bulk_insert_mappings()`` / ``bulk_update_mappings()`` /
+    ``bulk_save_objects()`` call ``Session._bulk_save_mappings(mapper,
+    mappings, *, isupdate, isstates, ...)`` (once per group of objects of one
+    class for ``bulk_save_objects``), which opens a subtransaction before its
+    first statement: the only event they fire. Returned: that frame's
+    arguments, plus ``method`` (the public method's name) and, for
+    ``bulk_save_objects``, its ``objects`` and ``obj_states`` (the states it
+    groups; a generator unless ``preserve_order=False``).
+    """
+    frame = calling_frame("_bulk_save_mappings", depth + 1, 8, "sqlalchemy.orm")
+    if frame is None:
+        return None
+    call = dict(frame.f_locals)
+    caller = frame.f_back
+    call["method"] = caller.f_code.co_name if caller is not None else "_bulk_save_mappings"
+    if call["method"] == "bulk_save_objects":
+        call["objects"] = caller.f_locals.get("objects")  # type: ignore[union-attr]
+        call["obj_states"] = caller.f_locals.get("obj_states")  # type: ignore[union-attr]
+    return call
 
 
 def column_annotation(clause: Any, name: str) -> Any:
@@ -114,6 +142,21 @@ def multi_values(statement: Any) -> Any:
 def has_post_values_clause(statement: Any) -> bool:
     """Is the INSERT an upsert (``on_conflict_do_*`` / ``on_duplicate_key_update``)?"""
     return getattr(statement, "_post_values_clause", None) is not None
+
+
+def upsert_set_keys(statement: Any) -> list[Any]:
+    """The keys an upsert's ``SET`` gives values for (``on_conflict_do_update(set_=...)``:
+    ``update_values_to_set``; ``on_duplicate_key_update()``: ``update``; a dict or pairs)."""
+    clause = getattr(statement, "_post_values_clause", None)
+    sets = getattr(clause, "update_values_to_set", None) or getattr(clause, "update", None) or ()
+    if isinstance(sets, dict):
+        return list(sets)
+    return [pair[0] for pair in sets]
+
+
+def insert_select_names(statement: Any) -> list[Any]:
+    """The columns ``insert().from_select(names, ...)`` fills (``_select_names``)."""
+    return list(getattr(statement, "_select_names", None) or ())
 
 
 def bind_processor(type_: Any, dialect: Any) -> Any:
@@ -206,9 +249,12 @@ def enum_db_value(type_: Any, value: Any) -> Any:
         return value
 
 
-def statement_prefixes(statement: Any) -> list[str]:
-    """The text of ``prefix_with()`` prefixes (``_prefixes``: (clause, dialect) pairs)."""
-    return [str(prefix) for prefix, _dialect in getattr(statement, "_prefixes", None) or ()]
+def statement_prefixes(statement: Any, dialect_name: str) -> list[str]:
+    """The text of the ``prefix_with()`` prefixes the dialect ``dialect_name``
+    renders (``_prefixes``: (clause, dialect) pairs; the compiler's
+    ``_generate_prefixes`` keeps a prefix for no dialect, ``"*"``, or its own name)."""
+    return [str(prefix) for prefix, dialect in getattr(statement, "_prefixes", None) or ()
+            if dialect in (None, "*") or dialect == dialect_name]
 
 
 def single_table_criterion(mapper: Any) -> Any:

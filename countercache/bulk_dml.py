@@ -27,16 +27,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
-from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import cascades, through, tracking
-from ._compat import (OnlyInSQL, autoflush, has_post_values_clause, multi_values, single_table_criterion,
-                      statement_prefixes, statement_values)
-from .children import _child_for
+from . import cascades, skipping, through, tracking
+from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
+from .children import _child_for, _family
 from .flush import FlushState, forget_locked, is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
+from .counter_writes import check_statement
 from .errors import CounterCacheError
+from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, refuse_unkeyed,
+                        where_of)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -49,6 +50,9 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if mapper is None:
         warn_core(state)
         return None
+    check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
+    if not is_suspended(state.session):
+        skipping.check_statement(state, mapper)  # (rows the database may skip or replace)
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)
@@ -84,7 +88,7 @@ def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
     locked in key order, and what goes with them counted out
     (:mod:`countercache.cascades`); the statement then deletes exactly those."""
     pk = list(mapper.local_table.primary_key.columns)
-    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*pk).where(*where).order_by(*pk)
     stmt = for_update(stmt, connection)
@@ -95,75 +99,19 @@ def _cascade_first(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
     return keys
 
 
-def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Values of the ``keys`` attributes in a parameter dict or ``.values()``
-    mapping (keyed by attribute name, column name or column)."""
-    found: dict[str, Any] = {}
-    if not values:
-        return found
-    by_column = {mapper.get_property(k).columns[0].key: k for k in keys}  # type: ignore[attr-defined]
-    for name, value in values.items():
-        name = getattr(name, "key", name)
-        if name in keys:
-            found[name] = value
-        elif name in by_column:
-            found[by_column[name]] = value
-    return found
-
-
-def _refuse(child: Any, why: str) -> None:
-    names = ", ".join(c.name for c in child.counters)
-    raise CounterCacheError(
-        f"{names}: {why}; insert through the session (or give the values), or run it inside "
-        "countercache.suspended(session) and repair with countercache.reconcile()"
-    )
-
-
-def _literal(child: Any, key: str, value: Any) -> Any:
-    if isinstance(value, BindParameter) and value.callable is None:
-        return value.value
-    if isinstance(value, ClauseElement):
-        _refuse(child, f"the bulk INSERT computes {key} in SQL, so the counter cannot know it")
-    return value
-
-
 def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(child, "INSERT ... FROM SELECT is not counted")
-    if has_post_values_clause(statement):
-        _refuse(child, "an upsert (ON CONFLICT / ON DUPLICATE KEY) may insert fewer rows than it is given")
-    skipping = [p for p in statement_prefixes(statement) if "IGNORE" in p.upper() or "REPLACE" in p.upper()]
-    if skipping:
-        _refuse(child, f"INSERT {skipping[0]} may insert fewer rows than it is given, or replace others")
-    params: Any = state.parameters
-    rows = params if isinstance(params, list) else [params] if params else []
+    rows = _parameter_rows(state, mapper)
     inline = statement_values(statement)
-    sources = [{**inline, **values} for values in rows] or ([inline] if inline else [])
+    sources = [bound({**inline, **values}) for values in rows] or ([inline] if inline else [])
     for batch in multi_values(statement):
         sources.extend(values for values in batch if isinstance(values, dict))
     new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
     result = state.invoke_statement()
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
-
-
-def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """A bulk INSERT's row with the values it leaves to column defaults; the
-    ones only the database knows (server defaults) are refused."""
-    row = {k: _literal(child, k, v) for k, v in row.items()}
-    for key in child.keys:
-        if key in row:
-            continue
-        column = mapper.get_property(key).columns[0]  # type: ignore[attr-defined]
-        default = column.default
-        if default is not None and default.is_scalar:
-            row[key] = default.arg
-        elif default is not None or column.server_default is not None:
-            _refuse(child, f"the bulk INSERT leaves {key} to a default the counter cannot see")
-        else:
-            row[key] = None
-    return row
 
 
 def _translate_kept(session: Any, mapper: Mapper[Any], child: Any) -> None:
@@ -183,7 +131,7 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
     _translate_kept(session, mapper, child)
     connection = session.connection(bind_arguments={"mapper": mapper})
     found = read_foreign_keys(
-        connection, child, where=state.statement.whereclause,  # type: ignore[attr-defined]
+        connection, child, where=where_of(state),  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update",
     )
     return _with_leaves(connection, child, found)
@@ -250,47 +198,33 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
 
 
 def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting: bool) -> Any:
+    """A bulk UPDATE (or DELETE) by primary key: one parameter set per row.
+    The rows are counted from what they were (read and locked first) to what
+    they are after the statement (read back): a key given twice ends as its
+    last parameter set says, and a row the statement's own WHERE left alone
+    (``update(Child).where(...)``, with its parameter list) is no change."""
     params: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
-    if not deleting and not any(_attribute_values(mapper, p, child.keys) for p in params):
+    if not deleting and not any(_attribute_values(mapper, p, child.keys)
+                                for p in [statement_values(state.statement), *params]):
         return None
     pk_keys = [mapper.get_property_by_column(c).key for c in child_primary_key(child)]
-    keys = [tuple(p.get(k) for k in pk_keys) for p in params]
+    refuse_unkeyed(state, child, pk_keys)
+    keys = list(dict.fromkeys(tuple(p.get(k) for k in pk_keys) for p in params))  # (each row once)
     _translate_kept(state.session, mapper, child)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     locked = _with_leaves(connection, child, read_foreign_keys(
         connection, child, keys, lock="update" if deleting else "no key update"))
     result = state.invoke_statement()
-    rows: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
-    for key, p in zip(keys, params):
-        old = locked.get(key)
-        if old is None:
-            continue  # no such row (gone): nothing changed
-        if deleting:
-            rows.extend(_deleted(mapper, child, [old]))
-        else:
-            rows.append((old, {**old, **_attribute_values(mapper, p, child.keys)}))
+    if deleting:
+        rows = _deleted(mapper, child, locked.values())
+    else:
+        after = read_foreign_keys(connection, child, list(locked), lock=None)
+        rows = [(old, through.carry_counts(child, old, after.get(key))) for key, old in locked.items()]
     tracking.record_rows(state.session, mapper, rows)
     return result
 
 
-
 # -- statements on a class whose subclasses count differently -----------------
-
-
-def _family(mapper: Mapper[Any]) -> list[Mapper[Any]]:
-    """The subclasses of ``mapper`` whose rows feed counters its own rows do
-    not (``update(Post)`` reaching the rows of ``Question``, which feed
-    ``User.question_count``): a statement on ``mapper`` is counted row by row,
-    each row as the class its discriminator names."""
-    own = _child_for(mapper)
-    own_counters = set(own.counters) if own is not None else set()
-    found = []
-    for sub in mapper.self_and_descendants:
-        if sub is not mapper:
-            child = _child_for(sub)
-            if child is not None and set(child.counters) != own_counters:
-                found.append(sub)
-    return found
 
 
 def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[Any]]) -> Any:
@@ -322,12 +256,11 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     if state.is_insert:
         if getattr(state.statement, "select", None) is not None:
             _refuse(next(iter(children.values())), "INSERT ... FROM SELECT is not counted")
-        params: Any = state.parameters
-        rows = params if isinstance(params, list) else [params] if params else []
+        rows = _parameter_rows(state, mapper)
         inline = statement_values(state.statement)
         identity = discriminator.key
         new_rows = []
-        for values in [{**inline, **v} for v in rows] or ([inline] if inline else []):
+        for values in [bound({**inline, **v}) for v in rows] or ([inline] if inline else []):
             by_column = {getattr(k, "key", k): v for k, v in values.items()}
             kind = by_column.get(identity, by_column.get(mapper.get_property_by_column(discriminator).key,
                                                           mapper.polymorphic_identity))
@@ -354,7 +287,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
         return None  # no counted value or class changes
     pk = list(table.primary_key.columns)
     read = [*pk, discriminator, *sorted(needed - {discriminator}, key=lambda c: c.name)]
-    where = [c for c in (state.statement.whereclause, single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
+    where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}

@@ -130,3 +130,19 @@ def _key(d: dict[str, Any] | None, fk_keys: tuple[str, ...]) -> tuple[Any, ...] 
         return None if value is None else (value,)
     key = tuple(d.get(k) for k in fk_keys)
     return None if None in key else key
+
+
+def _family(mapper: Mapper[Any]) -> list[Mapper[Any]]:
+    """The subclasses of ``mapper`` whose rows feed counters its own rows do
+    not (``update(Post)`` reaching the rows of ``Question``, which feed
+    ``User.question_count``): a statement on ``mapper`` is counted row by row,
+    each row as the class its discriminator names."""
+    own = _child_for(mapper)
+    own_counters = set(own.counters) if own is not None else set()
+    found = []
+    for sub in mapper.self_and_descendants:
+        if sub is not mapper:
+            child = _child_for(sub)
+            if child is not None and set(child.counters) != own_counters:
+                found.append(sub)
+    return found

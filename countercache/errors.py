@@ -22,7 +22,9 @@ class ConfigurationError(CounterCacheError):
 
 
 class AssignmentError(CounterCacheError, AttributeError):
-    """Application code tried to write a counter attribute directly."""
+    """Application code tried to write a counter directly: by assigning the
+    attribute (the constructor's keyword included), or by an ORM statement or
+    a legacy bulk method giving its column a value."""
 
 
 class CounterCacheWarning(UserWarning):

@@ -7,7 +7,10 @@ The one place that attaches the library to SQLAlchemy:
   started (:func:`_start`: parent table, assignment guard, row listeners);
 * ``Session`` hooks: the flush (:mod:`countercache.flush`), transactions and
   savepoints (:mod:`countercache.transactions`), ORM bulk statements
-  (``do_orm_execute``, :mod:`countercache.bulk_dml`);
+  (``do_orm_execute``, :mod:`countercache.bulk_dml`), the legacy bulk
+  methods (``after_transaction_create``, :mod:`countercache.legacy_bulk`),
+  SQLite tables that skip or replace rows (``before_flush``, first:
+  :mod:`countercache.skipping`);
 * per child mapper, the row hooks (:mod:`countercache.tracking`,
   :mod:`countercache.preread`), attached to the highest mapper of a
   hierarchy that needs them; per parent mapper, the parent-deleted hook.
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, Session, mapped_column
 
-from . import _registry, commit, config, many_to_many, memory, preread, transactions
+from . import _registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
@@ -241,7 +244,8 @@ _SESSION_HOOKS = (
 
 
 def _install_session_hooks() -> None:
-    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS:
+    for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
+                     + legacy_bulk.SESSION_HOOKS):
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
     if not event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -250,7 +254,8 @@ def _install_session_hooks() -> None:
 
 def _uninstall_session_hooks() -> None:
     """Every session and row hook, and what the flush remembers of counted classes."""
-    for name, fn in _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS:
+    for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
+                     + legacy_bulk.SESSION_HOOKS):
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     if event.contains(Session, "do_orm_execute", _do_orm_execute):

@@ -8,7 +8,7 @@ import time
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, String, delete, insert, select, update
+from sqlalchemy import ForeignKey, String, bindparam, delete, insert, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -75,6 +75,39 @@ def test_update_by_primary_key(engine, strategy):
                                        {"id": ids[2], "title": "renamed"}])
         s.commit()
     assert assert_counts(engine) == {a: 1, b: 3, c: 1}
+
+
+def test_update_by_primary_key_repeating_a_key(engine, strategy):
+    """A key given twice: the row ends as its last parameter set says, and is
+    counted from where it was to where it ends (not once per parameter set)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine, expire_on_commit=False) as s:
+        users = loaded(s, m, (a, b, c))
+        ids = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).all()
+        s.execute(update(m.Question), [{"id": ids[0], "user_id": b}, {"id": ids[0], "user_id": c},
+                                       {"id": ids[1], "user_id": c}, {"id": ids[1], "user_id": a}])
+        assert s.scalars(select(m.Question.user_id).where(m.Question.id.in_(ids[:2])).order_by(m.Question.id)
+                         ).all() == [c, a]
+        s.commit()
+        assert values(s, users) == [2, 2, 1]
+    assert assert_counts(engine) == {a: 2, b: 2, c: 1}
+
+
+def test_update_by_primary_key_with_criteria(engine, strategy):
+    """A bulk UPDATE by primary key with its own WHERE: a row the WHERE leaves
+    alone is not counted, and a key given twice is judged by the row as the
+    first parameter set left it (the database's order)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        ids = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).all()
+        other = s.scalars(select(m.Question.id).where(m.Question.user_id == b)).first()
+        s.execute(update(m.Question).where(m.Question.user_id == a),
+                  [{"id": ids[0], "user_id": b}, {"id": ids[0], "user_id": c},  # the 2nd no longer matches
+                   {"id": other, "user_id": c}],  # not a's: left alone
+                  execution_options={"synchronize_session": None})
+        s.commit()
+        assert s.scalar(select(m.Question.user_id).where(m.Question.id == ids[0])) == b
+    assert assert_counts(engine) == {a: 2, b: 3, c: 0}
 
 
 @pytest.mark.parametrize("sync", [False, "evaluate", "fetch"])
@@ -195,3 +228,75 @@ def test_core_statements_through_the_session_warn(engine):
             s.execute(User.__table__.update().values(name="y"))
         s.commit()
     assert [d.pk for d in _cc.check(engine)] == [1]  # (the Core INSERT, as warned)
+
+
+@pytest.mark.parametrize("render_nulls", [False, True])
+def test_insert_none_for_a_column_with_a_default(engine, strategy, render_nulls):
+    """SQLAlchemy's bulk INSERT leaves a None out (the column's default
+    applies) unless render_nulls: the row is counted with the value it gets."""
+    _cc = countercache
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        open_count: Mapped[int] = _cc.counter_cache("questions", strategy=strategy,
+                                                    where=lambda: Question.status == "open")
+        score_total: Mapped[int] = _cc.counter_cache("questions", strategy=strategy, sum="score")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        status: Mapped[Optional[str]] = mapped_column(String(10), default="open")
+        score: Mapped[Optional[int]] = mapped_column(default=2)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1))
+        s.commit()
+        s.execute(insert(Question), [{"user_id": 1, "status": None, "score": None}, {"user_id": 1, "score": 5}],
+                  execution_options={"render_nulls": render_nulls})
+        s.execute(insert(Question), {"user_id": 1, "status": None, "score": None},
+                  execution_options={"render_nulls": render_nulls})
+        s.commit()
+        stored = s.execute(select(Question.status, Question.score).order_by(Question.id)).all()
+        assert stored == ([(None, None), ("open", 5), (None, None)] if render_nulls else
+                          [("open", 2), ("open", 5), ("open", 2)])
+    assert _cc.check(engine) == []
+
+
+def test_bindparams_take_their_values_from_the_parameters(engine, strategy):
+    """``bindparam()`` in values() or where(), given by the parameters: counted
+    with those values (the locking read binds them as the statement does)."""
+    m, (a, b, c) = prepare(engine, strategy)
+    with Session(engine) as s:
+        first = s.scalars(select(m.Question.id).where(m.Question.user_id == a).order_by(m.Question.id)).first()
+        s.execute(insert(m.Question).values(user_id=bindparam("owner")), [{"owner": c}, {"owner": c}])
+        s.execute(insert(m.Question).values(user_id=bindparam("owner")).execution_options(dml_strategy="raw"),
+                  [{"owner": b}])
+        result = s.execute(update(m.Question).where(m.Question.id == bindparam("qid")),
+                           {"qid": first, "user_id": b})
+        assert result.rowcount == 1
+        s.commit()
+    assert assert_counts(engine) == {a: 2, b: 4, c: 2}
+
+
+def test_parameter_list_not_naming_rows_by_key_refused(engine, statements):
+    """dml_strategy="core_only" with a parameter list runs the statement once
+    per set, its rows chosen by its own criteria: countercache cannot tell
+    which, and refuses before anything runs."""
+    m, (a, b, c) = prepare(engine, "bulk")
+    with Session(engine) as s:
+        stmt = (update(m.Question).where(m.Question.id == bindparam("qid")).values(user_id=bindparam("owner"))
+                .execution_options(dml_strategy="core_only"))
+        with statements.record() as rec, pytest.raises(countercache.CounterCacheError,
+                                                       match=r"User\.question_count: a bulk UPDATE/DELETE with a "
+                                                             r"parameter list is counted by the primary key"):
+            s.execute(stmt, [{"qid": 1, "owner": c}])
+        assert not rec.updates_to("questions")
+        s.rollback()
+    assert assert_counts(engine) == {a: 3, b: 2, c: 0}
