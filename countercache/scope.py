@@ -52,10 +52,11 @@ def metadatas(metadata: Any) -> list[MetaData] | None:
 
 
 def counters_for(bind: Any, counters: tuple[Any, ...], metadata: Any = None, *,
-                 only: Any = None) -> list[CounterCache]:
+                 only: Any = None, recount: bool = True) -> list[CounterCache]:
     """The counters to cover on ``bind`` (see the module docstring); ``only(counter)``
     narrows those taken when none is named (``fold()``: those with a side table), and
-    then finding none in the database is no error."""
+    then finding none in the database is no error. ``recount=False`` (``fold()``,
+    which reads no child row): the parent table decides, wherever the children live."""
     configure_mappers()
     wanted = metadatas(metadata)
     found = [_registry.lookup(c) for c in counters] if counters else [
@@ -83,7 +84,7 @@ def counters_for(bind: Any, counters: tuple[Any, ...], metadata: Any = None, *,
             if not counters:
                 continue  # a Session with no bind for it: not one of its databases
             raise CounterCacheError(f"{counter.name}: the session has no bind for {counter.mapper}")
-        own, extra = _tables_of(counter)
+        own, extra = _tables_of(counter, recount)
         missing = tables.missing(counter, own)
         if missing and not counters:
             continue  # another database's counter
@@ -106,12 +107,12 @@ def _in(counter: CounterCache, wanted: list[MetaData]) -> bool:
     return any(md.tables.get(table.key) is table for md in wanted)
 
 
-def _tables_of(counter: CounterCache) -> tuple[list[Table], list[Table]]:
+def _tables_of(counter: CounterCache, recount: bool = True) -> tuple[list[Table], list[Table]]:
     """``(the parent table and the tables its recount reads, the side table if any)``."""
     parent = counter.parent
     assert parent is not None and counter.kind is not None
     own = [parent.table]
-    for table in find_tables(counter.kind.real_count(list(parent.pk_cols))):
+    for table in find_tables(counter.kind.real_count(list(parent.pk_cols))) if recount else ():
         if isinstance(table, Table) and table not in own:
             own.append(table)
     side = table_for(counter)

@@ -140,7 +140,7 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
     if batch_size < 1:
         raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
     total = 0
-    for counter in counters_for(bind, counters, metadata, only=lambda c: table_for(c) is not None):
+    for counter in counters_for(bind, counters, metadata, only=lambda c: table_for(c) is not None, recount=False):
         table = table_for(counter)
         if table is None:
             continue
