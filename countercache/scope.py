@@ -116,7 +116,10 @@ def _tables_of(counter: CounterCache, recount: bool = True) -> tuple[list[Table]
         if isinstance(table, Table) and table not in own:
             own.append(table)
     side = table_for(counter)
-    return own, [side] if side is not None and side not in own else []
+    extra = [side] if side is not None and side not in own else []
+    if not recount:  # (fold(): the parent and side tables are the counter's own)
+        return own + extra, []
+    return own, extra
 
 
 class _Tables:
