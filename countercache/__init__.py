@@ -30,7 +30,7 @@ from .errors import AssignmentError as AssignmentError
 from .errors import CounterCacheWarning as CounterCacheWarning
 from .errors import ConfigurationError as ConfigurationError
 from .errors import CounterCacheError as CounterCacheError
-from .flush import suspended as suspended
+from .suspension import suspended as suspended
 from .installation import counter_cache as counter_cache
 from .installation import uninstall as uninstall
 from .repair import Drift as Drift

@@ -31,7 +31,8 @@ from sqlalchemy import select, tuple_
 from . import cascades, skipping, through, tracking
 from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
 from .children import _child_for, _family
-from .flush import FlushState, forget_locked, is_suspended
+from .flush import FlushState, forget_locked
+from .suspension import is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import warn_core
 from .counter_writes import check_statement

@@ -1,4 +1,4 @@
-"""One flush as the library sees it: :class:`FlushState`, the session hooks, :func:`suspended` (private).
+"""One flush as the library sees it: :class:`FlushState` and the session hooks (private).
 
 ``before_flush`` keeps a :class:`FlushState` per session for the row hooks
 (:mod:`countercache.tracking`, :mod:`countercache.preread`);
@@ -10,9 +10,8 @@ The listeners are registered by :mod:`countercache.installation`.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
@@ -21,6 +20,7 @@ from . import collation, many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
+from .suspension import _suspended
 from .writer import ParentTable
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .declaration import CounterCache
 
-__all__ = ["suspended"]
+__all__ = ["FlushState"]
 
 _GONE = object()
 
@@ -315,19 +315,6 @@ def release_watched(fs: FlushState) -> None:
             event.remove(connection, "before_execute", listener)
         if not had_events:
             drop_events_flag(connection)
-_suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
-
-
-def is_suspended(session: Session) -> bool:
-    return bool(_suspended.get(session))
-
-
-def flushing_session(state: InstanceState[Any]) -> Session | None:
-    """The session whose counted flush is writing ``state`` (None when suspended or none)."""
-    fs = _flushes.get(state.session_id)  # type: ignore[arg-type]
-    return fs.session if fs is not None else None
-
-
 # -- session hooks ------------------------------------------------------------
 
 
@@ -392,24 +379,3 @@ def forget_locked(session: Session) -> None:
 
 def _after_rollback(session: Session) -> None:
     _locked.pop(session, None)  # a savepoint's rollback releases the row locks taken inside it
-
-
-@contextmanager
-def suspended(session: Any) -> Iterator[None]:
-    """Turn counter maintenance off for ``session`` inside the block.
-
-    What is flushed inside the block is never counted, even if it is committed
-    after the block; run :func:`countercache.reconcile` afterwards. Meant for
-    bulk imports. Accepts a :class:`~sqlalchemy.orm.Session` or an
-    :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
-    """
-    sync = getattr(session, "sync_session", session)
-    _suspended[sync] = _suspended.get(sync, 0) + 1
-    try:
-        yield
-    finally:
-        left = _suspended[sync] - 1
-        if left:
-            _suspended[sync] = left
-        else:
-            del _suspended[sync]

@@ -38,7 +38,8 @@ from .children import _child_for, _family
 from .declaration import MiddleView
 from .counter_writes import counters_in, refuse, written
 from .errors import CounterCacheError
-from .flush import _flushes, is_suspended
+from .flush import _flushes
+from .suspension import is_suspended
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, Session, SessionTransaction

@@ -32,7 +32,7 @@ from ._registry import all_counters
 from .children import _child_for, _family
 from .counter_writes import counters_in
 from .errors import CounterCacheError
-from .flush import is_suspended
+from .suspension import is_suspended
 from .kinds import ManyToMany
 
 if TYPE_CHECKING:

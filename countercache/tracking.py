@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import through
 from .children import _child_for, _key
-from .flush import _GONE, FlushState, _flushes, _suspended, release_watched
+from .flush import _GONE, FlushState, _flushes, release_watched
+from .suspension import _suspended
 from .locking import read_foreign_keys
 
 if TYPE_CHECKING:

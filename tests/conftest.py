@@ -21,7 +21,8 @@ Interface (see also tests/test_backends.py):
   narrows it with ``@pytest.mark.parametrize("strategy", [...])`` or skips
   with a one-line reason.
 * markers: ``slow`` (the concurrency/stress tests), ``postgresql_only``,
-  ``mariadb_only``, ``servers_only``, ``sqlite_postgresql_only``.
+  ``mariadb_only``, ``servers_only``, ``sqlite_postgresql_only``, ``sqlite_only``,
+  ``sqlite_mariadb_only``.
 
 Fast tier: ``python3 tests/run.py -q -m "not slow" --backend sqlite`` (under a
 minute) leaves out the ``slow`` tests; the whole suite runs them.
@@ -119,6 +120,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "sqlite_postgresql_only: with the engine fixture, only run on SQLite and PostgreSQL"
     )
+    config.addinivalue_line("markers", "sqlite_only: with the engine fixture, only run on SQLite")
+    config.addinivalue_line(
+        "markers", "sqlite_mariadb_only: with the engine fixture, only run on SQLite and MariaDB"
+    )
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -143,6 +148,8 @@ _ONLY_MARKERS = {
     "mariadb_only": {"mariadb"},
     "servers_only": {"postgresql", "mariadb"},
     "sqlite_postgresql_only": {"sqlite", "postgresql"},
+    "sqlite_only": {"sqlite"},
+    "sqlite_mariadb_only": {"sqlite", "mariadb"},
 }
 
 
