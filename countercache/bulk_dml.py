@@ -34,7 +34,7 @@ from .children import _child_for, _family
 from .flush import FlushState, forget_locked
 from .suspension import is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
-from .core_statements import warn_core
+from .core_statements import core_statement
 from .counter_writes import check_statement
 from .errors import CounterCacheError
 from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, refuse_unkeyed,
@@ -48,9 +48,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if not (state.is_insert or state.is_update or state.is_delete):
         return None
     mapper = state.bind_mapper
-    if mapper is None:
-        warn_core(state)
-        return None
+    if mapper is None:  # a Core statement on a table: kept or refused there
+        return core_statement(state)
     check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
     if not is_suspended(state.session):
         skipping.check_statement(state, mapper)  # (rows the database may skip or replace)

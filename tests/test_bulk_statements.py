@@ -188,15 +188,11 @@ def test_concurrent_bulk_deletes_count_once(engine, strategy):
     assert assert_counts(engine) == {a: 0, b: 2, c: 0}
 
 
-def test_core_statements_through_the_session_warn(engine):
-    """A Core statement on a counted table, run through the session, is not
-    counted (the docs' "not maintained" list): a CounterCacheWarning names
-    the counter and points at the application's line; ORM statements and
-    Core statements that change nothing counted do not warn."""
-    import warnings as _warnings
-
-    _cc = countercache
-    _insert = insert
+def test_core_statements_on_counted_tables_through_the_session_are_refused(engine):
+    """A Core statement on a counted child table, run through the session, is
+    refused before it runs (it would not be counted), naming the counter and
+    the ORM statement that is; Core statements that change nothing counted
+    run; inside suspended() everything runs."""
 
     class Base(DeclarativeBase):
         pass
@@ -206,7 +202,7 @@ def test_core_statements_through_the_session_warn(engine):
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(String(20), default="")
         questions: Mapped[list["Question"]] = relationship()
-        question_count: Mapped[int] = _cc.counter_cache("questions")
+        question_count: Mapped[int] = countercache.counter_cache("questions")
 
     class Question(Base):
         __tablename__ = "questions"
@@ -215,19 +211,23 @@ def test_core_statements_through_the_session_warn(engine):
         user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
 
     Base.metadata.create_all(engine)
+    questions = Question.__table__
     with Session(engine) as s:
         s.add(User(id=1))
         s.commit()
-        with pytest.warns(_cc.CounterCacheWarning, match=r"User\.question_count: a Core INSERT on questions") as seen:
-            s.execute(Question.__table__.insert().values(id=1, user_id=1))
-        assert seen[0].filename == __file__
-        with _warnings.catch_warnings():
-            _warnings.simplefilter("error", _cc.CounterCacheWarning)
-            s.execute(_insert(Question).values(id=2, user_id=1))  # ORM: counted
-            s.execute(Question.__table__.update().values(title="x"))  # nothing counted changes
-            s.execute(User.__table__.update().values(name="y"))
+        for statement in (questions.insert().values(id=1, user_id=1), questions.delete(),
+                          questions.update().values(user_id=None)):
+            with pytest.raises(countercache.CounterCacheError,
+                               match=r"User\.question_count: a Core (INSERT|UPDATE|DELETE) on questions run through "
+                                     r"the session is not counted; run it on the mapped class \(Question"):
+                s.execute(statement)
+        s.execute(insert(Question).values(id=2, user_id=1))  # ORM: counted
+        s.execute(questions.update().values(title="x"))  # nothing counted changes
+        s.execute(User.__table__.update().values(name="y"))
+        with countercache.suspended(s):
+            s.execute(questions.insert().values(id=3, user_id=1))
         s.commit()
-    assert [d.pk for d in _cc.check(engine)] == [1]  # (the Core INSERT, as warned)
+    assert [(d.pk, d.stored, d.actual) for d in countercache.check(engine)] == [(1, 1, 2)]  # (the suspended one)
 
 
 @pytest.mark.parametrize("render_nulls", [False, True])

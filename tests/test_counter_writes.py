@@ -134,18 +134,17 @@ def test_reconcile_and_fold_still_write_the_column(engine, strategy):
     assert assert_counts(engine) == {a: 3, b: 2, c: 1}
 
 
-def test_core_statement_through_the_session_setting_a_counter_warns(engine):
-    """A Core statement does what plain SQLAlchemy does (not refused), like the
-    other Core statements on counted tables: a CounterCacheWarning at your line."""
+def test_core_statement_through_the_session_setting_a_counter_is_refused(engine):
+    """Like the ORM statement: an AssignmentError before anything runs."""
     m, (a, b, c) = qa_seeded(engine, "bulk")
     users = m.User.__table__
+    before = stored(engine, a)
     with Session(engine) as s:
-        with pytest.warns(countercache.CounterCacheWarning,
-                          match=r"User\.question_count: a Core UPDATE on users sets the counter column") as seen:
+        with pytest.raises(countercache.AssignmentError,
+                           match=r"User\.question_count is maintained by countercache: a Core UPDATE on users"):
             s.execute(users.update().where(users.c.id == a).values(question_count=7))
-        assert seen[0].filename == __file__
-        with pytest.warns(countercache.CounterCacheWarning, match=r"a Core INSERT on users sets the counter"):
+        with pytest.raises(countercache.AssignmentError, match=r"a Core INSERT on users cannot set it"):
             s.execute(users.insert(), [{"id": 9, "question_count": 2}])
         s.commit()
-    assert stored(engine, a) == 7  # (as warned: reconcile() repairs)
-    assert sorted(d.pk for d in countercache.reconcile(engine)) == [a, 9]
+    assert stored(engine, a) == before
+    assert countercache.check(engine) == []

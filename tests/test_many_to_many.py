@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import Column, ForeignKey, String, Table, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -244,3 +245,32 @@ def test_an_association_table_mapped_by_a_class_is_refused():
                        match=r"Course\.student_count: its association table enrolment is also mapped by Enrolment"):
         configure_mappers()
     del Course, Student, Enrolment
+
+
+def test_core_insert_into_the_association_table_through_the_session_is_counted(engine, strategy):
+    """The bulk way to link many rows: ``session.execute(post_tags.insert(), [...])``
+    (a parameter list, ``values()`` of one row or of several) is counted once
+    it succeeded; what cannot be counted from the statement, and links removed
+    or re-pointed by a Core statement, are refused before anything runs."""
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    post_tags = Base.metadata.tables["post_tags"]
+    with Session(engine, expire_on_commit=False) as s:
+        a, b = Tag(id=1, name="a"), Tag(id=2, name="b")
+        s.add_all([a, b, Post(id=1), Post(id=2), Post(id=3)])
+        s.commit()
+        s.execute(post_tags.insert(), [{"post_id": 1, "tag_id": 1}, {"post_id": 2, "tag_id": 1},
+                                       {"post_id": 1, "tag_id": 2}])
+        s.execute(post_tags.insert().values(post_id=3, tag_id=1))
+        s.execute(post_tags.insert().values([{"post_id": 2, "tag_id": 2}, {"post_id": 3, "tag_id": 2}]))
+        s.commit()
+        assert values(s, a, b) == (3, 3)
+        for statement, why in [
+            (post_tags.delete().where(post_tags.c.post_id == 1), r"a Core DELETE on post_tags"),
+            (post_tags.update().values(tag_id=1), r"a Core UPDATE on post_tags"),
+            (post_tags.insert().from_select(["post_id", "tag_id"], post_tags.select()), r"INSERT INTO post_tags ... FROM SELECT"),
+        ]:
+            with pytest.raises(countercache.CounterCacheError, match=r"Tag\.post_count: " + why):
+                s.execute(statement)
+        s.commit()
+    assert assert_exact(engine) == {1: 3, 2: 3}
