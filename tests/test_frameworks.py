@@ -1,5 +1,7 @@
-"""Flask-SQLAlchemy and SQLModel (issue 17): the docs' examples on every
-backend, and SQLModel's constructor, which assigns every field's default."""
+"""Flask-SQLAlchemy, SQLModel and FastAPI-style async code (issue 17): the
+docs' examples on every backend (the async one where the ``async`` extra has
+a driver: aiosqlite, asyncpg), and SQLModel's constructor, which assigns
+every field's default."""
 
 # (no `from __future__ import annotations`: SQLModel reads the annotations at class creation)
 import subprocess
@@ -42,6 +44,17 @@ def test_flask_example(engine, tmp_path):
 def test_sqlmodel_example(engine, tmp_path):
     run_example("sqlmodel_heroes.py", url_of(engine), tmp_path)
     assert sorted(assert_counts(engine, "team", "hero_count", "hero", "team_id").values()) == [0, 2]
+
+
+#: the async drivers of the ``async`` extra (none for MariaDB/MySQL)
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+@pytest.mark.sqlite_postgresql_only
+def test_fastapi_style_async_example(engine, backend, tmp_path):
+    url = engine.url.set(drivername=ASYNC_DRIVERS[backend])
+    run_example("fastapi_async.py", url.render_as_string(hide_password=False), tmp_path)
+    assert assert_counts(engine) == {1: 1, 2: 2}
 
 
 def tutorial(spelled_out: bool = False):

@@ -96,7 +96,8 @@ def test_async_sessions_outside_run_sync_refused_then_taken_inside(engine):
                     countercache.check(given)
             seen["check"] = await session.run_sync(countercache.check)
             seen["scoped check"] = await session.run_sync(lambda _: countercache.check(scoped))
-            seen["exact"] = await session.run_sync(lambda _: countercache.exact(session, ada, "question_count"))
+            seen["exact"] = await session.run_sync(
+                lambda _: countercache.exact(session, ada, "question_count"))
             with countercache.suspended(scoped):  # no IO: taken anywhere
                 session.add(m.Question(user=ada))
                 await session.commit()
