@@ -8,7 +8,10 @@ Neither marks the parent dirty, so the counter never shows in
 
 Direct assignment to a counter attribute is refused: the column is the
 library's. ``session.merge()`` copies loaded state and is let through,
-keeping the value the target session already holds.
+keeping the value the target session already holds. SQLModel's constructor
+and ``model_validate()`` assign every field of a new table-model instance,
+a counter's default included: that default value (and only it: the value a
+new row is inserted with anyway) is let through from them.
 """
 
 from __future__ import annotations
@@ -76,10 +79,29 @@ def _is_merge() -> bool:
     return calling_frame("merge", 2, 4, "sqlalchemy.orm") is not None
 
 
+#: SQLModel's functions that assign each field of a new table-model instance,
+#: defaults included (``sqlmodel._compat``: ``Model(...)``, ``Model.model_validate(...)``).
+_SQLMODEL_CONSTRUCTORS = ("sqlmodel_table_construct", "sqlmodel_validate")
+
+
+def _default_of(counter: CounterCache) -> Any:
+    default = counter.column.default  # type: ignore[union-attr]
+    return default.arg if default is not None and default.is_scalar else 0
+
+
+def _constructing_default(target: Any, value: Any, counter: CounterCache) -> bool:
+    """Is this SQLModel's constructor giving a new instance the counter's default?"""
+    if instance_state(target).key is not None or value != _default_of(counter) or type(value) is bool:
+        return False
+    return any(calling_frame(name, 2, 8, "sqlmodel") is not None for name in _SQLMODEL_CONSTRUCTORS)
+
+
 def guard_assignment(counter: CounterCache) -> None:
     attribute = getattr(counter.cls, counter.key)  # type: ignore[arg-type]
 
     def refuse(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+        if _constructing_default(target, value, counter):
+            return value
         if _is_merge():
             # merge() copies what another session loaded: keep ours when we
             # have it, so a stale copy never overwrites a fresher counter;

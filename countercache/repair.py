@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Float, Integer, MetaData, Numeric, TypeDecorator, and_, func, select, tuple_
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from . import commit, memory, transactions
 from .errors import CounterCacheError
 from .scope import counters_for
+from .sessions import bind_of
 from .sidetable import pending_expression
 from .values import single_precision
 
@@ -85,14 +86,18 @@ class Drift:
         return f"Drift({self.name}, pk={self.pk!r}, stored={self.stored!r}, actual={self.actual!r})"
 
 
-def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
+def check(bind: Engine | Connection | Session | scoped_session[Any], *counters: Any, batch_size: int = 1000,
           progress: Progress | None = None, metadata: MetaData | Iterable[MetaData] | None = None) -> list[Drift]:
     """Every parent whose counter differs from its real count.
 
     :param bind: an :class:`~sqlalchemy.engine.Engine`,
         :class:`~sqlalchemy.engine.Connection` or
         :class:`~sqlalchemy.orm.Session` (a Session reads in its own
-        transaction, so it sees what it flushed).
+        transaction, so it sees what it flushed), or a
+        :class:`~sqlalchemy.orm.scoped_session` (Flask-SQLAlchemy's
+        ``db.session``: its current session). Inside
+        ``await session.run_sync(countercache.check)``, an
+        ``AsyncSession`` too.
     :param counters: counter attributes (``User.question_count``) or their
         names (``"User.question_count"``). When none is given: every
         registered counter of the bind's database, those whose parent table
@@ -114,10 +119,10 @@ def check(bind: Engine | Connection | Session, *counters: Any, batch_size: int =
     Returns a list of :class:`Drift`, in counter and then key order; empty
     when every counter is right. Reads only: nothing is locked or written.
     """
-    return _walk(bind, counters, batch_size, progress, metadata, repair=False)
+    return _walk(bind_of(bind, "check"), counters, batch_size, progress, metadata, repair=False)
 
 
-def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 1000,
+def reconcile(bind: Engine | Connection | Session | scoped_session[Any], *counters: Any, batch_size: int = 1000,
               progress: Progress | None = None,
               metadata: MetaData | Iterable[MetaData] | None = None) -> list[Drift]:
     """Correct every drifted counter; return what was fixed (as :func:`check` saw it).
@@ -131,7 +136,7 @@ def reconcile(bind: Engine | Connection | Session, *counters: Any, batch_size: i
     memory are expired). Running it again on an unchanged database
     returns ``[]``.
     """
-    return _walk(bind, counters, batch_size, progress, metadata, repair=True)
+    return _walk(bind_of(bind, "reconcile"), counters, batch_size, progress, metadata, repair=True)
 
 
 def differs(stored: Any, actual: Any, type_: Any, dialect: Any, summed: Any = None) -> Any:
@@ -237,7 +242,8 @@ def _connection(bind: Any, counter: CounterCache, per_batch: bool) -> Iterator[C
             with bind.connect() as conn:
                 yield lambda: _same(conn)
     else:
-        raise CounterCacheError(f"bind must be an Engine, Connection or Session, not {type(bind).__name__}")
+        raise CounterCacheError(
+            f"bind must be an Engine, Connection or Session (or a scoped_session), not {type(bind).__name__}")
 
 
 @contextmanager

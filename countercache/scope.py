@@ -127,7 +127,8 @@ class _Tables:
 
     def __init__(self, bind: Any) -> None:
         if not isinstance(bind, (Engine, Connection, Session)):
-            raise CounterCacheError(f"bind must be an Engine, Connection or Session, not {type(bind).__name__}")
+            raise CounterCacheError(
+                f"bind must be an Engine, Connection or Session (or a scoped_session), not {type(bind).__name__}")
         self.bind = bind
         #: database (an Engine or Connection) -> (inspector, {schema: names listed}, {(schema, name): exists})
         self._known: dict[Any, tuple[Any, dict[Any, set[str]], dict[tuple[Any, str], bool]]] = {}

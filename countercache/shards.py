@@ -41,12 +41,13 @@ from sqlalchemy import String, Table, and_, any_, bindparam, func, inspect, lite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from . import _registry, commit, memory
 from .errors import CounterCacheError
 from .repair import _connection
 from .scope import counters_for
+from .sessions import bind_of, session_of
 from .sidetable import TABLE_NAME as TABLE_NAME
 from .sidetable import counter_name, pending_expression, shard_table as shard_table, table_for
 
@@ -92,10 +93,11 @@ def exact(session: Any, instance: Any, counter: str) -> int:
     holds for that parent until its commit (``sharded`` and ``deferred``
     counters). Works for every strategy; for ``bulk`` and ``per_row`` it is
     the column as this transaction sees it. Accepts a
-    :class:`~sqlalchemy.orm.Session` or an
-    :class:`~sqlalchemy.ext.asyncio.AsyncSession`'s ``sync_session``.
+    :class:`~sqlalchemy.orm.Session`, a
+    :class:`~sqlalchemy.orm.scoped_session`, or (inside ``run_sync()``) an
+    :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
     """
-    sync = getattr(session, "sync_session", session)
+    sync = session_of(session, "exact")
     state = inspect(instance)
     definition = _registry.lookup(getattr(type(instance), counter, counter)
                                   if isinstance(counter, str) else counter)
@@ -115,12 +117,13 @@ def exact(session: Any, instance: Any, counter: str) -> int:
 # -- folding ------------------------------------------------------------------
 
 
-def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = FOLD_BATCH,
+def fold(bind: Engine | Connection | Session | scoped_session[Any], *counters: Any, batch_size: int = FOLD_BATCH,
          progress: Callable[[CounterCache, int], None] | None = None, metadata: Any = None) -> int:
     """Move pending shard deltas into the parent columns; return the shard rows folded.
 
     :param bind: an Engine (each batch commits by itself), or a Connection
-        or Session (the caller's transaction; the caller commits).
+        or Session (the caller's transaction; the caller commits); a
+        ``scoped_session`` stands for its current session.
     :param counters: counter attributes or names; when none is given,
         every counter of a side table in the bind's database (as
         :func:`~countercache.check` chooses them; none there: nothing to do).
@@ -139,6 +142,7 @@ def fold(bind: Engine | Connection | Session, *counters: Any, batch_size: int = 
     """
     if batch_size < 1:
         raise CounterCacheError(f"batch_size must be at least 1, not {batch_size}")
+    bind = bind_of(bind, "fold")
     total = 0
     for counter in counters_for(bind, counters, metadata, only=lambda c: table_for(c) is not None, recount=False):
         table = table_for(counter)

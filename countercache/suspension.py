@@ -9,6 +9,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from .sessions import session_of
+
 __all__ = ["is_suspended", "suspended"]
 
 #: session -> depth of nested suspended() blocks
@@ -25,10 +27,12 @@ def suspended(session: Any) -> Iterator[None]:
 
     What is flushed inside the block is never counted, even if it is committed
     after the block; run :func:`countercache.reconcile` afterwards. Meant for
-    bulk imports. Accepts a :class:`~sqlalchemy.orm.Session` or an
-    :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
+    bulk imports. Accepts a :class:`~sqlalchemy.orm.Session`, a
+    :class:`~sqlalchemy.orm.scoped_session` (its current session: Flask-SQLAlchemy's
+    ``db.session``), an :class:`~sqlalchemy.ext.asyncio.AsyncSession` or an
+    :class:`~sqlalchemy.ext.asyncio.async_scoped_session`.
     """
-    sync = getattr(session, "sync_session", session)
+    sync = session_of(session, "suspended", io=False)
     _suspended[sync] = _suspended.get(sync, 0) + 1
     try:
         yield

@@ -4,7 +4,7 @@
 Standard library only.  It
 
 1. creates ``.venv`` in the repository root if missing and installs the
-   project into it (``pip install -e ".[test,postgresql,mysql,async,alembic,bench,docs]"``;
+   project into it (``pip install -e ".[test,postgresql,mysql,async,alembic,bench,frameworks,docs]"``;
    re-run only when setup.cfg / pyproject.toml changed, see the stamp file);
 2. checks that PostgreSQL (env ``COUNTERCACHE_PG_HOST``/``COUNTERCACHE_PG_PORT``,
    default 127.0.0.1:5432) and MariaDB (``COUNTERCACHE_MYSQL_HOST``/
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
 VENV_PY = VENV / "bin" / "python"
 STAMP = VENV / ".countercache-install-stamp"
-EXTRAS = "test,postgresql,mysql,async,alembic,bench,docs"
+EXTRAS = "test,postgresql,mysql,async,alembic,bench,frameworks,docs"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 START_TIMEOUT = 90  # seconds
 
