@@ -3,7 +3,11 @@
 ``countercache demo [--url URL] [--strategy bulk|per_row|deferred|sharded] [--migrate]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
 the real counts (``--migrate``: schema by ``alembic upgrade head`` with the
-checkout's ``migrations/``). Errors print one line on stderr and exit with code 2.
+checkout's ``migrations/``). It writes only its own tables (``users``,
+``questions``, ``countercache_shards``, ``alembic_version`` with ``--migrate``,
+and the marker ``countercache_demo``), dropping and re-creating them on each
+run, and refuses a database holding any other table. Errors print one line
+on stderr and exit with code 2.
 
 ``countercache check|reconcile|fold --url URL --models MODULE [--counter Class.attr]
 [--batch-size N] [--json]`` checks, repairs, or folds the shard deltas of
@@ -31,6 +35,15 @@ from .config import STRATEGIES
 from .errors import CounterCacheError
 
 
+_DEMO_WRITES = (
+    "Runs the example Q&A application and shows its counters beside the real counts. "
+    "It creates, drops and re-creates on every run the tables users, questions and "
+    "countercache_shards (with --migrate also alembic_version), plus a marker table "
+    "countercache_demo; it refuses (exit 2) a database that holds any other table, "
+    "or these tables without the marker."
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"countercache: error: {message}\n")
@@ -40,8 +53,12 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="countercache", description="Counter columns kept exact by SQLAlchemy.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser("demo", help="run the example Q&A application and show its counters")
-    demo.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
+    demo = commands.add_parser(
+        "demo", help="run the example Q&A application and show its counters",
+        description=_DEMO_WRITES,
+    )
+    demo.add_argument("--url", help="database URL, empty or used by the demo before "
+                                    "(default: a SQLite file in the temp directory)")
     demo.add_argument("--strategy", choices=STRATEGIES, help="one strategy (default: each in turn)")
     demo.add_argument(
         "--migrate", action="store_true",
@@ -233,7 +250,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import demo  # (not at the top: importing it declares the demo's models)
 
-    url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache-demo.sqlite")
+    url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache_demo.sqlite")
     engine = create_engine(url)
     console = Console()
     console.print(f"countercache demo on [bold]{engine.url.render_as_string()}[/bold]")
