@@ -75,6 +75,16 @@ def test_demo_help_says_what_it_writes():
     assert "refuses" in text
 
 
+def test_no_arguments_prints_usage_and_the_commands():
+    """Issue 17: was only "the following arguments are required: command"."""
+    done = countercache()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("usage: countercache"), done.stderr
+    for command in ("demo", "check", "reconcile", "fold", "bench"):
+        assert f"\n    {command} " in done.stderr or f"\n    {command}\n" in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "countercache: error: a command is required"
+
+
 def test_demo_default_is_sqlite_and_one_strategy():
     done = countercache("demo", "--strategy", "per_row")
     assert done.returncode == 0, done.stderr
