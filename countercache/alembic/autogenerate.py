@@ -13,7 +13,15 @@ produced):
   ``sum=`` of the last ``op.backfill_counter(table, column, ...)`` call found in
   the ``upgrade()`` of the revisions from head down to base; when they differ
   it appends a new backfill. A counter that was never backfilled by a
-  migration counts as recorded with neither.
+  migration counts as recorded with neither. The migration's downgrade then
+  ends with a backfill using the recorded ``where=`` / ``sum=``;
+* for every ``drop_column`` of a column that the latest recorded backfill
+  filled (a counter removed from the models), the downgrade re-adds the
+  column and then backfills it as that call did.
+
+What earlier migrations recorded is read by :mod:`.history`; the downgrade's
+backfills come from a :class:`~.operations.RestoreCounterOp` put first in
+the upgrade (the downgrade is the upgrade reversed, so they come last).
 
 A counter on a table created in the same migration gets no backfill: the
 table is empty. The backfills go at the end of the upgrade, after every
@@ -49,7 +57,7 @@ from .._compat import alembic_plugins, dispatcher_registry
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
 from ..sidetable import TABLE_NAME
-from .history import UNKNOWN, RecordedBackfill, recorded_backfills
+from .history import UNKNOWN, recorded_backfills
 
 if TYPE_CHECKING:
     # Not at run time: Alembic imports this module (its plugin entry point)
@@ -60,7 +68,7 @@ if TYPE_CHECKING:
     from alembic.runtime.plugins import Plugin
     from sqlalchemy import Column
 
-    from .history import Key
+    from .history import Key, RecordedBackfill
     from .operations import BackfillCounterOp
 
 __all__ = ["compare_counters", "install", "setup", "uninstall"]
