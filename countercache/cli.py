@@ -3,7 +3,11 @@
 ``countercache demo [--url URL] [--strategy bulk|per_row|deferred|sharded] [--migrate]`` runs the example
 Q&A application (on a SQLite file by default) and shows its counters beside
 the real counts (``--migrate``: schema by ``alembic upgrade head`` with the
-checkout's ``migrations/``). Errors print one line on stderr and exit with code 2.
+checkout's ``migrations/``). It writes only its own tables (``users``,
+``questions``, ``countercache_shards``, ``alembic_version`` with ``--migrate``,
+and the marker ``countercache_demo``), dropping and re-creating them on each
+run, and refuses a database holding any other table. Errors print one line
+on stderr and exit with code 2.
 
 ``countercache check|reconcile|fold --url URL --models MODULE [--counter Class.attr]
 [--batch-size N] [--json]`` checks, repairs, or folds the shard deltas of
@@ -23,6 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,17 +36,35 @@ from .config import STRATEGIES
 from .errors import CounterCacheError
 
 
+_DEMO_WRITES = (
+    "Runs the example Q&A application and shows its counters beside the real counts. "
+    "It creates, drops and re-creates on every run the tables users, questions and "
+    "countercache_shards (with --migrate also alembic_version), plus a marker table "
+    "countercache_demo; it refuses (exit 2) a database that holds any other table, "
+    "or these tables without the marker."
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.prog == "countercache" and "required: command" in message:
+            # no command at all: the usage and the list of commands, then the error
+            sys.stderr.write(self.format_help() + "\n")
+            message = "a command is required"
         sys.stderr.write(f"countercache: error: {message}\n")
         raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="countercache", description="Counter columns kept exact by SQLAlchemy.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = commands.add_parser("demo", help="run the example Q&A application and show its counters")
-    demo.add_argument("--url", help="database URL (default: a SQLite file in the temp directory)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     title="commands", metavar="command")
+    demo = commands.add_parser(
+        "demo", help="run the example Q&A application and show its counters",
+        description=_DEMO_WRITES,
+    )
+    demo.add_argument("--url", help="database URL, empty or used by the demo before "
+                                    "(default: a SQLite file in the temp directory)")
     demo.add_argument("--strategy", choices=STRATEGIES, help="one strategy (default: each in turn)")
     demo.add_argument(
         "--migrate", action="store_true",
@@ -55,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary)
         sub.add_argument("--url", required=True, help="database URL")
         sub.add_argument("--models", required=True, action="append",
-                         help="importable module that declares the models (repeatable)")
+                         help="the module that declares the models: a dotted name (blog.models) "
+                              "or the path of its file (blog/models.py) (repeatable)")
         sub.add_argument("--counter", action="append", default=[],
                          help="Class.attribute of a counter (repeatable; default: every counter "
                               "whose tables are in the database)")
@@ -106,12 +130,17 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
     sys.path.insert(0, os.getcwd())
     for module in args.models:
         try:
-            importlib.import_module(module)
+            importlib.import_module(_module_name(module))
         except ImportError as exc:
             raise CounterCacheError(f"--models {module}: cannot import it ({exc})") from None
     configure_mappers()
     for name in args.counter:  # (a --counter naming no counter fails before connecting)
-        _registry.lookup(name)
+        try:
+            _registry.lookup(name)
+        except CounterCacheError as exc:
+            known = sorted(c.name for c in _registry.all_counters() if c.parent is not None)
+            raise CounterCacheError(f"--counter {exc}; the counters of --models: "
+                                    f"{', '.join(known) or 'none'}") from None
     if not any(c.parent is not None for c in _registry.all_counters()):
         raise CounterCacheError(f"--models {', '.join(args.models)}: declares no counter")
     engine = create_engine(args.url)
@@ -123,6 +152,45 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
     except BaseException:
         engine.dispose()
         raise
+
+
+def _module_name(value: str) -> str:
+    """``--models``: a dotted module name as given, or the module of a ``.py`` file's path.
+
+    A file under the working directory is imported by its dotted path from
+    there (``blog/models.py`` -> ``blog.models``); one elsewhere from the
+    top of its package (the first folder up without an ``__init__.py``).
+    """
+    if not (value.endswith(".py") or "/" in value or os.sep in value):
+        return value
+    path = Path(value)
+    if path.is_dir() and (path / "__init__.py").is_file():
+        path = path / "__init__.py"
+    if path.suffix != ".py" or not path.is_file():
+        dotted = value.removesuffix(".py").strip("/").replace("/", ".").replace(os.sep, ".")
+        raise CounterCacheError(f"--models {value}: no such Python file; give the path of a .py "
+                                f"file or a dotted module name ({dotted})")
+    path = path.resolve()
+    try:
+        parts = list(path.with_suffix("").relative_to(Path.cwd().resolve()).parts)
+    except ValueError:  # outside the working directory: from the top of its package
+        parts = [path.stem]
+        folder = path.parent
+        while (folder / "__init__.py").is_file():
+            parts.insert(0, folder.name)
+            folder = folder.parent
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _json_value(value: Any) -> Any:
+    """JSON for what drivers return: a Decimal as a number (integral: an int), else text."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return str(value)
 
 
 def _fold(args: argparse.Namespace) -> int:
@@ -200,7 +268,7 @@ def _repair(args: argparse.Namespace) -> int:
             "drifted": len(drifts),
             "repaired": len(drifts) if fix else 0,
         }
-        print(json.dumps(doc, default=str))
+        print(json.dumps(doc, default=_json_value))
     else:
         out = Console()
         table = Table(title=("repaired" if fix else "drift found") if drifts else None)
@@ -233,7 +301,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import demo  # (not at the top: importing it declares the demo's models)
 
-    url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache-demo.sqlite")
+    url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache_demo.sqlite")
     engine = create_engine(url)
     console = Console()
     console.print(f"countercache demo on [bold]{engine.url.render_as_string()}[/bold]")

@@ -7,6 +7,13 @@ the sum of their questions' scores (``sum=``). Afterwards each counter is
 shown beside its real value, with the statements each strategy emitted.
 With ``sharded``, :func:`countercache.exact` is compared with the real
 values first, then :func:`countercache.fold` brings the columns up to date.
+
+What it writes: the tables ``users``, ``questions`` and ``countercache_shards``
+(and ``alembic_version`` with ``migrate``), which it drops and re-creates on
+every run, and a marker table ``countercache_demo`` saying the database is
+the demo's. It refuses (:class:`~countercache.CounterCacheError`, before
+writing anything) a database that holds any other table or view, or these
+tables without the marker: it never drops what it did not create.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sqlalchemy import Engine, ForeignKey, String, event, select, text
+from sqlalchemy import Column, Engine, ForeignKey, MetaData, String, Table, event, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from . import configure
@@ -65,6 +72,35 @@ COUNTERS = {
 
 NAMES = ["ada", "grace", "linus", "guido", "barbara"]
 
+#: The marker table: the demo only writes to an empty database or one holding it.
+MARKER = Table("countercache_demo", MetaData(), Column("note", String(100)))
+#: Every table the demo may create (and so drop): its models, the version
+#: table of ``--migrate``, the marker.
+TABLES = frozenset([*Base.metadata.tables, "alembic_version", MARKER.name])
+
+
+def claim(engine: Engine) -> None:
+    """Make sure the database at ``engine`` is the demo's, before writing anything.
+
+    An empty database gets the marker table; one holding the marker and
+    nothing but the demo's tables is the demo's; anything else raises a
+    :class:`CounterCacheError` naming the tables the demo did not create.
+    """
+    insp = inspect(engine)
+    found = set(insp.get_table_names()) | set(insp.get_view_names())
+    foreign = sorted(found - TABLES) if MARKER.name in found else sorted(found)
+    if foreign:
+        where = engine.url.render_as_string()
+        raise CounterCacheError(
+            f"the database at {where} holds tables the demo did not create ({', '.join(foreign)}); "
+            "the demo drops and re-creates its tables, so it runs only on an empty database "
+            "(or one it created before): point --url at an empty database"
+        )
+    if not found:
+        with engine.begin() as conn:
+            MARKER.create(conn)
+            conn.execute(MARKER.insert().values(note="created by countercache demo"))
+
 
 @dataclass
 class Run:
@@ -88,13 +124,12 @@ def upgrade_schema(engine: Engine) -> None:
     """Drop the example's tables and run ``alembic upgrade head`` with ``migrations/``.
 
     ``migrations/`` is the example's Alembic environment in the source
-    checkout (next to ``countercache/``).
+    checkout (next to ``countercache/``). Call :func:`claim` first.
     """
     from pathlib import Path
 
     from alembic import command
     from alembic.config import Config
-    from sqlalchemy import MetaData, Table
 
     script_location = Path(__file__).resolve().parent.parent / "migrations"
     if not (script_location / "env.py").is_file():
@@ -115,13 +150,16 @@ def run(engine: Engine, strategy: str, seed: int = 7, *, migrate: bool = False) 
     """Reset the schema, play the scripted workload with ``strategy``, report.
 
     With ``migrate``, the schema comes from ``alembic upgrade head`` (see
-    :func:`upgrade_schema`) instead of ``create_all()``.
+    :func:`upgrade_schema`) instead of ``create_all()``. Refuses a database
+    that is not the demo's (see :func:`claim`).
     """
+    claim(engine)
     configure(default_strategy=strategy)
     if migrate:
         upgrade_schema(engine)
     else:
         Base.metadata.drop_all(engine)
+        Table("alembic_version", MetaData()).drop(engine, checkfirst=True)
         Base.metadata.create_all(engine)
     result = Run(strategy)
     rng = random.Random(seed)

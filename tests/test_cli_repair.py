@@ -14,10 +14,10 @@ from sqlalchemy import text
 TESTS = Path(__file__).resolve().parent
 
 
-def countercache(*args):
+def countercache(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     return subprocess.run([sys.executable, "-m", "countercache.cli", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 
 
 @pytest.fixture
@@ -66,15 +66,51 @@ def test_check_clean_then_drift_then_reconcile(url, engine):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--counter", "Forum.thread_count"), "Forum.thread_count: no such counter"),
-        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--counter", "Forum.thread_count"),
+         "--counter Forum.thread_count: no such counter; the counters of --models: Forum.post_count"),
+        (("--batch-size", "0"), "--batch-size must be at least 1, not 0"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(url, extra, message):
     done = countercache("check", *common(url, *extra))
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"countercache: error: {message}"] or message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"countercache: error: {message}"], done.stderr
+
+
+@pytest.mark.parametrize("models", ["cli_models.py", "tests/cli_models.py", "TESTS/cli_models.py"])
+def test_models_by_file_path(url, models, tmp_path):
+    """Issue 17: ``--models blog/models.py`` said "No module named 'blog/models'"."""
+    cwd = {"cli_models.py": TESTS, "tests/cli_models.py": TESTS.parent}.get(models, tmp_path)
+    models = models.replace("TESTS", str(TESTS))  # an absolute path, outside the working directory
+    done = countercache("check", "--url", url, "--models", models, "--json", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counters"] == ["Forum.post_count"]
+
+
+def test_models_path_that_is_no_file_hints_at_a_dotted_name(url):
+    done = countercache("check", "--url", url, "--models", "blog/models.py")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "countercache: error: --models blog/models.py: no such Python file; give the path of "
+        "a .py file or a dotted module name (blog.models)"], done.stderr
+
+
+def test_json_prints_sums_as_numbers(engine):
+    """Issue 17: on MariaDB ``SUM()`` comes back as a Decimal, printed as ``"actual": "398"``."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE cli_shops (id INTEGER PRIMARY KEY, revenue INTEGER NOT NULL DEFAULT 0)"))
+        conn.execute(text("CREATE TABLE cli_sales (id INTEGER PRIMARY KEY, "
+                          "shop_id INTEGER REFERENCES cli_shops (id), amount INTEGER NOT NULL)"))
+        conn.execute(text("INSERT INTO cli_shops (id, revenue) VALUES (1, 0), (2, 5)"))
+        conn.execute(text("INSERT INTO cli_sales (id, shop_id, amount) VALUES (1, 1, 300), (2, 1, 98)"))
+    url = engine.url.render_as_string(hide_password=False)
+    done = countercache("check", "--url", url, "--models", "cli_sum_models", "--json")
+    assert done.returncode == 1, done.stderr
+    assert '"actual": 398' in done.stdout, done.stdout
+    assert json.loads(done.stdout)["drift"] == [
+        {"counter": "Shop.revenue", "pk": 1, "stored": 0, "actual": 398},
+        {"counter": "Shop.revenue", "pk": 2, "stored": 5, "actual": 0},
+    ]
 
 
 @pytest.mark.parametrize(

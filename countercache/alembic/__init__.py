@@ -25,7 +25,13 @@ Either is enough and both give one backfill. Generated migrations start
 with ``import countercache.alembic`` so that ``op.backfill_counter`` exists
 when they run. ``op.backfill_counter(table, column, child_table, child_fk,
 *, where=None, sum=None, parent_key=None)`` is one set-based UPDATE
-(printed by ``alembic upgrade --sql`` as well); its reverse does nothing.
+(printed by ``alembic upgrade --sql`` as well).
+
+Downgrades restore the previous values: a migration that changes a
+counter's ``where=``/``sum=`` ends its ``downgrade()`` with a backfill
+using the previous ones; one that adds a counter drops its column; one that
+removes a counter re-adds the column and ends with the backfill its last
+``op.backfill_counter()`` call made.
 See :mod:`countercache.alembic.operations` and
 :mod:`countercache.alembic.autogenerate`.
 
@@ -40,7 +46,9 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["BackfillCounterOp", "BackfillError", "NoOpBackfillOp", "autogenerate", "operations"]
+__all__ = [
+    "BackfillCounterOp", "BackfillError", "NoOpBackfillOp", "RestoreCounterOp", "autogenerate", "operations",
+]
 
 
 def _alembic_half_imported() -> bool:
@@ -65,6 +73,7 @@ if not _deferred:
     from .operations import BackfillCounterOp as BackfillCounterOp
     from .operations import BackfillError as BackfillError
     from .operations import NoOpBackfillOp as NoOpBackfillOp
+    from .operations import RestoreCounterOp as RestoreCounterOp
 
     autogenerate.install()
     autogenerate._register_plugin_without_entry_point()

@@ -13,7 +13,15 @@ produced):
   ``sum=`` of the last ``op.backfill_counter(table, column, ...)`` call found in
   the ``upgrade()`` of the revisions from head down to base; when they differ
   it appends a new backfill. A counter that was never backfilled by a
-  migration counts as recorded with neither.
+  migration counts as recorded with neither. The migration's downgrade then
+  ends with a backfill using the recorded ``where=`` / ``sum=``;
+* for every ``drop_column`` of a column that the latest recorded backfill
+  filled (a counter removed from the models), the downgrade re-adds the
+  column and then backfills it as that call did.
+
+What earlier migrations recorded is read by :mod:`.history`; the downgrade's
+backfills come from a :class:`~.operations.RestoreCounterOp` put first in
+the upgrade (the downgrade is the upgrade reversed, so they come last).
 
 A counter on a table created in the same migration gets no backfill: the
 table is empty. The backfills go at the end of the upgrade, after every
@@ -37,7 +45,6 @@ the upgrade for the same column is not added twice.
 
 from __future__ import annotations
 
-import ast
 import logging
 import re
 import sys
@@ -50,6 +57,7 @@ from .._compat import alembic_plugins, dispatcher_registry
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
 from ..sidetable import TABLE_NAME
+from .history import UNKNOWN, recorded_backfills
 
 if TYPE_CHECKING:
     # Not at run time: Alembic imports this module (its plugin entry point)
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
     from alembic.runtime.plugins import Plugin
     from sqlalchemy import Column
 
+    from .history import Key, RecordedBackfill
     from .operations import BackfillCounterOp
 
 __all__ = ["compare_counters", "install", "setup", "uninstall"]
@@ -73,11 +82,8 @@ PLUGIN_NAME = "countercache"
 
 
 def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps) -> Any:
-    """Append the backfills this migration needs to ``upgrade_ops``."""
-    from alembic.operations import ops
-
-    from .operations import BackfillCounterOp
-
+    """Append the backfills this migration needs to ``upgrade_ops``, and let
+    its downgrade restore the counters it changes or removes."""
     metadata = autogen_context.metadata
     if metadata is None:
         return _continue()
@@ -89,8 +95,34 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
         for col in tbl.columns
         if isinstance(col.info.get("countercache"), CounterCache)
     ]
-    if not counters:
-        return _continue()
+    history = _History(autogen_context)
+    if counters:
+        _added_or_changed(autogen_context, upgrade_ops, counters, history)
+    _removed(upgrade_ops, {(c.table.schema, c.table.name, c.name) for c, _ in counters}, history)
+    return _continue()
+
+
+class _History:
+    """The backfills earlier migrations recorded, read once, when first needed."""
+
+    def __init__(self, autogen_context: AutogenContext) -> None:
+        self._context = autogen_context
+        self._found: dict[Key, RecordedBackfill] | None = None
+
+    def get(self, key: Key) -> RecordedBackfill | None:
+        if self._found is None:
+            self._found = recorded_backfills(self._context)
+        return self._found.get(key)
+
+
+def _added_or_changed(
+    autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps,
+    counters: list[tuple[Column[Any], CounterCache]], history: _History,
+) -> None:
+    from alembic.operations import ops
+
+    from .operations import BackfillCounterOp
+
     # where=/sum= (and their SQL text) are resolved when mappers are configured
     from sqlalchemy.orm import configure_mappers
 
@@ -106,7 +138,6 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
         (op.schema, op.table_name) for op in _walk(upgrade_ops) if isinstance(op, ops.CreateTableOp)
     }
     dialect = autogen_context.dialect
-    recorded: dict[tuple[str | None, str, str], tuple[str | None, str | None]] | None = None
     existing: dict[tuple[str | None, str], set[str]] = {}
 
     for col, definition in counters:
@@ -115,21 +146,69 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
             continue
         where = _sql(getattr(definition, "where_sql", None), dialect)
         sum_ = _sql(getattr(definition, "sum_sql", None), dialect)
+        before: tuple[Any, Any] | None = None
         if key not in added:
             if key[:2] not in existing:
                 existing[key[:2]] = _db_columns(autogen_context, *key[:2])
             if col.name not in existing[key[:2]]:
                 continue  # not in the database and not added: filtered out by env.py
-            if recorded is None:
-                recorded = _recorded_backfills(autogen_context)
-            before = recorded.get(key, (None, None))
+            call = history.get(key)
+            before = call.definition if call is not None else (None, None)
             if (_norm(before[0]), _norm(before[1])) == (_norm(where), _norm(sum_)):
                 continue
         op = _backfill_for(col, definition, where, sum_)
         upgrade_ops.ops.append(op)
         present.add(key)
         log.info("Detected counter %s: backfill %s.%s", definition.name, key[1], key[2])
-    return _continue()
+        if before is not None:  # changed: the downgrade backfills with the previous where=/sum=
+            if UNKNOWN in before:
+                log.warning("counter %s: its previous where=/sum= is not a literal; the downgrade "
+                            "cannot restore its values (run countercache reconcile after it)",
+                            definition.name)
+                continue
+            previous = op.with_definition(where=before[0], sum=before[1])
+            what = ", ".join(f"{k}={v!r}" for k, v in zip(("where", "sum"), before) if v is not None)
+            _restore_on_downgrade(upgrade_ops, previous, "backfilled again with its previous "
+                                  f"definition ({what or 'a plain count'})")
+            op.downgrade_note = "the previous definition's values are restored below"
+
+
+def _removed(upgrade_ops: ops.UpgradeOps, counters: set[Key], history: _History) -> None:
+    """A counter column dropped: the downgrade re-adds it, then backfills it as recorded."""
+    from alembic.operations import ops
+
+    from .operations import BackfillCounterOp, RestoreCounterOp
+
+    restored = {op.key for op in _walk(upgrade_ops) if isinstance(op, RestoreCounterOp)}
+    for op in list(_walk(upgrade_ops)):
+        if not isinstance(op, ops.DropColumnOp):
+            continue
+        key = (op.schema, op.table_name, op.column_name)
+        call = history.get(key)
+        if call is None or key in counters or key in restored:
+            continue  # not a counter backfilled by a migration, or still declared
+        if not call.literal:
+            log.warning("counter column %s.%s: its last backfill_counter() call has arguments that "
+                        "are not literals; the downgrade re-adds it as 0 (run countercache reconcile "
+                        "after it)", key[1], key[2])
+            continue
+        backfill = BackfillCounterOp(*call.args, **call.kwargs)
+        _restore_on_downgrade(upgrade_ops, backfill, "re-added, then backfilled as the last "
+                              "migration that backfilled it did")
+        restored.add(key)
+
+
+def _restore_on_downgrade(upgrade_ops: ops.UpgradeOps, backfill: BackfillCounterOp, how: str) -> None:
+    """Put ``backfill`` at the end of the downgrade, after the schema is back.
+
+    The downgrade is the upgrade's operations reversed, in reverse order: a
+    :class:`~.operations.RestoreCounterOp` first in the upgrade (a ``pass``
+    there) is last in the downgrade, where it is ``backfill``.
+    """
+    from .operations import RestoreCounterOp
+
+    upgrade_ops.ops.insert(0, RestoreCounterOp(backfill, f"downgrade: {backfill.table_name}."
+                                                          f"{backfill.column_name} {how}"))
 
 
 def _backfill_for(
@@ -202,64 +281,6 @@ def _sql(value: Any, dialect: Any) -> str | None:
 
 def _norm(sql: str | None) -> str | None:
     return None if sql is None else re.sub(r"\s+", " ", sql).strip()
-
-
-# -- what earlier migrations recorded ----------------------------------------
-
-
-def _recorded_backfills(
-    autogen_context: AutogenContext,
-) -> dict[tuple[str | None, str, str], tuple[str | None, str | None]]:
-    """``{(schema, table, column): (where, sum)}`` of the latest backfill of each counter."""
-    script = getattr(autogen_context.migration_context, "script", None)
-    found: dict[tuple[str | None, str, str], tuple[str | None, str | None]] = {}
-    if script is None:  # compare_metadata() outside a script directory
-        return found
-    for revision in script.walk_revisions():  # from the heads down to base
-        try:
-            with open(revision.path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (OSError, SyntaxError, ValueError):  # pragma: no cover - a .pyc-only revision
-            continue
-        calls: list[tuple[tuple[str | None, str, str], tuple[str | None, str | None]]] = []
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name == "upgrade":
-                calls.extend(_backfill_calls(node))
-        for key, value in reversed(calls):  # the last call of a revision wins
-            found.setdefault(key, value)
-    return found
-
-
-_UNKNOWN = "<not a literal>"
-
-
-def _backfill_calls(fn: ast.FunctionDef) -> list[Any]:
-    calls = []
-    for node in ast.walk(fn):
-        if not (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "backfill_counter"
-            and len(node.args) >= 2
-        ):
-            continue
-        try:
-            table_name, column_name = (ast.literal_eval(a) for a in node.args[:2])
-        except ValueError:
-            continue
-        kw: dict[str, Any] = {"where": None, "sum": None, "schema": None}
-        for k in node.keywords:
-            if k.arg in kw:
-                try:
-                    kw[k.arg] = ast.literal_eval(k.value)
-                except ValueError:
-                    kw[k.arg] = _UNKNOWN  # compares unequal: a new backfill is safe
-        calls.append(
-            ((node.lineno, node.col_offset),
-             (kw["schema"], table_name, column_name), (kw["where"], kw["sum"]))
-        )
-    # ast.walk is breadth-first: put the calls back in source order
-    return [(key, value) for _, key, value in sorted(calls, key=lambda c: c[0])]
 
 
 # -- registration -----------------------------------------------------------

@@ -49,7 +49,7 @@ from ..sidetable import TABLE_NAME
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["BackfillCounterOp", "BackfillError", "NoOpBackfillOp"]
+__all__ = ["BackfillCounterOp", "BackfillError", "NoOpBackfillOp", "RestoreCounterOp"]
 
 
 class BackfillError(CounterCacheError):
@@ -95,8 +95,11 @@ class BackfillCounterOp(MigrateOperation):
         delete this counter's pending shard rows before the UPDATE (the count
         replaces them). Autogenerate writes it when the table is there.
 
-    The reverse is :class:`NoOpBackfillOp`: a downgrade has nothing to undo
-    (the column itself is dropped by the reverse of its ``add_column``).
+    The reverse is :class:`NoOpBackfillOp`: the backfill of an added counter
+    has nothing to undo (the column itself is dropped by the reverse of its
+    ``add_column``). A migration that changes a counter's ``where=``/``sum=``
+    or drops a counter column restores the previous values in its downgrade
+    through a :class:`RestoreCounterOp`.
     """
 
     def __init__(
@@ -151,11 +154,23 @@ class BackfillCounterOp(MigrateOperation):
             )
         )
 
+    #: What the downgrade's ``pass`` says in place of "nothing to undo"
+    #: (autogenerate sets it when a :class:`RestoreCounterOp` restores the counter).
+    downgrade_note: str | None = None
+
     def reverse(self) -> NoOpBackfillOp:
         return NoOpBackfillOp(self)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("backfill_counter", self.schema, self.table_name, self.column_name)
+
+    def with_definition(self, *, where: str | None, sum: str | None) -> BackfillCounterOp:
+        """The same backfill with another ``where`` / ``sum``."""
+        return BackfillCounterOp(
+            self.table_name, self.column_name, self.child_table, self.child_fk,
+            where=where, sum=sum, parent_key=self.parent_key, schema=self.schema,
+            shards=self.shards, through=self.through,
+        )
 
     @property
     def key(self) -> tuple[str | None, str, str]:
@@ -178,6 +193,32 @@ class NoOpBackfillOp(MigrateOperation):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ()
+
+
+class RestoreCounterOp(MigrateOperation):
+    """Does nothing in the upgrade (renders as ``pass``); its reverse is ``backfill``.
+
+    Autogenerate puts it first in the upgrade of a migration that changes a
+    counter's ``where=``/``sum=`` (``backfill`` then holds the previous ones)
+    or drops a counter column (``backfill`` as the last migration that
+    backfilled it wrote it): the downgrade, the upgrade reversed, ends with
+    ``backfill``, once the schema is back, so that the previous definition's
+    values are restored.
+    """
+
+    def __init__(self, backfill: BackfillCounterOp, note: str) -> None:
+        self.backfill = backfill
+        self.note = note
+
+    def reverse(self) -> BackfillCounterOp:
+        return self.backfill
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("restore_counter_on_downgrade", *self.backfill.key)
+
+    @property
+    def key(self) -> tuple[str | None, str, str]:
+        return self.backfill.key
 
 
 # -- Implementations -------------------------------------------------------
@@ -260,8 +301,9 @@ def backfill_counter(operations: Operations, op: BackfillCounterOp) -> None:
 
 
 @Operations.implementation_for(NoOpBackfillOp)
-def noop_backfill(operations: Operations, op: NoOpBackfillOp) -> None:
-    """Nothing to undo."""
+@Operations.implementation_for(RestoreCounterOp)
+def noop_backfill(operations: Operations, op: NoOpBackfillOp | RestoreCounterOp) -> None:
+    """Nothing to do (a :class:`RestoreCounterOp` acts in the downgrade)."""
 
 
 # -- Render ----------------------------------------------------------------
@@ -302,4 +344,9 @@ def render_backfill_counter(autogen_context: AutogenContext, op: BackfillCounter
 @renderers.dispatch_for(NoOpBackfillOp)
 def render_noop_backfill(autogen_context: AutogenContext, op: NoOpBackfillOp) -> str:
     b = op.backfill
-    return f"pass  # backfill of {b.table_name}.{b.column_name}: nothing to undo"
+    return f"pass  # backfill of {b.table_name}.{b.column_name}: {b.downgrade_note or 'nothing to undo'}"
+
+
+@renderers.dispatch_for(RestoreCounterOp)
+def render_restore_counter(autogen_context: AutogenContext, op: RestoreCounterOp) -> str:
+    return f"pass  # {op.note}"
