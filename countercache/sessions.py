@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -31,29 +30,33 @@ from .errors import CounterCacheError
 
 __all__ = ["session_of", "bind_of"]
 
-_ASYNC = (AsyncSession, AsyncEngine, AsyncConnection)
+# The asyncio extension is not imported (it needs greenlet, which an
+# application without asyncio may lack): its objects are known by the
+# synchronous side each one carries.
+_SYNC_SIDES = ("sync_session", "sync_connection", "sync_engine")  # (an AsyncConnection has both of the last)
 
 
 def _current(obj: Any) -> Any:
-    """A scoped session's current session (created by its registry if needed)."""
-    if isinstance(obj, (scoped_session, async_scoped_session)):
+    """A scoped session's current session (created by its registry if needed):
+    ``scoped_session``, and ``async_scoped_session`` (the same shape)."""
+    if isinstance(obj, scoped_session) or (
+            type(obj).__name__ == "async_scoped_session" and hasattr(obj, "registry")):
         return obj.registry()
     return obj
 
 
 def _sync_side(obj: Any, what: str, io: bool) -> Any:
-    if not isinstance(obj, _ASYNC):
+    if isinstance(obj, (Session, Engine, Connection)):
+        return obj
+    side = next((name for name in _SYNC_SIDES if hasattr(obj, name)), None)
+    if side is None:
         return obj
     if io and not in_greenlet():
         raise CounterCacheError(
             f"{what}() is synchronous and was given an {type(obj).__name__} outside its greenlet: "
-            f"call it as `await {'session' if isinstance(obj, AsyncSession) else 'connection'}"
+            f"call it as `await {'session' if side == 'sync_session' else 'connection'}"
             f".run_sync(countercache.{what}, ...)`")
-    if isinstance(obj, AsyncSession):
-        return obj.sync_session
-    if isinstance(obj, AsyncEngine):
-        return obj.sync_engine
-    return obj.sync_connection
+    return getattr(obj, side)
 
 
 def session_of(session: Any, what: str, *, io: bool = True) -> Session:
