@@ -35,7 +35,7 @@ from .flush import FlushState, forget_locked
 from .suspension import is_suspended
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import core_statement
-from .counter_writes import check_statement
+from .counter_writes import check_statement, refuse_rekey
 from .errors import CounterCacheError
 from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, refuse_unkeyed,
                         where_of)
@@ -51,6 +51,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if mapper is None:  # a Core statement on a table: kept or refused there
         return core_statement(state)
     check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
+    refuse_rekey(state, mapper.tables, params=False)
     if not is_suspended(state.session):
         skipping.check_statement(state, mapper)  # (rows the database may skip or replace)
     child = _child_for(mapper)

@@ -29,6 +29,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ._compat import has_post_values_clause, multi_values, statement_prefixes, statement_values
 from ._registry import all_counters
+from .counter_writes import refuse_rekey
 from .errors import AssignmentError, CounterCacheError
 from .flush import FlushState
 from .kinds import ManyToMany, MultiLevel
@@ -49,6 +50,7 @@ def core_statement(state: ORMExecuteState) -> Any:
     if table is None or is_suspended(state.session):
         return None
     _refuse_counter_written(state, table)
+    refuse_rekey(state, [table], params=True)
     kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE"
     changed = _changed_columns(state, table) if state.is_update else set()
     links, others = [], []

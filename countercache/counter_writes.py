@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ._compat import insert_select_names, multi_values, statement_values, upsert_set_keys
 from ._registry import all_counters
-from .errors import AssignmentError
+from .errors import AssignmentError, CounterCacheError
+from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
     from .declaration import CounterCache
 
-__all__ = ["check_statement", "counters_in", "written", "refuse"]
+__all__ = ["check_statement", "counters_in", "written", "refuse", "refuse_rekey"]
 
 
 def counters_in(mapper: Mapper[Any]) -> dict[str, CounterCache]:
@@ -104,3 +105,32 @@ def check_statement(state: ORMExecuteState, mapper: Mapper[Any]) -> None:
     found = written(mapper, _statement_keys(state, own=bool(counters_in(mapper))))
     if found:
         refuse(found, f"an ORM {'insert' if state.is_insert else 'update'}({mapper.class_.__name__})")
+
+
+def refuse_rekey(state: ORMExecuteState, tables: Iterable[Any], *, params: bool) -> None:
+    """An UPDATE statement giving a new primary key to rows of a parent whose
+    counters are held for the commit (``deferred``/``sharded``): refused
+    before it runs. What the transaction holds for the old keys, and
+    ``sharded``'s shard rows, would stay behind (the database's ``ON UPDATE
+    CASCADE`` moves the children unseen); assigning the key on the object is
+    counted. ``params``: the parameter sets give SET values too (a Core
+    statement; in the ORM's by-primary-key form they name the rows)."""
+    if not state.is_update:
+        return
+    given = set(statement_values(state.statement))
+    if params:
+        rows: Any = state.parameters
+        for row in rows if isinstance(rows, list) else [rows] if rows else []:
+            given.update(row)
+    names = {getattr(k, "key", k) for k in given} | {getattr(k, "name", None) for k in given}
+    tables = set(tables)
+    for counter in all_counters():
+        column = counter.column
+        if column is None or column.table not in tables or STRATEGY_CLASSES[counter.strategy()].held is None:
+            continue
+        pk = [c for c in column.table.primary_key.columns if c.key in names or c.name in names]
+        if pk:
+            raise CounterCacheError(
+                f"{counter.name}: an UPDATE statement giving {column.table.name}.{pk[0].name} new values is not "
+                f"counted with the {counter.strategy()} strategy (what the transaction holds for the old keys "
+                "would stay behind); change the key on the object (obj.id = ...), which is counted")

@@ -324,6 +324,7 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
     if _suspended.get(session):
         _flushes.pop(session.hash_key, None)
     else:
+        through.refuse_middle_rekey(session)
         fs = _flushes[session.hash_key] = FlushState(session, uow)
         many_to_many.read_cascaded(fs)
 

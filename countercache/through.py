@@ -27,9 +27,13 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, inspect, select
+
+from . import _registry
 
 from .children import _child_for, _key
+from .errors import CounterCacheError
+from .kinds import MultiLevel
 from .locking import chunk_size, read_foreign_keys
 from .writer import ParentTable, canonical_keys, key_converters, lock_order
 
@@ -153,3 +157,34 @@ class Sink:
                 parent_key = _key(values, counter.kind.middle_fk_keys) if values is not None and delta else None
                 if parent_key is not None:
                     self.strategy.add(counter, parent_key, delta)
+
+
+def refuse_middle_rekey(session: Any) -> None:
+    """``before_flush``: a middle row of a multi-level counter given a new
+    primary key is refused before anything is written (its leaves' deltas,
+    held or read, are keyed by the middle row's key; a database's ``ON UPDATE
+    CASCADE`` re-points the leaves unseen)."""
+    middles = _middle_mappers()
+    if not middles:
+        return
+    for obj in session.dirty:
+        state = inspect(obj)
+        if state.key is None or not any(state.mapper.isa(m) for m in middles):
+            continue
+        for prop in state.mapper.primary_key:
+            attr = state.mapper.get_property_by_column(prop)
+            if state.attrs[attr.key].history.has_changes():
+                names = ", ".join(sorted(c.name for c in middles[next(m for m in middles if state.mapper.isa(m))]))
+                raise CounterCacheError(
+                    f"{names}: {state.mapper.class_.__name__}.{attr.key} changed; the primary key of a middle row "
+                    "of a multi-level counter cannot change (create the row with its new key and move its "
+                    "children to it instead)")
+
+
+def _middle_mappers() -> dict[Any, list[Any]]:
+    """Middle mapper -> its multi-level counters."""
+    found: dict[Any, list[Any]] = {}
+    for counter in _registry.all_counters():
+        if isinstance(counter.kind, MultiLevel):
+            found.setdefault(counter.kind.middle_mapper, []).append(counter)
+    return found

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, event
+from sqlalchemy import ForeignKey, event, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -186,3 +186,66 @@ def test_parent_primary_key_change_takes_its_counts_along(engine, backend, strat
         s.add(m.Question(id=4, user_id=2))
         s.commit()
     assert assert_counts(engine) == {2: 1, 10: 3}
+
+
+@pytest.mark.parametrize("how", ["orm statement", "core statement"])
+def test_statement_changing_a_held_parents_key_is_refused(engine, backend, strategy, how):
+    """deferred/sharded: the key changed by a statement (not on the object)
+    would leave what the transaction holds, and shard rows, under the old key."""
+    if backend == "sqlite":  # (SQLite cascades only with foreign keys on)
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
+        engine.dispose()
+    m = rekey_models(strategy, cascade=True)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(m.User(id=1, questions=[m.Question(id=1)]))
+        s.commit()
+        users = m.User.__table__
+        statement = (update(m.User).where(m.User.id == 1).values(id=10) if how == "orm statement"
+                     else users.update().where(users.c.id == 1).values(id=10))
+        if strategy in ("deferred", "sharded"):
+            with pytest.raises(countercache.CounterCacheError,
+                               match=rf"User\.question_count: an UPDATE statement giving users\.id new values is not "
+                                     rf"counted with the {strategy} strategy"):
+                s.execute(statement)
+        else:  # the row keeps its counter; the database moves the children
+            s.execute(statement)
+        s.commit()
+    assert countercache.check(engine) == []
+
+
+def test_middle_rows_key_change_is_refused_before_the_flush(engine, strategy):
+    """A multi-level counter's middle row (a post, under User.comment_received_count)
+    given a new key: refused in before_flush, nothing written."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        comment_received_count: Mapped[int] = counter_cache("posts.comments", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        comments: Mapped[list["Comment"]] = relationship()
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[Optional[int]] = mapped_column(ForeignKey("posts.id", onupdate="CASCADE"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, posts=[Post(id=1, comments=[Comment(id=1)])]))
+        s.commit()
+        s.get(Post, 1).id = 20
+        with pytest.raises(countercache.CounterCacheError,
+                           match=r"User\.comment_received_count: Post\.id changed; the primary key of a middle row"):
+            s.flush()
+        assert s.in_transaction()  # (nothing flushed, nothing rolled back)
+        s.rollback()
+    assert countercache.check(engine) == []
