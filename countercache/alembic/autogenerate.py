@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
-from .._compat import alembic_plugins, dispatcher_registry
+from .._compat import alembic_plugins, dispatcher_registry, make_plugin_entry_point
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
 from ..sidetable import TABLE_NAME
@@ -280,7 +280,9 @@ def _continue() -> Any:
 
 
 def setup(plugin: Plugin) -> None:
-    """Alembic 1.18+ plugin entry point (``alembic.plugins`` group, name ``countercache``).
+    """Alembic 1.18+ plugin entry point (``alembic.plugins`` group, name
+    ``countercache``; this module, which Alembic 1.18.0 to 1.20.0 iterate
+    over: see :func:`countercache._compat.make_plugin_entry_point`).
 
     Alembic calls it while it is itself still being imported, so the package
     was imported without its registrations (see ``countercache/alembic/__init__.py``);
@@ -353,3 +355,7 @@ def _register_plugin_without_entry_point() -> None:
     if any(ep.name == PLUGIN_NAME for ep in metadata.entry_points(group="alembic.plugins")):
         return  # Alembic loads it (or is loading it) through the entry point
     Plugin.setup_plugin_from_module(sys.modules[__name__], PLUGIN_NAME)
+
+
+# what the alembic.plugins entry point loads, on every Alembic 1.18+
+make_plugin_entry_point(__name__)
