@@ -14,7 +14,7 @@ Standard library only.  It
    with pytest's exit code, stopping the servers it started (also on Ctrl-C).
 
 Supported versions (``MATRIX`` below): ``--matrix lowest`` installs the
-floors of setup.cfg (``SQLAlchemy==2.0.29``, ``alembic==1.13.0``) into
+floors of setup.cfg (``SQLAlchemy>=2.0.29``, ``alembic>=1.13.0``, pinned ``==``) into
 ``.venv-lowest`` and runs the fast subset (``SUBSET``) on them;
 ``--matrix alembic-1.18`` / ``alembic-1.19`` pin those Alembic releases
 (newest SQLAlchemy) in their own ``.venv-alembic-*`` and run the Alembic
@@ -29,6 +29,7 @@ fixtures (tests/conftest.py): they fail under ``CI=true`` and skip otherwise.
 
 from __future__ import annotations
 
+import configparser
 import glob
 import hashlib
 import os
@@ -67,13 +68,30 @@ SUBSET = ("tests/test_declaration.py", "tests/test_one_to_many.py", "tests/test_
           "tests/test_cli_repair.py", "tests/test_shape.py")
 ALEMBIC_TESTS = ("tests/test_alembic.py", "tests/test_alembic_plugin.py")
 
+
+
+def _floors(*names: str) -> tuple[str, ...]:
+    """``name==X`` for each ``name>=X`` of setup.cfg (install_requires, extras)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = cfg["options"]["install_requires"].split()
+    lines += [req for value in cfg["options.extras_require"].values() for req in value.split()]
+    found = {}
+    for req in lines:
+        name, sep, version = req.partition(">=")
+        if sep and name.lower() in names:
+            found[name.lower()] = f"{name}=={version.split(',')[0]}"
+    return tuple(found[n] for n in names)
+
+
 #: ``--matrix NAME``. "newest" is what setup.cfg's ranges resolve to (the
-#: default run); "lowest" pins the floors of setup.cfg; the Alembic entries
-#: pin the releases whose plugin loader iterates over the entry point.
+#: default run); "lowest" pins the floors of setup.cfg (SQLAlchemy 2.0.29,
+#: Alembic 1.13.0); the Alembic entries pin the releases whose plugin loader
+#: iterates over the entry point.
 MATRIX = {
     "newest": Matrix(".venv", EXTRAS, (), ()),
     "lowest": Matrix(".venv-lowest", "test,postgresql,mysql,async,alembic",
-                     ("SQLAlchemy==2.0.29", "alembic==1.13.0"), SUBSET),
+                     _floors("sqlalchemy", "alembic"), SUBSET),
     "alembic-1.18": Matrix(".venv-alembic-1.18", "test,postgresql,mysql,alembic",
                            ("alembic==1.18.0",), ALEMBIC_TESTS),
     "alembic-1.19": Matrix(".venv-alembic-1.19", "test,postgresql,mysql,alembic",
