@@ -3,8 +3,9 @@
 Checked against SQLAlchemy 2.1.9 (the version installed for the tests) and
 2.0.29 (the floor in ``setup.cfg``), and Alembic 1.20.1, 1.19.0, 1.18.0 and
 1.13.0 (the floor; the plugin registry exists from 1.18): ``python3
-tests/run.py --matrix all`` runs them (README, "Tests"). When SQLAlchemy changes one of these,
-this module is the one to mend; each entry says what it is for.
+tests/run.py --matrix all`` runs them (README, "Tests"). When SQLAlchemy
+changes one of these, this module is the one to mend; each entry says what
+it is for.
 
 Read directly where they are used, for speed (a per-row path must not pay a
 function call), and listed here so that a search finds them all:

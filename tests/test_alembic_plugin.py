@@ -141,3 +141,15 @@ def test_autogenerate_through_the_installed_plugin(tmp_path: Path) -> None:
             (1, 2), (2, 0), (3, 1)]
     run(["-m", "alembic", "upgrade", "head", "--sql"], tmp_path)  # offline: rendered SQL
     run(["-m", "alembic", "downgrade", "base"], tmp_path)
+
+
+def test_a_plugin_api_it_does_not_know_warns_instead_of_breaking_alembic() -> None:
+    """``setup()`` runs inside ``import alembic``: it must not raise."""
+    from countercache.alembic import autogenerate
+
+    class ChangedPlugin:
+        def add_autogenerate_comparator(self, *args: object, **kw: object) -> None:
+            raise TypeError("unexpected keyword argument 'priority'")
+
+    with pytest.warns(RuntimeWarning, match="could not register with this Alembic"):
+        autogenerate.setup(ChangedPlugin())  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ import ast
 import logging
 import re
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, inspect
@@ -288,14 +289,25 @@ def setup(plugin: Plugin) -> None:
     was imported without its registrations (see ``countercache/alembic/__init__.py``);
     it is forgotten here so that the next ``import countercache.alembic``
     runs them.
+
+    It runs inside ``import alembic``: an error here would fail every
+    alembic command, so one (an Alembic whose plugin API changed) is a
+    warning instead, and autogenerate writes no backfills through the plugin.
     """
-    plugin.add_autogenerate_comparator(compare_counters, "autogenerate", priority=_priority())
     package = sys.modules.get(__package__ or "")
     if package is not None and getattr(package, "_deferred", False):
         del sys.modules[package.__name__]
         parent = sys.modules.get(package.__name__.rpartition(".")[0])
         if parent is not None and getattr(parent, "alembic", None) is package:
             delattr(parent, "alembic")
+    try:
+        plugin.add_autogenerate_comparator(compare_counters, "autogenerate", priority=_priority())
+    except Exception as exc:  # noqa: BLE001 - never break alembic
+        warnings.warn(
+            f"countercache: its Alembic plugin could not register with this Alembic ({exc!r}); "
+            "autogenerate writes no counter backfills through it",
+            RuntimeWarning, stacklevel=2,
+        )
 
 
 def _global_comparator(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, *rest: Any) -> Any:
