@@ -1,9 +1,11 @@
 """Every use of SQLAlchemy's and Alembic's private API, in one place (private).
 
 Checked against SQLAlchemy 2.1.9 (the version installed for the tests) and
-2.0.29 (the floor in ``setup.cfg``), and Alembic 1.20.1 (the floor is 1.13;
-the plugin registry exists from 1.18). When SQLAlchemy changes one of these,
-this module is the one to mend; each entry says what it is for.
+2.0.29 (the floor in ``setup.cfg``), and Alembic 1.20.1, 1.19.0, 1.18.0 and
+1.13.0 (the floor; the plugin registry exists from 1.18): ``python3
+tests/run.py --matrix all`` runs them (README, "Tests"). When SQLAlchemy
+changes one of these, this module is the one to mend; each entry says what
+it is for.
 
 Read directly where they are used, for speed (a per-row path must not pay a
 function call), and listed here so that a search finds them all:
@@ -29,7 +31,7 @@ function call), and listed here so that a search finds them all:
 from __future__ import annotations
 
 import sys
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 from sqlalchemy import Boolean
@@ -48,7 +50,7 @@ __all__ = [
     "bind_processor", "driver_in_transaction", "alembic_plugins", "column_annotation", "property_of_column",
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
-    "upsert_set_keys", "insert_select_names", "legacy_bulk_call",
+    "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -181,6 +183,31 @@ def alembic_plugins() -> tuple[Any, Any] | None:
     except ImportError:  # pragma: no cover - Alembic < 1.18
         return None
     return Plugin, _all_plugins
+
+
+class _PluginModule(ModuleType):
+    """A module that is also an iterable of itself (see :func:`make_plugin_entry_point`)."""
+
+    def __iter__(self) -> Any:
+        return iter((self,))
+
+
+def make_plugin_entry_point(module_name: str) -> None:
+    """Make the module ``module_name`` (an ``alembic.plugins`` entry point)
+    loadable by every Alembic that loads plugins.
+
+    Alembic's plugin loader (``alembic.runtime.plugins._setup``, run when
+    ``alembic`` is imported) calls ``setup(Plugin(name))`` of what the entry
+    point loads: 1.20.1+ takes a module (a collection of modules is still
+    accepted, with a deprecation warning), 1.18.0 to 1.20.0 iterate over it
+    (``for mod in entrypoint.load()``: a plain module raises ``TypeError:
+    'module' object is not iterable`` and every alembic command fails);
+    before 1.18 the group is not read. The module's class becomes a
+    ``ModuleType`` subclass whose iteration yields the module itself, which
+    both loaders take as one plugin module. Checked against 1.18.0, 1.18.5,
+    1.19.0, 1.19.2, 1.20.0 and 1.20.1.
+    """
+    sys.modules[module_name].__class__ = _PluginModule
 
 
 def autoflush(session: Any) -> None:

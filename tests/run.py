@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The test command of countercache: ``python3 tests/run.py [pytest args...]``.
+"""The test command of countercache: ``python3 tests/run.py [--matrix NAME] [pytest args...]``.
 
 Standard library only.  It
 
@@ -13,12 +13,23 @@ Standard library only.  It
 3. runs ``.venv/bin/python -m pytest ARGS`` from the repository root and exits
    with pytest's exit code, stopping the servers it started (also on Ctrl-C).
 
+Supported versions (``MATRIX`` below): ``--matrix lowest`` installs the
+floors of setup.cfg (``SQLAlchemy>=2.0.29``, ``alembic>=1.13.0``, pinned ``==``) into
+``.venv-lowest`` and runs the fast subset (``SUBSET``) on them;
+``--matrix alembic-1.18`` / ``alembic-1.19`` pin those Alembic releases
+(newest SQLAlchemy) in their own ``.venv-alembic-*`` and run the Alembic
+tests; ``--matrix newest`` is the default run; ``--matrix all`` (what
+``.ci/run`` runs) is each of them in turn, servers started once, and exits
+with the first failing run's exit code after a summary.  ARGS go to every
+run.
+
 A server that can neither be reached nor started is reported and left to the
 fixtures (tests/conftest.py): they fail under ``CI=true`` and skip otherwise.
 """
 
 from __future__ import annotations
 
+import configparser
 import glob
 import hashlib
 import os
@@ -33,12 +44,59 @@ import tempfile
 import time
 import venv
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv"
-VENV_PY = VENV / "bin" / "python"
-STAMP = VENV / ".countercache-install-stamp"
 EXTRAS = "test,postgresql,mysql,async,alembic,bench,frameworks,docs"
+
+
+class Matrix(NamedTuple):
+    """One supported-versions run: its virtualenv, what it pins, what it runs."""
+
+    venv: str
+    extras: str
+    pins: tuple[str, ...]
+    tests: tuple[str, ...]  # empty: the whole suite
+
+
+#: The fast subset run against older versions: declaration, the four
+#: strategies (test_one_to_many: every test over ``STRATEGIES``),
+#: configuration, Alembic autogenerate (also through the installed plugin),
+#: the command line.
+SUBSET = ("tests/test_declaration.py", "tests/test_one_to_many.py", "tests/test_config.py",
+          "tests/test_alembic.py", "tests/test_alembic_plugin.py", "tests/test_cli.py",
+          "tests/test_cli_repair.py", "tests/test_shape.py")
+ALEMBIC_TESTS = ("tests/test_alembic.py", "tests/test_alembic_plugin.py")
+
+
+
+def _floors(*names: str) -> tuple[str, ...]:
+    """``name==X`` for each ``name>=X`` of setup.cfg (install_requires, extras)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = cfg["options"]["install_requires"].split()
+    lines += [req for value in cfg["options.extras_require"].values() for req in value.split()]
+    found = {}
+    for req in lines:
+        name, sep, version = req.partition(">=")
+        if sep and name.lower() in names:
+            found[name.lower()] = f"{name}=={version.split(',')[0]}"
+    return tuple(found[n] for n in names)
+
+
+#: ``--matrix NAME``. "newest" is what setup.cfg's ranges resolve to (the
+#: default run); "lowest" pins the floors of setup.cfg (SQLAlchemy 2.0.29,
+#: Alembic 1.13.0); the Alembic entries pin the releases whose plugin loader
+#: iterates over the entry point.
+MATRIX = {
+    "newest": Matrix(".venv", EXTRAS, (), ()),
+    "lowest": Matrix(".venv-lowest", "test,postgresql,mysql,async,alembic",
+                     _floors("sqlalchemy", "alembic"), SUBSET),
+    "alembic-1.18": Matrix(".venv-alembic-1.18", "test,postgresql,mysql,alembic",
+                           ("alembic==1.18.0",), ALEMBIC_TESTS),
+    "alembic-1.19": Matrix(".venv-alembic-1.19", "test,postgresql,mysql,alembic",
+                           ("alembic==1.19.0",), ALEMBIC_TESTS),
+}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 START_TIMEOUT = 90  # seconds
 
@@ -52,31 +110,63 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _install_fingerprint() -> str:
+def _install_fingerprint(entry: Matrix) -> str:
     h = hashlib.sha256()
     for name in ("setup.cfg", "pyproject.toml", "setup.py"):
         p = REPO / name
         h.update(name.encode() + b"\0")
         if p.exists():
             h.update(p.read_bytes())
-    h.update(EXTRAS.encode())
+    h.update(entry.extras.encode())
+    h.update("\0".join(entry.pins).encode())
     return h.hexdigest()
 
 
-def ensure_venv() -> None:
-    if not VENV_PY.exists():
-        log(f"creating virtualenv {VENV}")
-        venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
-    fingerprint = _install_fingerprint()
-    if STAMP.exists() and STAMP.read_text().strip() == fingerprint:
-        return
-    log(f'installing: pip install -e ".[{EXTRAS}]" into {VENV}')
-    cmd = [str(VENV_PY), "-m", "pip", "install", "--quiet", "-e", f".[{EXTRAS}]"]
+def ensure_venv(entry: Matrix) -> Path:
+    """Create ``entry.venv`` if missing, install the project with its pins; its python."""
+    venv_dir = REPO / entry.venv
+    python = venv_dir / "bin" / "python"
+    stamp = venv_dir / ".countercache-install-stamp"
+    if not python.exists():
+        log(f"creating virtualenv {venv_dir}")
+        venv.EnvBuilder(with_pip=True, clear=False).create(venv_dir)
+    fingerprint = _install_fingerprint(entry)
+    if stamp.exists() and stamp.read_text().strip() == fingerprint:
+        return python
+    what = " ".join([f'-e ".[{entry.extras}]"', *entry.pins])
+    log(f"installing: pip install {what} into {venv_dir}")
+    cmd = [str(python), "-m", "pip", "install", "--quiet", "-e", f".[{entry.extras}]", *entry.pins]
     rc = subprocess.call(cmd, cwd=REPO)
     if rc != 0:
         log(f"pip install failed (exit code {rc})")
         sys.exit(rc)
-    STAMP.write_text(fingerprint + "\n")
+    stamp.write_text(fingerprint + "\n")
+    return python
+
+
+def installed_versions(python: Path) -> str:
+    code = ("from importlib.metadata import version as v; "
+            "print(f\"SQLAlchemy {v('sqlalchemy')}, Alembic {v('alembic')}\")")
+    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return res.stdout.strip() or "versions unknown"
+
+
+def parse_matrix(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--matrix NAME[,NAME...]`` / ``--matrix all`` out of ``argv``: (names, the rest)."""
+    names: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--matrix" or arg.startswith("--matrix="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            names += list(MATRIX) if value == "all" else [n for n in value.split(",") if n]
+        else:
+            rest.append(arg)
+    unknown = [n for n in names if n not in MATRIX]
+    if unknown or (not names and any(a == "--matrix" or a.startswith("--matrix=") for a in argv)):
+        log(f"unknown --matrix {', '.join(unknown) or '(empty)'}: choose from all, {', '.join(MATRIX)}")
+        sys.exit(2)
+    return names or ["newest"], rest
 
 
 # ---------------------------------------------------------------------------
@@ -368,30 +458,46 @@ def _raise_interrupt(signum, frame):  # SIGTERM/SIGHUP -> same cleanup as Ctrl-C
     raise KeyboardInterrupt
 
 
+def run_pytest(python: Path, args: list[str], env: dict[str, str]) -> int:
+    proc = subprocess.Popen([str(python), "-m", "pytest", *args], cwd=REPO, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # on Ctrl-C pytest got the terminal's SIGINT too; let it report
+        if _forward_sigint and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def main(argv: list[str]) -> int:
     os.chdir(REPO)
-    ensure_venv()
+    names, argv = parse_matrix(argv)
+    pythons = {name: ensure_venv(MATRIX[name]) for name in names}
     env = dict(os.environ)
     started: list[Server] = []
     old_handlers = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    proc: subprocess.Popen | None = None
+    results: list[tuple[str, str, float, int]] = []
     try:
         for kind in ("postgresql", "mariadb"):
             ensure_server(kind, started, env)
-        cmd = [str(VENV_PY), "-m", "pytest", *argv]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            # on Ctrl-C pytest got the terminal's SIGINT too; let it report
-            if _forward_sigint and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-                proc.wait()
-            return 130
+        for name in names:
+            entry, python = MATRIX[name], pythons[name]
+            versions = installed_versions(python)
+            if len(names) > 1 or name != "newest":
+                scope = "subset: " + " ".join(entry.tests) if entry.tests else "whole suite"
+                log(f"matrix {name} ({versions}, {entry.venv}): {scope}")
+            t0 = time.monotonic()
+            rc = run_pytest(python, [*entry.tests, *argv], env)
+            results.append((name, versions, time.monotonic() - t0, rc))
+        if len(results) > 1:
+            for name, versions, seconds, rc in results:
+                log(f"  {name:<14} {versions:<36} {seconds:6.0f}s  exit code {rc}")
+        return next((rc for *_, rc in results if rc != 0), 0)
     except KeyboardInterrupt:
         log("interrupted")
         return 130

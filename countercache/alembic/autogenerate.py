@@ -48,12 +48,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
-from .._compat import alembic_plugins, dispatcher_registry
+from .._compat import alembic_plugins, dispatcher_registry, make_plugin_entry_point
 from ..declaration import CounterCache
 from ..errors import CounterCacheError
 from ..sidetable import TABLE_NAME
@@ -301,20 +302,33 @@ def _continue() -> Any:
 
 
 def setup(plugin: Plugin) -> None:
-    """Alembic 1.18+ plugin entry point (``alembic.plugins`` group, name ``countercache``).
+    """Alembic 1.18+ plugin entry point (``alembic.plugins`` group, name
+    ``countercache``; this module, which Alembic 1.18.0 to 1.20.0 iterate
+    over: see :func:`countercache._compat.make_plugin_entry_point`).
 
     Alembic calls it while it is itself still being imported, so the package
     was imported without its registrations (see ``countercache/alembic/__init__.py``);
     it is forgotten here so that the next ``import countercache.alembic``
     runs them.
+
+    It runs inside ``import alembic``: an error here would fail every
+    alembic command, so one (an Alembic whose plugin API changed) is a
+    warning instead, and autogenerate writes no backfills through the plugin.
     """
-    plugin.add_autogenerate_comparator(compare_counters, "autogenerate", priority=_priority())
     package = sys.modules.get(__package__ or "")
     if package is not None and getattr(package, "_deferred", False):
         del sys.modules[package.__name__]
         parent = sys.modules.get(package.__name__.rpartition(".")[0])
         if parent is not None and getattr(parent, "alembic", None) is package:
             delattr(parent, "alembic")
+    try:
+        plugin.add_autogenerate_comparator(compare_counters, "autogenerate", priority=_priority())
+    except Exception as exc:  # noqa: BLE001 - never break alembic
+        warnings.warn(
+            f"countercache: its Alembic plugin could not register with this Alembic ({exc!r}); "
+            "autogenerate writes no counter backfills through it",
+            RuntimeWarning, stacklevel=2,
+        )
 
 
 def _global_comparator(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, *rest: Any) -> Any:
@@ -374,3 +388,7 @@ def _register_plugin_without_entry_point() -> None:
     if any(ep.name == PLUGIN_NAME for ep in metadata.entry_points(group="alembic.plugins")):
         return  # Alembic loads it (or is loading it) through the entry point
     Plugin.setup_plugin_from_module(sys.modules[__name__], PLUGIN_NAME)
+
+
+# what the alembic.plugins entry point loads, on every Alembic 1.18+
+make_plugin_entry_point(__name__)
