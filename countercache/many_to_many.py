@@ -147,8 +147,9 @@ def collect(fs: FlushState) -> None:
         if not sides:
             continue
         for counter, side, key in sides:
-            if side == "parent" and isdelete:
-                continue  # a deleted parent needs no update
+            if side == "parent" and isdelete and not listonly:
+                continue  # a deleted parent needs no update (but one whose row a new object
+                # with its key took over, SQLAlchemy's row switch, flagged listonly: its links went)
             history = uow.get_attribute_history(state, key, PASSIVE_NO_INITIALIZE)
             if not history:
                 continue

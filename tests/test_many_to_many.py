@@ -274,3 +274,20 @@ def test_core_insert_into_the_association_table_through_the_session_is_counted(e
                 s.execute(statement)
         s.commit()
     assert assert_exact(engine) == {1: 3, 2: 3}
+
+
+def test_row_switch_of_a_tag_counts_the_links_it_lost_and_gained(engine, strategy):
+    """A tag deleted and a new Tag with its key added in one flush: SQLAlchemy
+    UPDATEs the row (a row switch) and deletes the old object's links; the
+    row keeps its counter, so the links it lost and gained are counted."""
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Tag(id=1, posts=[Post(id=1), Post(id=2)]))
+        s.add(Post(id=3))
+        s.commit()
+    with Session(engine) as s:
+        s.delete(s.get(Tag, 1))
+        s.add(Tag(id=1, name="again", posts=[s.get(Post, 3)]))
+        s.commit()
+    assert assert_exact(engine) == {1: 1}
