@@ -288,6 +288,11 @@ def test_row_switch_of_a_tag_counts_the_links_it_lost_and_gained(engine, strateg
         s.commit()
     with Session(engine) as s:
         s.delete(s.get(Tag, 1))
-        s.add(Tag(id=1, name="again", posts=[s.get(Post, 3)]))
+        s.add(Tag(id=1, name="again"))
+        s.commit()
+    assert assert_exact(engine) == {1: 0}
+    with Session(engine) as s:
+        s.delete(s.get(Tag, 1))
+        s.add(Tag(id=1, name="and again", posts=[s.get(Post, 3)]))
         s.commit()
     assert assert_exact(engine) == {1: 1}
