@@ -22,6 +22,7 @@ from sqlalchemy import and_, inspect, or_, select, tuple_
 
 from . import many_to_many
 from .children import _child_for
+from .kinds import MultiLevel
 from .locking import child_primary_key, for_update, read_foreign_keys
 from .tracking import _add_row
 
@@ -101,6 +102,8 @@ def from_rows(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]], 
             if child is not None and not child.views and child_primary_key(child) == list(target.primary_key):
                 found = read_foreign_keys(connection, child, where=criterion, lock="update")
                 plan = fs.plan(child)[0]
+                if depth == 0:  # the deleted rows' own delete weighs their leaves (multi-level middles)
+                    plan = [p for p in plan if not _weighed(p[0], mapper)]
                 for key, old in found.items():
                     if target.identity_key_from_primary_key(list(key)) not in skip:
                         _add_row(plan, old, None)
@@ -113,13 +116,21 @@ def from_rows(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]], 
             from_rows(fs, target, below, skip=skip, depth=depth + 1)
 
 
+def _weighed(counter: Any, origin: Mapper[Any]) -> bool:
+    """Is ``counter`` multi-level over ``origin``'s rows as its middle rows? Their
+    delete then counts the leaves still in the database, these included."""
+    kind = counter.kind
+    return isinstance(kind, MultiLevel) and (origin.isa(kind.middle_mapper) or kind.middle_mapper.isa(origin))
+
+
 def from_deleted_objects(fs: FlushState) -> None:
     """``before_flush``: what the database deletes with the objects given to
     ``session.delete()`` (their own many-to-many links are the flush's:
     :func:`countercache.many_to_many.read_cascaded`)."""
     deleted = list(fs.session.deleted)
     skip = {inspect(o).key for o in deleted}
+    switched = many_to_many.replaced(fs.session)
     for obj in deleted:
         state = inspect(obj)
-        if state.key is not None and _cascading(state.mapper):
+        if state.key is not None and state.key not in switched and _cascading(state.mapper):
             from_rows(fs, state.mapper, [tuple(state.key[1])], skip=skip, loaded=state.dict, links=False)

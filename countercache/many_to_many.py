@@ -108,6 +108,19 @@ def _pk(state: Any) -> tuple[Any, ...] | None:
     return None if None in key else tuple(key)
 
 
+def replaced(session: Any) -> set[Any]:
+    """Identity keys of the objects given to ``session.delete()`` that a new
+    object with the same key takes over in this flush: SQLAlchemy UPDATEs
+    their rows (a row switch), so no ``ON DELETE CASCADE`` runs for them."""
+    new_keys = set()
+    for obj in session.new:
+        state = inspect(obj)
+        key = state.mapper.identity_key_from_instance(obj)
+        if None not in key[1]:
+            new_keys.add(key)
+    return {inspect(obj).key for obj in session.deleted if inspect(obj).key in new_keys} if new_keys else set()
+
+
 def read_cascaded(fs: FlushState) -> None:
     """``before_flush``: the links of deleted objects that the database, not the
     flush, will remove (``passive_deletes=True`` on a relationship writing the
@@ -117,8 +130,11 @@ def read_cascaded(fs: FlushState) -> None:
         return
     if not _built:
         _build()
+    switched = replaced(fs.session)
     for obj in list(fs.session.deleted):
         state = inspect(obj)
+        if state.key in switched:
+            continue  # (its row stays, and its links)
         for counter, side, key in _sides_of(state.mapper):
             rel = state.mapper.get_property(key)
             if side != "child" or not rel.passive_deletes or key in state.dict or state.key is None:

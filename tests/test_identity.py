@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, event, update
+from sqlalchemy import Column, ForeignKey, Table, delete, event, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -249,3 +249,86 @@ def test_middle_rows_key_change_is_refused_before_the_flush(engine, strategy):
         assert s.in_transaction()  # (nothing flushed, nothing rolled back)
         s.rollback()
     assert countercache.check(engine) == []
+
+
+def cascade_models(strategy: str) -> SimpleNamespace:
+    """Users, posts and comments; a post's comments and its tag links go by the
+    database's ON DELETE CASCADE (passive_deletes=True)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    links = Table("post_tags", Base.metadata,
+                  Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+                  Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True))
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        comment_received_count: Mapped[int] = counter_cache("posts.comments", strategy=strategy)
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=links, back_populates="tags", passive_deletes=True)
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        comments: Mapped[list["Comment"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+        tags: Mapped[list[Tag]] = relationship(secondary=links, back_populates="posts", passive_deletes=True)
+        comment_count: Mapped[int] = counter_cache("comments", strategy=strategy)
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        post_id: Mapped[Optional[int]] = mapped_column(ForeignKey("posts.id", ondelete="CASCADE"))
+
+    return SimpleNamespace(Base=Base, User=User, Tag=Tag, Post=Post, Comment=Comment)
+
+
+def _cascade_seeded(engine, backend, strategy):
+    if backend == "sqlite":  # (SQLite cascades only with foreign keys on)
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
+        engine.dispose()
+    m = cascade_models(strategy)
+    m.Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        tag = m.Tag(id=1)
+        s.add(m.User(id=1, posts=[m.Post(id=1, tags=[tag], comments=[m.Comment(id=1), m.Comment(id=2)]),
+                                  m.Post(id=2, tags=[tag], comments=[m.Comment(id=3)])]))
+        s.commit()
+    return m
+
+
+@pytest.mark.parametrize("how", ["session.delete", "bulk delete"])
+def test_middle_row_deleted_with_its_leaves_by_the_database_counts_them_once(engine, backend, strategy, how):
+    m = _cascade_seeded(engine, backend, strategy)
+    with Session(engine) as s:
+        if how == "session.delete":
+            s.delete(s.get(m.Post, 1))
+        else:
+            s.execute(delete(m.Post).where(m.Post.id == 1))
+        s.commit()
+    assert countercache.check(engine) == []
+    countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT comment_received_count FROM users")) == 1
+        assert conn.scalar(text("SELECT post_count FROM tags")) == 1
+
+
+def test_row_switch_of_a_row_with_database_cascades_counts_nothing_gone(engine, backend, strategy):
+    """No DELETE runs (SQLAlchemy UPDATEs the row), so no cascade: its comments and links stay."""
+    m = _cascade_seeded(engine, backend, strategy)
+    with Session(engine) as s:
+        s.delete(s.get(m.Post, 1))
+        s.add(m.Post(id=1, user_id=1))
+        s.commit()
+    assert countercache.check(engine) == []
+    countercache.fold(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT comment_received_count FROM users")) == 3
+        assert conn.scalar(text("SELECT post_count FROM tags")) == 2
