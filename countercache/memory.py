@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
+from sqlalchemy import event, select, tuple_
 from sqlalchemy.orm import Session, object_session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
@@ -55,23 +55,52 @@ def apply(session: Session, parent: ParentTable, results: Results) -> None:
     """Show ``results`` of one UPDATE on the parents in ``session``'s identity map."""
     identity_map = session.identity_map
     key_from_pk = parent.mapper.identity_key_from_primary_key
-    counter_keys = None
+    unknown = {}
     for pk, values in results:
         obj = identity_map.get(key_from_pk(pk))
         if obj is None:
             continue
         if values is None:
-            if counter_keys is None:
-                counter_keys = [str(c.key) for c in parent.counters]
-            session.expire(obj, counter_keys)
+            unknown[pk] = obj
         else:
             for key, value in values.items():
                 set_committed_value(obj, key, value)
+    if unknown:  # (no UPDATE ... RETURNING: MariaDB/MySQL)
+        _read_back(session, parent, unknown)
+
+
+def _read_back(session: Session, parent: ParentTable, objects: dict[tuple[Any, ...], Any]) -> None:
+    """Counters the UPDATE could not return: expired, read on next access; or,
+    with ``expire_on_commit=False`` (the objects are used after the commit,
+    often detached: no later load), read back now, under the UPDATE's lock."""
+    counter_keys = [str(c.key) for c in parent.counters]
+    if session.expire_on_commit:
+        for obj in objects.values():
+            session.expire(obj, counter_keys)
+        return
+    pk_cols = list(parent.pk_cols)
+    columns = [c.column for c in parent.counters]
+    connection = session.connection(bind_arguments={"mapper": parent.mapper})
+    keys = list(objects)
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        where = pk_cols[0].in_([k[0] for k in chunk]) if len(pk_cols) == 1 else tuple_(*pk_cols).in_(chunk)
+        for row in connection.execute(select(*pk_cols, *columns).where(where)).all():
+            obj = objects.get(tuple(row[:len(pk_cols)]))
+            if obj is not None:
+                for key, value in zip(counter_keys, row[len(pk_cols):]):
+                    set_committed_value(obj, key, value)
 
 
 def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
     """Expire the counters of these parents, where ``session`` holds them."""
-    apply(session, parent, [(pk, None) for pk in keys])
+    identity_map = session.identity_map
+    key_from_pk = parent.mapper.identity_key_from_primary_key
+    counter_keys = [str(c.key) for c in parent.counters]
+    for pk in keys:
+        obj = identity_map.get(key_from_pk(pk))
+        if obj is not None:
+            session.expire(obj, counter_keys)
 
 
 def _is_merge() -> bool:
