@@ -62,6 +62,8 @@ def core_statement(state: ORMExecuteState) -> Any:
             continue
         (links if isinstance(counter.kind, ManyToMany) and counter.kind.secondary is table else others).append(counter)
     if not links and not others:
+        if state.is_delete:
+            _refuse_cascading(state, table)
         return None
     if others or not state.is_insert:
         how = (f"run it on the mapped class ({_classes(others, table)}: an ORM statement is counted)" if others
@@ -112,7 +114,7 @@ def _link_rows(state: ORMExecuteState, table: Any, links: list[CounterCache]) ->
     statement = state.statement
     if getattr(statement, "select", None) is not None:
         _refuse(links, f"INSERT INTO {table.name} ... FROM SELECT inserts rows that cannot be counted")
-    dialect = state.session.get_bind().dialect.name
+    dialect = state.session.get_bind(**{"clause": statement, **state.bind_arguments}).dialect.name
     if has_post_values_clause(statement) or statement_prefixes(statement, dialect):
         _refuse(links, f"an INSERT into {table.name} with a prefix or ON CONFLICT / ON DUPLICATE KEY may "
                        "insert fewer rows than it is given")
@@ -148,6 +150,31 @@ def _values(row: dict[str, Any]) -> dict[str, Any]:
                 value = value.value
         found[key] = value
     return found
+
+
+def _refuse_cascading(state: ORMExecuteState, table: Any) -> None:
+    """A Core DELETE whose rows the database's ``ON DELETE CASCADE`` follows
+    into counted rows or links (any depth up to 8): refused (the ORM
+    ``delete()`` of the mapped class reads and counts them first)."""
+    counted: dict[Any, list[CounterCache]] = {}
+    for counter in all_counters():
+        if counter.kind is not None:
+            for column in _counted_columns(counter):
+                counted.setdefault(column.table, []).append(counter)
+    seen, level = {table}, [table]
+    for _ in range(8):
+        below = [other for other in table.metadata.tables.values() if other not in seen and any(
+            fk.ondelete and fk.ondelete.upper() == "CASCADE" and fk.column.table in level for fk in other.foreign_keys)]
+        # (a counter of the deleted rows themselves loses its children with its parent row: no drift)
+        hit = [c for other in below for c in counted.get(other, ())
+               if not (level == [table] and c.parent is not None and c.parent.table is table)]
+        if hit:
+            _refuse(hit, f"a Core DELETE on {table.name} makes the database delete counted rows (ON DELETE "
+                         f"CASCADE into {below[0].name}) unseen; run the ORM delete() of the mapped class (counted)")
+        if not below:
+            return
+        seen.update(below)
+        level = below
 
 
 def _refuse_counter_written(state: ORMExecuteState, table: Any) -> None:

@@ -45,7 +45,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
-                 "early", "early_counters", "connections", "deleted", "renamed",
+                 "early", "early_counters", "connections", "deleted", "renamed", "canonical",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -98,6 +98,8 @@ class FlushState:
         self.deleted: dict[Any, Any] | None = None
         #: parent table -> {old key: new key} of parents whose primary key this flush changed (parents.py)
         self.renamed: dict[ParentTable, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
+        #: id of a strategy's pending deltas made canonical -> their length then (parents.py)
+        self.canonical: dict[int, int] = {}
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
@@ -222,8 +224,12 @@ class FlushState:
             transactions.write_shards(self.session)
 
     def show(self) -> None:
-        """Show what was written on the parents in memory (``after_flush_postexec``)."""
+        """Show what was written on the parents in memory (``after_flush_postexec``),
+        per parent table (``per_row`` has one result per row: the last value wins)."""
+        merged: dict[ParentTable, Any] = {}
         for parent, results in self.results:
+            merged.setdefault(parent, []).extend(results)
+        for parent, results in merged.items():
             memory.apply(self.session, parent, results)
             transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
         self.results = []

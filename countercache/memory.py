@@ -55,7 +55,7 @@ def apply(session: Session, parent: ParentTable, results: Results) -> None:
     """Show ``results`` of one UPDATE on the parents in ``session``'s identity map."""
     identity_map = session.identity_map
     key_from_pk = parent.mapper.identity_key_from_primary_key
-    unknown = {}
+    unknown: dict[tuple[Any, ...], Any] = {}
     for pk, values in results:
         obj = identity_map.get(key_from_pk(pk))
         if obj is None:

@@ -10,6 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import shard_writes, transactions
+from .errors import CounterCacheError
 from .flush import _flushes
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
@@ -48,15 +49,16 @@ def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
             transactions.parent_deleted(session, parent, key)
         for attribute in held:
             strategy = fs.strategies.get(attribute)
-            if strategy is not None:  # the flush's own deltas for the row, not held yet: gone with it
-                _drop_pending(strategy.pending.get(parent), parent, key)
+            if strategy is not None and strategy.pending.get(parent):
+                # the flush's own deltas for the row, not held yet: gone with it (keys
+                # made canonical once while no delta is added: a flush deleting many
+                # parents does not canonicalize per parent)
+                pending = strategy.pending[parent]
+                if fs.canonical.get(id(pending)) != len(pending):
+                    pending = strategy.pending[parent] = parent.canonical(pending)
+                pending.pop(key, None)
+                fs.canonical[id(pending)] = len(pending)
             transactions.take_back(session, attribute, parent, key)  # type: ignore[arg-type]
-
-
-def _drop_pending(deltas: Any, parent: ParentTable, key: tuple[Any, ...]) -> None:
-    """Forget the deltas for the parent ``key`` in ``deltas`` (keys as given: ``"3"`` for 3 too)."""
-    for given in [k for k in deltas or () if k == key or parent.canonical({k: []}).keys() == {key}]:
-        del deltas[given]
 
 
 def parent_updated(mapper: Any, connection: Connection, state: Any) -> None:
@@ -73,10 +75,19 @@ def parent_updated(mapper: Any, connection: Connection, state: Any) -> None:
     new = tuple(mapper.primary_key_from_instance(state.obj()))
     if new == old or None in new:
         return
+    if fs.uow is not None and any(  # (the flush's deltas for the old key would not tell the two apart)
+            st.key is None and not isdelete and st.mapper.isa(mapper.base_mapper)
+            and tuple(st.mapper.primary_key_from_instance(st.obj())) == old
+            for st, (isdelete, _) in fs.uow.states.items()):
+        raise CounterCacheError(
+            f"{mapper.class_.__name__}: a row gives up the key {old!r} and a new row takes it in the same flush; "
+            "its counters cannot tell the two apart: flush between the two changes")
     for parent in ParentTable.of_mapper(mapper):
         fs.renamed.setdefault(parent, {})[old] = new
         held = {STRATEGY_CLASSES[c.strategy()].held for c in parent.counters} - {None}
         for attribute in held:
             transactions.rekey(fs.session, attribute, parent, old, new)  # type: ignore[arg-type]
         if "sharded" in held:
+            if transactions.reuse_deleted(fs.session, parent, new):  # (a parent deleted earlier had that key)
+                shard_writes.forget(connection, parent, {new})
             shard_writes.rekey(connection, parent, old, new)

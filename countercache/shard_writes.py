@@ -193,3 +193,7 @@ def _forget_parents(connection: Connection, parent: ParentTable, keys: set[tuple
     for table, names in _tables(parent).items():
         connection.execute(table.delete().where(table.c.counter.in_(names), table.c.parent_key.in_(texts)))
 
+
+def forget(connection: Connection, parent: ParentTable, keys: set[tuple[Any, ...]]) -> None:
+    """Delete the shard rows of the parents ``keys`` now (their rows are gone)."""
+    _forget_parents(connection, parent, keys)

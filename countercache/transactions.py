@@ -232,6 +232,19 @@ def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) 
     current_entry(session).deleted.setdefault(parent, set()).add(key)
 
 
+def reuse_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> bool:
+    """A key this transaction deleted a parent under is taken again (a re-keyed
+    parent): the commit must no longer forget that key's shard rows; did it hold it?"""
+    state = _states.get(session)
+    found = False
+    for entry in state.stack if state is not None else ():
+        keys = entry.deleted.get(parent)
+        if keys is not None and key in keys:
+            keys.discard(key)
+            found = True
+    return found
+
+
 def rekey(session: Session, attribute: str, parent: ParentTable, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:
     """A parent's primary key changed: what the transaction holds for ``old``
     is for ``new`` (held in the innermost boundary: a savepoint rolled back

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, ForeignKey, String, Table, text
+from sqlalchemy import Column, ForeignKey, String, Table, delete, event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -296,3 +296,40 @@ def test_row_switch_of_a_tag_counts_the_links_it_lost_and_gained(engine, strateg
         s.add(Tag(id=1, name="and again", posts=[s.get(Post, 3)]))
         s.commit()
     assert assert_exact(engine) == {1: 1}
+
+
+def test_core_delete_the_database_cascades_into_links_is_refused(engine, backend, strategy):
+    """``session.execute(posts.delete())``: ON DELETE CASCADE removes the post's
+    links, which no hook sees: refused; the ORM ``delete(Post)`` counts them.
+    Deleting tags is let through: the links go with their own counter's row."""
+    if backend == "sqlite":  # (SQLite cascades only with foreign keys on)
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
+        engine.dispose()
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    posts, tags = Post.__table__, Tag.__table__
+    with Session(engine) as s:
+        a, b, c = Tag(id=1), Tag(id=2), Tag(id=3)
+        s.add_all([Post(id=1, tags=[a, b]), Post(id=2, tags=[a, c])])
+        s.commit()
+        with pytest.raises(countercache.CounterCacheError,
+                           match=r"Tag\.post_count: a Core DELETE on posts makes the database delete counted rows "
+                                 r"\(ON DELETE CASCADE into post_tags\)"):
+            s.execute(posts.delete().where(posts.c.id == 1))
+        s.execute(delete(Post).where(Post.id == 1))  # the ORM statement: counted
+        s.execute(tags.delete().where(tags.c.id == 3))  # its own links: no other counter
+        s.commit()
+    assert assert_exact(engine) == {1: 1, 2: 0}
+
+
+def test_core_insert_of_links_through_a_session_with_binds(engine, strategy):
+    """``Session(binds={Base: engine})``: the statement's bind is found from its table."""
+    Base, Tag, Post = blog(strategy)
+    Base.metadata.create_all(engine)
+    post_tags = Base.metadata.tables["post_tags"]
+    with Session(binds={Base: engine}) as s:
+        s.add_all([Tag(id=1), Post(id=1), Post(id=2)])
+        s.commit()
+        s.execute(post_tags.insert(), [{"post_id": 1, "tag_id": 1}, {"post_id": 2, "tag_id": 1}])
+        s.commit()
+    assert assert_exact(engine) == {1: 2}
