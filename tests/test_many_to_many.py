@@ -323,11 +323,11 @@ def test_core_delete_the_database_cascades_into_links_is_refused(engine, backend
 
 
 def test_core_insert_of_links_through_a_session_with_binds(engine, strategy):
-    """``Session(binds={Base: engine})``: the statement's bind is found from its table."""
+    """``Session(binds={Base: engine, post_tags: engine})``: the statement's bind is found from its table."""
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     post_tags = Base.metadata.tables["post_tags"]
-    with Session(binds={Base: engine}) as s:
+    with Session(binds={Base: engine, post_tags: engine}) as s:
         s.add_all([Tag(id=1), Post(id=1), Post(id=2)])
         s.commit()
         s.execute(post_tags.insert(), [{"post_id": 1, "tag_id": 1}, {"post_id": 2, "tag_id": 1}])
