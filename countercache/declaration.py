@@ -61,6 +61,9 @@ class CounterCache:
         #: (what migrations record and ``backfill_counter`` runs; None when not given).
         self.where_sql: str | None = None
         self.sum_sql: str | None = None
+        #: the same as SQL expressions, for migrations to render in their database's dialect
+        self.where_clause: Any = None
+        self.sum_clause: Any = None
         self.cls: type | None = None
         self.key: str | None = None
         self.column: Column[Any] | None = None
@@ -280,6 +283,7 @@ class CounterCache:
         of_class = rows_of_class(child, child.get_property(fk_keys[0]).columns[0].table)  # type: ignore[attr-defined]
         if of_class is not None:  # the migration's backfill counts this class's rows only
             self.where_sql = sql_text(of_class) + ("" if self.where_sql is None else f" AND ({self.where_sql})")
+            self.where_clause = of_class if self.where_clause is None else and_(of_class, self.where_clause)
         return rows
 
     def _rows_of(self, child: Mapper[Any], fk_keys: tuple[str, ...]) -> Count:
@@ -296,6 +300,7 @@ class CounterCache:
             fn, used = compile_evaluator(expression, child, what, self.name)
             found[what], found[f"{what}_fn"] = expression, fn
             setattr(self, f"{what}_sql", sql_text(expression))
+            setattr(self, f"{what}_clause", expression)
             keys.extend(k for k in used if k not in keys)
         tables = {child.get_property(k).columns[0].table for k in keys}  # type: ignore[attr-defined]
         if len(tables) > 1:

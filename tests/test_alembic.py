@@ -467,3 +467,4 @@ def test_backfill_while_writers_run(env: Env, engine: sa.Engine) -> None:
         total = conn.scalar(sa.text("SELECT sum(question_count) FROM users"))
         real = conn.scalar(sa.text("SELECT count(*) FROM questions WHERE user_id IS NOT NULL"))
     assert total == real
+

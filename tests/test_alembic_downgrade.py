@@ -111,3 +111,51 @@ def test_each_downgrade_restores_the_previous_definition(tmp_path: Path, engine:
     assert stored(engine) == COUNTS
     env.downgrade("0001")
     assert "question_count" not in columns(engine, "users")
+
+
+def test_where_is_written_in_the_migrations_dialect(tmp_path: Path, engine: sa.Engine) -> None:
+    """A where= over a column named like a keyword (``order``), comparing with a
+    string holding a backslash: the migration's SQL is rendered for its own
+    database (MariaDB: backticks, backslashes escaped), so the upgrade runs and
+    the backfill counts what the counter counts."""
+    env = Env(tmp_path, engine)
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table("questions", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("order", sa.Integer, nullable=False), sa.Column("path", sa.String(50), nullable=False),
+             sa.Column("user_id", sa.ForeignKey("users.id")))
+    env.metadata = md
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id) VALUES (1)"))
+        conn.execute(md.tables["questions"].insert(), [
+            {"id": 1, "order": 7, "path": "C:\\temp", "user_id": 1},
+            {"id": 2, "order": 9, "path": "C:\\temp", "user_id": 1},
+            {"id": 3, "order": 1, "path": "C:\\temp", "user_id": 1},
+            {"id": 4, "order": 8, "path": "D:\\x", "user_id": 1}])
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        order: Mapped[int] = mapped_column("order")
+        path: Mapped[str] = mapped_column(sa.String(50))
+        user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id"))
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list[Question]] = relationship()
+        big_temp_count: Mapped[int] = counter_cache(
+            "questions", where=lambda: (Question.order > 5) & (Question.path == "C:\\temp"))
+
+    sa.orm.configure_mappers()
+    env.metadata = Base.metadata
+    env.revision("0002")
+    env.upgrade()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT big_temp_count FROM users")) == 2
+    assert countercache.check(engine) == []

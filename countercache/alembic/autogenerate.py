@@ -145,8 +145,9 @@ def _added_or_changed(
         key = (col.table.schema, col.table.name, col.name)
         if key in present or key[:2] in created:
             continue
-        where = _sql(getattr(definition, "where_sql", None), dialect)
-        sum_ = _sql(getattr(definition, "sum_sql", None), dialect)
+        # (rendered in the migration's dialect: MariaDB quotes names with backticks, escapes backslashes)
+        where = _sql(_first(getattr(definition, "where_clause", None), getattr(definition, "where_sql", None)), dialect)
+        sum_ = _sql(_first(getattr(definition, "sum_clause", None), getattr(definition, "sum_sql", None)), dialect)
         before: tuple[Any, Any] | None = None
         if key not in added:
             if key[:2] not in existing:
@@ -269,6 +270,10 @@ def _db_columns(autogen_context: AutogenContext, schema: str | None, name: str) 
     if not insp.has_table(name, schema=schema):
         return set()
     return {c["name"] for c in insp.get_columns(name, schema=schema)}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _sql(value: Any, dialect: Any) -> str | None:
