@@ -187,9 +187,14 @@ def _module_name(value: str) -> str:
 
 
 def _json_value(value: Any) -> Any:
-    """JSON for what drivers return: a Decimal as a number (integral: an int), else text."""
+    """JSON for what drivers return: a Decimal as a number (integral: an int; a
+    float where the float is the same number), else, and where a float would
+    round it (12345678901234567.99), text: JSON readers parse numbers as floats."""
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        if value == value.to_integral_value():
+            return int(value)
+        as_float = float(value)
+        return as_float if Decimal(repr(as_float)) == value else str(value)
     return str(value)
 
 

@@ -139,3 +139,13 @@ def test_without_counter_the_counters_of_the_database_at_url(url, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     done = countercache("check", *common(f"sqlite:///{tmp_path / 'empty.db'}"))
     assert done.returncode == 2 and "no counter has its tables in the database" in done.stderr, done.stderr
+
+
+def test_json_values_keep_their_precision():
+    """A Decimal a float would round is printed as text; others as numbers."""
+    from decimal import Decimal
+
+    from countercache.cli import _json_value
+
+    assert json.loads(json.dumps([Decimal("398"), Decimal("12.50"), Decimal("12345678901234567.99")],
+                                 default=_json_value)) == [398, 12.5, "12345678901234567.99"]
