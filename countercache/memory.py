@@ -118,10 +118,17 @@ def _default_of(counter: CounterCache) -> Any:
     return default.arg if default is not None and default.is_scalar else 0
 
 
-def _constructing_default(target: Any, value: Any, counter: CounterCache) -> bool:
-    """Is this SQLModel's constructor giving a new instance the counter's default?"""
-    if instance_state(target).key is not None or value != _default_of(counter) or type(value) is bool:
+def _constructing_default(target: Any, value: Any, oldvalue: Any, counter: CounterCache) -> bool:
+    """Is a new instance's counter given its default, the value its row starts
+    with anyway? A dataclass constructor (``MappedAsDataclass``) or SQLModel's
+    sets every field's default, and so may the application's own keyword: a
+    first value on an object no session holds yet. Any other value, a second
+    assignment, and any assignment to a stored row stay refused."""
+    state = instance_state(target)
+    if state.key is not None or value != _default_of(counter) or type(value) is bool:
         return False
+    if state.session_id is None and oldvalue in (_NO_VALUE, _NEVER_SET):
+        return True
     return any(calling_frame(name, 2, 8, "sqlmodel") is not None for name in _SQLMODEL_CONSTRUCTORS)
 
 
@@ -129,7 +136,7 @@ def guard_assignment(counter: CounterCache) -> None:
     attribute = getattr(counter.cls, counter.key)  # type: ignore[arg-type]
 
     def refuse(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
-        if _constructing_default(target, value, counter):
+        if _constructing_default(target, value, oldvalue, counter):
             return value
         if _is_merge():
             # merge() copies what another session loaded: keep ours when we

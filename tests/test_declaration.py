@@ -6,8 +6,9 @@ from typing import Optional
 
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, Integer, Table, Column
-from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedAsDataclass, Session, configure_mappers, mapped_column, relationship
 
+import countercache
 from countercache import CounterCache, CounterCacheError, counter_cache
 
 
@@ -206,3 +207,32 @@ def test_a_counter_assigned_after_the_class_body_is_a_counter(engine):
         with pytest.raises(countercache.AssignmentError):
             user.question_count = 5
     assert [c.name for c in countercache.check(engine)] == []
+
+
+def test_mapped_as_dataclass_constructor_gives_the_default(engine):
+    """``MappedAsDataclass``: the generated ``__init__`` sets every field's default,
+    the counter's 0 included (refused on SQLAlchemy 2.0 before); counted as usual."""
+
+    class Base(MappedAsDataclass, DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, init=False)
+        questions: Mapped[list["Question"]] = relationship(default_factory=list, back_populates="user")
+        question_count: Mapped[int] = counter_cache("questions")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True, init=False)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), default=None)
+        user: Mapped[Optional[User]] = relationship(default=None, back_populates="questions")
+
+    Base.metadata.create_all(engine)
+    with Session(engine, expire_on_commit=False) as s:
+        user = User()
+        user.questions.extend([Question(), Question()])
+        s.add(user)
+        s.commit()
+        assert user.question_count == 2
+    assert countercache.check(engine) == []
