@@ -23,10 +23,10 @@ first use.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Integer, event
-from sqlalchemy.orm import Mapper, Session, mapped_column
+from sqlalchemy.orm import Mapper, MappedColumn, Session, mapped_column
 
 from . import _registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions
 from .bulk_dml import _do_orm_execute
@@ -43,9 +43,6 @@ from .sidetable import check_shardable, check_shards, shard_table
 from .strategies import STRATEGY_CLASSES
 from .tracking import _after_delete, _after_insert, _after_update
 from .writer import ParentTable
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import MappedColumn
 
 __all__ = ["counter_cache", "uninstall"]
 
@@ -136,6 +133,7 @@ def _bind_counters(mapper: Mapper[Any], class_: type) -> None:
 
 
 def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    _refuse_unmapped_fields(class_)
     _bind_counters(mapper, class_)
     for column in mapper.columns:
         definition = column.info.get("countercache")
@@ -144,6 +142,19 @@ def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
                 continue  # multi-level: the middle class's relationships may not be ready yet
             definition._resolve(mapper)
             _start(definition)
+
+
+def _refuse_unmapped_fields(class_: type) -> None:
+    """A pydantic model (SQLModel) given ``counter_cache(...)`` as a field's
+    default or ``sa_column``: SQLModel maps a column of its own (or none) and the
+    counter is never maintained; refused, pointing to the way that works."""
+    for name, field in (getattr(class_, "model_fields", None) or {}).items():
+        for value in (getattr(field, "sa_column", None), getattr(field, "default", None)):
+            if isinstance(value, MappedColumn) and isinstance(value.column.info.get("countercache"), CounterCache):
+                raise ConfigurationError(
+                    f"{class_.__name__}.{name}: counter_cache({value.column.info['countercache'].relationship!r}) "
+                    "as a SQLModel field is not mapped by SQLModel; declare it with "
+                    f"countercache.sqlmodel.counter_field({value.column.info['countercache'].relationship!r})")
 
 
 def _after_configured() -> None:

@@ -125,3 +125,35 @@ def test_plain_constructor_keyword_still_refused(engine):
     user = m.User(name="ada", question_count=0)
     with pytest.raises(countercache.AssignmentError):
         user.question_count = 0  # (a second assignment: refused)
+
+
+@pytest.mark.parametrize("form", ["sa_column without .column", "plain default"])
+def test_sqlmodel_forms_that_sqlmodel_does_not_map_are_refused(form):
+    """``Field(sa_column=counter_cache("heroes"))`` (SQLModel ignores a non-Column)
+    and ``hero_count: int = counter_cache("heroes")`` (a default, not a column):
+    the counter would never be kept; refused when the mappers are configured."""
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(SQLModel, registry=registry()):
+        pass
+
+    class Team(Base, table=True):
+        id: Optional[int] = Field(default=None, primary_key=True)
+        heroes: list["Hero"] = Relationship(back_populates="team")
+        if form == "plain default":
+            hero_count: int = counter_cache("heroes")
+        else:
+            hero_count: int = Field(default=0, sa_column=counter_cache("heroes"))
+
+    class Hero(Base, table=True):
+        id: Optional[int] = Field(default=None, primary_key=True)
+        team_id: Optional[int] = Field(default=None, foreign_key="team.id")
+        team: Optional[Team] = Relationship(back_populates="heroes")
+
+    try:
+        with pytest.raises(countercache.ConfigurationError,
+                           match=r"Team\.hero_count: counter_cache\('heroes'\) as a SQLModel field is not mapped "
+                                 r"by SQLModel; declare it with countercache\.sqlmodel\.counter_field\('heroes'\)"):
+            configure_mappers()
+    finally:
+        Base._sa_registry.dispose()  # (a mapper that failed to configure would fail every later configure)
