@@ -19,7 +19,10 @@ function call), and listed here so that a search finds them all:
   ``.get_attribute_history()``: the flush's states with their
   ``(isdelete, listonly)`` flags, per mapper, whether it runs row by row, and
   the histories it acted on (:mod:`countercache.flush`,
-  :mod:`countercache.preread`, :mod:`countercache.many_to_many`).
+  :mod:`countercache.preread`, :mod:`countercache.many_to_many`). A deleted
+  object whose row a new object takes over (a row switch) keeps
+  ``isdelete`` with ``listonly`` set (``UOWTransaction.remove_state_actions``):
+  :func:`countercache.many_to_many.collect` reads that.
 * ``SessionTransaction._connections`` and ``Connection._is_autocommit_isolation()``:
   whether the session's own commit is what makes its flushes durable
   (:func:`commits_elsewhere`).

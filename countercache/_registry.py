@@ -50,6 +50,13 @@ def all_counters() -> list[CounterCache]:
     return list(_counters)
 
 
+def known() -> list[CounterCache]:
+    """The counters as registered, without the check of each class's mapper that
+    :func:`all_counters` makes (for what runs at every flush: a disposed
+    class's counter is harmless there, no row of it is flushed)."""
+    return _counters
+
+
 def by_name(name: str) -> list[CounterCache]:
     _prune()
     return _by_name.get(name, [])

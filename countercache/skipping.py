@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import cascades
 from ._compat import has_post_values_clause, statement_prefixes
-from ._registry import all_counters
+from ._registry import known
 from .children import _child_for, _family
 from .counter_writes import counters_in
 from .errors import CounterCacheError
@@ -110,7 +110,7 @@ def _conflict_tables() -> dict[Any, tuple[str, str]]:
     and association tables (a row skipped or replaced), the parents'
     (REPLACE: a parent row deleted and inserted again at 0, its children left)."""
     global _tables
-    counters = all_counters()
+    counters = known()  # (before every flush: no mapper check per counter)
     key = [(c, c.parent) for c in counters]  # (again once counters are added or resolved)
     if _tables[0] == key:
         return _tables[1]

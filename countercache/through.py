@@ -181,10 +181,19 @@ def refuse_middle_rekey(session: Any) -> None:
                     "children to it instead)")
 
 
+#: (the registered counters and their kinds when computed, middle mapper -> its multi-level counters)
+_middles: tuple[Any, dict[Any, list[Any]]] = (None, {})
+
+
 def _middle_mappers() -> dict[Any, list[Any]]:
-    """Middle mapper -> its multi-level counters."""
-    found: dict[Any, list[Any]] = {}
-    for counter in _registry.all_counters():
-        if isinstance(counter.kind, MultiLevel):
-            found.setdefault(counter.kind.middle_mapper, []).append(counter)
-    return found
+    """Middle mapper -> its multi-level counters (computed again when counters change)."""
+    global _middles
+    counters = _registry.known()  # (before every flush: no mapper check per counter)
+    key = [(c, c.kind) for c in counters]
+    if _middles[0] != key:
+        found: dict[Any, list[Any]] = {}
+        for counter in counters:
+            if isinstance(counter.kind, MultiLevel):
+                found.setdefault(counter.kind.middle_mapper, []).append(counter)
+        _middles = (key, found)
+    return _middles[1]
