@@ -126,11 +126,7 @@ class StatementForms:
         form = self._statements.get((dialect.name, returning, slots))
         if form is None:
             form = self._statements[(dialect.name, returning, slots)] = self._one_form(connection, slots, returning)
-        stmt, key_names, delta_names = form
-        params = dict(zip(key_names, key))
-        for name, i in delta_names:
-            params[name] = vector[i]
-        result = connection.execute(stmt, params)
+        result = self._run_one(connection, form, key, vector)
         if returning:
             return self._results(result.fetchall(), slots)
         return self._no_results([key]) if values else []
@@ -143,18 +139,22 @@ class StatementForms:
         statement locks the row for writing and reads it."""
         form = self._statements.get((connection.dialect.name, "returning", slots, extra))
         if form is None:
-            stmt, key_names, delta_names = self._one_form(connection, slots, True, extra)
-            form = self._statements[(connection.dialect.name, "returning", slots, extra)] = (
-                stmt, key_names, delta_names)
-        stmt, key_names, delta_names = form
-        params = dict(zip(key_names, key))
-        for name, i in delta_names:
-            params[name] = vector[i]
-        rows = connection.execute(stmt, params).fetchall()
+            form = self._statements[(connection.dialect.name, "returning", slots, extra)] = self._one_form(
+                connection, slots, True, extra)
+        rows = self._run_one(connection, form, key, vector).fetchall()
         if not rows:
             return [], None
         n = len(self.pk_cols) + len(slots)
         return self._results([row[:n] for row in rows], slots), tuple(rows[0][n:])
+
+    @staticmethod
+    def _run_one(connection: Connection, form: Any, key: Key, vector: list[int]) -> Any:
+        """Execute a one-parent form: ``(statement, key parameter names, (delta parameter name, slot))``."""
+        stmt, key_names, delta_names = form
+        params = dict(zip(key_names, key))
+        for name, i in delta_names:
+            params[name] = vector[i]
+        return connection.execute(stmt, params)
 
     def _one_form(self, connection: Connection, slots: tuple[int, ...],
                   returning: bool, extra: tuple[Column[Any], ...] = ()) -> tuple[Any, list[str], list[tuple[str, int]]]:
