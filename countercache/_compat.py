@@ -26,6 +26,12 @@ function call), and listed here so that a search finds them all:
 * ``SessionTransaction._connections`` and ``Connection._is_autocommit_isolation()``:
   whether the session's own commit is what makes its flushes durable
   (:func:`commits_elsewhere`).
+* psycopg 3's ``Connection._pipeline``, ``Pipeline(connection)``,
+  ``Pipeline._exit()`` and its ``command_queue`` / ``result_queue``
+  (psycopg 3.1 to 3.3): entering pipeline mode for the commit-time write
+  and leaving it right after the COMMIT's sync, without the extra sync
+  (a round trip) that leaving through ``Connection.pipeline()`` costs
+  (:func:`psycopg_enter_pipeline`, :mod:`countercache.riding`).
 * ``ClauseElement._traverse_internals`` on the side table's own construct
   (:mod:`countercache.sidetable`), with :data:`InternalTraversal`, so that
   SQLAlchemy's statement cache tells two of them apart.
@@ -54,6 +60,7 @@ __all__ = [
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
     "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
+    "psycopg_can_pipeline", "psycopg_enter_pipeline", "psycopg_leave_pipeline", "dbapi_connection_of",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -311,3 +318,73 @@ def commits_elsewhere(session: Any) -> bool:
         if not autoclose or conn._is_autocommit_isolation():
             return True
     return False
+
+
+_pipeline_support: list[bool] = []
+
+
+def psycopg_can_pipeline(connection: Any) -> bool:
+    """Is ``connection`` a sync psycopg 3 connection that can enter pipeline mode now?"""
+    dialect = connection.dialect
+    if dialect.driver != "psycopg" or getattr(dialect, "is_async", False):
+        return False
+    if not _pipeline_support:
+        try:
+            from psycopg import Pipeline
+
+            _pipeline_support.append(bool(Pipeline.is_supported()))
+        except Exception:  # noqa: BLE001 - an older psycopg, a libpq without pipelines
+            _pipeline_support.append(False)
+    if not _pipeline_support[0]:
+        return False
+    dbapi_connection = connection.connection.dbapi_connection
+    return (getattr(dbapi_connection, "_pipeline", False) is None
+            and not getattr(dbapi_connection, "autocommit", True))
+
+
+def psycopg_enter_pipeline(connection: Any) -> Any:
+    """Put the connection's psycopg connection in pipeline mode (no round
+    trip): statements are queued until the next sync (the COMMIT's). Returns
+    the DBAPI connection, or None where it cannot be done."""
+    dbapi_connection = connection.connection.dbapi_connection
+    if getattr(dbapi_connection, "_pipeline", False) is not None:
+        return None
+    from psycopg import Pipeline
+
+    pipeline = Pipeline(dbapi_connection)
+    dbapi_connection._pipeline = pipeline
+    try:
+        pipeline.__enter__()
+    except Exception:  # noqa: BLE001 - not possible now: write as plain statements
+        dbapi_connection._pipeline = None
+        return None
+    return dbapi_connection
+
+
+def psycopg_leave_pipeline(dbapi_connection: Any) -> None:
+    """Leave pipeline mode: at once where the last sync left nothing in flight
+    (after the COMMIT), else through a sync (one round trip; a failure path)."""
+    pipeline = getattr(dbapi_connection, "_pipeline", None)
+    if pipeline is None:
+        return
+    try:
+        if pipeline.command_queue or pipeline.result_queue:
+            pipeline.__exit__(None, None, None)
+        else:
+            try:
+                pipeline._exit(None)  # (psycopg 3.2 and later)
+            except TypeError:
+                pipeline._exit()  # (psycopg 3.1)
+    except Exception:  # noqa: BLE001 - the connection is unusable: let the pool replace it
+        dbapi_connection._pipeline = None
+        dbapi_connection.close()
+        return
+    dbapi_connection._pipeline = None
+
+
+def dbapi_connection_of(connection: Any) -> Any:
+    """The DBAPI connection under a ``Connection`` (``Connection._dbapi_connection``,
+    the pool's proxy), or None: without ``Connection.connection``, which
+    reconnects an invalidated connection (not wanted in ``handle_error``)."""
+    fairy = getattr(connection, "_dbapi_connection", None) if connection is not None else None
+    return getattr(fairy, "dbapi_connection", None) if fairy is not None else None

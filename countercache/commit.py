@@ -62,27 +62,35 @@ def _before_commit(session: Session) -> None:
     # The final flush first, so that its deltas join the rest.
     session.flush()
     transactions.set_committing(session)
+    if not transactions.writes_now(session):
+        return  # written with the COMMIT itself (countercache.riding), at the engine's commit event
     write_deferred(session)
 
 
-def write_deferred(session: Session) -> None:
+def write_deferred(session: Session, connection_for: Any = None, values: bool = True) -> None:
     """Write everything the transaction holds for its commit, now: the kept
     leaf deltas translated first, then each strategy that holds deltas writes
     them where it keeps them (``deferred``: the parent rows; ``sharded``, after
-    them, as ``fold()`` locks them: the side table)."""
-    _translate_kept(session, transactions.take_leaves(session))
+    them, as ``fold()`` locks them: the side table).
+
+    ``connection_for(mapper or parent table)`` gives the connection (by
+    default the session's for it); ``values=False``: ask nothing back (the
+    writes are queued in a pipeline, answered with the COMMIT), expire the
+    counters of loaded parents instead."""
+    transactions.stop_riding(session)
+    _translate_kept(session, transactions.take_leaves(session), connection_for)
     for strategy in STRATEGY_CLASSES.values():
         if strategy.held is not None:
-            strategy.write_held(session)
+            strategy.write_held(session, connection_for, values)
 
 
-def _translate_kept(session: Session, kept: dict[str, transactions.Leaves]) -> None:
+def _translate_kept(session: Session, kept: dict[str, transactions.Leaves], connection_for: Any = None) -> None:
     """Kept leaf deltas to the held deltas of their parents (middle rows locked now)."""
     for name, by_counter in sorted(kept.items()):
         strategy = STRATEGY_CLASSES[name](None)
         sink = Sink(strategy)
         sink.pending = by_counter
-        sink.translate(lambda mapper: session.connection(bind_arguments={"mapper": mapper}),
+        sink.translate(connection_for or (lambda mapper: session.connection(bind_arguments={"mapper": mapper})),
                        lambda parent, key: transactions.will_write(session, parent, key))
         transactions.hold(session, strategy.held, strategy.pending)
 

@@ -216,7 +216,7 @@ class FlushState:
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
-        if transactions.writes_now(self.session):
+        if transactions.holds_shards(self.session) and transactions.writes_now(self.session):
             # the commit's own final flush: shard rows now, after every parent
             # row (the order fold() locks them in), deleted parents' included
             # (so too at every flush where the session's commit is not what

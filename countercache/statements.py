@@ -204,7 +204,8 @@ class StatementForms:
         return self._results(result.fetchall(), slots) if values else []
 
     def _apply_postgresql(
-        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas
+        self, connection: Connection, slots: tuple[int, ...], keys: list[Key], deltas: Deltas,
+        values: bool = True,
     ) -> Results:
         dialect = connection.dialect
         t = self._table_name(connection)
@@ -233,19 +234,22 @@ class StatementForms:
                 + self._set_list(connection, slots, lambda i: f"countercache_v.d{i}", prefix="countercache_p.")
                 + f" FROM unnest({', '.join(arrays)}) AS countercache_v({', '.join(v_cols)}) WHERE "
                 + " AND ".join(f"countercache_p.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
-                + " RETURNING "
-                + self._returning_list(connection, slots, prefix="countercache_p."),
-                {}, slots,
+                + (" RETURNING " + self._returning_list(connection, slots, prefix="countercache_p.")
+                   if values else ""),
+                {}, slots if values else None,
             )
 
         lock = self._cached(connection, "pg-lock", (), build_lock)
-        update = self._cached(connection, "pg", slots, build_update)
+        update = self._cached(connection, "pg" if values else "pg-quiet", slots, build_update)
         # the arrays are untyped parameters: each key goes through its column's
         # type first (a TypeDecorator storing a UUID as bytes, say)
         params: dict[str, Any] = {f"k{j}": [p(k[j]) for k in keys] if p else [k[j] for k in keys]
                                   for j, p in enumerate(self._key_processors(connection))}
         connection.execute(lock, params)
         params.update({f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots})
+        if not values:  # (no parent in memory, or the answer cannot wait: a pipeline)
+            connection.execute(update, params)
+            return []
         return self._results(connection.execute(update, params).fetchall(), slots)
 
     def _apply_sqlite(

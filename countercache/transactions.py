@@ -72,13 +72,17 @@ class _Entry:
 
 
 class _SessionState:
-    __slots__ = ("stack", "committing")
+    __slots__ = ("stack", "committing", "riding")
 
     def __init__(self) -> None:
         self.stack: list[_Entry] = []
         #: True from the outermost before_commit until the transaction ends:
         #: a flush made by another before_commit hook is written at once.
         self.committing = False
+        #: While committing: does what the transaction holds wait for the
+        #: COMMIT itself (:mod:`countercache.riding`; a flush made meanwhile
+        #: holds too)? None: not decided yet (the final flush decides).
+        self.riding: bool | None = None
 
 
 _states: weakref.WeakKeyDictionary[Session, _SessionState] = weakref.WeakKeyDictionary()
@@ -167,11 +171,26 @@ def hold(session: Session, attribute: str, pending: dict[ParentTable, Deltas]) -
 
 
 def set_committing(session: Session) -> None:
-    """From the outermost before_commit on, a flush writes at once."""
+    """From the outermost before_commit on, a flush writes at once (or, where
+    the held write can wait for the COMMIT itself, holds for it: :func:`writes_now`)."""
     state = _states.get(session)
     if state is None:
         state = _states[session] = _SessionState()
     state.committing = True
+
+
+def stop_riding(session: Session) -> None:
+    """The held write is being made: a flush from now on writes at once."""
+    state = _states.get(session)
+    if state is not None:
+        state.riding = False
+
+
+def held_items(session: Session) -> list[tuple[ParentTable, Deltas]]:
+    """Every ``(parent table, deltas)`` the transaction holds (deferred and sharded, per boundary)."""
+    state = _states.get(session)
+    return [item for entry in (state.stack if state is not None else ())
+            for held in (entry.deferred, entry.sharded) for item in held.items()]
 
 
 def _boundary(session: Session) -> SessionTransaction | None:
@@ -199,7 +218,20 @@ def writes_now(session: Session) -> bool:
     this flush? Yes during the commit, and where the session's commit is
     not what makes its rows durable (a Connection given to it, whose owner
     commits; ``AUTOCOMMIT``): held deltas would be lost there."""
-    return is_committing(session) or commits_elsewhere(session)
+    state = _states.get(session)
+    if state is not None and state.committing:
+        if state.riding is None:  # (decided once, when the transaction's connection exists)
+            from .riding import will_ride
+
+            state.riding = will_ride(session)
+        return not state.riding
+    return commits_elsewhere(session)
+
+
+def holds_shards(session: Session) -> bool:
+    """Does the transaction hold sharded deltas, or deleted parents' shard rows to forget?"""
+    state = _states.get(session)
+    return state is not None and any(e.sharded or e.deleted for e in state.stack)
 
 
 def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
@@ -211,8 +243,9 @@ def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[A
 # -- session hooks ------------------------------------------------------------
 
 
-def write_shards(session: Session) -> None:
-    """Write the sharded deltas of the transaction now, and forget deleted parents' rows."""
+def write_shards(session: Session, connection_for: Any = None) -> None:
+    """Write the sharded deltas of the transaction now, and forget deleted parents' rows
+    (on ``connection_for(parent table)``, by default the session's connection for it)."""
     state = _states.get(session)
     if state is None:
         return
@@ -223,8 +256,10 @@ def write_shards(session: Session) -> None:
             deleted.setdefault(parent, set()).update(keys)
         entry.deleted = {}
     if sharded or deleted:
-        shard_writes.write(lambda parent: session.connection(bind_arguments={"mapper": parent.mapper}),
-                     sharded, deleted)
+        if connection_for is None:
+            def connection_for(parent: ParentTable) -> Any:
+                return session.connection(bind_arguments={"mapper": parent.mapper})
+        shard_writes.write(connection_for, sharded, deleted)
 
 
 def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> None:

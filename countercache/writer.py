@@ -367,7 +367,7 @@ class ParentTable(StatementForms):
         if few and dialect in ("postgresql", "sqlite") and len(keys) <= FEW:
             return self._apply_case(connection, slots, keys, changed, values)
         if dialect == "postgresql":
-            results = self._apply_postgresql(connection, slots, keys, changed)
+            results = self._apply_postgresql(connection, slots, keys, changed, values)
         elif dialect == "sqlite":
             results = self._apply_sqlite(connection, slots, keys, changed)
         elif dialect in ("mysql", "mariadb"):

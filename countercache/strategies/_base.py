@@ -73,7 +73,7 @@ class Strategy:
                 flush.results.append((parent, results))
 
     @classmethod
-    def write_held(cls, session: Any) -> None:
+    def write_held(cls, session: Any, connection_for: Any = None, values: bool = True) -> None:
         """At the outermost commit: write what the transaction holds (strategies with ``held``)."""
 
     def keeps_leaves(self) -> bool:

@@ -13,7 +13,7 @@ memory) do not include the transaction's own changes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import memory, transactions
 from ..writer import renamed_keys
@@ -46,13 +46,21 @@ class DeferredStrategy(Strategy):
         self.hold()
 
     @classmethod
-    def write_held(cls, session: Session) -> None:
+    def write_held(cls, session: Session, connection_for: Any = None, values: bool = True) -> None:
         """At the commit: the transaction's held deltas to the parent rows, tables in
-        lock order, and the parents in memory."""
+        lock order, and the parents in memory (``values=False``: expired instead,
+        the new values are not asked for; see :mod:`countercache.riding`)."""
         merged = transactions.held_deltas(session, cls.held)  # type: ignore[arg-type]
         for parent in sorted(merged, key=lambda p: p.lock_order):
-            connection = session.connection(bind_arguments={"mapper": parent.mapper})
-            results = parent.apply(connection, merged[parent], session=session)
+            connection = (connection_for(parent) if connection_for is not None
+                          else session.connection(bind_arguments={"mapper": parent.mapper}))
+            deltas = merged[parent]
+            if not values:
+                parent.apply(connection, deltas, values=False, session=session)
+                if session.identity_map:
+                    memory.expire(session, parent, list(deltas))
+                continue
+            results = parent.apply(connection, deltas, session=session)
             if results:
                 memory.apply(session, parent, results)
 

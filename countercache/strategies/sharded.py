@@ -13,7 +13,7 @@ the exact value.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import transactions
 from .deferred import DeferredStrategy
@@ -29,9 +29,9 @@ class ShardedStrategy(DeferredStrategy):
     writes_rows = False  # (the side table's rows, never the parent's)
 
     @classmethod
-    def write_held(cls, session: Session) -> None:
+    def write_held(cls, session: Session, connection_for: Any = None, values: bool = True) -> None:
         """At the commit: the held deltas to the side table (and deleted parents' rows out)."""
-        transactions.write_shards(session)
+        transactions.write_shards(session, connection_for)
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the

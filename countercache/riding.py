@@ -1,0 +1,211 @@
+"""The commit-time write riding with the COMMIT (private).
+
+``deferred`` and ``sharded`` write what a transaction holds once, at its
+commit. Sent as statements of their own, those writes cost a round trip to
+the database before the COMMIT's; where the database is across a network,
+that round trip is most of their cost. With psycopg 3 (sync) on
+PostgreSQL they are sent in pipeline mode instead, right before SQLAlchemy
+sends the COMMIT, and the COMMIT goes in the same pipeline: the writes and
+the COMMIT travel together and are answered together, so an insert-only
+transaction costs the round trips it costs without counters.
+
+When and how:
+
+* ``before_commit`` (:mod:`countercache.commit`, after the final flush)
+  asks :func:`will_ride`: one connection in the transaction, psycopg 3
+  (sync, pipeline mode available in its libpq), a transaction the session's
+  commit ends (no ``AUTOCOMMIT``, no Connection given to the session, not
+  two-phase). Then nothing is written yet: the connection is marked, and
+  the engine's ``commit`` event (the last moment before SQLAlchemy calls the
+  driver's ``commit()``) writes everything in one pass, in the same lock
+  order as before.
+* At that moment, if the write needs no answer from the database (no
+  multi-level leaf deltas to translate, which read and lock middle rows; no
+  text keys to match with the stored spelling; no parent in memory whose
+  new value a ``RETURNING`` would give, where the commit does not expire
+  them anyway), the connection enters pipeline mode first and the
+  statements are queued; the driver's ``commit()`` then sends the COMMIT
+  and the sync, and waits once. Otherwise the same writes run as plain
+  statements (still at the last moment, still one pass).
+* What the contract promises does not change. A failed write fails the
+  COMMIT (PostgreSQL skips the rest of an aborted pipeline): the driver's
+  ``commit()`` raises the write's error, the transaction is rolled back,
+  nothing of it is kept. Other ``before_commit`` listeners run first, and a
+  flush they make is held for this one write. Loaded parents whose counters
+  a pipelined write changed are expired (the commit's own expiry does the
+  same a moment later): nothing in memory is stale.
+* Pipeline mode is left right after the COMMIT (``after_commit``), or when
+  it failed (the engine's ``handle_error``), or at the latest when the
+  pool resets the connection: a connection never goes back to the pool in
+  pipeline mode. Leaving after a finished sync costs no round trip.
+
+asyncpg, psycopg's async connections (through ``AsyncSession``) and the
+MySQL drivers write as before, as statements of their own: asyncpg and the
+MySQL protocol have no pipeline SQLAlchemy's sync facade could use, and an
+async psycopg pipeline would have to be driven from the event loop.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+
+from . import _compat, transactions
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session
+
+#: connections whose commit will write what their session holds -> that session
+_riding: weakref.WeakKeyDictionary[Connection, weakref.ReferenceType[Session]] = weakref.WeakKeyDictionary()
+#: engines with this module's listeners
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: sessions whose connection entered pipeline mode for the commit -> its DBAPI connection
+_piped: weakref.WeakKeyDictionary[Session, Any] = weakref.WeakKeyDictionary()
+#: the same, the other way: DBAPI connection in pipeline mode -> its session (weakly)
+_piped_by_dbapi: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def will_ride(session: Session) -> bool:
+    """Can the held writes wait for the COMMIT itself (and be marked to)?"""
+    transaction = session.get_transaction()
+    if transaction is None or session.twophase:
+        return False
+    # (keyed by the engine and by the connection: the same entry twice)
+    connections = set(transaction._connections.values())
+    if len(connections) != 1:
+        return False
+    ((connection, _, should_commit, autoclose),) = connections
+    if not should_commit or not autoclose or connection._is_autocommit_isolation():
+        return False
+    if not _compat.psycopg_can_pipeline(connection):
+        return False
+    engine = connection.engine
+    if engine not in _engines:
+        _listen(engine)
+    _riding[connection] = weakref.ref(session)
+    return True
+
+
+def rides(session: Session) -> bool:
+    """Is this session's commit-time write waiting for its COMMIT?"""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    for connection, *_ in transaction._connections.values():
+        found = _riding.get(connection)
+        if found is not None and found() is session:
+            return True
+    return False
+
+
+def _on_commit(connection: Connection) -> None:
+    """The engine's ``commit`` event: the driver's ``commit()`` is next."""
+    found = _riding.pop(connection, None)
+    session = found() if found is not None else None
+    if session is None or not transactions.holds_any(session):
+        return
+    from .commit import write_deferred
+
+    def connection_for(_: Any) -> Connection:
+        return connection
+
+    if _needs_answers(session):
+        write_deferred(session, connection_for)
+        return
+    dbapi_connection = _compat.psycopg_enter_pipeline(connection)
+    if dbapi_connection is None:  # (the driver would not: write as statements)
+        write_deferred(session, connection_for)
+        return
+    _piped[session] = dbapi_connection
+    _piped_by_dbapi[dbapi_connection] = weakref.ref(session)
+    try:
+        write_deferred(session, connection_for, values=False)
+    except BaseException:
+        _leave(session)
+        raise
+
+
+def _needs_answers(session: Session) -> bool:
+    """Does the held write read anything back before the COMMIT? Kept
+    multi-level leaf deltas (their middle rows are read and locked), text keys
+    (matched with their stored spelling), new values for parents in memory
+    that the commit will not expire."""
+    if any(by_counter for by_counter in transactions.peek_leaves(session)):
+        return True
+    identity_map = session.identity_map
+    for parent, deltas in transactions.held_items(session):
+        if parent.string_keys:
+            return True
+        if identity_map and not session.expire_on_commit:
+            key_from_pk = parent.mapper.identity_key_from_primary_key
+            if any(key_from_pk(tuple(k)) in identity_map for k in deltas):
+                return True
+    return False
+
+
+def _leave(session: Session) -> None:
+    dbapi_connection = _piped.pop(session, None)
+    if dbapi_connection is not None:
+        _piped_by_dbapi.pop(dbapi_connection, None)
+        _compat.psycopg_leave_pipeline(dbapi_connection)
+
+
+def _leave_dbapi(dbapi_connection: Any) -> None:
+    found = _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
+    if found is not None:
+        session = found()
+        if session is not None:
+            _piped.pop(session, None)
+        _compat.psycopg_leave_pipeline(dbapi_connection)
+
+
+def _after_commit(session: Session) -> None:
+    if _piped:
+        _leave(session)
+
+
+def _after_rollback(session: Session) -> None:
+    if _piped:
+        _leave(session)
+
+
+def _handle_error(context: Any) -> None:
+    """A statement or the COMMIT failed: a pipeline entered for it is left now."""
+    if _piped_by_dbapi:
+        _leave_dbapi(_compat.dbapi_connection_of(context.connection))
+
+
+def _reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+    """The pool takes the connection back: never in pipeline mode."""
+    if _piped_by_dbapi:
+        _leave_dbapi(dbapi_connection)
+
+
+def _listen(engine: Engine) -> None:
+    event.listen(engine, "commit", _on_commit)
+    event.listen(engine, "handle_error", _handle_error)
+    event.listen(engine.pool, "reset", _reset)
+    _engines.add(engine)
+
+
+def uninstall() -> None:
+    """Remove every listener this module added (engines and their pools)."""
+    for engine in list(_engines):
+        for target, name, fn in ((engine, "commit", _on_commit), (engine, "handle_error", _handle_error),
+                                 (engine.pool, "reset", _reset)):
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+    _engines.clear()
+    _riding.clear()
+    for dbapi_connection in list(_piped_by_dbapi):
+        _leave_dbapi(dbapi_connection)
+    _piped.clear()
+
+
+SESSION_HOOKS = (
+    ("after_commit", _after_commit),
+    ("after_rollback", _after_rollback),
+)

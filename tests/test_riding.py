@@ -1,0 +1,286 @@
+"""The commit-time write riding with the COMMIT (psycopg 3 pipeline mode, PostgreSQL).
+
+Round trips are counted by the benchmark's loopback proxy (``bench/latency.py``,
+no delay): what the database saw, not what the library thinks it sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import PG_HOST, PG_PORT, PG_URL
+from sqlalchemy import CheckConstraint, ForeignKey, event
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache
+from bench.latency import LatencyProxy
+from countercache import counter_cache
+
+STRATEGIES = ("deferred", "sharded", "bulk")
+
+pytestmark = pytest.mark.postgresql_only  # (psycopg 3's pipeline mode)
+
+
+@pytest.fixture(scope="module")
+def proxy(_pg_engine: sa.Engine) -> Iterator[LatencyProxy]:
+    with LatencyProxy(PG_HOST, PG_PORT, 0) as px:
+        yield px
+
+
+@pytest.fixture
+def through_proxy(proxy: LatencyProxy) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(proxy.url(PG_URL))
+    yield engine
+    engine.dispose()
+
+
+def declare(strategy: str | None) -> Any:
+    class Base(DeclarativeBase):
+        pass
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+
+    class Post(Base):
+        __tablename__ = "ride_posts"
+        __table_args__ = (CheckConstraint("likes >= 0", name="ride_likes_not_negative"),)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        if strategy is None:
+            likes: Mapped[int] = mapped_column(default=0)
+        else:
+            likes: Mapped[int] = counter_cache("post_likes", strategy=strategy)  # type: ignore[no-redef]
+        post_likes: Mapped[list[Like]] = relationship(back_populates="post")
+
+    class Like(Base):
+        __tablename__ = "ride_likes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[int] = mapped_column(ForeignKey("ride_posts.id"))
+        post: Mapped[Post] = relationship(back_populates="post_likes")
+
+    sa.orm.configure_mappers()
+    return Base, Post, Like
+
+
+@pytest.fixture
+def models(backend: str, _pg_engine: sa.Engine) -> Iterator[Any]:
+    made: list[Any] = []
+
+    def make(strategy: str | None) -> Any:
+        found = declare(strategy)
+        with _pg_engine.begin() as connection:
+            for base in made:
+                base.metadata.drop_all(connection)
+            found[0].metadata.drop_all(connection)
+            found[0].metadata.create_all(connection)
+            connection.execute(found[1].__table__.insert(), [{"id": 1, "likes": 0}, {"id": 2, "likes": 0}])
+        made.append(found[0])
+        return found
+
+    yield make
+    with _pg_engine.begin() as connection:
+        for base in made:
+            base.metadata.drop_all(connection)
+
+
+def counted(engine: sa.Engine, post_id: int = 1) -> tuple[int, int]:
+    """(the counter as the database has it, exact for sharded too; the real count)."""
+    with engine.connect() as connection:
+        column = connection.execute(sa.text("SELECT likes FROM ride_posts WHERE id = :i"), {"i": post_id}).scalar_one()
+        shards = 0
+        if sa.inspect(connection).has_table("countercache_shards"):
+            shards = connection.execute(sa.text(
+                "SELECT coalesce(sum(delta), 0) FROM countercache_shards WHERE parent_key = :k"),
+                {"k": str(post_id)}).scalar_one()
+        real = connection.execute(sa.text("SELECT count(*) FROM ride_likes WHERE post_id = :i"),
+                                  {"i": post_id}).scalar_one()
+    return int(column) + int(shards), int(real)
+
+
+def round_trips(proxy: LatencyProxy, engine: sa.Engine, work: Any, times: int = 3, warm: int = 6) -> float:
+    for _ in range(warm):  # the connection exists, statements are cached and prepared
+        work()  # (psycopg prepares a statement on its 5th run: a round trip of its own, once)
+    before = proxy.round_trips
+    for _ in range(times):
+        work()
+    return (proxy.round_trips - before) / times
+
+
+def insert_one(engine: sa.Engine, Like: Any) -> Any:
+    def work() -> None:
+        with Session(engine) as session:
+            session.add(Like(post_id=1))
+            session.commit()
+    return work
+
+
+def test_insert_costs_the_round_trips_of_no_counter(proxy, through_proxy, models):
+    """BEGIN, INSERT, COMMIT: 3 round trips without a counter; deferred and
+    sharded add none (their write rides with the COMMIT), bulk one."""
+    found = {}
+    for strategy in (None, *STRATEGIES):
+        countercache._reset_for_tests()
+        sa.orm.clear_mappers()
+        _, _, Like = models(strategy)
+        found[strategy] = round_trips(proxy, through_proxy, insert_one(through_proxy, Like))
+        if strategy is not None:
+            assert counted(through_proxy)[0] == counted(through_proxy)[1], (strategy, found)
+    assert found[None] == 3
+    assert found["deferred"] == found[None]
+    assert found["sharded"] == found[None]
+    assert found["bulk"] <= found[None] + 1
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded"])
+def test_delete_and_move_cost_at_most_one_more(proxy, through_proxy, models, strategy):
+    """A loaded child deleted or moved: at most the locking pre-read more than without a counter."""
+    found = {}
+    for kind in (None, strategy):
+        countercache._reset_for_tests()
+        sa.orm.clear_mappers()
+        _, _, Like = models(kind)
+        with Session(through_proxy) as session:
+            session.add_all([Like(post_id=1) for _ in range(20)])
+            session.commit()
+        with Session(through_proxy, expire_on_commit=False) as session:
+            likes = list(session.scalars(sa.select(Like).order_by(Like.id)))
+        it = iter(likes)
+
+        def delete() -> None:
+            with Session(through_proxy) as session:
+                session.delete(session.merge(next(it), load=False))
+                session.commit()
+
+        def move() -> None:
+            with Session(through_proxy) as session:
+                like = session.merge(next(it), load=False)
+                like.post_id = 2
+                session.commit()
+
+        found[(kind, "delete")] = round_trips(proxy, through_proxy, delete, times=2, warm=6)
+        found[(kind, "move")] = round_trips(proxy, through_proxy, move, times=2, warm=6)
+        if kind is not None:
+            for post in (1, 2):
+                assert counted(through_proxy, post)[0] == counted(through_proxy, post)[1]
+    for what in ("delete", "move"):
+        assert found[(strategy, what)] <= found[(None, what)] + 1, found
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded"])
+def test_write_is_still_one_statement_and_seen_by_events(through_proxy, models, strategy):
+    """In pipeline mode the statements go through SQLAlchemy as before: events see them."""
+    _, _, Like = models(strategy)
+    seen: list[str] = []
+
+    @event.listens_for(through_proxy, "before_cursor_execute")
+    def record(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        seen.append(statement)
+
+    with Session(through_proxy) as session:
+        session.add_all([Like(post_id=1), Like(post_id=1), Like(post_id=2)])
+        session.commit()
+    target = "ride_posts" if strategy == "deferred" else "countercache_shards"
+    writes = [s for s in seen if target in s and not s.lstrip().upper().startswith("SELECT")]
+    assert len(writes) == 1, seen
+    assert counted(through_proxy, 1) == (2, 2) and counted(through_proxy, 2) == (1, 1)
+
+
+def test_failed_write_fails_the_commit_and_keeps_nothing(through_proxy, models):
+    """The counter's CHECK fails inside the pipeline: the COMMIT fails with it,
+    the child row is not kept, and the connection goes back to normal."""
+    _, Post, Like = models("deferred")
+    with through_proxy.begin() as connection:  # a counter already wrong: a delete takes it below 0
+        connection.execute(Like.__table__.insert(), [{"id": 100, "post_id": 1}])
+    with Session(through_proxy) as session:
+        session.delete(session.get(Like, 100))
+        session.add(Like(post_id=2))
+        with pytest.raises(IntegrityError, match="ride_likes_not_negative"):
+            session.commit()
+        session.rollback()
+    with through_proxy.connect() as connection:
+        assert connection.connection.dbapi_connection._pipeline is None
+        assert connection.execute(sa.text("SELECT count(*) FROM ride_likes")).scalar_one() == 1
+        assert connection.execute(sa.text("SELECT likes FROM ride_posts WHERE id = 2")).scalar_one() == 0
+    insert_one(through_proxy, Like)()  # and the next transaction rides again
+    assert counted(through_proxy, 1) == (1, 2)  # (the row inserted behind its back is not counted)
+
+
+def test_other_before_commit_listeners_run_first_and_are_counted(through_proxy, models):
+    _, Post, Like = models("deferred")
+    with Session(through_proxy) as session:
+        @event.listens_for(session, "before_commit")
+        def add_one_more(s: Session) -> None:
+            s.add(Like(post_id=1))
+            s.flush()
+
+        session.add(Like(post_id=1))
+        session.commit()
+    assert counted(through_proxy) == (2, 2)
+
+
+@pytest.mark.parametrize("expire_on_commit", [True, False])
+def test_loaded_parent_is_fresh_after_the_commit(through_proxy, models, expire_on_commit):
+    _, Post, Like = models("deferred")
+    with Session(through_proxy, expire_on_commit=expire_on_commit) as session:
+        post = session.get(Post, 1)
+        assert post.likes == 0
+        after: list[int] = []
+
+        @event.listens_for(session, "after_commit")
+        def read(s: Session) -> None:
+            after.append(post.__dict__.get("likes", "expired"))
+
+        session.add_all([Like(post_id=1), Like(post_id=1)])
+        session.commit()
+        assert post.likes == 2
+        assert after[0] in (2, "expired")  # never the stale 0
+
+
+def test_connections_never_return_to_the_pool_in_pipeline_mode(through_proxy, models):
+    _, Post, Like = models("sharded")
+    for _ in range(3):
+        insert_one(through_proxy, Like)()
+        with through_proxy.connect() as connection:
+            assert connection.connection.dbapi_connection._pipeline is None
+    with Session(through_proxy) as session:  # a rollback after the writes were held
+        session.add(Like(post_id=1))
+        session.flush()
+        session.rollback()
+    with through_proxy.connect() as connection:
+        assert connection.connection.dbapi_connection._pipeline is None
+    assert counted(through_proxy) == (3, 3)
+
+
+def test_uninstall_removes_the_engine_listeners(through_proxy, models):
+    from countercache import riding
+
+    _, _, Like = models("deferred")
+    insert_one(through_proxy, Like)()
+    assert event.contains(through_proxy, "commit", riding._on_commit)
+    countercache.uninstall()
+    assert not event.contains(through_proxy, "commit", riding._on_commit)
+    assert not event.contains(through_proxy.pool, "reset", riding._reset)
+
+
+def test_failed_write_made_as_statements_at_the_commit_keeps_nothing(through_proxy, models):
+    """A loaded parent the commit does not expire: its new value is asked for,
+    so the write is made as statements at the last moment; its failure fails
+    the commit just the same."""
+    _, Post, Like = models("deferred")
+    with through_proxy.begin() as connection:
+        connection.execute(Like.__table__.insert(), [{"id": 100, "post_id": 1}])
+    with Session(through_proxy, expire_on_commit=False) as session:
+        session.get(Post, 1)
+        session.delete(session.get(Like, 100))
+        with pytest.raises(IntegrityError, match="ride_likes_not_negative"):
+            session.commit()
+        session.rollback()
+    assert counted(through_proxy, 1) == (0, 1)
+    with Session(through_proxy, expire_on_commit=False) as session:
+        post = session.get(Post, 1)
+        session.add(Like(post_id=1))
+        session.commit()
+        assert post.__dict__["likes"] == 1  # from RETURNING, no expiry
