@@ -4,12 +4,13 @@
 
     countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
                        [--repeat N] [--children N] [--parents N]
-                       [--workers N] [--seconds S] [--json] [--plot FILE.png]
+                       [--processes N | --workers N] [--threads [N]] [--seconds S]
+                       [--json] [--plot FILE.png]
 
 The default workloads are batch, txn, delete, move and noop; ``hot`` (N
-workers committing small transactions against one parent for S seconds,
-reported in transactions per second) runs only when named:
-``--workload hot``. Default database: a SQLite file in the temp directory. Usage and connection
+worker processes committing small transactions against one parent for S
+seconds, reported in transactions per second; ``--threads``: N threads of
+one process instead) runs only when named: ``--workload hot``. Default database: a SQLite file in the temp directory. Usage and connection
 errors print one line on stderr and exit with code 2. Exit code 1 when a
 countercache strategy drifted or failed, else 0.
 """
@@ -75,8 +76,12 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     p.add_argument("--children", type=_positive(2), default=10_000,
                    help="children per batch (txn: a tenth, delete/move: a half; default 10000)")
     p.add_argument("--parents", type=_positive(2), default=100, help="parents (default 100)")
-    p.add_argument("--workers", type=_positive(1), default=8,
-                   help="hot: worker threads on the one parent (default 8)")
+    p.add_argument("--processes", "--workers", dest="workers", type=_positive(1), default=8, metavar="N",
+                   help="hot: worker processes on the one parent, each with its own pool (default 8; "
+                   "--workers is the same)")
+    p.add_argument("--threads", nargs="?", type=_positive(1), const=0, default=None, metavar="N",
+                   help="hot: run the workers as threads of one process sharing one Engine "
+                   "(the old mode); N sets their count")
     p.add_argument("--seconds", type=_seconds, default=5.0,
                    help="hot: measured seconds per run, after a warm-up of a fifth of it (at most 1 s; default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -123,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     wanted = set(args.contender or contenders_mod.contender_names()) | {"none"}
     chosen = [c for c in contenders_mod.all_contenders() if c.name in wanted]
     workloads = [w for w in WORKLOADS if w in set(args.workload or DEFAULT_WORKLOADS)]
-    sizes = Sizes(children=args.children, parents=args.parents, workers=args.workers, seconds=args.seconds)
+    sizes = Sizes(children=args.children, parents=args.parents, workers=args.threads or args.workers,
+                  seconds=args.seconds, threads=args.threads is not None)
 
     err = Console(stderr=True)
     if err.is_terminal and not args.json:
