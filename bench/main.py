@@ -5,12 +5,16 @@
     countercache bench [--url URL] [--workload NAME ...] [--contender NAME ...]
                        [--repeat N] [--children N] [--parents N]
                        [--processes N | --workers N] [--threads [N]] [--seconds S]
-                       [--json] [--plot FILE.png]
+                       [--latency-ms X] [--json] [--plot FILE.png]
 
 The default workloads are batch, txn, delete, move and noop; ``hot`` (N
 worker processes committing small transactions against one parent for S
 seconds, reported in transactions per second; ``--threads``: N threads of
-one process instead) runs only when named: ``--workload hot``. Default database: a SQLite file in the temp directory. Usage and connection
+one process instead) runs only when named: ``--workload hot``.
+``--latency-ms X`` (database servers only) puts one loopback proxy
+(:mod:`bench.latency`) between every contender and the database, delaying
+each direction by X ms (0: counting only), and reports round trips per
+transaction next to the times. Default database: a SQLite file in the temp directory. Usage and connection
 errors print one line on stderr and exit with code 2. Exit code 1 when a
 countercache strategy drifted or failed, else 0.
 """
@@ -57,6 +61,16 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _latency(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return number
+
+
 def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
     from .contenders import contender_names, every_contender_name
 
@@ -84,6 +98,10 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
                    "(the old mode); N sets their count")
     p.add_argument("--seconds", type=_seconds, default=5.0,
                    help="hot: measured seconds per run, after a warm-up of a fifth of it (at most 1 s; default 5)")
+    p.add_argument("--latency-ms", type=_latency, default=None, metavar="X",
+                   help="route every connection through a loopback proxy delaying each direction by X ms "
+                   "(0: no delay, round trips still counted) and report round trips per transaction; "
+                   "database servers only")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw the ratios into a PNG file (matplotlib)")
     return p
@@ -111,6 +129,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "countercache bench") ->
 
 
 def _run(args: argparse.Namespace) -> int:
+    url = args.url or default_url()
+    if args.latency_ms is None:
+        return _run_at(args, url, None)
+    from .latency import LatencyProxy, target_of
+
+    try:
+        host, port = target_of(url)
+    except ValueError as exc:  # SQLite: a usage error like the others
+        parser().error(str(exc))
+    with LatencyProxy(host, port, args.latency_ms) as proxy:
+        return _run_at(args, url, proxy)
+
+
+def _run_at(args: argparse.Namespace, url: str, proxy: Any) -> int:
+    """The run, against ``url`` directly or (``proxy``) through the latency proxy."""
     from rich.console import Console
 
     from countercache.config import STRATEGIES
@@ -123,7 +156,9 @@ def _run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ImportError("--plot needs matplotlib: pip install -e '.[bench]'") from None
-    url = args.url or default_url()
+    shown_url = url
+    if proxy is not None:
+        url = proxy.url(url)
     probed = runner.probe(url)  # connection errors surface here, before any model is declared
     wanted = set(args.contender or contenders_mod.contender_names()) | {"none"}
     chosen = [c for c in contenders_mod.all_contenders() if c.name in wanted]
@@ -131,13 +166,16 @@ def _run(args: argparse.Namespace) -> int:
     sizes = Sizes(children=args.children, parents=args.parents, workers=args.threads or args.workers,
                   seconds=args.seconds, threads=args.threads is not None)
 
+    through: dict[str, Any] = {"shown_url": shown_url}
+    if proxy is not None:
+        through.update(trips=lambda: proxy.round_trips, latency_ms=args.latency_ms)
     err = Console(stderr=True)
     if err.is_terminal and not args.json:
         with err.status("countercache bench") as status:
             result = runner.run(url, chosen, workloads, sizes, args.repeat, probed,
-                                progress=lambda m: status.update(f"countercache bench: {m}"))
+                                progress=lambda m: status.update(f"countercache bench: {m}"), **through)
     else:
-        result = runner.run(url, chosen, workloads, sizes, args.repeat, probed)
+        result = runner.run(url, chosen, workloads, sizes, args.repeat, probed, **through)
 
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(result), indent=2) + "\n")

@@ -9,6 +9,11 @@ failed counts summed over the runs, ratio of committed/s to ``none``, higher
 is better), its own JSON fields (``tx_per_s``, ``committed``, ``failed``,
 ``ratio``, plus per-run lists and the failure kinds) and its own panel in the
 plot.
+
+Behind the latency proxy (``--latency-ms``) every measured cell also shows
+its round trips per transaction (median of runs): ``0.412 x1.21 3.0rt`` in
+the table, a column of its own in the ``hot`` table, ``round_trips_per_txn``
+in the JSON. Without the proxy there is nothing counted, and nothing shown.
 """
 
 from __future__ import annotations
@@ -117,7 +122,16 @@ def _cell_text(cell: Cell) -> str:
     if seconds is None:
         return "[dim]-[/dim]"
     ratio = f" x{cell.ratio:.2f}" if cell.ratio is not None else ""
-    return f"{seconds:.3f}{ratio}"
+    return f"{seconds:.3f}{ratio}{_trips_text(cell)}"
+
+
+def _trips_text(cell: Cell) -> str:
+    per_txn = cell.trips_per_txn
+    return f" {per_txn:.1f}rt" if per_txn is not None else ""
+
+
+def _latency_text(run: Run) -> str:
+    return f", latency {run.latency_ms:g} ms each way" if run.latency_ms is not None else ""
 
 
 def _timed_workloads(run: Run) -> list[str]:
@@ -128,13 +142,14 @@ def _hot_text(cell: Cell) -> list[str]:
     """tx/s, committed, failed, ratio."""
     if cell.status in ("skipped", "unavailable") or not cell.rates:
         dash = "[red]error[/red]" if cell.status == "error" else "[dim]-[/dim]"
-        return [dash, "-", "-", "-"]
+        return [dash, "-", "-", "-", "-"]
     rate = f"{cell.tx_per_s:,.1f}"
     if cell.status == "WRONG":
         rate = f"[bold red]WRONG[/bold red] (off by {cell.drift_total}) {rate}"
     failed = sum(cell.failed)
     ratio = f"x{cell.ratio:.2f}" if cell.ratio is not None and cell.status == "ok" else "-"
-    return [rate, f"{sum(cell.committed):,}", f"[yellow]{failed:,}[/yellow]" if failed else "0", ratio]
+    trips = f"{cell.trips_per_txn:.2f}" if cell.trips_per_txn is not None else "-"
+    return [rate, f"{sum(cell.committed):,}", f"[yellow]{failed:,}[/yellow]" if failed else "0", ratio, trips]
 
 
 def print_hot_table(run: Run, console: Any) -> None:
@@ -155,6 +170,7 @@ def print_hot_table(run: Run, console: Any) -> None:
     table.add_column("committed", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("x none (higher better)", justify="right")
+    table.add_column("round trips/txn", justify="right")
     table.add_column("drift", justify="right")
     table.add_column("notes")
     for contender in run.contenders:
@@ -165,7 +181,12 @@ def print_hot_table(run: Run, console: Any) -> None:
             drift = "[dim]not kept[/dim]" if contender == "none" else "-"
         notes = [cell.note] if cell.note and cell.status != "WRONG" else []
         notes += [f"{n}x {kind}" for kind, n in cell.errors.most_common(3)]
-        table.add_row(contender, *_hot_text(cell), drift, "; ".join(notes))
+        columns = _hot_text(cell)
+        if run.latency_ms is None:
+            del columns[4]
+        table.add_row(contender, *columns, drift, "; ".join(notes))
+    if run.latency_ms is None:
+        table.columns.pop(5)
     console.print(table)
     console.print(f"  [bold]hot[/bold]: {run.descriptions['hot']}")
 
@@ -184,9 +205,12 @@ def _print_timed_table(run: Run, console: Any, with_targets: bool = True) -> Non
     title = (
         f"countercache bench on {run.backend} {run.server_version}: "
         f"{run.sizes.children:,} children over {run.sizes.parents:,} parents, "
-        f"median of {run.repeat}"
+        f"median of {run.repeat}{_latency_text(run)}"
     )
-    table = Table(title=title, caption="seconds and ratio to `none` in this run; drift checked after every run")
+    caption = "seconds and ratio to `none` in this run; drift checked after every run"
+    if run.latency_ms is not None:
+        caption += "; Nrt: round trips per transaction through the proxy"
+    table = Table(title=title, caption=caption)
     table.add_column("contender")
     for workload in workloads:
         table.add_column(workload, justify="right")
@@ -242,7 +266,9 @@ def as_json(run: Run) -> dict[str, Any]:
             "workloads": {
                 w: {"rows": _rows(run, w), "description": run.descriptions[w]} for w in run.workloads
             },
-            **({"workers": run.sizes.workers, "seconds": run.sizes.seconds} if "hot" in run.workloads else {}),
+            **({"workers": run.sizes.workers, "seconds": run.sizes.seconds,
+                "mode": "threads" if run.sizes.threads else "processes"} if "hot" in run.workloads else {}),
+            "latency_ms": run.latency_ms,
         },
         "workloads": run.workloads,
         "contenders": run.contenders,
@@ -258,6 +284,8 @@ def as_json(run: Run) -> dict[str, Any]:
                 "drift_total": cell.drift_total,
                 "times": cell.times,
                 "spread": cell.spread,
+                **({"round_trips_per_txn": cell.trips_per_txn, "round_trips": cell.round_trips}
+                   if run.latency_ms is not None else {}),
                 **(_hot_json(cell) if w == "hot" else {}),
             }
             for w in run.workloads

@@ -352,9 +352,11 @@ def _hot_loop(engine: Engine, Child: Any, sizes: Sizes, ready: Callable[[], None
                     inserts += 1
                     added = [Child(parent_id=HOT_PARENT) for _ in range(1 + inserts % INSERTS)]
                     session.add_all(added)
+                    session.flush()  # the commit would: read the keys now, not reload them after it
+                ids = [child.id for child in added]
                 session.commit()
                 ok, kind = True, ""
-                mine.extend(child.id for child in added)
+                mine.extend(ids)
             except DBAPIError as exc:
                 session.rollback()
                 ok, kind = False, _failure_kind(exc)
