@@ -18,8 +18,8 @@ from countercache.config import STRATEGIES
 TINY = ("--children", "60", "--parents", "5", "--repeat", "1")
 WORKLOADS = ["batch", "txn", "delete", "move", "noop"]
 WORKLOADS_DEFAULT = WORKLOADS  # `hot` runs only when named
-ON_SQLITE = ["none", *STRATEGIES, "listener", "aggregated"]
-POSTGRESQL_ONLY = ["pg_row_trigger", "pg_statement_trigger"]
+ON_SQLITE = ["none", *STRATEGIES, "listener", "flush_listener", "aggregated"]
+POSTGRESQL_ONLY = ["pg_row_trigger", "pg_statement_trigger", "pg_sharded_trigger"]
 
 
 def countercache(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -47,7 +47,7 @@ def test_every_workload_and_contender_on_sqlite_without_drift(tmp_path):
     assert set(doc["sizes"]["workloads"]) == set(WORKLOADS)
     assert doc["sizes"]["workloads"]["txn"]["rows"] == 6
     assert doc["sizes"]["workloads"]["delete"]["rows"] == 30
-    assert doc["contenders"] == ["none", *STRATEGIES, "listener", *POSTGRESQL_ONLY, "aggregated"]
+    assert doc["contenders"] == ["none", *STRATEGIES, "listener", "flush_listener", *POSTGRESQL_ONLY, "aggregated"]
 
     results = {(r["workload"], r["contender"]): r for r in doc["results"]}
     assert set(results) == {(w, c) for w in WORKLOADS for c in doc["contenders"]}
