@@ -14,9 +14,10 @@ one process instead) runs only when named: ``--workload hot``.
 ``--latency-ms X`` (database servers only) puts one loopback proxy
 (:mod:`bench.latency`) between every contender and the database, delaying
 each direction by X ms (0: counting only), and reports round trips per
-transaction next to the times. Default database: a SQLite file in the temp directory. Usage and connection
-errors print one line on stderr and exit with code 2. Exit code 1 when a
-countercache strategy drifted or failed, else 0.
+transaction next to the times. Default database: a SQLite file in the temp
+directory. Usage and connection errors print one line on stderr and exit
+with code 2. Exit code 1 when a countercache strategy drifted or failed,
+else 0.
 """
 
 from __future__ import annotations
