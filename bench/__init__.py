@@ -9,7 +9,7 @@ Modules, one concern each:
   each countercache strategy, a hand-written mapper listener, PostgreSQL row
   and statement triggers, SQLAlchemy-Utils ``aggregated``;
 * :mod:`bench.workloads` - what is timed (batch, txn, delete, move, noop),
-  with its untimed set-up; and ``hot`` (run only when named): worker threads
+  with its untimed set-up; and ``hot`` (run only when named): worker processes (or threads)
   committing small transactions against one parent, in transactions per second;
 * :mod:`bench.runner` - repetitions, contenders interleaved, drift checks;
 * :mod:`bench.report` - the rich table, the JSON document, the plot and the

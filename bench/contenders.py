@@ -14,7 +14,16 @@ install things in the database once the set-up data is in
 * ``listener``: hand-written mapper ``after_insert`` / ``after_delete`` /
   ``after_update`` listeners issuing one ``UPDATE ... SET n = n + 1`` per row,
   what a user writes without a library (and what ``per_row`` is held to).
+* ``flush_listener``: a hand-written Session ``after_flush`` listener summing
+  the deltas per parent and issuing one ``UPDATE ... SET n = n + :d`` per
+  parent (one execute, or one executemany for several): the same statements
+  as ``bulk``, what ``bulk`` and ``deferred`` are held to on small
+  transactions.
 * ``pg_row_trigger``: a plpgsql ``FOR EACH ROW`` trigger (PostgreSQL only).
+* ``pg_sharded_trigger``: the database-side twin of ``sharded``: a row
+  trigger upserting +1/-1 into one of 16 shard rows per parent chosen by the
+  backend's pid, folded into the parent after the timed part (PostgreSQL
+  only; the anchor for ``hot``).
 * ``pg_statement_trigger``: ``FOR EACH STATEMENT`` triggers with transition
   tables, aggregating per parent (PostgreSQL only).
 * ``aggregated``: SQLAlchemy-Utils' ``aggregated`` (a recount by correlated
@@ -23,6 +32,7 @@ install things in the database once the set-up data is in
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import sqlalchemy as sa
@@ -140,6 +150,64 @@ class Listener(Contender):
         return models
 
 
+_ADD = text(f"UPDATE {PARENTS} SET {COUNTER} = {COUNTER} + :d WHERE id = :id")
+
+
+class FlushListener(Contender):
+    """What a user writes instead of ``bulk``: one ``after_flush`` listener.
+
+    It runs on every flush of every Session, so it is listened to on the
+    Session class only while this contender runs (models() to teardown()).
+    The parents are updated in key order, as ``bulk`` does, so that two
+    writers cannot deadlock on each other's parents.
+    """
+
+    name = "flush_listener"
+    description = "hand-written Session after_flush listener: one UPDATE ... + :d per parent"
+
+    def __init__(self) -> None:
+        self._hook: Any = None
+
+    def models(self) -> Models:
+        models = schema.build()
+        Child = models.Child
+
+        def after_flush(session: Session, flush_context: Any) -> None:
+            deltas: defaultdict[Any, int] = defaultdict(int)
+            for obj in session.new:
+                if isinstance(obj, Child) and obj.parent_id is not None:
+                    deltas[obj.parent_id] += 1
+            for obj in session.deleted:
+                if isinstance(obj, Child):
+                    history = get_history(obj, "parent_id")
+                    old = (history.deleted or history.unchanged or [None])[0]  # the row's value
+                    if old is not None:
+                        deltas[old] -= 1
+            for obj in session.dirty:
+                if isinstance(obj, Child):
+                    history = get_history(obj, "parent_id")
+                    if history.has_changes():
+                        for old in history.deleted:
+                            if old is not None:
+                                deltas[old] -= 1
+                        for new in history.added:
+                            if new is not None:
+                                deltas[new] += 1
+            rows = [{"d": d, "id": key} for key, d in sorted(deltas.items()) if d]
+            if rows:
+                session.connection().execute(_ADD, rows[0] if len(rows) == 1 else rows)
+
+        self._hook = after_flush
+        event.listen(Session, "after_flush", after_flush)
+        sa.orm.configure_mappers()
+        return models
+
+    def teardown(self) -> None:
+        if self._hook is not None and event.contains(Session, "after_flush", self._hook):
+            event.remove(Session, "after_flush", self._hook)
+        self._hook = None
+
+
 class _PostgresTrigger(Contender):
     functions: tuple[str, ...] = ()
 
@@ -182,6 +250,63 @@ END $$""",
 AFTER INSERT OR DELETE OR UPDATE OF parent_id ON {CHILDREN}
 FOR EACH ROW EXECUTE FUNCTION ccbench_row_counter()""",
         ]
+
+
+SHARDS = "ccbench_shards"
+
+
+class PgShardedTrigger(_PostgresTrigger):
+    """``sharded`` done by the database: a row trigger adds +1/-1 to one of 16
+    shard rows of the parent, chosen by the backend's pid, so that concurrent
+    writers (one backend each) rarely wait on the same row. The shards are
+    folded into ``child_count`` before the drift check, untimed, as
+    ``sharded``'s are by ``countercache.fold``."""
+
+    name = "pg_sharded_trigger"
+    description = "PostgreSQL row trigger upserting into 16 shard rows per parent (pg_backend_pid() % 16, written mod() for the driver)"
+    functions = ("ccbench_sharded_counter",)
+
+    def ddl(self) -> list[str]:
+        def bump(row: str, delta: int) -> str:
+            return (
+                f"INSERT INTO {SHARDS} (parent_id, shard, delta) "
+                f"VALUES ({row}.parent_id, mod(pg_backend_pid(), 16), {delta}) "
+                f"ON CONFLICT (parent_id, shard) DO UPDATE SET delta = {SHARDS}.delta + excluded.delta;"
+            )
+
+        return [
+            f"CREATE TABLE {SHARDS} (parent_id integer NOT NULL, shard integer NOT NULL, "
+            "delta bigint NOT NULL, PRIMARY KEY (parent_id, shard))",
+            f"""CREATE OR REPLACE FUNCTION ccbench_sharded_counter() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP IN ('DELETE', 'UPDATE') AND OLD.parent_id IS NOT NULL
+     AND (TG_OP = 'DELETE' OR NEW.parent_id IS DISTINCT FROM OLD.parent_id) THEN
+    {bump("OLD", -1)}
+  END IF;
+  IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.parent_id IS NOT NULL
+     AND (TG_OP = 'INSERT' OR NEW.parent_id IS DISTINCT FROM OLD.parent_id) THEN
+    {bump("NEW", 1)}
+  END IF;
+  RETURN NULL;
+END $$""",
+            f"""CREATE TRIGGER ccbench_sharded_counter
+AFTER INSERT OR DELETE OR UPDATE OF parent_id ON {CHILDREN}
+FOR EACH ROW EXECUTE FUNCTION ccbench_sharded_counter()""",
+        ]
+
+    def before_check(self, engine: Any) -> None:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                f"WITH folded AS (DELETE FROM {SHARDS} RETURNING parent_id, delta) "
+                f"UPDATE {PARENTS} AS p SET {COUNTER} = p.{COUNTER} + d.n "
+                "FROM (SELECT parent_id, sum(delta) AS n FROM folded GROUP BY parent_id) AS d "
+                "WHERE p.id = d.parent_id"
+            )
+
+    def uninstall(self, connection: Connection) -> None:
+        super().uninstall(connection)
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {SHARDS}")
 
 
 class PgStatementTrigger(_PostgresTrigger):
@@ -328,8 +453,10 @@ def all_contenders() -> list[Contender]:
         *(CounterCacheStrategy(s) for s in STRATEGIES),
         *(CounterCacheStrategy("sharded", n) for n in EXTRA_SHARDS),
         Listener(),
+        FlushListener(),
         PgRowTrigger(),
         PgStatementTrigger(),
+        PgShardedTrigger(),
         Aggregated(),
     ]
 
@@ -342,7 +469,8 @@ def contender_names() -> list[str]:
     """The contenders run by default, in report order."""
     from countercache.config import STRATEGIES
 
-    return ["none", *STRATEGIES, "listener", "pg_row_trigger", "pg_statement_trigger", "aggregated"]
+    return ["none", *STRATEGIES, "listener", "flush_listener", "pg_row_trigger", "pg_statement_trigger",
+            "pg_sharded_trigger", "aggregated"]
 
 
 def every_contender_name() -> list[str]:

@@ -10,6 +10,13 @@ every parent's counter is compared with ``SELECT count(*)`` of its children.
 ``hot`` runs for a fixed time and counts transactions instead: its cells
 keep committed/failed counts and committed/s per run, and its ratio is
 committed/s over that of ``none`` (higher is better).
+
+With a latency proxy (``--latency-ms``), every cell also keeps the round
+trips per transaction of each run, read from the proxy's count around the
+timed part: ``txn`` divides by its number of transactions, ``batch``,
+``delete``, ``move`` and ``noop`` are one transaction each, and ``hot``
+counts its measured window alone, divided by the transactions that finished
+in it (committed and failed).
 """
 
 from __future__ import annotations
@@ -53,6 +60,12 @@ class Cell:
     rates: list[float] = field(default_factory=list)
     #: ``hot`` only: failure kinds over all runs
     errors: Counter[str] = field(default_factory=Counter)
+    #: round trips per transaction, one entry per run (only behind a latency proxy)
+    round_trips: list[float] = field(default_factory=list)
+
+    @property
+    def trips_per_txn(self) -> float | None:
+        return statistics.median(self.round_trips) if self.round_trips else None
 
     @property
     def tx_per_s(self) -> float | None:
@@ -88,6 +101,8 @@ class Run:
     contenders: list[str]
     cells: dict[tuple[str, str], Cell]
     descriptions: dict[str, str]
+    #: the delay of the latency proxy each direction (None: no proxy, no round trips)
+    latency_ms: float | None = None
 
     def cell(self, workload: str, contender: str) -> Cell:
         return self.cells[(workload, contender)]
@@ -123,7 +138,7 @@ def run_one(
 
     ``around(timed)``, when given, runs the timed part (a profiler, say).
     """
-    elapsed, drift, _ = run_measured(url, contender, workload, sizes, around)
+    elapsed, drift, _, _ = run_measured(url, contender, workload, sizes, around)
     return elapsed, drift
 
 
@@ -133,8 +148,10 @@ def run_measured(
     workload: str,
     sizes: Sizes,
     around: Callable[[Callable[[], Any]], Any] | None = None,
-) -> tuple[float, tuple[int, int] | None, Any]:
-    """:func:`run_one`, plus what the timed part returned (``hot``: a :class:`HotResult`)."""
+    trips: Callable[[], int] | None = None,
+) -> tuple[float, tuple[int, int] | None, Any, float | None]:
+    """:func:`run_one`, plus what the timed part returned (``hot``: a :class:`HotResult`)
+    and the round trips per transaction (None unless ``trips`` reads a proxy's count)."""
     work = WORKLOADS[workload]
     backend = sa.engine.make_url(url).get_backend_name()
     models: schema.Models | None = None
@@ -147,14 +164,16 @@ def run_measured(
         _drop_everything(engine, contender, models)
         with engine.begin() as connection:
             models.metadata.create_all(connection)
-        timed, cleanup = work.prepare(engine, models, sizes, contender.install)
+        timed, cleanup = work.prepare(engine, models, sizes, contender.install, trips)
         gc.collect()
+        trips_before = trips() if trips is not None else 0
         start = time.perf_counter()
         if around is None:
             outcome = timed()
         else:
             outcome = around(timed)
         elapsed = time.perf_counter() - start
+        per_txn = _per_transaction(work, sizes, outcome, trips() - trips_before if trips is not None else None)
         cleanup()
         cleanup = lambda: None
         drift = None
@@ -162,7 +181,7 @@ def run_measured(
         if contender.keeps_count:
             with engine.connect() as connection:
                 drift = schema.drift(connection, models)
-        return elapsed, drift, outcome
+        return elapsed, drift, outcome, per_txn
     finally:
         try:
             cleanup()
@@ -175,6 +194,14 @@ def run_measured(
             clear_mappers()
 
 
+def _per_transaction(work: Any, sizes: Sizes, outcome: Any, counted: int | None) -> float | None:
+    """Round trips per transaction: ``hot`` its window's count over the transactions in it."""
+    if isinstance(outcome, HotResult):
+        done = outcome.committed + outcome.failed
+        return outcome.round_trips / done if outcome.round_trips is not None and done else None
+    return counted / work.transactions(sizes) if counted is not None else None
+
+
 def run(
     url: str,
     contenders: list[Contender],
@@ -183,7 +210,12 @@ def run(
     repeat: int,
     probed: tuple[str, str] | None = None,
     progress: Callable[[str], Any] = lambda message: None,
+    trips: Callable[[], int] | None = None,
+    latency_ms: float | None = None,
+    shown_url: str | None = None,
 ) -> Run:
+    """The matrix. ``trips`` reads the latency proxy's round trips (``url``
+    points at the proxy then; ``shown_url`` is the database's, for the report)."""
     backend, version = probed or probe(url)
     cells: dict[tuple[str, str], Cell] = {}
     for contender in contenders:
@@ -201,13 +233,15 @@ def run(
                     continue
                 progress(f"{rep + 1}/{repeat} {workload} {contender.name}")
                 try:
-                    elapsed, drift, outcome = run_measured(url, contender, workload, sizes)
+                    elapsed, drift, outcome, per_txn = run_measured(url, contender, workload, sizes, trips=trips)
                 except sa.exc.OperationalError:
                     raise  # the database went away: stop the whole run
                 except Exception as exc:  # noqa: BLE001 - reported per contender
                     _fail(cells, contender, workload, exc)
                     continue
                 cell.times.append(elapsed)
+                if per_txn is not None:
+                    cell.round_trips.append(per_txn)
                 if isinstance(outcome, HotResult):
                     cell.committed.append(outcome.committed)
                     cell.failed.append(outcome.failed)
@@ -237,13 +271,14 @@ def run(
     return Run(
         backend=backend,
         server_version=version,
-        url=sa.engine.make_url(url).render_as_string(hide_password=True),
+        url=sa.engine.make_url(shown_url or url).render_as_string(hide_password=True),
         sizes=sizes,
         repeat=repeat,
         workloads=workloads,
         contenders=[c.name for c in contenders],
         cells=cells,
         descriptions={w: WORKLOADS[w].describe(sizes) for w in workloads},
+        latency_ms=latency_ms,
     )
 
 
@@ -258,4 +293,4 @@ def _fail(cells: dict[tuple[str, str], Cell], contender: Contender, workload: st
         return
     cell = cells[(workload, contender.name)]
     cell.status, cell.note, cell.times = "error", f"error: {message}", []
-    cell.committed, cell.failed, cell.rates = [], [], []
+    cell.committed, cell.failed, cell.rates, cell.round_trips = [], [], [], []

@@ -19,22 +19,26 @@ Sizes, from ``--children N`` and ``--parents P``:
   end at zero, the new ones double.
 * ``noop``: N rows inserted into a table no counter looks at, one flush and
   commit, while the counters exist on other tables.
-* ``hot``: contention, not cost. ``--workers`` threads (default 8), each with
-  its own Session on one shared Engine, commit small transactions against a
-  single parent (seeded with 100 children) for ``--seconds`` (default 5) after
-  a warm-up of a fifth of that (at most 1 s). As in ``ANCHORS.md``'s
-  contention test, each transaction makes 1 to 4 changes: every third change
-  of a worker picks the oldest child of that parent with ``SELECT ... FOR
-  UPDATE SKIP LOCKED`` (PostgreSQL, MariaDB/MySQL; plain ``SELECT`` on
-  SQLite), which autoflushes the adds before it, and deletes it; the others
-  add a child. Many transactions therefore flush several times. A failed
-  transaction (any ``DBAPIError``: deadlock, lock wait timeout, serialization
-  failure, "database is locked") is rolled back and counted, and the worker
-  goes on. Reported: committed transactions per second, failed ones, and the
-  ratio of committed/s to ``none`` (higher is better, unlike the others).
-  MariaDB/MySQL connections get ``innodb_lock_wait_timeout = 5``; SQLite
-  connections a busy timeout of 30 s (its writers serialize on the database
-  lock: the numbers say what one writer at a time costs, still meaningful).
+* ``hot``: contention, not cost, in the shape applications are deployed in.
+  ``--processes N`` (default 8; ``--workers`` is the same) forked worker
+  processes, each with its own connection pool, commit small transactions
+  against a single parent (seeded with 100 children) for ``--seconds``
+  (default 5) after a warm-up of a fifth of that (at most 1 s); ``--threads``
+  runs N threads of one process on one shared Engine instead (the old mode,
+  where the GIL is shared too). As in the issue's measurement, each
+  transaction inserts 1 to 3 children on the hot parent or, every third
+  transaction of a worker, deletes one child that worker inserted and
+  committed earlier (``session.get`` then ``session.delete``; none yet: it
+  inserts). A failed transaction (any ``DBAPIError``: deadlock, lock wait
+  timeout, serialization failure, "database is locked") is rolled back and
+  counted, and the worker goes on. Workers start together and report their
+  counts to the parent; a worker that crashes or goes silent fails the cell
+  (never a hang). Reported: committed transactions per second, failed ones,
+  and the ratio of committed/s to ``none`` (higher is better, unlike the
+  others). MariaDB/MySQL connections get ``innodb_lock_wait_timeout = 5``;
+  SQLite connections a busy timeout of 30 s (its writers serialize on the
+  database lock: the numbers say what one writer at a time costs, still
+  meaningful).
 
   ``hot`` is not in the default workload list: with every contender and
   ``--repeat 3`` it adds about three minutes of fixed-duration runs to a
@@ -43,9 +47,11 @@ Sizes, from ``--children N`` and ``--parents P``:
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +69,11 @@ from .schema import Models
 class Sizes:
     children: int
     parents: int
-    #: ``hot``: worker threads and measured seconds
+    #: ``hot``: workers, measured seconds, and whether the workers are
+    #: threads of this process (else forked processes)
     workers: int = 8
     seconds: float = 5.0
+    threads: bool = False
 
     @property
     def warmup(self) -> float:
@@ -111,9 +119,18 @@ class Workload:
     def describe(self, sizes: Sizes) -> str:
         raise NotImplementedError
 
+    def transactions(self, sizes: Sizes) -> int:
+        """Transactions the timed part commits (round trips are reported per transaction)."""
+        return 1
+
     def prepare(self, engine: Engine, models: Models, sizes: Sizes,
-                install: Callable[[Connection], None]) -> tuple[Timed, Callable[[], None]]:
-        """Build the data, call ``install`` (triggers), return ``(timed, cleanup)``."""
+                install: Callable[[Connection], None],
+                trips: Callable[[], int] | None = None) -> tuple[Timed, Callable[[], None]]:
+        """Build the data, call ``install`` (triggers), return ``(timed, cleanup)``.
+
+        ``trips`` reads the latency proxy's round-trip count (None: no proxy);
+        only ``hot`` uses it, to count its measured window alone.
+        """
         with engine.begin() as connection:
             connection.execute(
                 insert(models.Parent.__table__),  # type: ignore[attr-defined]
@@ -163,6 +180,9 @@ class Transactions(Workload):
     name = "txn"
 
     def rows(self, sizes: Sizes) -> int:
+        return sizes.txn
+
+    def transactions(self, sizes: Sizes) -> int:
         return sizes.txn
 
     def describe(self, sizes: Sizes) -> str:
@@ -267,6 +287,14 @@ class HotResult:
     failed: int = 0
     #: failure kinds (exception class and first line) -> count
     errors: Counter[str] = field(default_factory=Counter)
+    #: round trips through the latency proxy inside the window (None: no proxy)
+    round_trips: int | None = None
+
+    def add(self, committed: int, failed: int, errors: Counter[str]) -> None:
+        """One worker's share."""
+        self.committed += committed
+        self.failed += failed
+        self.errors.update(errors)
 
     @property
     def tx_per_s(self) -> float:
@@ -275,10 +303,13 @@ class HotResult:
 
 HOT_PARENT = 1
 HOT_SEED = 100
-#: a transaction makes 1 to CHANGES changes; every DELETE_EVERY-th change of a
-#: worker is a delete, the others add a child (the ANCHORS' contention workload)
-CHANGES = 4
+#: an inserting transaction adds 1 to INSERTS children; every DELETE_EVERY-th
+#: transaction of a worker deletes one child it committed earlier instead
+INSERTS = 3
 DELETE_EVERY = 3
+#: seconds a worker may take to connect, and the window may overrun, before
+#: the cell is an error rather than a hang
+_HOT_GRACE = 60.0
 
 
 def _failure_kind(exc: DBAPIError) -> str:
@@ -286,6 +317,181 @@ def _failure_kind(exc: DBAPIError) -> str:
     text_ = str(orig).strip()
     first = text_.splitlines()[0] if text_ else ""
     return f"{type(orig).__name__}: {first[:80]}" if first else type(orig).__name__
+
+
+def _hot_loop(engine: Engine, Child: Any, sizes: Sizes, ready: Callable[[], None],
+              go: Callable[[], bool]) -> tuple[int, int, Counter[str]]:
+    """One worker: ``(committed, failed, failure kinds)`` inside the measured window.
+
+    ``ready()`` is called once the worker holds a connection, ``go()`` waits
+    for the start of every worker (False: the run was called off). The window
+    opens a warm-up after the start, the same moment for every worker.
+    """
+    committed = failed = 0
+    errors: Counter[str] = Counter()
+    mine: deque[int] = deque()  # children this worker inserted and committed
+    n = inserts = 0
+    with Session(engine) as session:
+        session.connection()  # check a connection out before the start
+        session.rollback()
+        ready()
+        if not go():
+            return committed, failed, errors
+        start = time.perf_counter() + sizes.warmup
+        end = start + sizes.seconds
+        while True:
+            n += 1
+            victim = mine.popleft() if n % DELETE_EVERY == 0 and mine else None
+            added: list[Any] = []
+            try:
+                if victim is not None:
+                    child = session.get(Child, victim)
+                    if child is not None:
+                        session.delete(child)
+                else:
+                    inserts += 1
+                    added = [Child(parent_id=HOT_PARENT) for _ in range(1 + inserts % INSERTS)]
+                    session.add_all(added)
+                    session.flush()  # the commit would: read the keys now, not reload them after it
+                ids = [child.id for child in added]
+                session.commit()
+                ok, kind = True, ""
+                mine.extend(ids)
+            except DBAPIError as exc:
+                session.rollback()
+                ok, kind = False, _failure_kind(exc)
+                if victim is not None:
+                    mine.appendleft(victim)  # rolled back: still there, still this worker's
+            now = time.perf_counter()
+            if now >= end:
+                break
+            if now >= start:
+                if ok:
+                    committed += 1
+                else:
+                    failed += 1
+                    errors[kind] += 1
+    return committed, failed, errors
+
+
+def _window_trips(sizes: Sizes, started: float, trips: Callable[[], int] | None) -> int | None:
+    """Round trips through the proxy inside the measured window (the caller's clock)."""
+    if trips is None:
+        return None
+    time.sleep(max(0.0, started + sizes.warmup - time.perf_counter()))
+    before = trips()
+    time.sleep(max(0.0, started + sizes.warmup + sizes.seconds - time.perf_counter()))
+    return trips() - before
+
+
+def _run_threads(engine: Engine, Child: Any, sizes: Sizes, trips: Callable[[], int] | None) -> HotResult:
+    """The old mode: ``sizes.workers`` threads of one process share one Engine."""
+    result = HotResult(seconds=sizes.seconds)
+    crashed: list[BaseException] = []
+    outcomes: queue.Queue[tuple[int, int, Counter[str]]] = queue.Queue()
+    barrier = threading.Barrier(sizes.workers + 1)
+
+    def go() -> bool:
+        try:
+            barrier.wait(_HOT_GRACE)
+            return True
+        except threading.BrokenBarrierError:
+            return False
+
+    def worker() -> None:
+        try:
+            outcomes.put(_hot_loop(engine, Child, sizes, lambda: None, go))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            crashed.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, name=f"hot-{i}", daemon=True) for i in range(sizes.workers)]
+    for thread in threads:
+        thread.start()
+    if go():
+        result.round_trips = _window_trips(sizes, time.perf_counter(), trips)
+    deadline = time.perf_counter() + sizes.warmup + sizes.seconds + _HOT_GRACE
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.perf_counter()))
+    if crashed:
+        raise crashed[0]
+    if any(thread.is_alive() for thread in threads):
+        raise RuntimeError(f"hot: a worker thread did not finish within {_HOT_GRACE:g} s of the window")
+    while not outcomes.empty():
+        result.add(*outcomes.get())
+    return result
+
+
+def _process_worker(engine: Engine, Child: Any, sizes: Sizes, number: int, events: Any, go: Any) -> None:
+    """A forked worker: its own pool, then the loop; everything it has to say goes on ``events``."""
+    try:
+        engine.dispose(close=False)  # the parent's connections are the parent's: leave them be
+        outcome = _hot_loop(engine, Child, sizes, lambda: events.put(("ready", number, None)),
+                            lambda: bool(go.wait(_HOT_GRACE)))
+        events.put(("done", number, outcome))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the cell
+        text_ = str(exc).strip()
+        first = text_.splitlines()[0] if text_ else ""
+        events.put(("crashed", number, f"{type(exc).__name__}: {first}" if first else type(exc).__name__))
+
+
+def _run_processes(engine: Engine, Child: Any, sizes: Sizes, trips: Callable[[], int] | None) -> HotResult:
+    """The deployment shape: ``sizes.workers`` forked processes, each with its own pool.
+
+    Fork, not spawn: the models exist only in this process (declared by the
+    contender) and a forked child has them. A worker that dies, or says
+    nothing in time, fails the run: a crash is an error, never a hang.
+    """
+    context = multiprocessing.get_context("fork")
+    events = context.Queue()
+    go = context.Event()
+    engine.dispose()  # no pooled connection to inherit into the children
+    processes = [
+        context.Process(target=_process_worker, args=(engine, Child, sizes, i, events, go),
+                        name=f"hot-{i}", daemon=True)
+        for i in range(sizes.workers)
+    ]
+    result = HotResult(seconds=sizes.seconds)
+    try:
+        for process in processes:
+            process.start()
+        _collect(events, processes, "ready", time.perf_counter() + _HOT_GRACE)
+        go.set()
+        result.round_trips = _window_trips(sizes, time.perf_counter(), trips)
+        deadline = time.perf_counter() + sizes.warmup + sizes.seconds + _HOT_GRACE
+        for outcome in _collect(events, processes, "done", deadline):
+            result.add(*outcome)
+        for process in processes:
+            process.join(max(1.0, deadline - time.perf_counter()))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        events.close()
+    return result
+
+
+def _collect(events: Any, processes: list[Any], kind: str, deadline: float) -> list[Any]:
+    """Wait for one ``kind`` message from every worker; raise on a crash or at the deadline."""
+    waiting = set(range(len(processes)))
+    found: list[Any] = []
+    while waiting:
+        try:
+            what, number, payload = events.get(timeout=0.2)
+        except queue.Empty:
+            dead = [i for i in waiting if processes[i].exitcode is not None]
+            if dead:
+                raise RuntimeError(f"hot: worker {dead[0]} exited with code {processes[dead[0]].exitcode}") from None
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"hot: {len(waiting)} worker(s) silent past the deadline ({kind})") from None
+            continue
+        if what == "crashed":
+            raise RuntimeError(f"hot: worker {number} crashed: {payload}")
+        if what == kind:
+            waiting.discard(number)
+            found.append(payload)
+    return found
 
 
 class Hot(Workload):
@@ -296,10 +502,11 @@ class Hot(Workload):
         return None  # not fixed: what the workers manage to commit
 
     def describe(self, sizes: Sizes) -> str:
+        unit = "threads of one process" if sizes.threads else "processes"
         return (
-            f"{sizes.workers} workers commit transactions of 1-{CHANGES} changes on 1 parent for "
-            f"{sizes.seconds:g} s after {sizes.warmup:g} s warm-up; every {DELETE_EVERY}rd change "
-            "deletes a child (FOR UPDATE SKIP LOCKED, autoflushing), the others add one; "
+            f"{sizes.workers} {unit} commit small transactions on 1 parent for "
+            f"{sizes.seconds:g} s after {sizes.warmup:g} s warm-up: each inserts 1-{INSERTS} children, "
+            f"or (every {DELETE_EVERY}rd) deletes one the worker committed earlier; "
             "committed/s, higher is better"
         )
 
@@ -325,7 +532,8 @@ class Hot(Workload):
         schema.recount(connection)
 
     def prepare(self, engine: Engine, models: Models, sizes: Sizes,
-                install: Callable[[Connection], None]) -> tuple[Timed, Callable[[], None]]:
+                install: Callable[[Connection], None],
+                trips: Callable[[], int] | None = None) -> tuple[Timed, Callable[[], None]]:
         with engine.begin() as connection:
             connection.execute(
                 insert(models.Parent.__table__),  # type: ignore[attr-defined]
@@ -333,85 +541,8 @@ class Hot(Workload):
             )
             self.seed(connection, models, sizes)
             install(connection)
-        return self.timed(engine, models, sizes)
-
-    def timed(self, engine: Engine, models: Models, sizes: Sizes) -> tuple[Timed, Callable[[], None]]:
-        Child = models.Child
-        older = (
-            select(Child)
-            .where(Child.parent_id == HOT_PARENT)
-            .order_by(Child.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-
-        def run() -> HotResult:
-            result = HotResult(seconds=sizes.seconds)
-            lock = threading.Lock()
-            crashed: list[BaseException] = []
-            window: list[float] = []
-
-            def open_window() -> None:  # once every worker holds a connection
-                now = time.perf_counter()
-                window[:] = [now + sizes.warmup, now + sizes.warmup + sizes.seconds]
-
-            ready = threading.Barrier(sizes.workers, action=open_window)
-
-            def worker() -> None:
-                committed = failed = 0
-                errors: Counter[str] = Counter()
-                n = made = 0
-                try:
-                    with Session(engine) as session:
-                        session.connection()  # check a connection out before the start
-                        session.rollback()
-                        ready.wait()
-                        start, end = window
-                        while not crashed:
-                            n += 1
-                            try:
-                                # 1-4 changes; every DELETE_EVERY-th change deletes the
-                                # oldest unlocked child (its SELECT autoflushes the adds)
-                                for _ in range(1 + n % CHANGES):
-                                    made += 1
-                                    if made % DELETE_EVERY:
-                                        session.add(Child(parent_id=HOT_PARENT))
-                                        continue
-                                    victim = session.scalars(older).first()
-                                    if victim is not None:
-                                        session.delete(victim)
-                                session.commit()
-                                ok, kind = True, ""
-                            except DBAPIError as exc:
-                                session.rollback()
-                                ok, kind = False, _failure_kind(exc)
-                            now = time.perf_counter()
-                            if now >= end:
-                                break
-                            if now >= start:
-                                if ok:
-                                    committed += 1
-                                else:
-                                    failed += 1
-                                    errors[kind] += 1
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                    crashed.append(exc)
-                    ready.abort()
-                with lock:
-                    result.committed += committed
-                    result.failed += failed
-                    result.errors.update(errors)
-
-            threads = [threading.Thread(target=worker, name=f"hot-{i}") for i in range(sizes.workers)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            if crashed:
-                raise crashed[0]
-            return result
-
-        return run, lambda: None
+        drive = _run_threads if sizes.threads else _run_processes
+        return (lambda: drive(engine, models.Child, sizes, trips)), lambda: None
 
 
 WORKLOADS: dict[str, Workload] = {

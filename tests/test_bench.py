@@ -18,8 +18,8 @@ from countercache.config import STRATEGIES
 TINY = ("--children", "60", "--parents", "5", "--repeat", "1")
 WORKLOADS = ["batch", "txn", "delete", "move", "noop"]
 WORKLOADS_DEFAULT = WORKLOADS  # `hot` runs only when named
-ON_SQLITE = ["none", *STRATEGIES, "listener", "aggregated"]
-POSTGRESQL_ONLY = ["pg_row_trigger", "pg_statement_trigger"]
+ON_SQLITE = ["none", *STRATEGIES, "listener", "flush_listener", "aggregated"]
+POSTGRESQL_ONLY = ["pg_row_trigger", "pg_statement_trigger", "pg_sharded_trigger"]
 
 
 def countercache(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -47,7 +47,7 @@ def test_every_workload_and_contender_on_sqlite_without_drift(tmp_path):
     assert set(doc["sizes"]["workloads"]) == set(WORKLOADS)
     assert doc["sizes"]["workloads"]["txn"]["rows"] == 6
     assert doc["sizes"]["workloads"]["delete"]["rows"] == 30
-    assert doc["contenders"] == ["none", *STRATEGIES, "listener", *POSTGRESQL_ONLY, "aggregated"]
+    assert doc["contenders"] == ["none", *STRATEGIES, "listener", "flush_listener", *POSTGRESQL_ONLY, "aggregated"]
 
     results = {(r["workload"], r["contender"]): r for r in doc["results"]}
     assert set(results) == {(w, c) for w in WORKLOADS for c in doc["contenders"]}
@@ -201,3 +201,195 @@ def test_hot_is_not_a_default_workload():
 
     assert DEFAULT_WORKLOADS == WORKLOADS_DEFAULT == [w for w in WORKLOADS if w != "hot"]
     assert "hot" in WORKLOADS
+
+
+# ---------------------------------------------------------------------------
+# the latency proxy (bench/latency.py), alone and in front of PostgreSQL
+# ---------------------------------------------------------------------------
+
+
+class _EchoServer:
+    """A local TCP server answering every chunk it reads with the same bytes."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listen.bind(("127.0.0.1", 0))
+        self.listen.listen(8)
+        self.port = self.listen.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listen.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.listen.close()
+
+
+@pytest.fixture
+def echo():
+    server = _EchoServer()
+    yield server
+    server.close()
+
+
+def _receive(sock, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
+        assert chunk, "connection closed early"
+        got += chunk
+    return bytes(got)
+
+
+def test_proxy_counts_each_request_and_answer_as_one_round_trip(echo):
+    import socket
+
+    from bench.latency import LatencyProxy
+
+    with LatencyProxy("127.0.0.1", echo.port, 0) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            before = proxy.round_trips
+            for i in range(5):
+                message = f"request {i}\n".encode()
+                client.sendall(message)
+                assert _receive(client, len(message)) == message
+            assert proxy.round_trips - before == 5
+
+
+def test_proxy_counts_messages_sent_before_reading_as_one_round_trip(echo):
+    import socket
+
+    from bench.latency import LatencyProxy
+
+    # 20 ms each way: every message reaches the proxy before the first answer is back
+    with LatencyProxy("127.0.0.1", echo.port, 20) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            before = proxy.round_trips
+            messages = [f"pipelined {i}\n".encode() for i in range(4)]
+            for message in messages:
+                client.sendall(message)
+            assert _receive(client, sum(map(len, messages))) == b"".join(messages)
+            assert proxy.round_trips - before == 1
+
+
+def test_proxy_delivers_the_bytes_intact_and_in_order(echo):
+    import random
+    import socket
+    import threading
+
+    from bench.latency import LatencyProxy
+
+    payload = random.Random(18).randbytes(512 * 1024)
+    with LatencyProxy("127.0.0.1", echo.port, 1) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            def send() -> None:  # while the answers are read: no buffer fills up
+                for start in range(0, len(payload), 7919):
+                    client.sendall(payload[start:start + 7919])
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            assert _receive(client, len(payload)) == payload
+            sender.join(10)
+
+
+@pytest.fixture
+def pg_url(engine, backend) -> str:
+    """The test database's URL (PostgreSQL: the tests using it are postgresql_only)."""
+    return engine.url.render_as_string(hide_password=False)
+
+
+@pytest.mark.postgresql_only
+def test_proxy_in_front_of_postgresql_counts_begin_insert_commit_as_3(pg_url):
+    import sqlalchemy as sa
+
+    from bench.latency import LatencyProxy, target_of
+
+    with LatencyProxy(*target_of(pg_url), 0) as proxy:
+        engine = sa.create_engine(proxy.url(pg_url))
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql("CREATE TEMPORARY TABLE ccb_proxy_probe (x integer)")
+                connection.commit()
+                before = proxy.round_trips
+                connection.exec_driver_sql("INSERT INTO ccb_proxy_probe VALUES (1)")
+                connection.commit()
+                assert proxy.round_trips - before == 3  # BEGIN, INSERT, COMMIT
+        finally:
+            engine.dispose()
+
+
+# ---------------------------------------------------------------------------
+# the command line on PostgreSQL: hot in processes and threads, round trips,
+# the contenders added for issue #18
+# ---------------------------------------------------------------------------
+
+
+def _bench_json(*args: str) -> dict:
+    done = countercache("bench", *args, "--repeat", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.parametrize("mode", [("--processes", "2"), ("--threads", "2")], ids=["processes", "threads"])
+def test_hot_on_postgresql_without_drift(pg_url, mode):
+    doc = _bench_json("--url", pg_url, "--workload", "hot", *mode, "--seconds", "0.5", "--contender", "sharded")
+    assert doc["sizes"]["workers"] == 2
+    assert doc["sizes"]["mode"] == mode[0].lstrip("-")
+    assert doc["sizes"]["latency_ms"] is None
+    results = {r["contender"]: r for r in doc["results"]}
+    assert set(results) == {"none", "sharded"}
+    for contender, r in results.items():
+        assert r["status"] == "ok", (contender, r)
+        assert r["committed"] > 0
+        assert "round_trips_per_txn" not in r  # no proxy: nothing counted, nothing shown
+    assert results["sharded"]["drift"] == 0
+
+
+@pytest.mark.postgresql_only
+def test_latency_reports_round_trips_per_transaction(pg_url):
+    doc = _bench_json("--url", pg_url, "--latency-ms", "0", "--workload", "txn", "--children", "50",
+                      "--contender", "bulk", "flush_listener")
+    assert doc["sizes"]["latency_ms"] == 0
+    results = {r["contender"]: r for r in doc["results"]}
+    assert set(results) == {"none", "bulk", "flush_listener"}
+    for contender, r in results.items():
+        assert r["status"] == "ok", (contender, r)
+        assert len(r["round_trips"]) == 1
+        assert r["round_trips_per_txn"] >= 3  # BEGIN, INSERT, COMMIT at least
+    assert results["bulk"]["round_trips_per_txn"] > results["none"]["round_trips_per_txn"]  # + its UPDATE
+
+
+def test_latency_on_sqlite_is_a_one_line_usage_error(tmp_path):
+    done = countercache("bench", "--url", f"sqlite:///{tmp_path / 'bench.sqlite'}", "--latency-ms", "1")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("countercache: error:"), done.stderr
+    assert "--latency-ms" in lines[0]
+
+
+@pytest.mark.postgresql_only
+def test_new_contenders_keep_the_count_on_postgresql(pg_url):
+    doc = _bench_json("--url", pg_url, "--workload", "batch", "delete", "move", "--children", "60",
+                      "--parents", "6", "--contender", "flush_listener", "pg_sharded_trigger")
+    results = {(r["workload"], r["contender"]): r for r in doc["results"]}
+    for workload in ("batch", "delete", "move"):
+        for contender in ("flush_listener", "pg_sharded_trigger"):
+            r = results[(workload, contender)]
+            assert r["status"] == "ok" and r["drift"] == 0, (workload, contender, r)
