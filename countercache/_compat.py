@@ -270,7 +270,10 @@ def drop_events_flag(connection: Any) -> None:
     skip event dispatch again (``_has_events`` stays set otherwise), unless
     some listener is still there."""
     dispatch = connection.dispatch
-    if not any(getattr(dispatch, name, None) for name in _CONNECTION_EVENTS):
+    # (the connection's own listeners: its dispatch is joined with its
+    # engine's, whose listeners SQLAlchemy finds through the engine's own flag)
+    if not any(getattr(getattr(dispatch, name, None), "local", getattr(dispatch, name, None))
+               for name in _CONNECTION_EVENTS):
         connection._has_events = False
 
 
