@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import transactions
+from . import riding, transactions
 from ._compat import calling_frame
 from .children import _child_for, _key
 from .kinds import MultiLevel
@@ -56,15 +56,21 @@ def _before_commit(session: Session) -> None:
     # (no savepoint open: only the outermost transaction fires before_commit)
     if not transactions.holds_any(session):
         # nothing deferred so far; a flush made now (the commit's final one)
-        # still lands in the stack and is written by after_flush
-        transactions.set_committing(session)
+        # still lands in the stack and is written by after_flush (or held
+        # for the COMMIT itself: countercache.riding)
+        transactions.set_committing(session, _ride)
         return
     # The final flush first, so that its deltas join the rest.
     session.flush()
-    transactions.set_committing(session)
+    transactions.set_committing(session, _ride)
     if not transactions.writes_now(session):
         return  # written with the COMMIT itself (countercache.riding), at the engine's commit event
     write_deferred(session)
+
+
+def _ride(session: Session) -> bool:
+    """Can what the transaction holds be written with the COMMIT itself (and is it marked to)?"""
+    return riding.will_ride(session, write_deferred)
 
 
 def write_deferred(session: Session, connection_for: Any = None, values: bool = True) -> None:

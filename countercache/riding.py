@@ -58,8 +58,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
 
-#: connections whose commit will write what their session holds -> that session
-_riding: weakref.WeakKeyDictionary[Connection, weakref.ReferenceType[Session]] = weakref.WeakKeyDictionary()
+#: connections whose commit will write what their session holds -> (that session, the writer)
+_riding: weakref.WeakKeyDictionary[Connection, tuple[weakref.ReferenceType[Session], Any]] = (
+    weakref.WeakKeyDictionary())
 #: engines with this module's listeners
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 #: sessions whose connection entered pipeline mode for the commit -> its DBAPI connection
@@ -68,8 +69,10 @@ _piped: weakref.WeakKeyDictionary[Session, Any] = weakref.WeakKeyDictionary()
 _piped_by_dbapi: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def will_ride(session: Session) -> bool:
-    """Can the held writes wait for the COMMIT itself (and be marked to)?"""
+def will_ride(session: Session, write: Any) -> bool:
+    """Can the held writes wait for the COMMIT itself? If so, mark them to be
+    made then by ``write(session, connection_for, values=...)``
+    (:func:`countercache.commit.write_deferred`)."""
     transaction = session.get_transaction()
     if transaction is None or session.twophase:
         return False
@@ -85,29 +88,18 @@ def will_ride(session: Session) -> bool:
     engine = connection.engine
     if engine not in _engines:
         _listen(engine)
-    _riding[connection] = weakref.ref(session)
+    _riding[connection] = (weakref.ref(session), write)
     return True
-
-
-def rides(session: Session) -> bool:
-    """Is this session's commit-time write waiting for its COMMIT?"""
-    transaction = session.get_transaction()
-    if transaction is None:
-        return False
-    for connection, *_ in transaction._connections.values():
-        found = _riding.get(connection)
-        if found is not None and found() is session:
-            return True
-    return False
 
 
 def _on_commit(connection: Connection) -> None:
     """The engine's ``commit`` event: the driver's ``commit()`` is next."""
     found = _riding.pop(connection, None)
-    session = found() if found is not None else None
+    if found is None:
+        return
+    session, write_deferred = found[0](), found[1]
     if session is None or not transactions.holds_any(session):
         return
-    from .commit import write_deferred
 
     def connection_for(_: Any) -> Connection:
         return connection

@@ -72,7 +72,7 @@ class _Entry:
 
 
 class _SessionState:
-    __slots__ = ("stack", "committing", "riding")
+    __slots__ = ("stack", "committing", "riding", "decide")
 
     def __init__(self) -> None:
         self.stack: list[_Entry] = []
@@ -83,6 +83,8 @@ class _SessionState:
         #: COMMIT itself (:mod:`countercache.riding`; a flush made meanwhile
         #: holds too)? None: not decided yet (the final flush decides).
         self.riding: bool | None = None
+        #: ``decide(session)``: can it (and, if so, mark it to)? None: it cannot
+        self.decide: Any = None
 
 
 _states: weakref.WeakKeyDictionary[Session, _SessionState] = weakref.WeakKeyDictionary()
@@ -170,13 +172,15 @@ def hold(session: Session, attribute: str, pending: dict[ParentTable, Deltas]) -
         add_deltas(held, parent, deltas)
 
 
-def set_committing(session: Session) -> None:
+def set_committing(session: Session, decide: Any = None) -> None:
     """From the outermost before_commit on, a flush writes at once (or, where
-    the held write can wait for the COMMIT itself, holds for it: :func:`writes_now`)."""
+    the held write can wait for the COMMIT itself, holds for it: ``decide``,
+    asked once the transaction's connection exists; see :func:`writes_now`)."""
     state = _states.get(session)
     if state is None:
         state = _states[session] = _SessionState()
     state.committing = True
+    state.decide = decide
 
 
 def stop_riding(session: Session) -> None:
@@ -221,9 +225,7 @@ def writes_now(session: Session) -> bool:
     state = _states.get(session)
     if state is not None and state.committing:
         if state.riding is None:  # (decided once, when the transaction's connection exists)
-            from .riding import will_ride
-
-            state.riding = will_ride(session)
+            state.riding = bool(state.decide is not None and state.decide(session))
         return not state.riding
     return commits_elsewhere(session)
 
