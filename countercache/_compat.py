@@ -364,25 +364,38 @@ def psycopg_enter_pipeline(connection: Any) -> Any:
     return dbapi_connection
 
 
-def psycopg_leave_pipeline(dbapi_connection: Any) -> None:
+def psycopg_leave_pipeline(dbapi_connection: Any, end_transaction: bool = False) -> None:
     """Leave pipeline mode: at once where the last sync left nothing in flight
-    (after the COMMIT), else through a sync (one round trip; a failure path)."""
+    (after the COMMIT), else through a sync (one round trip; a failure path,
+    where the pending error is dropped: it was raised already). With
+    ``end_transaction``, a transaction left open (a write that failed before
+    its COMMIT ran, which PostgreSQL then skipped) is rolled back: SQLAlchemy
+    takes a failed commit for an ended transaction and returns the connection
+    to the pool without a rollback. A connection that cannot be brought back
+    to normal is closed (the pool replaces it)."""
     pipeline = getattr(dbapi_connection, "_pipeline", None)
-    if pipeline is None:
-        return
-    try:
-        if pipeline.command_queue or pipeline.result_queue:
-            pipeline.__exit__(None, None, None)
-        else:
-            try:
-                pipeline._exit(None)  # (psycopg 3.2 and later)
-            except TypeError:
-                pipeline._exit()  # (psycopg 3.1)
-    except Exception:  # noqa: BLE001 - the connection is unusable: let the pool replace it
+    if pipeline is not None:
+        idle = (not pipeline.command_queue and not pipeline.result_queue
+                and dbapi_connection.pgconn.pipeline_status == 1)  # (1: PQ_PIPELINE_ON, not aborted)
+        try:
+            if idle:
+                try:
+                    pipeline._exit(None)  # (psycopg 3.2 and later)
+                except TypeError:
+                    pipeline._exit()  # (psycopg 3.1)
+            else:
+                pipeline.__exit__(None, None, None)
+        except Exception:  # noqa: BLE001 - the error of the write, raised already
+            pass
         dbapi_connection._pipeline = None
-        dbapi_connection.close()
-        return
-    dbapi_connection._pipeline = None
+        if dbapi_connection.pgconn.pipeline_status != 0:  # (still in libpq's pipeline mode)
+            dbapi_connection.close()
+            return
+    if end_transaction and not dbapi_connection.closed and dbapi_connection.pgconn.transaction_status != 0:
+        try:
+            dbapi_connection.rollback()
+        except Exception:  # noqa: BLE001 - unusable: let the pool replace it
+            dbapi_connection.close()
 
 
 def dbapi_connection_of(connection: Any) -> Any:

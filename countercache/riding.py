@@ -104,19 +104,20 @@ def _on_commit(connection: Connection) -> None:
     def connection_for(_: Any) -> Connection:
         return connection
 
-    if _needs_answers(session):
-        write_deferred(session, connection_for)
-        return
-    dbapi_connection = _compat.psycopg_enter_pipeline(connection)
-    if dbapi_connection is None:  # (the driver would not: write as statements)
-        write_deferred(session, connection_for)
-        return
-    _piped[session] = dbapi_connection
-    _piped_by_dbapi[dbapi_connection] = weakref.ref(session)
+    dbapi_connection = None if _needs_answers(session) else _compat.psycopg_enter_pipeline(connection)
     try:
+        if dbapi_connection is None:  # (answers needed, or the driver would not: plain statements)
+            write_deferred(session, connection_for)
+            return
+        _piped[session] = dbapi_connection
+        _piped_by_dbapi[dbapi_connection] = weakref.ref(session)
         write_deferred(session, connection_for, values=False)
     except BaseException:
-        _leave(session)
+        # The COMMIT will not be sent, and SQLAlchemy takes a failed commit for
+        # an ended transaction: end it here (nothing of it is kept).
+        _piped.pop(session, None)
+        _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
+        _compat.psycopg_leave_pipeline(_compat.dbapi_connection_of(connection), end_transaction=True)
         raise
 
 
@@ -145,13 +146,13 @@ def _leave(session: Session) -> None:
         _compat.psycopg_leave_pipeline(dbapi_connection)
 
 
-def _leave_dbapi(dbapi_connection: Any) -> None:
+def _leave_dbapi(dbapi_connection: Any, end_transaction: bool = False) -> None:
     found = _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
     if found is not None:
         session = found()
         if session is not None:
             _piped.pop(session, None)
-        _compat.psycopg_leave_pipeline(dbapi_connection)
+        _compat.psycopg_leave_pipeline(dbapi_connection, end_transaction)
 
 
 def _after_commit(session: Session) -> None:
@@ -165,9 +166,11 @@ def _after_rollback(session: Session) -> None:
 
 
 def _handle_error(context: Any) -> None:
-    """A statement or the COMMIT failed: a pipeline entered for it is left now."""
+    """A statement or the COMMIT failed: a pipeline entered for it is left now,
+    and the transaction ended if the failed write kept PostgreSQL from running
+    the COMMIT (it is then still open, aborted)."""
     if _piped_by_dbapi:
-        _leave_dbapi(_compat.dbapi_connection_of(context.connection))
+        _leave_dbapi(_compat.dbapi_connection_of(context.connection), end_transaction=True)
 
 
 def _reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:

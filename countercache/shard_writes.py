@@ -130,7 +130,7 @@ def _upsert(table: Table, dialect: str) -> Any:
 
 
 def write(connection_for: Callable[[ParentTable], Connection], pending: dict[ParentTable, Deltas],
-          deleted: dict[ParentTable, set[tuple[Any, ...]]] | None = None) -> None:
+          deleted: dict[ParentTable, set[tuple[Any, ...]]] | None = None, queued: bool = False) -> None:
     """Add a transaction's net deltas to its shard rows: one upsert per side table.
 
     Rows are written in (counter, parent key) order, so two transactions that
@@ -138,6 +138,10 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
     transaction deleted lose the rows they had (a new parent with the same
     key must not inherit them; what the transaction held for the deleted row
     was taken back when it was deleted: transactions.take_back).
+
+    ``queued``: the connection is in pipeline mode (:mod:`countercache.riding`),
+    where psycopg's executemany is a pipeline of its own that waits for its
+    answers: one multi-row ``INSERT ... VALUES`` instead, only queued.
     """
     deleted = deleted or {}
     for parent, keys in deleted.items():
@@ -167,7 +171,10 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
     for (table, connection), rows in by_table.items():
         rows.sort(key=lambda r: (r["counter"], r["parent_key"], r["shard"]))
         stmt = _upsert(table, connection.dialect.name)
-        connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
+        if queued and len(rows) > 1:  # (one statement, its rows in its VALUES)
+            connection.execute(stmt.values(rows))
+        else:
+            connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
 
 
 def rekey(connection: Connection, parent: ParentTable, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:

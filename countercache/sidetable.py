@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.expression import ColumnElement
 
 from ._compat import InternalTraversal
@@ -136,7 +137,11 @@ def pending_expression(counter: CounterCache, parent_alias: Any = None) -> Any:
     table = table_for(counter)
     if table is None:
         return None
-    assert counter.parent is not None
+    if counter.parent is None:  # (its class not configured yet: as a query of it would)
+        configure_mappers()
+    if counter.parent is None:
+        raise ConfigurationError(f"{counter.name}: the counter's class is not configured; "
+                                 "call sqlalchemy.orm.configure_mappers() first")
     parent_table = parent_alias if parent_alias is not None else counter.parent.table
     pk = parent_table.c[counter.parent.pk_cols[0].key]
     subquery = (

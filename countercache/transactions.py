@@ -245,7 +245,7 @@ def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[A
 # -- session hooks ------------------------------------------------------------
 
 
-def write_shards(session: Session, connection_for: Any = None) -> None:
+def write_shards(session: Session, connection_for: Any = None, queued: bool = False) -> None:
     """Write the sharded deltas of the transaction now, and forget deleted parents' rows
     (on ``connection_for(parent table)``, by default the session's connection for it)."""
     state = _states.get(session)
@@ -261,7 +261,7 @@ def write_shards(session: Session, connection_for: Any = None) -> None:
         if connection_for is None:
             def connection_for(parent: ParentTable) -> Any:
                 return session.connection(bind_arguments={"mapper": parent.mapper})
-        shard_writes.write(connection_for, sharded, deleted)
+        shard_writes.write(connection_for, sharded, deleted, queued)
 
 
 def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> None:

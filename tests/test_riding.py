@@ -284,3 +284,60 @@ def test_failed_write_made_as_statements_at_the_commit_keeps_nothing(through_pro
         session.add(Like(post_id=1))
         session.commit()
         assert post.__dict__["likes"] == 1  # from RETURNING, no expiry
+
+
+REFUSE = """CREATE OR REPLACE FUNCTION ride_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'counter write refused'; END $$"""
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded"])
+@pytest.mark.parametrize("expire_on_commit", [True, False])
+def test_failed_write_leaves_the_pooled_connection_usable(proxy, models, strategy, expire_on_commit):
+    """No explicit rollback, one pooled connection: the failed commit must not
+    hand the next transaction a connection still inside the aborted one
+    (SQLAlchemy takes a failed commit for an ended transaction). Found by an
+    outside tester."""
+    _, Post, Like = models(strategy)
+    engine = sa.create_engine(proxy.url(PG_URL), pool_size=1, max_overflow=0)
+    target = "ride_posts" if strategy == "deferred" else "countercache_shards"
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(REFUSE)
+            connection.exec_driver_sql(f"CREATE TRIGGER ride_refuse BEFORE UPDATE OR INSERT ON {target} "
+                                       "FOR EACH ROW EXECUTE FUNCTION ride_refuse()")
+        for _ in range(3):
+            with Session(engine, expire_on_commit=expire_on_commit) as session:
+                if not expire_on_commit:
+                    session.get(Post, 1)  # (a loaded parent: its new value is asked for, no pipeline)
+                session.add_all([Like(post_id=1), Like(post_id=2)])
+                with pytest.raises(sa.exc.DBAPIError, match="counter write refused"):
+                    session.commit()
+            with Session(engine) as session:  # the same connection, at once
+                assert session.scalar(sa.select(sa.func.count()).select_from(Like)) == 0
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"DROP TRIGGER ride_refuse ON {target}")
+        insert_one(engine, Like)()
+        with engine.connect() as connection:
+            assert connection.connection.dbapi_connection._pipeline is None
+        assert counted(engine) == (1, 1)
+    finally:
+        engine.dispose()
+
+
+def test_sharded_rows_of_several_parents_ride_together(proxy, through_proxy, models):
+    """Several shard rows: one multi-row upsert, queued (psycopg's executemany
+    would wait for its answers), still no round trip of its own."""
+    found = {}
+    for strategy in (None, "sharded"):
+        countercache._reset_for_tests()
+        sa.orm.clear_mappers()
+        _, _, Like = models(strategy)
+
+        def work() -> None:
+            with Session(through_proxy) as session:
+                session.add_all([Like(post_id=1), Like(post_id=2)])
+                session.commit()
+
+        found[strategy] = round_trips(proxy, through_proxy, work)
+    assert found["sharded"] == found[None], found
+    assert counted(through_proxy, 1) == (9, 9) and counted(through_proxy, 2) == (9, 9)

@@ -711,3 +711,33 @@ def test_fold_is_a_no_op_unless_sharded_and_assert_counts_exact_for_every_strate
     assert assert_counts(engine) == {ids[0]: 2, ids[1]: 1}
     assert pending_deltas(engine, "users", "question_count") == {}
     assert countercache.check(engine) == []
+
+
+def test_exact_expression_before_the_mappers_are_configured():
+    """As a query of the class would, it configures them (it raised a bare
+    AssertionError; found by an outside tester)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    countercache.shard_table(Base.metadata)
+
+    class Blog(Base):
+        __tablename__ = "xe_blogs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        entry_count: Mapped[int] = counter_cache("entries", strategy="sharded")
+        entries: Mapped[list["Entry"]] = relationship(back_populates="blog")
+
+    class Entry(Base):
+        __tablename__ = "xe_entries"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        blog_id: Mapped[int] = mapped_column(ForeignKey("xe_blogs.id"))
+        blog: Mapped[Blog] = relationship(back_populates="entries")
+
+    engine = create_engine("sqlite://")
+    expression = countercache.exact_expression(Blog.entry_count)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Blog(id=1, entries=[Entry(), Entry()]))
+        session.commit()
+        assert session.scalar(select(expression).where(Blog.id == 1)) == 2

@@ -60,7 +60,8 @@ class DeferredStrategy(Strategy):
                 if session.identity_map:
                     memory.expire(session, parent, list(deltas))
                 continue
-            results = parent.apply(connection, deltas, session=session)
+            # (new values asked for only where a parent is in memory, as bulk does)
+            results = parent.apply(connection, deltas, values=_in_memory(session, parent, deltas), session=session)
             if results:
                 memory.apply(session, parent, results)
 
@@ -71,3 +72,12 @@ class DeferredStrategy(Strategy):
                           {parent: renamed_keys(parent.canonical(deltas), renamed.get(parent))
                            for parent, deltas in self.pending.items()})
         self.pending = {}
+
+
+def _in_memory(session: Session, parent: Any, keys: Any) -> bool:
+    """Is any of these parents in the session?"""
+    identity_map = session.identity_map
+    if not identity_map:
+        return False
+    key_from_pk = parent.mapper.identity_key_from_primary_key
+    return any(key_from_pk(tuple(k)) in identity_map for k in keys)

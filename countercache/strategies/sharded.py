@@ -31,7 +31,7 @@ class ShardedStrategy(DeferredStrategy):
     @classmethod
     def write_held(cls, session: Session, connection_for: Any = None, values: bool = True) -> None:
         """At the commit: the held deltas to the side table (and deleted parents' rows out)."""
-        transactions.write_shards(session, connection_for)
+        transactions.write_shards(session, connection_for, queued=not values)
 
     def flush_done(self) -> None:
         # held until the commit, even in the commit's own final flush: the
