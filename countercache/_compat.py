@@ -26,12 +26,9 @@ function call), and listed here so that a search finds them all:
 * ``SessionTransaction._connections`` and ``Connection._is_autocommit_isolation()``:
   whether the session's own commit is what makes its flushes durable
   (:func:`commits_elsewhere`).
-* psycopg 3's ``Connection._pipeline``, ``Pipeline(connection)``,
-  ``Pipeline._exit()`` and its ``command_queue`` / ``result_queue``
-  (psycopg 3.1 to 3.3): entering pipeline mode for the commit-time write
-  and leaving it right after the COMMIT's sync, without the extra sync
-  (a round trip) that leaving through ``Connection.pipeline()`` costs
-  (:func:`psycopg_enter_pipeline`, :mod:`countercache.riding`).
+* ``Connection._dbapi_connection``: the DBAPI connection under a
+  connection without reconnecting it (:func:`dbapi_connection_of`); psycopg's
+  own private API is in :mod:`countercache._psycopg`.
 * ``ClauseElement._traverse_internals`` on the side table's own construct
   (:mod:`countercache.sidetable`), with :data:`InternalTraversal`, so that
   SQLAlchemy's statement cache tells two of them apart.
@@ -60,7 +57,7 @@ __all__ = [
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
     "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
-    "psycopg_can_pipeline", "psycopg_enter_pipeline", "psycopg_leave_pipeline", "dbapi_connection_of",
+    "dbapi_connection_of",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -322,80 +319,6 @@ def commits_elsewhere(session: Any) -> bool:
             return True
     return False
 
-
-_pipeline_support: list[bool] = []
-
-
-def psycopg_can_pipeline(connection: Any) -> bool:
-    """Is ``connection`` a sync psycopg 3 connection that can enter pipeline mode now?"""
-    dialect = connection.dialect
-    if dialect.driver != "psycopg" or getattr(dialect, "is_async", False):
-        return False
-    if not _pipeline_support:
-        try:
-            from psycopg import Pipeline
-
-            _pipeline_support.append(bool(Pipeline.is_supported()))
-        except Exception:  # noqa: BLE001 - an older psycopg, a libpq without pipelines
-            _pipeline_support.append(False)
-    if not _pipeline_support[0]:
-        return False
-    dbapi_connection = connection.connection.dbapi_connection
-    return (getattr(dbapi_connection, "_pipeline", False) is None
-            and not getattr(dbapi_connection, "autocommit", True))
-
-
-def psycopg_enter_pipeline(connection: Any) -> Any:
-    """Put the connection's psycopg connection in pipeline mode (no round
-    trip): statements are queued until the next sync (the COMMIT's). Returns
-    the DBAPI connection, or None where it cannot be done."""
-    dbapi_connection = connection.connection.dbapi_connection
-    if getattr(dbapi_connection, "_pipeline", False) is not None:
-        return None
-    from psycopg import Pipeline
-
-    pipeline = Pipeline(dbapi_connection)
-    dbapi_connection._pipeline = pipeline
-    try:
-        pipeline.__enter__()
-    except Exception:  # noqa: BLE001 - not possible now: write as plain statements
-        dbapi_connection._pipeline = None
-        return None
-    return dbapi_connection
-
-
-def psycopg_leave_pipeline(dbapi_connection: Any, end_transaction: bool = False) -> None:
-    """Leave pipeline mode: at once where the last sync left nothing in flight
-    (after the COMMIT), else through a sync (one round trip; a failure path,
-    where the pending error is dropped: it was raised already). With
-    ``end_transaction``, a transaction left open (a write that failed before
-    its COMMIT ran, which PostgreSQL then skipped) is rolled back: SQLAlchemy
-    takes a failed commit for an ended transaction and returns the connection
-    to the pool without a rollback. A connection that cannot be brought back
-    to normal is closed (the pool replaces it)."""
-    pipeline = getattr(dbapi_connection, "_pipeline", None)
-    if pipeline is not None:
-        idle = (not pipeline.command_queue and not pipeline.result_queue
-                and dbapi_connection.pgconn.pipeline_status == 1)  # (1: PQ_PIPELINE_ON, not aborted)
-        try:
-            if idle:
-                try:
-                    pipeline._exit(None)  # (psycopg 3.2 and later)
-                except TypeError:
-                    pipeline._exit()  # (psycopg 3.1)
-            else:
-                pipeline.__exit__(None, None, None)
-        except Exception:  # noqa: BLE001 - the error of the write, raised already
-            pass
-        dbapi_connection._pipeline = None
-        if dbapi_connection.pgconn.pipeline_status != 0:  # (still in libpq's pipeline mode)
-            dbapi_connection.close()
-            return
-    if end_transaction and not dbapi_connection.closed and dbapi_connection.pgconn.transaction_status != 0:
-        try:
-            dbapi_connection.rollback()
-        except Exception:  # noqa: BLE001 - unusable: let the pool replace it
-            dbapi_connection.close()
 
 
 def dbapi_connection_of(connection: Any) -> Any:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from . import _compat, transactions
+from . import _compat, _psycopg, transactions
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -83,7 +83,7 @@ def will_ride(session: Session, write: Any) -> bool:
     ((connection, _, should_commit, autoclose),) = connections
     if not should_commit or not autoclose or connection._is_autocommit_isolation():
         return False
-    if not _compat.psycopg_can_pipeline(connection):
+    if not _psycopg.can_pipeline(connection):
         return False
     engine = connection.engine
     if engine not in _engines:
@@ -104,7 +104,7 @@ def _on_commit(connection: Connection) -> None:
     def connection_for(_: Any) -> Connection:
         return connection
 
-    dbapi_connection = None if _needs_answers(session) else _compat.psycopg_enter_pipeline(connection)
+    dbapi_connection = None if _needs_answers(session) else _psycopg.enter_pipeline(connection)
     try:
         if dbapi_connection is None:  # (answers needed, or the driver would not: plain statements)
             write_deferred(session, connection_for)
@@ -117,7 +117,7 @@ def _on_commit(connection: Connection) -> None:
         # an ended transaction: end it here (nothing of it is kept).
         _piped.pop(session, None)
         _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
-        _compat.psycopg_leave_pipeline(_compat.dbapi_connection_of(connection), end_transaction=True)
+        _psycopg.leave_pipeline(_compat.dbapi_connection_of(connection), end_transaction=True)
         raise
 
 
@@ -143,7 +143,7 @@ def _leave(session: Session) -> None:
     dbapi_connection = _piped.pop(session, None)
     if dbapi_connection is not None:
         _piped_by_dbapi.pop(dbapi_connection, None)
-        _compat.psycopg_leave_pipeline(dbapi_connection)
+        _psycopg.leave_pipeline(dbapi_connection)
 
 
 def _leave_dbapi(dbapi_connection: Any, end_transaction: bool = False) -> None:
@@ -152,7 +152,7 @@ def _leave_dbapi(dbapi_connection: Any, end_transaction: bool = False) -> None:
         session = found()
         if session is not None:
             _piped.pop(session, None)
-        _compat.psycopg_leave_pipeline(dbapi_connection, end_transaction)
+        _psycopg.leave_pipeline(dbapi_connection, end_transaction)
 
 
 def _after_commit(session: Session) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, column, text
 from sqlalchemy.engine import Connection
 
 from ._compat import bind_processor
+from ._psycopg import send_together
 
 if TYPE_CHECKING:
     from sqlalchemy import Column, Table
@@ -245,11 +246,13 @@ class StatementForms:
         # type first (a TypeDecorator storing a UUID as bytes, say)
         params: dict[str, Any] = {f"k{j}": [p(k[j]) for k in keys] if p else [k[j] for k in keys]
                                   for j, p in enumerate(self._key_processors(connection))}
+        if not values:  # (no parent in memory, or the answers cannot be waited for: a pipeline)
+            # nothing read: the lock and the UPDATE go together, in one round trip (psycopg)
+            send_together(connection, [(lock, params), (update, {
+                **params, **{f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots}})])
+            return []
         connection.execute(lock, params)
         params.update({f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots})
-        if not values:  # (no parent in memory, or the answer cannot wait: a pipeline)
-            connection.execute(update, params)
-            return []
         return self._results(connection.execute(update, params).fetchall(), slots)
 
     def _apply_sqlite(
