@@ -136,12 +136,18 @@ class FlushState:
         """
         saved = self.saved.get(parent)
         if saved is None:
-            saved = self.saved[parent] = self.uow is not None and any(
-                m.isa(parent.mapper) and states for m, states in self.uow.mappers.items())
+            saved = False
+            if self.uow is not None:
+                parent_mapper = parent.mapper
+                for m, states in self.uow.mappers.items():
+                    if states and m.isa(parent_mapper):
+                        saved = True
+                        break
+            self.saved[parent] = saved
         if saved:
             return True
         identity_map = self.session.identity_map
-        if not identity_map:
+        if not identity_map._dict:  # (its len() is a Python call: this runs on every flush)
             return False
         key_from_pk = parent.mapper.identity_key_from_primary_key
         return any(key_from_pk(tuple(k)) in identity_map for k in keys)
@@ -159,7 +165,7 @@ class FlushState:
             pass
         transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
         if transaction is not None:
-            found = transaction.connection(mapper)
+            found = _connection_held(transaction, self.session.get_bind(mapper)) or transaction.connection(mapper)
         else:
             found = self.session.connection(bind_arguments={"mapper": mapper})
         self.connections[mapper] = found
@@ -285,6 +291,21 @@ class FlushState:
         return found
 
 
+def _connection_held(transaction: Any, bind: Any) -> Connection | None:
+    """The connection ``transaction.connection(mapper)`` returns for ``bind``
+    (``session.get_bind(mapper)``) when the transaction holds one already,
+    read without its state checks (a flush's transaction is active): a flush's
+    subtransaction asks its parent, up to the savepoint or root that keeps
+    it; None when none does (then the transaction provisions it)."""
+    while True:
+        held = transaction._connections.get(bind)
+        if held is not None:
+            return held[0]  # type: ignore[no-any-return]
+        if transaction.nested or transaction._parent is None:
+            return None
+        transaction = transaction._parent
+
+
 #: Session -> child states whose rows its transaction loaded with a row lock
 #: (forgotten when a transaction or savepoint ends by rollback, and at the end
 #: of the outermost transaction).
@@ -375,7 +396,7 @@ def _flush_dropped(key: int, uow: Any) -> None:
 
 
 def _after_transaction_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:
+    if _locked.data and transaction.parent is None:  # (a plain dict's test: this runs twice per commit)
         _locked.pop(session, None)
 
 
