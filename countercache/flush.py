@@ -261,12 +261,12 @@ class FlushState:
             return self.singles[child]
         except KeyError:
             pass
-        pairs, per_row = self.plan(child)
+        shape = child.single()  # (the child's layout says, resolved once: no plan() per flush)
         found = None
-        if len(pairs) == 1 and not per_row and not child.views and not child.computed_keys:
-            counter, strategy, fk_keys, simple = pairs[0]
-            if simple and len(fk_keys) == 1 and not isinstance(strategy, through.Sink):
-                ((fk, equal),) = child.equals()  # (the one counted key)
+        if shape is not None:
+            counter, name, fk, equal = shape
+            strategy = self.strategy(name)
+            if not strategy.per_row:
                 found = (counter, strategy, fk, equal)
         self.singles[child] = found
         return found

@@ -319,6 +319,8 @@ def _within(transaction: SessionTransaction | None, boundary: SessionTransaction
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if not transaction.nested and transaction.parent is not None:
+        return  # a subtransaction (a flush's): the stack has entries for the root and savepoints only
     state = _states.get(session)
     if state is None:
         return
