@@ -348,7 +348,7 @@ def release_watched(fs: FlushState) -> None:
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
     if memory._merged:
         memory.undo_merged(session)
-    if _suspended.get(session):
+    if _suspended.data and _suspended.get(session):  # (see suspension.is_suspended)
         _flushes.pop(session.hash_key, None)
     else:
         through.refuse_middle_rekey(session)

@@ -276,6 +276,8 @@ def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[
 
 def holds_any(session: Session) -> bool:
     """Does this session's transaction hold deferred or sharded deltas for its commit?"""
+    if not _states.data:  # (no session holds anything: asked at every commit)
+        return False
     state = _states.get(session)
     return state is not None and any(e.holds() for e in state.stack)
 
