@@ -218,7 +218,8 @@ class FlushState:
             for connection in self.watching:
                 _awaiting.pop(connection, None)
             release_watched(self)
-        self.translate()
+        if self.sinks:  # (multi-level leaf deltas only: nothing to translate without)
+            self.translate()
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
@@ -364,7 +365,7 @@ def _after_flush(session: Session, uow: UOWTransaction) -> None:
 
 def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
     fs = _flushes.pop(session.hash_key, None)
-    if fs is not None:
+    if fs is not None and fs.results:  # (no new values to show: a flush whose parents are not in memory)
         fs.show()
 
 

@@ -199,7 +199,8 @@ def writes_now(session: Session) -> bool:
     this flush? Yes during the commit, and where the session's commit is
     not what makes its rows durable (a Connection given to it, whose owner
     commits; ``AUTOCOMMIT``): held deltas would be lost there."""
-    return is_committing(session) or commits_elsewhere(session)
+    state = _states.get(session)  # (is_committing(), inline: this is asked at every flush)
+    return (state is not None and state.committing) or commits_elsewhere(session)
 
 
 def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
