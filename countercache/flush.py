@@ -165,7 +165,12 @@ class FlushState:
             pass
         transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
         if transaction is not None:
-            found = _connection_held(transaction, self.session.get_bind(mapper)) or transaction.connection(mapper)
+            # (what transaction.connection(mapper) does, get_bind asked once:
+            # a held connection read without the state checks around it)
+            bind = self.session.get_bind(mapper)
+            found = _connection_held(transaction, bind)
+            if found is None:
+                found = transaction._connection_for_bind(bind, None)
         else:
             found = self.session.connection(bind_arguments={"mapper": mapper})
         self.connections[mapper] = found
