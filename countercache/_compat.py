@@ -311,3 +311,19 @@ def commits_elsewhere(session: Any) -> bool:
         if not autoclose or conn._is_autocommit_isolation():
             return True
     return False
+
+
+def held_connection(transaction: Any, bind: Any) -> Any:
+    """The connection ``transaction.connection(mapper)`` returns for ``bind``
+    (``session.get_bind(mapper)``) where the transaction holds one already,
+    read from ``SessionTransaction._connections`` without the state checks
+    around it (a flush's transaction is active): a flush's subtransaction
+    asks its parent, up to the savepoint or root that keeps it. None where
+    none does (the transaction then provisions it)."""
+    while True:
+        held = transaction._connections.get(bind)
+        if held is not None:
+            return held[0]
+        if transaction.nested or transaction._parent is None:
+            return None
+        transaction = transaction._parent

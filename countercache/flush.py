@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
 from . import collation, many_to_many, memory, through, transactions
-from ._compat import drop_events_flag, has_own_events
+from ._compat import drop_events_flag, has_own_events, held_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
 from .suspension import _suspended
@@ -168,7 +168,7 @@ class FlushState:
             # (what transaction.connection(mapper) does, get_bind asked once:
             # a held connection read without the state checks around it)
             bind = self.session.get_bind(mapper)
-            found = _connection_held(transaction, bind)
+            found = held_connection(transaction, bind)
             if found is None:
                 found = transaction._connection_for_bind(bind, None)
         else:
@@ -295,21 +295,6 @@ class FlushState:
                 pairs.append((counter, strategy, fk_keys, simple))
             found = self.plans[child] = (pairs, per_row)
         return found
-
-
-def _connection_held(transaction: Any, bind: Any) -> Connection | None:
-    """The connection ``transaction.connection(mapper)`` returns for ``bind``
-    (``session.get_bind(mapper)``) when the transaction holds one already,
-    read without its state checks (a flush's transaction is active): a flush's
-    subtransaction asks its parent, up to the savepoint or root that keeps
-    it; None when none does (then the transaction provisions it)."""
-    while True:
-        held = transaction._connections.get(bind)
-        if held is not None:
-            return held[0]  # type: ignore[no-any-return]
-        if transaction.nested or transaction._parent is None:
-            return None
-        transaction = transaction._parent
 
 
 #: Session -> child states whose rows its transaction loaded with a row lock
