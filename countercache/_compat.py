@@ -57,7 +57,7 @@ __all__ = [
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
     "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
-    "dbapi_connection_of",
+    "dbapi_connection_of", "held_connection",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -327,3 +327,19 @@ def dbapi_connection_of(connection: Any) -> Any:
     reconnects an invalidated connection (not wanted in ``handle_error``)."""
     fairy = getattr(connection, "_dbapi_connection", None) if connection is not None else None
     return getattr(fairy, "dbapi_connection", None) if fairy is not None else None
+
+
+def held_connection(transaction: Any, bind: Any) -> Any:
+    """The connection ``transaction.connection(mapper)`` returns for ``bind``
+    (``session.get_bind(mapper)``) where the transaction holds one already,
+    read from ``SessionTransaction._connections`` without the state checks
+    around it (a flush's transaction is active): a flush's subtransaction
+    asks its parent, up to the savepoint or root that keeps it. None where
+    none does (the transaction then provisions it)."""
+    while True:
+        held = transaction._connections.get(bind)
+        if held is not None:
+            return held[0]
+        if transaction.nested or transaction._parent is None:
+            return None
+        transaction = transaction._parent

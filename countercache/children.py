@@ -43,6 +43,7 @@ class _Child:
         self.views: list[MiddleView] = []
         self._equals: list[tuple[str, Any]] | None = None
         self._layout: tuple[int, list[Any]] | None = None
+        self._single: tuple[int, tuple[Any, ...] | None] | None = None
         self._groupable: bool | None = None
 
     def equals(self) -> list[tuple[str, Any]]:
@@ -71,6 +72,23 @@ class _Child:
                 for c in self.counters])
         return self._layout[1]
 
+    def single(self) -> tuple[CounterCache, str, str, Any] | None:
+        """``(counter, strategy name, foreign key, its equality test)`` when the
+        child feeds one plain count through one foreign key, not a multi-level
+        side, no value an UPDATE sets by itself (see ``FlushState.single``,
+        which asks per flush); resolved once per configuration."""
+        generation = config._config.generation
+        if self._single is None or self._single[0] != generation:
+            layout = self.layout()
+            found = None
+            if len(layout) == 1 and not self.views and not self.computed_keys:
+                counter, name, fk_keys, simple, leaves = layout[0]
+                if simple and len(fk_keys) == 1 and not leaves:
+                    ((fk, equal),) = self.equals()  # (the one counted key)
+                    found = (counter, name, fk, equal)
+            self._single = (generation, found)
+        return self._single[1]
+
     def add(self, counter: CounterCache) -> None:
         if counter not in self.counters:
             self.counters.append(counter)
@@ -86,6 +104,7 @@ class _Child:
                 self.views.append(counter)
             self._equals = None
             self._layout = None
+            self._single = None
             self._groupable = None
 
 

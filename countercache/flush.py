@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
 from . import collation, many_to_many, memory, through, transactions
-from ._compat import drop_events_flag, has_own_events
+from ._compat import drop_events_flag, has_own_events, held_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
 from .suspension import _suspended
@@ -136,12 +136,18 @@ class FlushState:
         """
         saved = self.saved.get(parent)
         if saved is None:
-            saved = self.saved[parent] = self.uow is not None and any(
-                m.isa(parent.mapper) and states for m, states in self.uow.mappers.items())
+            saved = False
+            if self.uow is not None:
+                parent_mapper = parent.mapper
+                for m, states in self.uow.mappers.items():
+                    if states and m.isa(parent_mapper):
+                        saved = True
+                        break
+            self.saved[parent] = saved
         if saved:
             return True
         identity_map = self.session.identity_map
-        if not identity_map:
+        if not identity_map._dict:  # (its len() is a Python call: this runs on every flush)
             return False
         key_from_pk = parent.mapper.identity_key_from_primary_key
         return any(key_from_pk(tuple(k)) in identity_map for k in keys)
@@ -159,7 +165,12 @@ class FlushState:
             pass
         transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
         if transaction is not None:
-            found = transaction.connection(mapper)
+            # (what transaction.connection(mapper) does, get_bind asked once:
+            # a held connection read without the state checks around it)
+            bind = self.session.get_bind(mapper)
+            found = held_connection(transaction, bind)
+            if found is None:
+                found = transaction._connection_for_bind(bind, None)
         else:
             found = self.session.connection(bind_arguments={"mapper": mapper})
         self.connections[mapper] = found
@@ -212,7 +223,8 @@ class FlushState:
             for connection in self.watching:
                 _awaiting.pop(connection, None)
             release_watched(self)
-        self.translate()
+        if self.sinks:  # (multi-level leaf deltas only: nothing to translate without)
+            self.translate()
         many_to_many.collect(self)
         for strategy in self.strategies.values():
             strategy.flush_done()
@@ -255,12 +267,12 @@ class FlushState:
             return self.singles[child]
         except KeyError:
             pass
-        pairs, per_row = self.plan(child)
+        shape = child.single()  # (the child's layout says, resolved once: no plan() per flush)
         found = None
-        if len(pairs) == 1 and not per_row and not child.views and not child.computed_keys:
-            counter, strategy, fk_keys, simple = pairs[0]
-            if simple and len(fk_keys) == 1 and not isinstance(strategy, through.Sink):
-                ((fk, equal),) = child.equals()  # (the one counted key)
+        if shape is not None:
+            counter, name, fk, equal = shape
+            strategy = self.strategy(name)
+            if not strategy.per_row:
                 found = (counter, strategy, fk, equal)
         self.singles[child] = found
         return found
@@ -327,7 +339,7 @@ def release_watched(fs: FlushState) -> None:
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
     if memory._merged:
         memory.undo_merged(session)
-    if _suspended.get(session):
+    if _suspended.data and _suspended.get(session):  # (see suspension.is_suspended)
         _flushes.pop(session.hash_key, None)
     else:
         through.refuse_middle_rekey(session)
@@ -343,7 +355,7 @@ def _after_flush(session: Session, uow: UOWTransaction) -> None:
 
 def _after_flush_postexec(session: Session, uow: UOWTransaction) -> None:
     fs = _flushes.pop(session.hash_key, None)
-    if fs is not None:
+    if fs is not None and fs.results:  # (no new values to show: a flush whose parents are not in memory)
         fs.show()
 
 
@@ -375,7 +387,7 @@ def _flush_dropped(key: int, uow: Any) -> None:
 
 
 def _after_transaction_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:
+    if _locked.data and transaction.parent is None:  # (a plain dict's test: this runs twice per commit)
         _locked.pop(session, None)
 
 

@@ -18,7 +18,9 @@ _suspended: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary(
 
 
 def is_suspended(session: Session) -> bool:
-    return bool(_suspended.get(session))
+    # (the weak dictionary's own dict first: get() is a Python call, and this
+    # is asked per flush; nothing is suspended almost always)
+    return bool(_suspended.data) and bool(_suspended.get(session))
 
 
 @contextmanager

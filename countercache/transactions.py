@@ -313,6 +313,8 @@ def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[
 
 def holds_any(session: Session) -> bool:
     """Does this session's transaction hold deferred or sharded deltas for its commit?"""
+    if not _states.data:  # (no session holds anything: asked at every commit)
+        return False
     state = _states.get(session)
     return state is not None and any(e.holds() for e in state.stack)
 
@@ -356,6 +358,8 @@ def _within(transaction: SessionTransaction | None, boundary: SessionTransaction
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if not transaction.nested and transaction.parent is not None:
+        return  # a subtransaction (a flush's): the stack has entries for the root and savepoints only
     state = _states.get(session)
     if state is None:
         return

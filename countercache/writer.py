@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, TypeDecorator, select
@@ -107,13 +108,28 @@ def canonical_keys(converters: tuple[Any, ...], by_key: dict[Key, Any], add: Any
     """``by_key`` with its keys as the database stores them, the values of keys
     that are then equal combined with ``add``; ``by_key`` itself (no copy) when
     every key already is (the common case: this runs on every flush)."""
-    if all(canonical_key(converters, key) is key for key in by_key):
+    if len(converters) == 1:  # (a one-column key: checked without a call per key)
+        converter = converters[0]
+        if converter is None:
+            return by_key
+        python_type = converter[0]
+        for key in by_key:
+            value = key[0]
+            if type(value) is not python_type and value is not None:
+                break
+        else:
+            return by_key
+    elif all(canonical_key(converters, key) is key for key in by_key):
         return by_key
     found: dict[Key, Any] = {}
     for key, value in by_key.items():
         key = canonical_key(converters, key)
         found[key] = add(found[key], value) if key in found else value
     return found
+
+
+def _add_vectors(a: list[Any], b: list[Any]) -> list[Any]:
+    return [x + y for x, y in zip(a, b)]
 
 
 def renamed_keys(deltas: Deltas, renamed: dict[Key, Key] | None) -> Deltas:
@@ -203,21 +219,22 @@ class ParentTable(StatementForms):
         type (``TypeDecorator``) is processed as ``dialect`` stores and loads it."""
         if dialect is not None and self.decorated_keys:
             return self._one_per_row(dialect, deltas)
-        converters = self.__dict__.get("_converters", False)
-        if converters is False:
-            converters = self.__dict__["_converters"] = key_converters(self.pk_cols)
+        converters = self._converters
         if converters is None:
             return deltas
-        return canonical_keys(converters, deltas, lambda a, b: [x + y for x, y in zip(a, b)])
+        return canonical_keys(converters, deltas, _add_vectors)
 
-    @property
+    # (cached_property: computed once, then a plain attribute read; these are
+    # asked on every flush, and the primary key columns never change)
+    @cached_property
+    def _converters(self) -> tuple[Any, ...] | None:
+        return key_converters(self.pk_cols)
+
+    @cached_property
     def decorated_keys(self) -> bool:
         """Has the key a column of a user's type (``TypeDecorator``)? Its values
         are known equal only once processed as the database will store them."""
-        found = self.__dict__.get("_decorated")
-        if found is None:
-            found = self.__dict__["_decorated"] = any(isinstance(c.type, TypeDecorator) for c in self.pk_cols)
-        return found
+        return any(isinstance(c.type, TypeDecorator) for c in self.pk_cols)
 
     def _stored_key(self, connection: Connection) -> Any:
         """A sort key: the key as the database stores it (the order its index locks in)."""
@@ -314,22 +331,16 @@ class ParentTable(StatementForms):
                 found.setdefault(row, tuple(key))
         return found
 
-    @property
+    @cached_property
     def string_keys(self) -> bool:
         """Has the key a string column (whose collation may hold unequal strings equal)?"""
-        found = self.__dict__.get("_string_keys")
-        if found is None:
-            found = self.__dict__["_string_keys"] = any(isinstance(c.type, String) for c in self.pk_cols)
-        return found
+        return any(isinstance(c.type, String) for c in self.pk_cols)
 
-    @property
+    @cached_property
     def lock_order(self) -> tuple[int, str]:
         """Where this table's rows come in the one order every lock of a flush
         or commit is taken in (:func:`lock_order`)."""
-        found = self.__dict__.get("_lock_order")
-        if found is None:
-            found = self.__dict__["_lock_order"] = lock_order(self.table)
-        return found
+        return lock_order(self.table)
 
     def __repr__(self) -> str:
         return f"<ParentTable {self.table.name}>"

@@ -47,7 +47,7 @@ class Strategy:
             by_key = self.pending[parent] = {}  # type: ignore[index]
         vector = by_key.get(key)
         if vector is None:
-            vector = by_key[key] = parent.new_vector()  # type: ignore[union-attr]
+            vector = by_key[key] = [0] * len(parent.counters)  # type: ignore[union-attr]  # (new_vector(), inline: per row)
         vector[counter.slot] += delta
 
     #: Whether the SQL may be the one-statement form for a few parents.
