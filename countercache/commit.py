@@ -64,7 +64,7 @@ def _before_commit(session: Session) -> None:
     session.flush()
     transactions.set_committing(session, _ride)
     if not transactions.writes_now(session):
-        return  # written with the COMMIT itself (countercache.riding), at the engine's commit event
+        return  # written with the COMMIT itself (countercache.riding), at the connection's commit event
     write_deferred(session)
 
 

@@ -11,14 +11,17 @@ transaction costs the round trips it costs without counters.
 
 When and how:
 
-* ``before_commit`` (:mod:`countercache.commit`, after the final flush)
-  asks :func:`will_ride`: one connection in the transaction, psycopg 3
-  (sync, pipeline mode available in its libpq), a transaction the session's
-  commit ends (no ``AUTOCOMMIT``, no Connection given to the session, not
-  two-phase). Then nothing is written yet: the connection is marked, and
-  the engine's ``commit`` event (the last moment before SQLAlchemy calls the
-  driver's ``commit()``) writes everything in one pass, in the same lock
-  order as before.
+* From the outermost ``before_commit`` on (:mod:`countercache.commit`),
+  the first flush that holds something for the commit (the final one, or
+  ``before_commit`` itself when earlier flushes held deltas) asks
+  :func:`will_ride`: one connection in the transaction, psycopg 3 (sync,
+  pipeline mode available in its libpq), a transaction the session's commit
+  ends (no ``AUTOCOMMIT``, no Connection given to the session, not
+  two-phase). Then nothing is written yet: a ``commit`` listener is put on
+  that connection (not on the engine: SQLAlchemy would then dispatch events
+  for every statement of every connection), the last moment before
+  SQLAlchemy calls the driver's ``commit()``, and it writes everything in
+  one pass, in the same lock order as before.
 * At that moment, if the write needs no answer from the database (no
   multi-level leaf deltas to translate, which read and lock middle rows; no
   text keys to match with the stored spelling; no parent in memory whose
@@ -89,11 +92,14 @@ def will_ride(session: Session, write: Any) -> bool:
     if engine not in _engines:
         _listen(engine)
     _riding[connection] = (weakref.ref(session), write)
+    # (on this connection only: a listener on the engine would make SQLAlchemy
+    # dispatch events for every statement of every connection it makes)
+    event.listen(connection, "commit", _on_commit)
     return True
 
 
 def _on_commit(connection: Connection) -> None:
-    """The engine's ``commit`` event: the driver's ``commit()`` is next."""
+    """The connection's ``commit`` event: the driver's ``commit()`` is next."""
     found = _riding.pop(connection, None)
     if found is None:
         return
@@ -180,17 +186,18 @@ def _reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
 
 
 def _listen(engine: Engine) -> None:
-    event.listen(engine, "commit", _on_commit)
+    # (handle_error is the dialect's: dispatched on errors only; reset, once per checkin)
     event.listen(engine, "handle_error", _handle_error)
     event.listen(engine.pool, "reset", _reset)
     _engines.add(engine)
 
 
 def uninstall() -> None:
-    """Remove every listener this module added (engines and their pools)."""
+    """Remove every listener this module added (engines and their pools; a
+    connection's own ``commit`` listener goes with the connection, and does
+    nothing once this is called)."""
     for engine in list(_engines):
-        for target, name, fn in ((engine, "commit", _on_commit), (engine, "handle_error", _handle_error),
-                                 (engine.pool, "reset", _reset)):
+        for target, name, fn in ((engine, "handle_error", _handle_error), (engine.pool, "reset", _reset)):
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
     _engines.clear()

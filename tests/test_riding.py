@@ -259,9 +259,10 @@ def test_uninstall_removes_the_engine_listeners(through_proxy, models):
 
     _, _, Like = models("deferred")
     insert_one(through_proxy, Like)()
-    assert event.contains(through_proxy, "commit", riding._on_commit)
+    assert event.contains(through_proxy, "handle_error", riding._handle_error)
+    assert not through_proxy._has_events  # (statements of its connections dispatch no events)
     countercache.uninstall()
-    assert not event.contains(through_proxy, "commit", riding._on_commit)
+    assert not event.contains(through_proxy, "handle_error", riding._handle_error)
     assert not event.contains(through_proxy.pool, "reset", riding._reset)
 
 
