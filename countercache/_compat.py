@@ -57,7 +57,7 @@ __all__ = [
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
     "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
-    "dbapi_connection_of", "held_connection",
+    "dbapi_connection_of", "held_connection", "raise_dbapi_error",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -343,3 +343,11 @@ def held_connection(transaction: Any, bind: Any) -> Any:
         if transaction.nested or transaction._parent is None:
             return None
         transaction = transaction._parent
+
+
+def raise_dbapi_error(connection: Any, error: BaseException, statement: str, params: Any) -> Any:
+    """Raise a driver's error met outside an execute (a pipeline's closing
+    sync) as an execute would: ``Connection._handle_dbapi_exception`` wraps
+    it in SQLAlchemy's ``DBAPIError`` subclass, tells ``handle_error``
+    listeners, and invalidates the connection on a disconnect."""
+    connection._handle_dbapi_exception(error, statement, params, None, None)

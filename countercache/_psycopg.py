@@ -20,6 +20,8 @@ from typing import Any
 
 from sqlalchemy import exc
 
+from ._compat import raise_dbapi_error
+
 
 _pipeline_support: list[bool] = []
 
@@ -71,6 +73,15 @@ def leave_pipeline(dbapi_connection: Any, end_transaction: bool = False) -> None
     takes a failed commit for an ended transaction and returns the connection
     to the pool without a rollback. A connection that cannot be brought back
     to normal is closed (the pool replaces it)."""
+    try:
+        _leave(dbapi_connection, end_transaction)
+    except Exception:  # noqa: BLE001 - a connection already gone (closed, invalidated): nothing to leave
+        pass
+
+
+def _leave(dbapi_connection: Any, end_transaction: bool) -> None:
+    if dbapi_connection is None:  # (invalidated: SQLAlchemy let go of it)
+        return
     pipeline = getattr(dbapi_connection, "_pipeline", None)
     if pipeline is not None:
         idle = (not pipeline.command_queue and not pipeline.result_queue
@@ -96,7 +107,6 @@ def leave_pipeline(dbapi_connection: Any, end_transaction: bool = False) -> None
             dbapi_connection.close()
 
 
-
 def send_together(connection: Any, statements: Sequence[tuple[Any, dict[str, Any]]]) -> None:
     """Execute statements whose answers are not read, in one round trip where
     psycopg can (else one by one). A failure raises as SQLAlchemy's
@@ -113,6 +123,4 @@ def send_together(connection: Any, statements: Sequence[tuple[Any, dict[str, Any
     except exc.DBAPIError:
         raise
     except connection.dialect.loaded_dbapi.Error as error:  # (raised by the closing sync)
-        raise exc.DBAPIError.instance(str(statements[-1][0]), statements[-1][1], error,
-                                      connection.dialect.loaded_dbapi.Error,
-                                      dialect=connection.dialect) from error
+        raise_dbapi_error(connection, error, str(statements[-1][0]), statements[-1][1])

@@ -376,3 +376,47 @@ def test_bulk_write_sent_together_fails_as_sqlalchemy_error(through_proxy, model
     assert counted(through_proxy, 1) == (0, 1) and counted(through_proxy, 2) == (0, 1)
     insert_one(through_proxy, Like)()
     assert counted(through_proxy, 1) == (1, 2)
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded", "bulk"])
+def test_backend_gone_before_the_commit_is_an_operational_error(proxy, models, strategy):
+    """The connection dies before the COMMIT: SQLAlchemy's OperationalError,
+    as without counters (it was an AttributeError from leaving the pipeline
+    of a connection already let go of; found by an outside tester)."""
+    _, _, Like = models(strategy)
+    engine = sa.create_engine(proxy.url(PG_URL), pool_size=1, max_overflow=0)
+    try:
+        with Session(engine) as session:
+            session.add_all([Like(post_id=1), Like(post_id=2)])
+            session.flush()
+            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+            with sa.create_engine(PG_URL, poolclass=sa.pool.NullPool).connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                other.commit()
+            with pytest.raises(sa.exc.OperationalError):
+                session.commit()
+        insert_one(engine, Like)()  # the pool replaced the connection
+        assert counted(engine, 1) == (1, 1) and counted(engine, 2) == (0, 0)
+    finally:
+        engine.dispose()
+
+
+def test_bulk_write_sent_together_tells_handle_error_listeners(through_proxy, models):
+    """The lock and the UPDATE of several parents fail at their closing sync,
+    outside an execute: handle_error listeners hear of it as of any statement
+    (found by an outside tester)."""
+    _, Post, Like = models("bulk")
+    heard: list[str] = []
+
+    @event.listens_for(through_proxy, "handle_error")
+    def hear(context: Any) -> None:
+        heard.append(type(context.original_exception).__name__)
+
+    with through_proxy.begin() as connection:
+        connection.execute(Like.__table__.insert(), [{"id": 100, "post_id": 1}, {"id": 101, "post_id": 2}])
+    with Session(through_proxy) as session:
+        for like in session.scalars(sa.select(Like)):
+            session.delete(like)
+        with pytest.raises(IntegrityError, match="ride_likes_not_negative"):
+            session.flush()
+    assert heard == ["CheckViolation"]
