@@ -57,7 +57,7 @@ __all__ = [
     "expect_expression", "dispatcher_registry", "autoflush", "OnlyInSQL", "has_own_events",
     "drop_events_flag", "enum_db_value", "statement_prefixes", "single_table_criterion",
     "upsert_set_keys", "insert_select_names", "legacy_bulk_call", "make_plugin_entry_point",
-    "dbapi_connection_of", "held_connection", "raise_dbapi_error",
+    "dbapi_connection_of", "held_connection", "raise_dbapi_error", "replace_transaction",
 ]
 
 #: ``Query._for_update_arg`` / ``Select._for_update_arg``: the ``with_for_update()``
@@ -351,3 +351,18 @@ def raise_dbapi_error(connection: Any, error: BaseException, statement: str, par
     it in SQLAlchemy's ``DBAPIError`` subclass, tells ``handle_error``
     listeners, and invalidates the connection on a disconnect."""
     connection._handle_dbapi_exception(error, statement, params, None, None)
+
+
+def replace_transaction(transaction: Any, connection: Any, make: Any) -> None:
+    """In ``SessionTransaction._connections`` (one entry ``(connection,
+    transaction, should_commit, autoclose)``, under the connection and under
+    its engine), put ``make(connection's transaction)`` in the transaction's
+    place: the session's commit then calls its ``commit()``."""
+    connections = transaction._connections
+    for key, entry in list(connections.items()):
+        if entry[0] is connection:
+            connections[key] = replaced = (entry[0], make(entry[1]), *entry[2:])
+            for other, same in list(connections.items()):
+                if same is entry:
+                    connections[other] = replaced
+            return

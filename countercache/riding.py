@@ -17,11 +17,10 @@ When and how:
   :func:`will_ride`: one connection in the transaction, psycopg 3 (sync,
   pipeline mode available in its libpq), a transaction the session's commit
   ends (no ``AUTOCOMMIT``, no Connection given to the session, not
-  two-phase). Then nothing is written yet: a ``commit`` listener is put on
-  that connection (not on the engine: SQLAlchemy would then dispatch events
-  for every statement of every connection), the last moment before
-  SQLAlchemy calls the driver's ``commit()``, and it writes everything in
-  one pass, in the same lock order as before.
+  two-phase). Then nothing is written yet: the connection's transaction,
+  among those the session's commit ends, is stood in for by one whose
+  ``commit()`` (the last moment before SQLAlchemy calls the driver's)
+  writes everything in one pass, in the same lock order as before.
 * At that moment, if the write needs no answer from the database (no
   multi-level leaf deltas to translate, which read and lock middle rows; no
   text keys to match with the stored spelling; no parent in memory whose
@@ -61,9 +60,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
 
-#: connections whose commit will write what their session holds -> (that session, the writer)
-_riding: weakref.WeakKeyDictionary[Connection, tuple[weakref.ReferenceType[Session], Any]] = (
-    weakref.WeakKeyDictionary())
 #: engines with this module's listeners
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 #: sessions whose connection entered pipeline mode for the commit -> its DBAPI connection
@@ -91,21 +87,40 @@ def will_ride(session: Session, write: Any) -> bool:
     engine = connection.engine
     if engine not in _engines:
         _listen(engine)
-    _riding[connection] = (weakref.ref(session), write)
-    # (on this connection only: a listener on the engine would make SQLAlchemy
-    # dispatch events for every statement of every connection it makes)
-    event.listen(connection, "commit", _on_commit)
+    _compat.replace_transaction(transaction, connection,
+                                lambda real: _CommitWithWrite(real, connection, session, write))
     return True
 
 
-def _on_commit(connection: Connection) -> None:
-    """The connection's ``commit`` event: the driver's ``commit()`` is next."""
-    found = _riding.pop(connection, None)
-    if found is None:
-        return
-    session, write_deferred = found[0](), found[1]
-    if session is None or not transactions.holds_any(session):
-        return
+class _CommitWithWrite:
+    """Stands in for the connection's transaction among the connections the
+    session's commit ends (``SessionTransaction._connections``): its
+    ``commit()``, the last moment before SQLAlchemy sends the COMMIT, makes
+    the held write first. (Not an engine or connection ``commit`` listener:
+    a listener makes SQLAlchemy dispatch events for every statement, and
+    registering one per transaction costs more than the round trip saved.)"""
+
+    __slots__ = ("_transaction", "_connection", "_session", "_write")
+
+    def __init__(self, transaction: Any, connection: Connection, session: Session, write: Any) -> None:
+        self._transaction = transaction
+        self._connection = connection
+        self._session = weakref.ref(session)
+        self._write = write
+
+    def __getattr__(self, name: str) -> Any:  # (is_active, close(), rollback()...: the transaction's)
+        return getattr(self._transaction, name)
+
+    def commit(self) -> None:
+        session = self._session()
+        if session is not None and transactions.holds_any(session):
+            _write_with_commit(self._connection, session, self._write)
+        self._transaction.commit()
+
+
+def _write_with_commit(connection: Connection, session: Session, write_deferred: Any) -> None:
+    """The held write, queued in pipeline mode where it needs no answers (the
+    driver's ``commit()``, next, sends it with the COMMIT), else as statements."""
 
     def connection_for(_: Any) -> Connection:
         return connection
@@ -119,8 +134,7 @@ def _on_commit(connection: Connection) -> None:
         _piped_by_dbapi[dbapi_connection] = weakref.ref(session)
         write_deferred(session, connection_for, values=False)
     except BaseException:
-        # The COMMIT will not be sent, and SQLAlchemy takes a failed commit for
-        # an ended transaction: end it here (nothing of it is kept).
+        # the COMMIT will not be sent: end the transaction here (nothing of it is kept)
         _piped.pop(session, None)
         _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
         _psycopg.leave_pipeline(_compat.dbapi_connection_of(connection), end_transaction=True)
@@ -193,15 +207,12 @@ def _listen(engine: Engine) -> None:
 
 
 def uninstall() -> None:
-    """Remove every listener this module added (engines and their pools; a
-    connection's own ``commit`` listener goes with the connection, and does
-    nothing once this is called)."""
+    """Remove every listener this module added (engines and their pools)."""
     for engine in list(_engines):
         for target, name, fn in ((engine, "handle_error", _handle_error), (engine.pool, "reset", _reset)):
             if event.contains(target, name, fn):
                 event.remove(target, name, fn)
     _engines.clear()
-    _riding.clear()
     for dbapi_connection in list(_piped_by_dbapi):
         _leave_dbapi(dbapi_connection)
     _piped.clear()
