@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, MappedColumn, Session, mapped_column
 
-from . import _registry, commit, config, legacy_bulk, many_to_many, memory, preread, riding, skipping, transactions
+from . import _registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
@@ -256,7 +256,7 @@ _SESSION_HOOKS = (
 
 def _install_session_hooks() -> None:
     for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
-                     + riding.SESSION_HOOKS + legacy_bulk.SESSION_HOOKS):
+                     + legacy_bulk.SESSION_HOOKS):
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
     if not event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -266,7 +266,7 @@ def _install_session_hooks() -> None:
 def _uninstall_session_hooks() -> None:
     """Every session and row hook, and what the flush remembers of counted classes."""
     for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
-                     + riding.SESSION_HOOKS + legacy_bulk.SESSION_HOOKS):
+                     + legacy_bulk.SESSION_HOOKS):
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     if event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -274,7 +274,6 @@ def _uninstall_session_hooks() -> None:
     for mapper in list(_hooked):
         _unhook(mapper)
     forget_pools()
-    riding.uninstall()
     for mapper in list(_parents_hooked):
         for name, fn in _PARENT_HOOKS:
             if event.contains(mapper, name, fn):

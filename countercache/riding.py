@@ -36,10 +36,11 @@ When and how:
   flush they make is held for this one write. Loaded parents whose counters
   a pipelined write changed are expired (the commit's own expiry does the
   same a moment later): nothing in memory is stale.
-* Pipeline mode is left right after the COMMIT (``after_commit``), or when
-  it failed (the engine's ``handle_error``), or at the latest when the
-  pool resets the connection: a connection never goes back to the pool in
-  pipeline mode. Leaving after a finished sync costs no round trip.
+* Pipeline mode is left by the stand-in's ``commit()`` itself, right after
+  the driver's: after the COMMIT's sync nothing is in flight, and leaving
+  costs no round trip; after a failure, through a sync, and the transaction
+  the failed write kept open is rolled back. No listener is involved: a
+  connection never goes back to the pool in pipeline mode.
 
 asyncpg, psycopg's async connections (through ``AsyncSession``) and the
 MySQL drivers write as before, as statements of their own: asyncpg and the
@@ -52,21 +53,11 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-
 from . import _compat, _psycopg, transactions
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session
-
-#: engines with this module's listeners
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-#: sessions whose connection entered pipeline mode for the commit -> its DBAPI connection
-_piped: weakref.WeakKeyDictionary[Session, Any] = weakref.WeakKeyDictionary()
-#: the same, the other way: DBAPI connection in pipeline mode -> its session (weakly)
-_piped_by_dbapi: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
 
 def will_ride(session: Session, write: Any) -> bool:
     """Can the held writes wait for the COMMIT itself? If so, mark them to be
@@ -84,9 +75,6 @@ def will_ride(session: Session, write: Any) -> bool:
         return False
     if not _psycopg.can_pipeline(connection):
         return False
-    engine = connection.engine
-    if engine not in _engines:
-        _listen(engine)
     _compat.replace_transaction(transaction, connection,
                                 lambda real: _CommitWithWrite(real, connection, session, write))
     return True
@@ -113,14 +101,27 @@ class _CommitWithWrite:
 
     def commit(self) -> None:
         session = self._session()
+        piped = None
         if session is not None and transactions.holds_any(session):
-            _write_with_commit(self._connection, session, self._write)
-        self._transaction.commit()
+            piped = _write_with_commit(self._connection, session, self._write)
+        try:
+            self._transaction.commit()
+        except BaseException:
+            if piped is not None:
+                # a write that failed kept PostgreSQL from running the COMMIT: the
+                # transaction is still open (aborted), and SQLAlchemy, which takes
+                # a failed commit for an ended transaction, would hand the
+                # connection back to the pool so: end it here
+                _psycopg.leave_pipeline(piped, end_transaction=True)
+            raise
+        if piped is not None:
+            _psycopg.leave_pipeline(piped)  # (after the COMMIT's sync: at once)
 
 
-def _write_with_commit(connection: Connection, session: Session, write_deferred: Any) -> None:
+def _write_with_commit(connection: Connection, session: Session, write_deferred: Any) -> Any:
     """The held write, queued in pipeline mode where it needs no answers (the
-    driver's ``commit()``, next, sends it with the COMMIT), else as statements."""
+    driver's ``commit()``, next, sends it with the COMMIT), else as
+    statements. Returns the DBAPI connection left in pipeline mode, or None."""
 
     def connection_for(_: Any) -> Connection:
         return connection
@@ -129,16 +130,13 @@ def _write_with_commit(connection: Connection, session: Session, write_deferred:
     try:
         if dbapi_connection is None:  # (answers needed, or the driver would not: plain statements)
             write_deferred(session, connection_for)
-            return
-        _piped[session] = dbapi_connection
-        _piped_by_dbapi[dbapi_connection] = weakref.ref(session)
-        write_deferred(session, connection_for, values=False)
+        else:
+            write_deferred(session, connection_for, values=False)
     except BaseException:
         # the COMMIT will not be sent: end the transaction here (nothing of it is kept)
-        _piped.pop(session, None)
-        _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
         _psycopg.leave_pipeline(_compat.dbapi_connection_of(connection), end_transaction=True)
         raise
+    return dbapi_connection
 
 
 def _needs_answers(session: Session) -> bool:
@@ -157,68 +155,3 @@ def _needs_answers(session: Session) -> bool:
             if any(key_from_pk(tuple(k)) in identity_map for k in deltas):
                 return True
     return False
-
-
-def _leave(session: Session) -> None:
-    dbapi_connection = _piped.pop(session, None)
-    if dbapi_connection is not None:
-        _piped_by_dbapi.pop(dbapi_connection, None)
-        _psycopg.leave_pipeline(dbapi_connection)
-
-
-def _leave_dbapi(dbapi_connection: Any, end_transaction: bool = False) -> None:
-    found = _piped_by_dbapi.pop(dbapi_connection, None) if dbapi_connection is not None else None
-    if found is not None:
-        session = found()
-        if session is not None:
-            _piped.pop(session, None)
-        _psycopg.leave_pipeline(dbapi_connection, end_transaction)
-
-
-def _after_commit(session: Session) -> None:
-    if _piped:
-        _leave(session)
-
-
-def _after_rollback(session: Session) -> None:
-    if _piped:
-        _leave(session)
-
-
-def _handle_error(context: Any) -> None:
-    """A statement or the COMMIT failed: a pipeline entered for it is left now,
-    and the transaction ended if the failed write kept PostgreSQL from running
-    the COMMIT (it is then still open, aborted)."""
-    if _piped_by_dbapi:
-        _leave_dbapi(_compat.dbapi_connection_of(context.connection), end_transaction=True)
-
-
-def _reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-    """The pool takes the connection back: never in pipeline mode."""
-    if _piped_by_dbapi:
-        _leave_dbapi(dbapi_connection)
-
-
-def _listen(engine: Engine) -> None:
-    # (handle_error is the dialect's: dispatched on errors only; reset, once per checkin)
-    event.listen(engine, "handle_error", _handle_error)
-    event.listen(engine.pool, "reset", _reset)
-    _engines.add(engine)
-
-
-def uninstall() -> None:
-    """Remove every listener this module added (engines and their pools)."""
-    for engine in list(_engines):
-        for target, name, fn in ((engine, "handle_error", _handle_error), (engine.pool, "reset", _reset)):
-            if event.contains(target, name, fn):
-                event.remove(target, name, fn)
-    _engines.clear()
-    for dbapi_connection in list(_piped_by_dbapi):
-        _leave_dbapi(dbapi_connection)
-    _piped.clear()
-
-
-SESSION_HOOKS = (
-    ("after_commit", _after_commit),
-    ("after_rollback", _after_rollback),
-)
