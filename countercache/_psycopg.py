@@ -8,9 +8,10 @@ but leaving it that way always sends a sync and waits for it (a round
 trip); after the COMMIT's own sync nothing is in flight, and libpq can leave
 at once. So this module uses ``Connection._pipeline``, ``Pipeline(conn)``,
 ``Pipeline._exit()`` and ``Pipeline.command_queue`` / ``result_queue``.
-Checked against psycopg 3.1 (the floor in ``setup.cfg``; ``_exit()`` takes
-no argument there) and 3.3.9; where one of them is missing, nothing is
-pipelined and the statements go one by one, as before.
+Run against psycopg 3.3.9 (the tests); read against the source of 3.1, the
+floor in ``setup.cfg`` (``_exit()`` takes no argument there, the rest is
+the same). Where pipeline mode cannot be entered, nothing is pipelined and
+the statements go one by one, as before.
 """
 
 from __future__ import annotations

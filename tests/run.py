@@ -62,8 +62,8 @@ class Matrix(NamedTuple):
 #: The fast subset run against older versions: declaration, the four
 #: strategies (test_one_to_many: every test over ``STRATEGIES``),
 #: configuration, Alembic autogenerate (also through the installed plugin),
-#: the command line, the commit-time write sent with the COMMIT (psycopg's
-#: private pipeline API, on the psycopg floor).
+#: the command line, the commit-time write sent with the COMMIT (it stands
+#: in for SQLAlchemy's transaction in ``SessionTransaction._connections``).
 SUBSET = ("tests/test_declaration.py", "tests/test_one_to_many.py", "tests/test_config.py",
           "tests/test_alembic.py", "tests/test_alembic_plugin.py", "tests/test_cli.py",
           "tests/test_cli_repair.py", "tests/test_shape.py", "tests/test_riding.py")
