@@ -212,11 +212,6 @@ def current_entry(session: Session) -> _Entry:
     return state.stack[-1]
 
 
-def is_committing(session: Session) -> bool:
-    state = _states.get(session)
-    return state is not None and state.committing
-
-
 def writes_now(session: Session) -> bool:
     """Must what ``deferred`` / ``sharded`` hold for the commit be written at
     this flush? Yes during the commit, and where the session's commit is
