@@ -321,21 +321,29 @@ def test_failed_write_leaves_the_pooled_connection_usable(proxy, models, strateg
         engine.dispose()
 
 
+def trips_against_none(proxy: LatencyProxy, engine: sa.Engine, models: Any, strategy: str,
+                       post_ids: list[int]) -> dict[str | None, float]:
+    """Round trips of a transaction adding one like per id in ``post_ids``,
+    without a counter and with ``strategy``."""
+    found: dict[str | None, float] = {}
+    for kind in (None, strategy):
+        countercache._reset_for_tests()
+        sa.orm.clear_mappers()
+        _, _, Like = models(kind)
+
+        def work() -> None:
+            with Session(engine) as session:
+                session.add_all([Like(post_id=p) for p in post_ids])
+                session.commit()
+
+        found[kind] = round_trips(proxy, engine, work)
+    return found
+
+
 def test_sharded_rows_of_several_parents_ride_together(proxy, through_proxy, models):
     """Several shard rows: one multi-row upsert, queued (psycopg's executemany
     would wait for its answers), still no round trip of its own."""
-    found = {}
-    for strategy in (None, "sharded"):
-        countercache._reset_for_tests()
-        sa.orm.clear_mappers()
-        _, _, Like = models(strategy)
-
-        def work() -> None:
-            with Session(through_proxy) as session:
-                session.add_all([Like(post_id=1), Like(post_id=2)])
-                session.commit()
-
-        found[strategy] = round_trips(proxy, through_proxy, work)
+    found = trips_against_none(proxy, through_proxy, models, "sharded", [1, 2])
     assert found["sharded"] == found[None], found
     assert counted(through_proxy, 1) == (9, 9) and counted(through_proxy, 2) == (9, 9)
 
@@ -343,18 +351,7 @@ def test_sharded_rows_of_several_parents_ride_together(proxy, through_proxy, mod
 def test_bulk_flush_of_several_parents_costs_one_round_trip_more(proxy, through_proxy, models):
     """The key-ordered lock and the UPDATE after it, nothing read from
     either: sent together (psycopg pipeline), one round trip."""
-    found = {}
-    for strategy in (None, "bulk"):
-        countercache._reset_for_tests()
-        sa.orm.clear_mappers()
-        _, _, Like = models(strategy)
-
-        def work() -> None:
-            with Session(through_proxy) as session:
-                session.add_all([Like(post_id=1), Like(post_id=2), Like(post_id=2)])
-                session.commit()
-
-        found[strategy] = round_trips(proxy, through_proxy, work)
+    found = trips_against_none(proxy, through_proxy, models, "bulk", [1, 2, 2])
     assert found["bulk"] == found[None] + 1, found
     assert counted(through_proxy, 1) == (9, 9) and counted(through_proxy, 2) == (18, 18)
 
