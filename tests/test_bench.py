@@ -393,3 +393,21 @@ def test_new_contenders_keep_the_count_on_postgresql(pg_url):
         for contender in ("flush_listener", "pg_sharded_trigger"):
             r = results[(workload, contender)]
             assert r["status"] == "ok" and r["drift"] == 0, (workload, contender, r)
+
+
+@pytest.mark.postgresql_only
+def test_txn_floor_counts_every_variant_and_reports_ratios(pg_url):
+    from bench.txn_floor import VARIANTS, measure
+
+    doc = measure(pg_url, transactions=20, repeat=1)
+    assert doc["counted"] is True  # every counting variant added exactly one per transaction
+    assert set(doc["ratio"]) == set(VARIANTS)
+    assert doc["ratio"]["none"] == 1.0
+
+
+def test_txn_floor_refuses_other_databases_in_one_line(tmp_path, capsys):
+    from bench.txn_floor import main
+
+    assert main(["--url", f"sqlite:///{tmp_path / 'floor.sqlite'}", "--repeat", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PostgreSQL with psycopg 3 only" in err[0]
