@@ -1,0 +1,436 @@
+"""countercache.triggers: the DDL of triggers that keep a counter in the database.
+
+The children are written only through connections (raw SQL and Core
+statements), never through the ORM: what the counters show is what the
+triggers made of every statement, compared after each one with an
+independent recount.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Column, ForeignKey, ForeignKeyConstraint, Integer, String, Table, event, text
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
+
+from countercache import _registry, counter_cache, triggers
+from countercache.errors import ConfigurationError
+
+DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect(), "mariadb": mysql.dialect()}
+
+
+def counter_of(attribute):
+    configure_mappers()
+    return _registry.lookup(attribute)
+
+
+def foreign_keys_on(engine) -> None:
+    """SQLite enforces foreign keys (and their ON DELETE) only when asked, per connection."""
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _on(dbapi_connection, record):
+            dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def install(engine, *counters) -> None:
+    with engine.begin() as conn:
+        for counter in counters:
+            assert not triggers.installed(conn, counter)
+            for statement in triggers.create_statements(counter, engine.dialect):
+                conn.exec_driver_sql(statement)
+            assert triggers.installed(conn, counter)
+
+
+def run(engine, *statements) -> None:
+    """Each statement (SQL text, or a Core statement with its parameters) in its own transaction."""
+    for statement in statements:
+        with engine.begin() as conn:
+            if isinstance(statement, str):
+                conn.exec_driver_sql(statement)
+            else:
+                conn.execute(*statement)
+
+
+def exact(engine, parent: str, column: str, child: str, joins: str, value: str = "count(*)",
+          where: str = "", key: str = "id") -> dict:
+    """Every parent's ``column`` equals its recount; returns ``{key: value}``."""
+    keys = ", ".join(f"p.{k}" for k in key.split(","))
+    query = text(f"SELECT p.{column}, (SELECT {value} FROM {child} c WHERE {joins}"
+                 f"{' AND ' + where if where else ''}), {keys} FROM {parent} p ORDER BY {keys}")
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    wrong = [(k, stored, actual) for stored, actual, *k in rows if stored != actual]
+    assert not wrong, f"{parent}.{column} drifted (key, stored, recount): {wrong}"
+    return {(k[0] if len(k) == 1 else tuple(k)): stored for stored, _, *k in rows}
+
+
+# -- one-to-many: count, where=, sum=, where= + sum=, a single-table subclass --
+
+
+def forum(cascade: bool) -> SimpleNamespace:
+    class Base(DeclarativeBase):
+        pass
+
+    class Board(Base):
+        __tablename__ = "boards"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        polls: Mapped[list["Poll"]] = relationship(overlaps="questions")
+        n_all: Mapped[int] = counter_cache("questions")
+        n_open: Mapped[int] = counter_cache("questions", where=lambda: Question.status == "open")
+        points: Mapped[int] = counter_cache("questions", sum="points")
+        open_points: Mapped[int] = counter_cache("questions", where=lambda: Question.status == "open",
+                                                 sum=lambda: Question.points * 2)
+        n_polls: Mapped[int] = counter_cache("polls")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        board_id: Mapped[Optional[int]] = mapped_column(
+            ForeignKey("boards.id", ondelete="CASCADE" if cascade else None))
+        status: Mapped[Optional[str]] = mapped_column(String(20))
+        points: Mapped[Optional[int]]
+        title: Mapped[Optional[str]] = mapped_column(String(50))
+        qtype: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "qtype", "polymorphic_identity": "question"}
+
+    class Poll(Question):
+        __mapper_args__ = {"polymorphic_identity": "poll"}
+
+    return SimpleNamespace(Base=Base, User=User, Question=Question, Poll=Poll, Board=Board)
+
+
+FORUM_CHECKS = {  # counter column: (value, where) of its recount over questions c
+    "n_all": ("count(*)", ""),
+    "n_open": ("count(*)", "c.status = 'open'"),
+    "points": ("coalesce(sum(c.points), 0)", ""),
+    "open_points": ("coalesce(sum(c.points * 2), 0)", "c.status = 'open'"),
+    "n_polls": ("count(*)", "c.qtype = 'poll'"),
+}
+
+
+def forum_exact(engine) -> dict:
+    return {column: exact(engine, "users", column, "questions", "c.user_id = p.id", value, where)
+            for column, (value, where) in FORUM_CHECKS.items()}
+
+
+def test_one_to_many_kinds_follow_every_statement(engine, backend):
+    foreign_keys_on(engine)
+    cascade = backend != "mariadb"  # MariaDB: refused (test below), foreign key actions fire no trigger
+    m = forum(cascade)
+    counters = [counter_of(getattr(m.User, name)) for name in FORUM_CHECKS]
+    for counter in counters:
+        assert triggers.refusal(counter, engine.dialect) is None
+    m.Base.metadata.create_all(engine)
+    install(engine, *counters)
+    q = m.Question.__table__
+    run(engine, (m.Board.__table__.insert(), [{"id": 1}, {"id": 2}]),
+        (m.User.__table__.insert(), [{"id": i} for i in (1, 2, 3, 4)]))
+    forum_exact(engine)
+    steps = [
+        # one row (raw SQL), several (executemany), one multi-row VALUES, NULL key and NULL sum
+        "INSERT INTO questions (id, user_id, board_id, status, points, qtype) VALUES (1, 1, 1, 'open', 5, 'question')",
+        (q.insert(), [{"id": 2, "user_id": 1, "board_id": 2, "status": "closed", "points": 3, "qtype": "poll"},
+                      {"id": 3, "user_id": 2, "board_id": 1, "status": "open", "points": None, "qtype": "poll"}]),
+        (q.insert().values([{"id": 4, "user_id": 2, "board_id": 2, "status": "open", "points": 7, "qtype": "question"},
+                            {"id": 5, "user_id": None, "board_id": 1, "status": "open", "points": 1, "qtype": "poll"},
+                            {"id": 6, "user_id": 3, "board_id": 1, "status": None, "points": 2, "qtype": "poll"}]),),
+        "INSERT INTO questions (id, user_id, board_id, status, points, qtype) "
+        "SELECT id + 100, user_id, board_id, status, points, qtype FROM questions WHERE id <= 4",
+        # moving children between parents, both ways in one statement, to and from NULL
+        "UPDATE questions SET user_id = 4 WHERE user_id = 1",
+        "UPDATE questions SET user_id = CASE user_id WHEN 2 THEN 3 WHEN 3 THEN 2 END WHERE user_id IN (2, 3)",
+        (q.update().where(q.c.id == 5).values(user_id=1),),
+        (q.update().where(q.c.id == 101).values(user_id=None),),
+        # the where= column, the sum= column, the discriminator, an unrelated column
+        "UPDATE questions SET status = 'closed' WHERE status = 'open' AND id > 100",
+        "UPDATE questions SET status = 'open' WHERE status IS NULL OR id = 2",
+        "UPDATE questions SET points = points + 3 WHERE points IS NOT NULL",
+        "UPDATE questions SET points = NULL WHERE id = 4",
+        "UPDATE questions SET qtype = 'poll' WHERE id IN (1, 4)",
+        "UPDATE questions SET title = 'unrelated'",
+        (q.update().where(q.c.id == 102).values(user_id=4, status="open", points=11),),
+        # deletes: one, several
+        (q.delete().where(q.c.id == 2),),
+        "DELETE FROM questions WHERE id IN (3, 103)",
+    ]
+    for step in steps:
+        run(engine, step)
+        forum_exact(engine)
+    seen = forum_exact(engine)
+    assert all(any(v for v in values.values()) for values in seen.values()), seen
+    if cascade:  # the children of board 1 go with it
+        run(engine, "DELETE FROM boards WHERE id = 1")
+        after = forum_exact(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM questions WHERE board_id IS NULL OR board_id = 1")\
+                .scalar_one() == 0
+        assert after != seen
+    run(engine, "DELETE FROM questions")
+    assert all(set(values.values()) == {0} for values in forum_exact(engine).values())
+
+
+@pytest.mark.mariadb_only
+def test_mariadb_refuses_a_child_table_changed_by_foreign_key_actions(engine):
+    m = forum(cascade=True)
+    counter = counter_of(m.User.n_all)
+    message = triggers.refusal(counter, engine.dialect)
+    assert message is not None and "User.n_all" in message and "MariaDB" in message
+    assert "foreign key action" in message and "boards" in message and "'bulk'" in message
+    with pytest.raises(ConfigurationError, match="User.n_all"):
+        triggers.create_statements(counter, engine.dialect)
+
+
+# -- composite foreign key -------------------------------------------------------
+
+
+def test_composite_foreign_key(engine, backend):
+    class Base(DeclarativeBase):
+        pass
+
+    class Shelf(Base):
+        __tablename__ = "shelves"
+        room: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        books: Mapped[list["Book"]] = relationship()
+        book_count: Mapped[int] = counter_cache("books")
+        pages: Mapped[int] = counter_cache("books", sum="pages")
+
+    class Book(Base):
+        __tablename__ = "books"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        room: Mapped[Optional[int]]
+        slot: Mapped[Optional[int]]
+        pages: Mapped[Optional[int]]
+        __table_args__ = (ForeignKeyConstraint(["room", "slot"], ["shelves.room", "shelves.slot"]),)
+
+    counters = [counter_of(Shelf.book_count), counter_of(Shelf.pages)]
+    Base.metadata.create_all(engine)
+    install(engine, *counters)
+    b = Book.__table__
+
+    def check():
+        for column, value in (("book_count", "count(*)"), ("pages", "coalesce(sum(c.pages), 0)")):
+            exact(engine, "shelves", column, "books", "c.room = p.room AND c.slot = p.slot", value, key="room,slot")
+
+    run(engine, (Shelf.__table__.insert(), [{"room": r, "slot": s} for r in (1, 2) for s in (1, 2)]))
+    for step in [
+        (b.insert(), [{"id": 1, "room": 1, "slot": 1, "pages": 10}, {"id": 2, "room": 1, "slot": 2, "pages": 20},
+                      {"id": 3, "room": 2, "slot": 1, "pages": 30}, {"id": 4, "room": 1, "slot": None, "pages": 5}]),
+        "INSERT INTO books (id, room, slot, pages) SELECT id + 10, room, slot, pages FROM books",
+        "UPDATE books SET slot = 2 WHERE room = 1 AND slot = 1",  # one column of the key moves
+        "UPDATE books SET room = 2 WHERE id IN (2, 12)",
+        "UPDATE books SET slot = 1 WHERE id = 4",  # NULL part: counted from now on
+        "UPDATE books SET pages = pages * 2",
+        "DELETE FROM books WHERE id IN (1, 13)",
+    ]:
+        run(engine, step)
+        check()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT sum(book_count) FROM shelves").scalar_one() == 5  # 6 books, one with a NULL slot
+
+
+# -- self-referential --------------------------------------------------------------
+
+
+def comments() -> SimpleNamespace:
+    class Base(DeclarativeBase):
+        pass
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("comments.id", ondelete="CASCADE"))
+        status: Mapped[str] = mapped_column(String(20), default="open")
+        replies: Mapped[list["Comment"]] = relationship()
+        reply_count: Mapped[int] = counter_cache("replies")
+        open_replies: Mapped[int] = counter_cache("replies", where=lambda: Comment.status == "open")
+
+    return SimpleNamespace(Base=Base, Comment=Comment)
+
+
+@pytest.mark.sqlite_postgresql_only
+def test_self_referential_counter(engine):
+    foreign_keys_on(engine)
+    m = comments()
+    counters = [counter_of(m.Comment.reply_count), counter_of(m.Comment.open_replies)]
+    m.Base.metadata.create_all(engine)
+    install(engine, *counters)
+    c = m.Comment.__table__
+
+    def check():
+        exact(engine, "comments", "reply_count", "comments", "c.parent_id = p.id")
+        return exact(engine, "comments", "open_replies", "comments", "c.parent_id = p.id", where="c.status = 'open'")
+
+    for step in [
+        (c.insert(), [{"id": 1, "parent_id": None, "status": "open"}, {"id": 2, "parent_id": None, "status": "open"}]),
+        (c.insert(), [{"id": 3, "parent_id": 1, "status": "open"}, {"id": 4, "parent_id": 1, "status": "closed"}]),
+        (c.insert().values([{"id": 5, "parent_id": 3, "status": "open"}, {"id": 6, "parent_id": 3, "status": "open"},
+                            {"id": 7, "parent_id": 2, "status": "open"}]),),
+        "INSERT INTO comments (id, parent_id, status) SELECT id + 10, parent_id, status FROM comments "
+        "WHERE parent_id IS NOT NULL",
+        "UPDATE comments SET parent_id = 2 WHERE id IN (5, 14)",
+        "UPDATE comments SET status = 'closed' WHERE id = 15",
+        "UPDATE comments SET status = 'open'",
+        "DELETE FROM comments WHERE id = 17",
+    ]:
+        run(engine, step)
+        check()
+    assert check()[1] > 0
+    run(engine, "DELETE FROM comments WHERE id = 1")  # its replies and theirs go by ON DELETE CASCADE
+    left = check()
+    assert 1 not in left and 3 not in left
+
+
+@pytest.mark.mariadb_only
+def test_mariadb_refuses_a_self_referential_counter(engine):
+    counter = counter_of(comments().Comment.reply_count)
+    message = triggers.refusal(counter, engine.dialect)
+    assert message == ("Comment.reply_count: MariaDB/MySQL triggers cannot update the table that fired them "
+                       "(comments: a self-referential counter); use strategy 'bulk'")
+    with pytest.raises(ConfigurationError, match="self-referential"):
+        triggers.create_statements(counter, engine.dialect)
+
+
+# -- many-to-many ------------------------------------------------------------------
+
+
+def test_many_to_many(engine, backend):
+    foreign_keys_on(engine)
+    cascade = backend != "mariadb"
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE" if cascade else None), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id"), primary_key=True),
+    )
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list[Post]] = relationship(secondary=post_tags)
+        post_count: Mapped[int] = counter_cache("posts")
+
+    counter = counter_of(Tag.post_count)
+    assert triggers.refusal(counter, engine.dialect) is None
+    Base.metadata.create_all(engine)
+    install(engine, counter)
+    run(engine, (Post.__table__.insert(), [{"id": i} for i in (1, 2, 3)]),
+        (Tag.__table__.insert(), [{"id": i} for i in (1, 2, 3)]))
+    for step in [
+        "INSERT INTO post_tags (post_id, tag_id) VALUES (1, 1)",
+        (post_tags.insert(), [{"post_id": 2, "tag_id": 1}, {"post_id": 3, "tag_id": 1}, {"post_id": 1, "tag_id": 2}]),
+        "INSERT INTO post_tags (post_id, tag_id) SELECT post_id, 3 FROM post_tags WHERE tag_id = 1",
+        "UPDATE post_tags SET tag_id = 2 WHERE tag_id = 1 AND post_id = 3",
+        (post_tags.delete().where(post_tags.c.post_id == 2, post_tags.c.tag_id == 1),),
+    ]:
+        run(engine, step)
+        exact(engine, "tags", "post_count", "post_tags", "c.tag_id = p.id")
+    assert exact(engine, "tags", "post_count", "post_tags", "c.tag_id = p.id") == {1: 1, 2: 2, 3: 3}
+    if cascade:
+        run(engine, "DELETE FROM posts WHERE id = 3")
+        assert exact(engine, "tags", "post_count", "post_tags", "c.tag_id = p.id") == {1: 1, 2: 1, 3: 2}
+
+
+# -- installed, drop, re-create ----------------------------------------------------
+
+
+def test_installed_drop_and_create_again(engine):
+    m = forum(cascade=False)
+    counter = counter_of(m.User.n_open)
+    m.Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        assert not triggers.installed(conn, counter)
+        for statement in triggers.drop_statements(counter, engine.dialect):  # nothing to drop: fine
+            conn.exec_driver_sql(statement)
+    for _ in range(2):
+        install(engine, counter)
+        with engine.begin() as conn:
+            for statement in triggers.drop_statements(counter, engine.dialect):
+                conn.exec_driver_sql(statement)
+            assert not triggers.installed(conn, counter)
+    install(engine, counter)
+    run(engine, (m.User.__table__.insert(), [{"id": 1}]),
+        "INSERT INTO questions (id, user_id, status, qtype) VALUES (1, 1, 'open', 'q'), (2, 1, 'closed', 'q')")
+    assert exact(engine, "users", "n_open", "questions", "c.user_id = p.id", where="c.status = 'open'") == {1: 1}
+
+
+# -- names and refusals (no database) ------------------------------------------------
+
+
+def test_trigger_names_are_short_distinct_identifiers():
+    class Base(DeclarativeBase):
+        pass
+
+    long = "a_very_long_table_name_" * 4
+
+    class Parent(Base):
+        __tablename__ = long + "parents"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        children: Mapped[list["Child"]] = relationship()
+        first: Mapped[int] = counter_cache("children", name="x" * 60 + "_one")
+        second: Mapped[int] = counter_cache("children", name="x" * 60 + "_two")
+        third: Mapped[int] = counter_cache("children")
+
+    class Child(Base):
+        __tablename__ = long + "children"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[int] = mapped_column(ForeignKey(Parent.id))
+
+    counters = [counter_of(Parent.first), counter_of(Parent.second), counter_of(Parent.third)]
+    names = [n for c in counters for n in triggers.trigger_names(c).values()]
+    names += [triggers.trigger_name(c) + triggers.FUNCTION_SUFFIX for c in counters]
+    assert len(set(names)) == len(names)
+    assert all(len(n) <= 63 and n.isidentifier() and n == n.lower() and n.startswith("cc_") for n in names)
+    assert [triggers.trigger_name(c) for c in counters] == [triggers.trigger_name(c) for c in counters]
+    short = counter_of(forum(False).User.n_open)
+    assert triggers.trigger_name(short).startswith("cc_users_n_open_")
+    for dialect in DIALECTS.values():  # each statement fits the names it was given
+        assert all(isinstance(s, str) for s in triggers.create_statements(counters[0], dialect))
+
+
+def test_multi_level_counters_are_refused_everywhere():
+    class Base(DeclarativeBase):
+        pass
+
+    class Org(Base):
+        __tablename__ = "orgs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        users: Mapped[list["Member"]] = relationship()
+        question_count: Mapped[int] = counter_cache("users.questions")
+
+    class Member(Base):
+        __tablename__ = "members"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        org_id: Mapped[int] = mapped_column(ForeignKey(Org.id))
+        questions: Mapped[list["Ask"]] = relationship()
+
+    class Ask(Base):
+        __tablename__ = "asks"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        member_id: Mapped[int] = mapped_column(ForeignKey(Member.id))
+
+    counter = counter_of(Org.question_count)
+    for name, dialect in DIALECTS.items():
+        message = triggers.refusal(counter, dialect)
+        assert message is not None and message.startswith("Org.question_count: a multi-level counter")
+        assert "not supported by the trigger strategy yet" in message and "'bulk'" in message
+        assert {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mariadb": "MariaDB/MySQL"}[name] in message
+        with pytest.raises(ConfigurationError, match="multi-level"):
+            triggers.create_statements(counter, dialect)
