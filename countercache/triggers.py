@@ -21,8 +21,12 @@ PostgreSQL and SQLite) the deletes of an ``ON DELETE CASCADE``.
   its own table there), and a child table with a foreign key action that
   changes counted rows (foreign key actions fire no trigger there).
 
-Every function returns plain SQL strings, one statement each, to run in order
-with ``connection.exec_driver_sql()`` (no parameters: a ``%`` is not doubled).
+Every function returns plain SQL strings, one statement each, as the server
+reads them (a ``%`` in a ``where=`` literal is not doubled): run them in order
+with :func:`execute`, which sends each without parameters
+(``exec_driver_sql(..., execution_options={"no_parameters": True})``; with
+parameters, even empty ones, psycopg and PyMySQL would read ``%`` as a
+placeholder).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from sqlalchemy.sql.visitors import iterate, replacement_traverse
 
 from .kinds import ManyToMany, MultiLevel
 
-__all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements", "installed"]
+__all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements", "installed", "execute"]
 
 #: The shortest identifier limit among the databases (PostgreSQL's 63 bytes).
 MAX_NAME = 63
@@ -300,6 +304,12 @@ def drop_statements(counter: Any, dialect: Any) -> list[str]:
     schema = counter.kind.key_columns()[0].table.schema
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
     return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in names.values()]
+
+
+def execute(connection: Any, statements: list[str]) -> None:
+    """Run ``statements`` (:func:`create_statements`, :func:`drop_statements`) in order on ``connection``."""
+    for statement in statements:
+        connection.exec_driver_sql(statement, execution_options={"no_parameters": True})
 
 
 def installed(connection: Any, counter: Any) -> bool:
