@@ -185,6 +185,40 @@ def test_one_to_many_kinds_follow_every_statement(engine, backend):
     assert all(set(values.values()) == {0} for values in forum_exact(engine).values())
 
 
+def test_upserts_and_replace(engine, backend):
+    """Each database's upsert, and REPLACE (SQLite: its deletes fire triggers only under
+    ``PRAGMA recursive_triggers = ON``, set here per connection)."""
+    if backend == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _recursive(dbapi_connection, record):
+            dbapi_connection.execute("PRAGMA recursive_triggers = ON")
+    m = forum(cascade=False)
+    counters = [counter_of(getattr(m.User, name)) for name in FORUM_CHECKS]
+    m.Base.metadata.create_all(engine)
+    install(engine, *counters)
+    run(engine, (m.User.__table__.insert(), [{"id": i} for i in (1, 2, 3)]),
+        "INSERT INTO questions (id, user_id, status, points, qtype) VALUES "
+        "(1, 1, 'open', 1, 'question'), (2, 1, 'open', 2, 'poll'), (3, 2, 'closed', 3, 'question')")
+    columns = "INSERT INTO questions (id, user_id, status, points, qtype) VALUES "
+    rows = "(1, 2, 'open', 10, 'poll'), (3, 3, 'open', 5, 'question'), (4, 1, 'open', 4, 'question')"
+    if backend == "mariadb":
+        steps = [columns + rows + " ON DUPLICATE KEY UPDATE user_id = VALUES(user_id), status = VALUES(status), "
+                 "points = VALUES(points), qtype = VALUES(qtype)",
+                 "REPLACE INTO questions (id, user_id, status, points, qtype) VALUES (2, 3, 'open', 7, 'question')",
+                 columns + "(4, 2, 'closed', 0, 'poll') ON DUPLICATE KEY UPDATE points = points + 1"]
+    else:
+        steps = [columns + rows + " ON CONFLICT (id) DO UPDATE SET user_id = excluded.user_id, "
+                 "status = excluded.status, points = excluded.points, qtype = excluded.qtype",
+                 columns + "(2, 3, 'closed', 0, 'poll') ON CONFLICT (id) DO NOTHING",
+                 columns + "(4, 2, 'closed', 0, 'poll') ON CONFLICT (id) DO UPDATE SET points = questions.points + 1"]
+        if backend == "sqlite":
+            steps.append("REPLACE INTO questions (id, user_id, status, points, qtype) VALUES (2, 3, 'open', 7, 'question')")
+    for step in steps:
+        run(engine, step)
+        forum_exact(engine)
+    assert forum_exact(engine)["n_all"] == ({1: 2, 2: 1, 3: 1} if backend == "postgresql" else {1: 1, 2: 1, 3: 2})
+
+
 @pytest.mark.mariadb_only
 def test_mariadb_refuses_a_child_table_changed_by_foreign_key_actions(engine):
     m = forum(cascade=True)
