@@ -489,3 +489,53 @@ def test_multi_level_counters_are_refused_everywhere():
         assert {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mariadb": "MariaDB/MySQL"}[name] in message
         with pytest.raises(ConfigurationError, match="multi-level"):
             triggers.create_statements(counter, dialect)
+
+
+# -- concurrency (PostgreSQL) ----------------------------------------------------------
+
+
+@pytest.mark.postgresql_only
+def test_concurrent_statements_over_the_same_parents(engine):
+    """Two writers move their own children back and forth between the same parents,
+    in opposite key orders: the parents are locked in key order, no deadlock, exact."""
+    import threading
+
+    m = forum(cascade=False)
+    counters = [counter_of(m.User.n_all), counter_of(m.User.points)]
+    m.Base.metadata.create_all(engine)
+    install(engine, *counters)
+    run(engine, (m.User.__table__.insert(), [{"id": i} for i in (1, 2, 3)]),
+        (m.Question.__table__.insert(), [{"id": i, "user_id": 1 + i % 3, "points": i, "qtype": "question"}
+                                         for i in range(40)]))
+    errors: list[BaseException] = []
+
+    def writer(first: int, rows: str) -> None:
+        try:
+            for n in range(25):
+                with engine.begin() as conn:
+                    # rows moved from the highest parent to the lowest, or the reverse
+                    conn.exec_driver_sql(
+                        f"UPDATE questions SET user_id = 4 - user_id, points = points + {n % 2} WHERE id IN ({rows})")
+                    conn.exec_driver_sql(
+                        "INSERT INTO questions (id, user_id, points, qtype) SELECT 1000 * %d + %d + g, 4 - g, g, 'q' "
+                        "FROM generate_series(1, 3) AS g" % (first, n * 10))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(1, "0, 1, 2, 3, 4, 5")),
+               threading.Thread(target=writer, args=(2, "10, 11, 12, 13, 14, 15"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    exact(engine, "users", "n_all", "questions", "c.user_id = p.id")
+    exact(engine, "users", "points", "questions", "c.user_id = p.id", "coalesce(sum(c.points), 0)")
+
+
+def test_other_databases_are_refused():
+    from sqlalchemy.dialects import mssql
+
+    counter = counter_of(forum(False).User.n_all)
+    assert triggers.refusal(counter, mssql.dialect()) == (
+        "User.n_all: the trigger strategy does not support mssql yet; use strategy 'bulk'")
