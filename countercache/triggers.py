@@ -36,7 +36,7 @@ import re
 from typing import Any
 
 from sqlalchemy import literal_column, text
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.elements import BindParameter, ColumnClause
 from sqlalchemy.sql.visitors import iterate, replacement_traverse
 
 from .kinds import ManyToMany, MultiLevel
@@ -83,7 +83,7 @@ class _Shape:
         self.fk = kind.key_columns()
         self.child = self.fk[0].table
         self.condition = kind.condition()
-        self.value = None if kind.row_value() is None or _is_one(kind.row_value()) else kind.row_value()
+        self.value = None if _is_one(kind.row_value()) else kind.row_value()  # None: a count
         self.self_referential = self.child is self.parent
         seen: list[Any] = []
         self.foreign: list[Any] = []  # columns of other tables (a joined subclass's condition)
@@ -99,7 +99,7 @@ class _Shape:
 
 
 def _is_one(expr: Any) -> bool:
-    return getattr(expr, "value", None) == 1 and expr.__class__.__name__ == "BindParameter"
+    return isinstance(expr, BindParameter) and expr.value == 1
 
 
 def _database(dialect: Any) -> str:
@@ -125,6 +125,15 @@ def refusal(counter: Any, dialect: Any) -> str | None:
     if shape.foreign:
         return (f"{name}: which rows count depends on another table ({shape.foreign[0].table}), which the "
                 f"trigger strategy does not support yet (on {database}); use strategy 'bulk'")
+    own = _own_constraint(shape)
+    on_update = (own.onupdate or "").upper() if own is not None else ""
+    # (MariaDB/MySQL: a cascade fires no trigger there, the count moves with its parent)
+    if on_update in ("SET NULL", "SET DEFAULT") or (on_update == "CASCADE" and dialect.name in ("postgresql", "sqlite")):
+        return (f"{name}: its foreign key to {shape.parent.name} has ON UPDATE {on_update}, which changes the "
+                "counted rows when their parent's key changes, and the parent keeps its count "
+                + ("(the triggers would count them a second time)" if on_update == "CASCADE" else
+                   "(which no longer matches them)")
+                + f" on {database}; declare it without ON UPDATE, or use strategy 'bulk'")
     if dialect.name in ("mysql", "mariadb"):
         if shape.self_referential:
             return (f"{name}: MariaDB/MySQL triggers cannot update the table that fired them "
@@ -136,12 +145,20 @@ def refusal(counter: Any, dialect: Any) -> str | None:
     return None
 
 
+def _own_constraint(shape: _Shape) -> Any:
+    """The child table's foreign key constraint on the counted key (None: not declared)."""
+    for fk in shape.child.foreign_key_constraints:
+        if {c.name for c in fk.columns} == {c.name for c in shape.fk} and fk.referred_table is shape.parent:
+            return fk
+    return None
+
+
 def _silent_action(shape: _Shape) -> str | None:
     """A foreign key of the child table whose action deletes or changes counted rows
     (other than the counted key's own ON DELETE/ON UPDATE, which go with the parent)."""
     counted = {c.name for c in shape.columns}
     for fk in shape.child.foreign_key_constraints:
-        own = [c.name for c in fk.columns] == [c.name for c in shape.fk] and fk.referred_table is shape.parent
+        own = fk is _own_constraint(shape)
         deletes = (fk.ondelete or "").upper() == "CASCADE"
         writes = {(fk.ondelete or "").upper(), (fk.onupdate or "").upper()} & {"CASCADE", "SET NULL", "SET DEFAULT"}
         if not own and (deletes or (writes and counted & {c.name for c in fk.columns})):
@@ -249,6 +266,14 @@ def function_name(counter: Any, dialect: Any) -> str:
     return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(trigger_name(counter) + FUNCTION_SUFFIX)
 
 
+def _bare_type(type_: Any, dialect: Any) -> str:
+    """The type as a plpgsql array variable's element (no COLLATE clause)."""
+    if getattr(type_, "collation", None):
+        type_ = type_.copy()
+        type_.collation = None
+    return str(type_.compile(dialect=dialect))
+
+
 def _postgresql(counter: Any, dialect: Any) -> list[str]:
     """The plpgsql function and its three statement-level triggers."""
     shape, parent, child, column = _names(counter, dialect)
@@ -271,7 +296,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
                 f"GROUP BY {aliases} HAVING sum(u.d) <> 0) AS s;")
 
     pk = [f"p.{quote(col.name)}" for col in shape.parent_key]
-    declare = " ".join(f"{k} {col.type.compile(dialect=dialect)}[];" for k, col in zip(keys, shape.parent_key))
+    declare = " ".join(f"{k} {_bare_type(col.type, dialect)}[];" for k, col in zip(keys, shape.parent_key))
     declare += f" cc_deltas {counter.column.type.compile(dialect=dialect)}[];"
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
