@@ -39,7 +39,8 @@ from sqlalchemy import literal_column, text
 from sqlalchemy.sql.elements import BindParameter, ColumnClause
 from sqlalchemy.sql.visitors import iterate, replacement_traverse
 
-from .kinds import ManyToMany, MultiLevel
+from .errors import ConfigurationError
+from .kinds import MultiLevel
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements", "installed", "execute"]
 
@@ -169,8 +170,6 @@ def _silent_action(shape: _Shape) -> str | None:
 def _check(counter: Any, dialect: Any) -> None:
     found = refusal(counter, dialect)
     if found is not None:
-        from .errors import ConfigurationError
-
         raise ConfigurationError(found)
 
 

@@ -9,11 +9,12 @@ independent recount.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from decimal import Decimal
 from typing import Optional
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Column, ForeignKey, ForeignKeyConstraint, Integer, String, Table, event, text
+from sqlalchemy import Column, ForeignKey, ForeignKeyConstraint, Numeric, String, Table, event, text
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column, relationship
 
@@ -261,6 +262,7 @@ def test_composite_foreign_key(engine, backend):
         books: Mapped[list["Book"]] = relationship()
         book_count: Mapped[int] = counter_cache("books")
         pages: Mapped[int] = counter_cache("books", sum="pages")
+        weight: Mapped[Decimal] = counter_cache("books", sum="weight", type_=Numeric(10, 2))
 
     class Book(Base):
         __tablename__ = "books"
@@ -268,26 +270,30 @@ def test_composite_foreign_key(engine, backend):
         room: Mapped[Optional[int]]
         slot: Mapped[Optional[int]]
         pages: Mapped[Optional[int]]
+        weight: Mapped[Optional[Decimal]] = mapped_column(Numeric(8, 2))  # (binary-exact values below)
         __table_args__ = (ForeignKeyConstraint(["room", "slot"], ["shelves.room", "shelves.slot"]),)
 
-    counters = [counter_of(Shelf.book_count), counter_of(Shelf.pages)]
+    counters = [counter_of(Shelf.book_count), counter_of(Shelf.pages), counter_of(Shelf.weight)]
     Base.metadata.create_all(engine)
     install(engine, *counters)
     b = Book.__table__
 
     def check():
-        for column, value in (("book_count", "count(*)"), ("pages", "coalesce(sum(c.pages), 0)")):
+        for column, value in (("book_count", "count(*)"), ("pages", "coalesce(sum(c.pages), 0)"),
+                              ("weight", "coalesce(sum(c.weight), 0)")):
             exact(engine, "shelves", column, "books", "c.room = p.room AND c.slot = p.slot", value, key="room,slot")
 
     run(engine, (Shelf.__table__.insert(), [{"room": r, "slot": s} for r in (1, 2) for s in (1, 2)]))
     for step in [
-        (b.insert(), [{"id": 1, "room": 1, "slot": 1, "pages": 10}, {"id": 2, "room": 1, "slot": 2, "pages": 20},
-                      {"id": 3, "room": 2, "slot": 1, "pages": 30}, {"id": 4, "room": 1, "slot": None, "pages": 5}]),
-        "INSERT INTO books (id, room, slot, pages) SELECT id + 10, room, slot, pages FROM books",
+        (b.insert(), [{"id": 1, "room": 1, "slot": 1, "pages": 10, "weight": Decimal("0.5")},
+                      {"id": 2, "room": 1, "slot": 2, "pages": 20, "weight": Decimal("1.25")},
+                      {"id": 3, "room": 2, "slot": 1, "pages": 30, "weight": None},
+                      {"id": 4, "room": 1, "slot": None, "pages": 5, "weight": Decimal("2.75")}]),
+        "INSERT INTO books (id, room, slot, pages, weight) SELECT id + 10, room, slot, pages, weight FROM books",
         "UPDATE books SET slot = 2 WHERE room = 1 AND slot = 1",  # one column of the key moves
         "UPDATE books SET room = 2 WHERE id IN (2, 12)",
         "UPDATE books SET slot = 1 WHERE id = 4",  # NULL part: counted from now on
-        "UPDATE books SET pages = pages * 2",
+        "UPDATE books SET pages = pages * 2, weight = weight + 0.25",
         "DELETE FROM books WHERE id IN (1, 13)",
     ]:
         run(engine, step)
