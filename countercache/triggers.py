@@ -12,7 +12,8 @@ PostgreSQL and SQLite) the deletes of an ``ON DELETE CASCADE``.
   tables (new rows add, old rows subtract; zero nets dropped), returns at once
   when none is left (which ends the recursion of a self-referential counter,
   whose own UPDATE fires the table's UPDATE trigger again), locks the parents
-  in key order (``FOR NO KEY UPDATE``) and adds in one ``UPDATE``.
+  in key order (``FOR NO KEY UPDATE``) and adds in one ``UPDATE``. A fourth
+  (``AFTER TRUNCATE``) sets the counters to 0.
 * SQLite: row-level ``AFTER INSERT``, ``AFTER DELETE`` and ``AFTER UPDATE OF
   <counted columns> ... WHEN <one changed>`` triggers.
 * MariaDB/MySQL: row-level triggers; the UPDATE one only when a counted
@@ -20,6 +21,19 @@ PostgreSQL and SQLite) the deletes of an ``ON DELETE CASCADE``.
   (key order). Refused: a self-referential counter (a trigger cannot update
   its own table there), and a child table with a foreign key action that
   changes counted rows (foreign key actions fire no trigger there).
+
+Refused everywhere: multi-level counters, a condition reading another table
+(a joined subclass), a counter column outside the parent key's table, and an
+``ON UPDATE`` action on the counted key that the triggers would count twice
+(CASCADE, on PostgreSQL and SQLite: the count already moved with its parent)
+or that leaves the parent's count behind (SET NULL / SET DEFAULT).
+
+Not kept, and not detectable here: MariaDB/MySQL's TRUNCATE (fires no
+trigger); SQLite's ``REPLACE`` / ``INSERT OR REPLACE`` unless the connection
+sets ``PRAGMA recursive_triggers = ON`` (its deletes fire no trigger
+otherwise). MariaDB/MySQL refuses (error 1442, nothing changed) a statement
+on the child table that reads the parent table (``INSERT ... SELECT ... FROM
+parent``, ``DELETE ... WHERE fk IN (SELECT ... FROM parent)``).
 
 Every function returns plain SQL strings, one statement each, as the server
 reads them (a ``%`` in a ``where=`` literal is not doubled): run them in order
@@ -42,12 +56,15 @@ from sqlalchemy.sql.visitors import iterate, replacement_traverse
 from .errors import ConfigurationError
 from .kinds import MultiLevel
 
-__all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements", "installed", "execute"]
+__all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
+           "execute", "installed"]
 
 #: The shortest identifier limit among the databases (PostgreSQL's 63 bytes).
 MAX_NAME = 63
 #: Per-event suffixes of the trigger names, and the PostgreSQL function's.
 EVENTS = {"INSERT": "_ins", "DELETE": "_del", "UPDATE": "_upd"}
+#: PostgreSQL's fourth trigger: a TRUNCATE of the child table zeroes the counters.
+TRUNCATE = {"TRUNCATE": "_trn"}
 FUNCTION_SUFFIX = "_fn"
 
 _DATABASES = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mysql": "MariaDB/MySQL", "mariadb": "MariaDB/MySQL"}
@@ -62,14 +79,15 @@ def trigger_name(counter: Any) -> str:
     qualified = f"{table.schema or ''}.{table.name}.{counter.column.name}"
     digest = hashlib.sha1(qualified.encode("utf-8")).hexdigest()[:8]
     body = re.sub(r"[^a-z0-9_]+", "_", f"{table.name}_{counter.column.name}".lower()).strip("_")
-    room = MAX_NAME - max(len(s) for s in (*EVENTS.values(), FUNCTION_SUFFIX)) - len("cc__") - len(digest)
+    room = MAX_NAME - max(len(s) for s in (*EVENTS.values(), *TRUNCATE.values(), FUNCTION_SUFFIX)) - len("cc__") - len(digest)
     return f"cc_{body[:room].rstrip('_')}_{digest}"
 
 
-def trigger_names(counter: Any) -> dict[str, str]:
-    """``{"INSERT": name, "DELETE": name, "UPDATE": name}``."""
+def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
+    """``{"INSERT": name, "DELETE": name, "UPDATE": name}`` (and ``"TRUNCATE"`` on PostgreSQL)."""
     base = trigger_name(counter)
-    return {event: base + suffix for event, suffix in EVENTS.items()}
+    events = {**EVENTS, **TRUNCATE} if dialect is not None and dialect.name == "postgresql" else EVENTS
+    return {event: base + suffix for event, suffix in events.items()}
 
 
 class _Shape:
@@ -274,10 +292,10 @@ def _bare_type(type_: Any, dialect: Any) -> str:
 
 
 def _postgresql(counter: Any, dialect: Any) -> list[str]:
-    """The plpgsql function and its three statement-level triggers."""
+    """The plpgsql function and its four statement-level triggers."""
     shape, parent, child, column = _names(counter, dialect)
     quote = dialect.identifier_preparer.quote
-    fn, names = function_name(counter, dialect), trigger_names(counter)
+    fn, names = function_name(counter, dialect), trigger_names(counter, dialect)
     keys = [f"cc_key_{i}" for i in range(len(shape.fk))]
     aliases = ", ".join(f"k{i}" for i in range(len(keys)))
     present = " AND ".join(f"r.{quote(fk.name)} IS NOT NULL" for fk in shape.fk)
@@ -300,7 +318,10 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
         f"#variable_conflict use_column\nDECLARE {declare}\nBEGIN\n"
-        f"IF TG_OP = 'INSERT' THEN {collect(rows('cc_new', '+'))}\n"
+        # every child row is gone: every counter is 0
+        f"IF TG_OP = 'TRUNCATE' THEN PERFORM 1 FROM {parent} AS p WHERE p.{column} <> 0 ORDER BY {', '.join(pk)} "
+        f"FOR NO KEY UPDATE;\nUPDATE {parent} AS p SET {column} = 0 WHERE p.{column} <> 0; RETURN NULL;\n"
+        f"ELSIF TG_OP = 'INSERT' THEN {collect(rows('cc_new', '+'))}\n"
         f"ELSIF TG_OP = 'DELETE' THEN {collect(rows('cc_old', '-'))}\n"
         f"ELSE {collect(rows('cc_new', '+'), rows('cc_old', '-'))}\nEND IF;\n"
         # nothing changed: no UPDATE (which would fire a self-referential table's trigger again)
@@ -314,13 +335,15 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     referencing = {"INSERT": "NEW TABLE AS cc_new", "DELETE": "OLD TABLE AS cc_old",
                    "UPDATE": "OLD TABLE AS cc_old NEW TABLE AS cc_new"}
     return [function, *(f"CREATE TRIGGER {quote(names[event])} AFTER {event} ON {child} REFERENCING "
-                        f"{referencing[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS)]
+                        f"{referencing[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
+            f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
+            f"EXECUTE FUNCTION {fn}()"]
 
 
 def drop_statements(counter: Any, dialect: Any) -> list[str]:
     """The statements dropping the counter's triggers (and function) if they exist."""
     prep = dialect.identifier_preparer
-    names = trigger_names(counter)
+    names = trigger_names(counter, dialect)
     if dialect.name == "postgresql":
         child = prep.format_table(counter.kind.key_columns()[0].table)
         return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {child}" for n in names.values()),
@@ -338,8 +361,8 @@ def execute(connection: Any, statements: list[str]) -> None:
 
 def installed(connection: Any, counter: Any) -> bool:
     """Do all of the counter's triggers exist in ``connection``'s database? (one catalog query)"""
-    names = list(trigger_names(counter).values())
     dialect = connection.dialect
+    names = list(trigger_names(counter, dialect).values())
     table = counter.kind.key_columns()[0].table
     params: dict[str, Any] = {f"n{i}": n for i, n in enumerate(names)}
     listed = ", ".join(f":n{i}" for i in range(len(names)))

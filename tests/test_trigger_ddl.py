@@ -248,6 +248,22 @@ def test_mariadb_refuses_statements_reading_the_parent_table(engine):
     assert exact(engine, "users", "n_all", "questions", "c.user_id = p.id") == {1: 1, 2: 0}
 
 
+@pytest.mark.postgresql_only
+def test_postgresql_truncate_zeroes_the_counters(engine):
+    m = forum(cascade=False)
+    counters = [counter_of(getattr(m.User, name)) for name in FORUM_CHECKS]
+    m.Base.metadata.create_all(engine)
+    install(engine, *counters)
+    rows = "INSERT INTO questions (id, user_id, status, points, qtype) VALUES " \
+           "(1, 1, 'open', 1, 'question'), (2, 1, 'open', 2, 'poll'), (3, 2, 'closed', 3, 'question')"
+    run(engine, (m.User.__table__.insert(), [{"id": i} for i in (1, 2, 3)]), rows)
+    assert forum_exact(engine)["n_all"] == {1: 2, 2: 1, 3: 0}
+    run(engine, "TRUNCATE questions")
+    assert all(set(values.values()) == {0} for values in forum_exact(engine).values())
+    run(engine, rows)
+    assert forum_exact(engine)["points"] == {1: 3, 2: 3, 3: 0}
+
+
 # -- composite foreign key -------------------------------------------------------
 
 
@@ -455,7 +471,8 @@ def test_trigger_names_are_short_distinct_identifiers():
         parent_id: Mapped[int] = mapped_column(ForeignKey(Parent.id))
 
     counters = [counter_of(Parent.first), counter_of(Parent.second), counter_of(Parent.third)]
-    names = [n for c in counters for n in triggers.trigger_names(c).values()]
+    names = [n for c in counters for n in triggers.trigger_names(c, DIALECTS["postgresql"]).values()]
+    assert len(names) == 12  # (INSERT, DELETE, UPDATE, TRUNCATE) x 3
     names += [triggers.trigger_name(c) + triggers.FUNCTION_SUFFIX for c in counters]
     assert len(set(names)) == len(names)
     assert all(len(n) <= 63 and n.isidentifier() and n == n.lower() and n.startswith("cc_") for n in names)
