@@ -445,12 +445,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def all_contenders() -> list[Contender]:
-    """Every contender, in report order; strategies from ``STRATEGIES``."""
-    from countercache.config import STRATEGIES
+    """Every contender, in report order; strategies from ``STRATEGIES`` (and
+    the database-kept ones, ``DATABASE_STRATEGIES``, run when named)."""
+    from countercache.config import DATABASE_STRATEGIES, STRATEGIES
 
     return [
         NoCounter(),
         *(CounterCacheStrategy(s) for s in STRATEGIES),
+        *(CounterCacheStrategy(s) for s in DATABASE_STRATEGIES),
         *(CounterCacheStrategy("sharded", n) for n in EXTRA_SHARDS),
         Listener(),
         FlushListener(),
@@ -475,4 +477,6 @@ def contender_names() -> list[str]:
 
 def every_contender_name() -> list[str]:
     """Every contender ``--contender`` accepts."""
-    return [*contender_names(), *(f"sharded{n}" for n in EXTRA_SHARDS)]
+    from countercache.config import DATABASE_STRATEGIES
+
+    return [*contender_names(), *(f"sharded{n}" for n in EXTRA_SHARDS), *DATABASE_STRATEGIES]

@@ -86,7 +86,7 @@ def parser(prog: str = "countercache bench") -> argparse.ArgumentParser:
                    f"also: {', '.join(w for w in WORKLOADS if w not in DEFAULT_WORKLOADS)})")
     p.add_argument("--contender", action="extend", nargs="+", metavar="NAME", choices=every_contender_name(),
                    help=f"contenders to run (default: all of {', '.join(contender_names())}; "
-                   "also: sharded4, sharded64; `none` is always added)")
+                   "also: sharded4, sharded64, trigger; `none` is always added)")
     p.add_argument("--repeat", type=_positive(1), default=3, help="repetitions (median taken; default 3)")
     p.add_argument("--children", type=_positive(2), default=10_000,
                    help="children per batch (txn: a tenth, delete/move: a half; default 10000)")
@@ -147,7 +147,7 @@ def _run_at(args: argparse.Namespace, url: str, proxy: Any) -> int:
     """The run, against ``url`` directly or (``proxy``) through the latency proxy."""
     from rich.console import Console
 
-    from countercache.config import STRATEGIES
+    from countercache.config import ALL_STRATEGIES
 
     from . import contenders as contenders_mod
     from . import report, runner
@@ -191,7 +191,7 @@ def _run_at(args: argparse.Namespace, url: str, proxy: Any) -> int:
             Console().print(f"plot written to {args.plot}")
     bad = [
         cell for cell in result.cells.values()
-        if (cell.contender in STRATEGIES or cell.contender.startswith("sharded")) and cell.status in ("WRONG", "error")
+        if (cell.contender in ALL_STRATEGIES or cell.contender.startswith("sharded")) and cell.status in ("WRONG", "error")
     ]
     return 1 if bad else 0
 

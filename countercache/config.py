@@ -30,10 +30,16 @@ from .sidetable import DEFAULT_SHARDS, check_shards
 if TYPE_CHECKING:
     from .declaration import CounterCache
 
-__all__ = ["configured_strategy", "STRATEGIES"]
+__all__ = ["configured_strategy", "STRATEGIES", "DATABASE_STRATEGIES", "ALL_STRATEGIES"]
 
-#: The strategies this version implements, in the order the docs present them.
+#: The strategies kept by the ORM (the session's flush and commit), in the order the docs present them.
 STRATEGIES: tuple[str, ...] = ("bulk", "per_row", "deferred", "sharded")
+
+#: The strategies kept by the database itself (triggers generated from the declaration).
+DATABASE_STRATEGIES: tuple[str, ...] = ("trigger",)
+
+#: Every strategy this version implements.
+ALL_STRATEGIES: tuple[str, ...] = STRATEGIES + DATABASE_STRATEGIES
 
 DEFAULT_STRATEGY = "bulk"
 
@@ -57,10 +63,10 @@ _config = _Config()
 
 def check_strategy(name: Any, what: str) -> str:
     """Return ``name`` if it is a known strategy, else raise naming ``what``."""
-    if name not in STRATEGIES:
+    if name not in ALL_STRATEGIES:
         raise ConfigurationError(
             f"{what}: unknown strategy {name!r}; valid choices are "
-            + ", ".join(repr(s) for s in STRATEGIES)
+            + ", ".join(repr(s) for s in ALL_STRATEGIES)
         )
     return name
 

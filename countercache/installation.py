@@ -28,7 +28,8 @@ from typing import Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, MappedColumn, Session, mapped_column
 
-from . import _registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions
+from . import (_registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions,
+               trigger_events)
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
@@ -124,6 +125,7 @@ def _bind_counters(mapper: Mapper[Any], class_: type) -> None:
             definition = column.info["countercache"] = definition.copy()
         if definition.cls is None:
             definition._bind(mapper, column)
+            trigger_events.watch(column.table.metadata)
             if definition.declared_strategy is not None \
                     and STRATEGY_CLASSES[definition.declared_strategy].uses_shard_table:
                 shard_table(column.table.metadata)
@@ -213,6 +215,8 @@ def _install() -> None:
         # back after uninstall(): the counters declared before it resume too
         _uninstalled = False
         for counter in _registry.all_counters():
+            if counter.column is not None:
+                trigger_events.watch(counter.column.table.metadata)
             if counter.parent is None:
                 continue
             _track(counter)
@@ -237,6 +241,7 @@ def uninstall() -> None:
             event.remove(target, name, fn)
     _uninstall_session_hooks()
     memory.uninstall()
+    trigger_events.uninstall()
     _uninstalled = True
 
 

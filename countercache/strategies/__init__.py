@@ -12,12 +12,14 @@ from .bulk import BulkStrategy
 from .deferred import DeferredStrategy
 from .per_row import PerRowStrategy
 from .sharded import ShardedStrategy
+from .trigger import TriggerStrategy
 
 STRATEGY_CLASSES = {
     "bulk": BulkStrategy,
     "per_row": PerRowStrategy,
     "deferred": DeferredStrategy,
     "sharded": ShardedStrategy,
+    "trigger": TriggerStrategy,
 }
 
-__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy", "ShardedStrategy"]
+__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy", "ShardedStrategy", "TriggerStrategy"]

@@ -1,0 +1,89 @@
+"""``trigger``: the database keeps the counter, with triggers generated from
+the declaration (:mod:`countercache.triggers`).
+
+The writing statement itself (an INSERT, UPDATE or DELETE of child rows,
+whoever sends it: the ORM, a Core statement on a connection, raw SQL,
+another application, a foreign key's ``ON DELETE CASCADE``) fires the
+triggers, which change the counter in the same statement. The ORM side
+writes nothing: what change tracking finds for these counters only tells
+which parents in memory the flush changed, and those get the new value
+(expired, or read back where the commit keeps them: ``expire_on_commit=False``),
+as for the other strategies.
+
+Before a session first relies on the triggers of a counter on a database,
+it checks once (per engine) that they are there: a counter whose triggers
+were never created (no migration, no ``create_all()``) raises
+:class:`~countercache.CounterCacheError` naming it instead of drifting.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CounterCacheError
+from ._base import Strategy
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from ..declaration import CounterCache
+
+#: engine -> names of the trigger counters found installed on it
+_verified: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def verify_installed(connection: Connection, counter: CounterCache) -> None:
+    """Raise unless ``counter``'s triggers exist on ``connection``'s database
+    (asked once per engine and counter)."""
+    from .. import triggers
+
+    engine = connection.engine
+    found = _verified.get(engine)
+    if found is not None and counter.name in found:
+        return
+    refused = triggers.refusal(counter, connection.dialect)
+    if refused is not None:
+        raise CounterCacheError(refused)
+    if not triggers.installed(connection, counter):
+        raise CounterCacheError(
+            f"{counter.name}: strategy 'trigger', but the database ({connection.dialect.name}) has no "
+            f"countercache trigger for it: create it with the migration "
+            f"(op.create_counter_trigger) or metadata.create_all(), or choose an ORM strategy such as 'bulk'")
+    _verified.setdefault(engine, set()).add(counter.name)
+
+
+def forget_verified() -> None:
+    """Ask again (after triggers were dropped or created behind the library's back)."""
+    _verified.clear()
+
+
+class TriggerStrategy(Strategy):
+    name = "trigger"
+    #: the database writes the parent rows, in the child row's statement
+    writes_rows = False
+
+    def __init__(self, flush: Any) -> None:
+        super().__init__(flush)
+        self.verified: set[CounterCache] = set()
+
+    def add(self, counter: CounterCache, key: tuple[Any, ...], delta: int) -> None:
+        if counter not in self.verified:
+            verify_installed(self.flush.connection_for(counter.parent), counter)  # type: ignore[arg-type]
+            self.verified.add(counter)
+        super().add(counter, key, delta)
+
+    def write(self, connection_for: Any = None, connection: Connection | None = None) -> None:
+        """Nothing to write: show the new values on the parents in memory."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = {}
+        flush = self.flush
+        for parent, deltas in pending.items():
+            keys = [key for key, vector in deltas.items() if any(vector)]
+            if keys and flush.holds_any(parent, keys):
+                flush.results.append((parent, [(key, None) for key in keys]))
+
+    def flush_done(self) -> None:
+        self.write()

@@ -1,0 +1,103 @@
+"""``metadata.create_all()`` / ``drop_all()`` create and drop the triggers of
+``trigger`` counters (private).
+
+For applications without Alembic (tests, scripts, the demo): when
+``create_all()`` creates the table whose rows a ``trigger`` counter counts,
+the counter's triggers are created right after the tables, on the same
+connection; ``drop_all()`` drops them before it drops the tables. A table
+that existed already is left alone, its triggers too: changing an existing
+schema is the migrations' business (``op.create_counter_trigger``). The
+strategy is the one in force when ``create_all()`` runs.
+
+The listeners are put on the metadata holding a counter's column when the
+counter is bound to its class (so that a ``create_all()`` right after the
+models' declaration, before any mapper is configured, sees them); they do
+nothing for metadata without ``trigger`` counters, and :func:`uninstall`
+removes them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import configure_mappers
+
+from . import _registry
+
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData
+    from sqlalchemy.engine import Connection
+
+    from .declaration import CounterCache
+
+_watched: weakref.WeakSet[MetaData] = weakref.WeakSet()
+
+
+def watch(metadata: MetaData) -> None:
+    """Create and drop ``metadata``'s trigger counters with its tables (idempotent)."""
+    if metadata in _watched:
+        return
+    event.listen(metadata, "after_create", _after_create)
+    event.listen(metadata, "before_drop", _before_drop)
+    _watched.add(metadata)
+
+
+def uninstall() -> None:
+    for metadata in list(_watched):
+        for name, fn in (("after_create", _after_create), ("before_drop", _before_drop)):
+            if event.contains(metadata, name, fn):
+                event.remove(metadata, name, fn)
+    _watched.clear()
+
+
+def counted_table(counter: CounterCache) -> Any:
+    """The table whose rows fire the counter's triggers."""
+    return counter.kind.key_columns()[0].table  # type: ignore[union-attr]
+
+
+def trigger_counters(metadata: MetaData, tables: Any = None) -> list[CounterCache]:
+    """The resolved ``trigger`` counters whose counted table is in ``metadata``
+    (and among ``tables``, when given), in a stable order."""
+    configure_mappers()
+    found = []
+    for counter in _registry.all_counters():
+        if counter.kind is None or counter.column is None or counter.strategy() != "trigger":
+            continue
+        table = counted_table(counter)
+        if table.metadata is metadata and (tables is None or table in tables):
+            found.append(counter)
+    return sorted(found, key=lambda c: c.name)
+
+
+def create(connection: Connection, counter: CounterCache) -> None:
+    from . import triggers
+    from .errors import CounterCacheError
+    from .strategies.trigger import forget_verified
+
+    refused = triggers.refusal(counter, connection.dialect)
+    if refused is not None:
+        raise CounterCacheError(refused)
+    triggers.execute(connection, triggers.create_statements(counter, connection.dialect))
+    forget_verified()
+
+
+def drop(connection: Connection, counter: CounterCache) -> None:
+    from . import triggers
+    from .strategies.trigger import forget_verified
+
+    if triggers.refusal(counter, connection.dialect) is not None:
+        return
+    triggers.execute(connection, triggers.drop_statements(counter, connection.dialect))
+    forget_verified()
+
+
+def _after_create(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+    for counter in trigger_counters(metadata, tables):
+        create(connection, counter)
+
+
+def _before_drop(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+    for counter in trigger_counters(metadata, tables):
+        drop(connection, counter)

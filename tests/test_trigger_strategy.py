@@ -1,0 +1,200 @@
+"""``strategy="trigger"`` (issue 19): the database keeps the counter with
+triggers generated from the declaration; ``create_all()`` creates them; the
+ORM writes nothing for the counter and shows the new value on parents in
+memory; writes that bypass the ORM are counted too; a counter whose triggers
+are missing fails at the first flush, naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from sqlalchemy import ForeignKey, String, delete, event, insert, inspect, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache
+from countercache import counter_cache
+
+
+def models(strategy: str = "trigger", where=None, sum=None):  # noqa: A002
+    class Base(DeclarativeBase):
+        pass
+
+    class Forum(Base):
+        __tablename__ = "forums"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        forum_id: Mapped[Optional[int]] = mapped_column(ForeignKey("forums.id", ondelete="CASCADE"))
+        name: Mapped[str] = mapped_column(String(30), default="")
+        questions: Mapped[list["Question"]] = relationship(back_populates="user", passive_deletes=True)
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+        open_count: Mapped[int] = counter_cache("questions", strategy=strategy, where=lambda: Question.state == "open")
+        score_total: Mapped[int] = counter_cache("questions", strategy=strategy, sum="score")
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+        state: Mapped[str] = mapped_column(String(10), default="open")
+        score: Mapped[int] = mapped_column(default=0)
+        user: Mapped[Optional[User]] = relationship(back_populates="questions")
+
+    return Base, Forum, User, Question
+
+
+def real(engine) -> dict[int, tuple[int, int, int]]:
+    """Per user: (count, open count, score sum) recounted, independent of the counters."""
+    with engine.connect() as c:
+        rows = c.execute(text(
+            "SELECT u.id, (SELECT count(*) FROM questions q WHERE q.user_id = u.id), "
+            "(SELECT count(*) FROM questions q WHERE q.user_id = u.id AND q.state = 'open'), "
+            "(SELECT coalesce(sum(q.score), 0) FROM questions q WHERE q.user_id = u.id) FROM users u")).all()
+    return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
+def kept(engine) -> dict[int, tuple[int, int, int]]:
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT id, question_count, open_count, score_total FROM users")).all()
+    return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
+def assert_exact(engine) -> None:
+    assert kept(engine) == real(engine)
+
+
+@pytest.fixture
+def schema(engine):
+    Base, Forum, User, Question = models()
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Forum(id=1), Forum(id=2)])
+        s.add_all([User(id=i, forum_id=1 + i % 2) for i in range(1, 5)])
+        s.commit()
+    yield Base, Forum, User, Question
+    Base.metadata.drop_all(engine)
+
+
+def test_the_orm_counts_through_the_triggers_without_writing_the_counter(engine, schema, statements):
+    Base, Forum, User, Question = schema
+    with Session(engine) as s, statements.record() as rec:
+        s.add_all([Question(id=1, user_id=1, score=5), Question(id=2, user_id=1, state="closed", score=2),
+                   Question(id=3, user_id=2, score=1)])
+        s.commit()
+    assert rec.updates_to("users") == []  # the database kept them
+    assert kept(engine)[1] == (2, 1, 7) and kept(engine)[2] == (1, 1, 1)
+    with Session(engine) as s:
+        q = s.get(Question, 2)
+        q.user_id, q.state, q.score = 3, "open", 10  # move, flip the where column, change the sum
+        s.delete(s.get(Question, 3))
+        s.commit()
+    assert_exact(engine)
+    assert kept(engine)[3] == (1, 1, 10)
+
+
+@pytest.mark.parametrize("expire_on_commit", [True, False])
+def test_loaded_parents_show_the_new_value_after_the_flush(engine, schema, expire_on_commit):
+    Base, Forum, User, Question = schema
+    with Session(engine, expire_on_commit=expire_on_commit) as s:
+        user = s.get(User, 1)
+        assert user.question_count == 0
+        s.add(Question(id=1, user_id=1, score=4))
+        s.flush()
+        assert (user.question_count, user.open_count, user.score_total) == (1, 1, 4)
+        s.commit()
+        assert user.question_count == 1
+    assert_exact(engine)
+
+
+def test_writes_that_bypass_the_orm_are_counted(engine, schema):
+    Base, Forum, User, Question = schema
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO questions (id, user_id, state, score) VALUES (1, 1, 'open', 3), "
+                       "(2, 1, 'closed', 4), (3, 2, 'open', 5)"))
+        c.execute(insert(Question.__table__), [{"id": 4, "user_id": 3, "state": "open", "score": 1},
+                                               {"id": 5, "user_id": 3, "state": "open", "score": 1}])
+        c.execute(update(Question.__table__).where(Question.__table__.c.id == 1).values(user_id=2))
+        c.execute(delete(Question.__table__).where(Question.__table__.c.id == 4))
+    assert_exact(engine)
+    assert kept(engine)[2] == (2, 2, 8)
+
+
+def test_on_delete_cascade_is_counted(engine, schema):
+    Base, Forum, User, Question = schema
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _fk_on(dbapi_connection, record):
+            dbapi_connection.execute("PRAGMA foreign_keys=ON")
+        engine.dispose()
+    with Session(engine) as s:
+        s.add_all([Question(id=1, user_id=1), Question(id=2, user_id=2), Question(id=3, user_id=2)])
+        s.commit()
+    with engine.begin() as c:
+        if engine.dialect.name == "sqlite":
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        # forum 1 holds users 2 and 4: deleting it cascades to them and their questions
+        c.execute(text("DELETE FROM forums WHERE id = 1"))
+    assert_exact(engine)
+    assert set(kept(engine)) == {1, 3}
+
+
+def test_a_counter_without_its_triggers_fails_at_the_first_flush_naming_it(engine):
+    Base, Forum, User, Question = models()
+    Base.metadata.create_all(engine)
+    try:
+        from countercache import triggers
+
+        counter = User.question_count.property.columns[0].info["countercache"]
+        with engine.begin() as c:
+            triggers.execute(c, triggers.drop_statements(counter, c.dialect))
+        from countercache.strategies.trigger import forget_verified
+
+        forget_verified()
+        with engine.begin() as c:
+            c.execute(insert(Forum.__table__), {"id": 1})
+            c.execute(insert(User.__table__), {"id": 1, "forum_id": 1})
+        with Session(engine) as s:
+            s.add(Question(id=1, user_id=1))
+            with pytest.raises(countercache.CounterCacheError, match=r"User\.question_count: strategy 'trigger'"):
+                s.commit()
+            s.rollback()
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM questions")).scalar() == 0  # nothing half-written
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+def test_configuration_can_choose_the_trigger_strategy(engine):
+    countercache.configure(default_strategy="trigger")
+    Base, Forum, User, Question = models(strategy=None)
+    assert countercache.configured_strategy(User.question_count) == "trigger"
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add(Forum(id=1))
+            s.add(User(id=1, forum_id=1))
+            s.add_all([Question(id=i, user_id=1, score=i) for i in range(1, 4)])
+            s.commit()
+        assert kept(engine)[1] == (3, 3, 6)
+        assert not countercache.check(engine, User.question_count, User.open_count, User.score_total)
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+def test_drop_all_drops_the_triggers(engine):
+    from countercache import triggers
+
+    Base, Forum, User, Question = models()
+    Base.metadata.create_all(engine)
+    counter = User.question_count.property.columns[0].info["countercache"]
+    with engine.connect() as c:
+        assert triggers.installed(c, counter)
+    Base.metadata.drop_all(engine)
+    with engine.connect() as c:
+        assert not inspect(c).has_table("questions")
+        if engine.dialect.name == "postgresql":  # (functions outlive their tables)
+            left = c.execute(text("SELECT count(*) FROM pg_proc WHERE proname LIKE 'cc\\_%'")).scalar()
+            assert left == 0
