@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
 
-from . import cascades, skipping, through, tracking
+from . import cascades, database_kept, skipping, through, tracking
 from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
 from .children import _child_for, _family
 from .flush import FlushState, forget_locked
@@ -57,6 +57,10 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)
+    if database_kept.counters() and not is_suspended(state.session):
+        result = database_kept.before_statement(state, mapper, alone=child is None and not family and not cascading)
+        if result is not None:
+            return result
     if child is None and not family and not cascading:
         return None
     if is_suspended(state.session):

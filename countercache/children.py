@@ -113,9 +113,16 @@ _children: weakref.WeakKeyDictionary[Mapper[Any], _Child] = weakref.WeakKeyDicti
 
 
 _child_cache: weakref.WeakKeyDictionary[Mapper[Any], _Child | None] = weakref.WeakKeyDictionary()
+#: the configuration generation ``_child_cache`` was filled under
+_cached_generation = [-1]
 
 
 def _child_for(mapper: Mapper[Any]) -> _Child | None:
+    """The counters the ORM keeps from ``mapper``'s rows under the configuration
+    in force (a counter the database keeps, ``trigger``, is not among them)."""
+    if _cached_generation[0] != config._config.generation:
+        _child_cache.clear()
+        _cached_generation[0] = config._config.generation
     try:
         return _child_cache[mapper]
     except KeyError:
@@ -124,9 +131,11 @@ def _child_for(mapper: Mapper[Any]) -> _Child | None:
     for m in mapper.iterate_to_root():
         own = _children.get(m)
         if own is not None:
-            if merged is None:
-                merged = _Child(mapper)
             for counter in own.counters:
+                if counter.strategy() in config.DATABASE_STRATEGIES:
+                    continue
+                if merged is None:
+                    merged = _Child(mapper)
                 merged.add(counter)
     _child_cache[mapper] = merged
     return merged

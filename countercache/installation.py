@@ -28,8 +28,8 @@ from typing import Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, MappedColumn, Session, mapped_column
 
-from . import (_registry, commit, config, legacy_bulk, many_to_many, memory, preread, skipping, transactions,
-               trigger_events)
+from . import (_registry, commit, config, database_kept, legacy_bulk, many_to_many, memory, preread, skipping,
+               transactions, trigger_events)
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
@@ -188,6 +188,7 @@ def _start(counter: CounterCache) -> None:
     assert counter.mapper is not None and counter.column is not None
     counter.parent = ParentTable.for_column(counter.mapper, counter.column)
     counter.parent.add(counter)
+    database_kept.forget()
     _track(counter)
 
 
@@ -252,7 +253,9 @@ _SESSION_HOOKS = (
     ("before_flush", _before_flush),
     ("before_flush", preread._before_flush),  # (after the one above: the flush's state exists)
     ("after_flush", _after_flush),
+    ("after_flush", database_kept.after_flush),
     ("after_flush_postexec", _after_flush_postexec),
+    ("after_flush_postexec", database_kept.after_flush_postexec),
     ("after_soft_rollback", _after_soft_rollback),
     ("after_transaction_end", _after_transaction_end),
     ("after_rollback", _after_rollback),

@@ -1,0 +1,121 @@
+"""What the ORM does for a counter the database keeps (``trigger``) (private).
+
+The triggers change the counter in the child row's own statement, so the
+ORM counts nothing for it (:func:`countercache.children._child_for` leaves
+it out: no pre-read, no lock, no delta). What is left is memory and safety:
+
+* after a flush that wrote rows of its child class, the counter of every
+  parent of its class in the session is refreshed (expired, or read back
+  where the commit keeps objects: ``expire_on_commit=False``), as the other
+  strategies show their new values;
+* before that, once per engine, the triggers are checked to exist: a
+  counter whose triggers were never created fails the flush (rolled back,
+  nothing kept) with a :class:`~countercache.CounterCacheError` naming it,
+  instead of drifting;
+* an ORM ``update()`` / ``delete()`` / ``insert()`` statement on the child
+  class refreshes the loaded parents the same way (a statement that only
+  such counters watch is run here, and the parents refreshed after it;
+  next to ORM-kept counters, their loaded values are expired before it).
+
+Many-to-many counters keep going through their collection tracking, whose
+``trigger`` strategy object only notes the parents to refresh
+(:class:`countercache.strategies.trigger.TriggerStrategy`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import _registry, config, memory
+from .kinds import ManyToMany
+from .strategies.trigger import verify_installed
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+
+    from .declaration import CounterCache
+
+_cache: list[Any] = [-1, []]  # (configuration generation, counters)
+
+
+def counters() -> list[CounterCache]:
+    """The resolved one-to-many counters the database keeps under the configuration in force."""
+    generation = config._config.generation
+    if _cache[0] != generation:
+        _cache[0] = generation
+        _cache[1] = [c for c in _registry.all_counters()
+                     if c.parent is not None and not isinstance(c.kind, ManyToMany)
+                     and c.strategy() in config.DATABASE_STRATEGIES]
+    return _cache[1]  # type: ignore[no-any-return]
+
+
+def forget() -> None:
+    """Ask again (a counter was just resolved, or the listeners removed)."""
+    _cache[0] = -1
+
+
+def fed_by(mappers: Any) -> list[CounterCache]:
+    """The database-kept counters whose child class is among (or above) ``mappers``."""
+    kept = counters()
+    if not kept:
+        return []
+    return [c for c in kept if any(m.isa(c.child_mapper) for m in mappers)]  # type: ignore[arg-type]
+
+
+def _written(uow: Any) -> list[Mapper[Any]]:
+    return [mapper for mapper, states in uow.mappers.items() if states]
+
+
+def after_flush(session: Session, uow: Any) -> None:
+    """Raise (the flush is rolled back) where a counter's triggers are missing."""
+    if not _cache[1] and _cache[0] == config._config.generation:
+        return
+    for counter in fed_by(_written(uow)):
+        verify_installed(session.connection(bind_arguments={"mapper": counter.mapper}), counter)
+
+
+def after_flush_postexec(session: Session, uow: Any) -> None:
+    """Refresh the counters of loaded parents of the child classes this flush wrote."""
+    if not _cache[1] and _cache[0] == config._config.generation:
+        return
+    refresh(session, fed_by(_written(uow)))
+
+
+def refresh(session: Session, kept: list[CounterCache]) -> None:
+    """The counters ``kept`` of every parent in ``session``: expired, or read back."""
+    if not kept or not session.identity_map:
+        return
+    by_parent: dict[Any, list[tuple[Any, ...]]] = {}
+    for counter in kept:
+        parent = counter.parent
+        cls = counter.mapper.class_  # type: ignore[union-attr]
+        if parent in by_parent:
+            continue
+        by_parent[parent] = [tuple(state.key[1]) for state in session.identity_map.all_states()
+                             if state.key is not None and isinstance(state.obj(), cls)]
+    for parent, keys in by_parent.items():
+        if keys:
+            memory.apply(session, parent, [(key, None) for key in keys])
+
+
+def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -> Any:
+    """An ORM DML statement on ``mapper``: None where no database-kept counter
+    watches its rows. ``alone`` (no ORM-kept counter does either): run it here
+    and refresh the loaded parents after it, returning its result; else expire
+    their counters now (read on next access) and return None."""
+    kept = fed_by(list(mapper.self_and_descendants))
+    if not kept:
+        return None
+    session = state.session
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    for counter in kept:
+        verify_installed(connection, counter)
+    if alone:
+        result = state.invoke_statement()
+        refresh(session, kept)
+        return result
+    for counter in kept:
+        cls = counter.mapper.class_  # type: ignore[union-attr]
+        for obj in [o for o in session.identity_map.values() if isinstance(o, cls)]:
+            session.expire(obj, [str(counter.key)])
+    return None

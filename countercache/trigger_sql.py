@@ -1,0 +1,130 @@
+"""Names and SQL pieces shared by the trigger generators (private; see :mod:`countercache.triggers`).
+
+What a counter's triggers are called, what they need of the counter (its
+child table, keys, condition and row value: :class:`_Shape`), and its
+``where=`` / ``sum=`` rendered over a trigger's row reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from sqlalchemy import literal_column
+from sqlalchemy.sql.elements import BindParameter, ColumnClause
+from sqlalchemy.sql.visitors import iterate, replacement_traverse
+
+MAX_NAME = 63
+#: Per-event suffixes of the trigger names, and the PostgreSQL function's.
+EVENTS = {"INSERT": "_ins", "DELETE": "_del", "UPDATE": "_upd"}
+#: PostgreSQL's fourth trigger: a TRUNCATE of the child table zeroes the counters.
+TRUNCATE = {"TRUNCATE": "_trn"}
+FUNCTION_SUFFIX = "_fn"
+
+
+def trigger_name(counter: Any) -> str:
+    """``cc_<parent table>_<counter column>_<hash>``: the base name of the counter's
+    triggers (lower case, ``[a-z0-9_]``, at most 55 characters so that every
+    per-event suffix stays within 63). The hash of schema, table and column
+    keeps two counters apart even when their names read alike once shortened."""
+    table = counter.column.table
+    qualified = f"{table.schema or ''}.{table.name}.{counter.column.name}"
+    digest = hashlib.sha1(qualified.encode("utf-8")).hexdigest()[:8]
+    body = re.sub(r"[^a-z0-9_]+", "_", f"{table.name}_{counter.column.name}".lower()).strip("_")
+    room = MAX_NAME - max(len(s) for s in (*EVENTS.values(), *TRUNCATE.values(), FUNCTION_SUFFIX)) - len("cc__") - len(digest)
+    return f"cc_{body[:room].rstrip('_')}_{digest}"
+
+
+def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
+    """``{"INSERT": name, "DELETE": name, "UPDATE": name}`` (and ``"TRUNCATE"`` on PostgreSQL)."""
+    base = trigger_name(counter)
+    events = {**EVENTS, **TRUNCATE} if dialect is not None and dialect.name == "postgresql" else EVENTS
+    return {event: base + suffix for event, suffix in events.items()}
+
+class _Shape:
+    """What a trigger needs of a counter: the child table, its key columns and
+    the parent's (in key order), the condition and the value of a row."""
+
+    def __init__(self, counter: Any) -> None:
+        kind = counter.kind
+        self.counter, self.kind = counter, kind
+        self.parent = counter.column.table
+        self.parent_key = list(counter.mapper.primary_key)
+        self.fk = kind.key_columns()
+        self.child = self.fk[0].table
+        self.condition = kind.condition()
+        self.value = None if _is_one(kind.row_value()) else kind.row_value()  # None: a count
+        self.self_referential = self.child is self.parent
+        seen: list[Any] = []
+        self.foreign: list[Any] = []  # columns of other tables (a joined subclass's condition)
+        for expr in (*self.fk, self.condition, self.value):
+            for elem in ([] if expr is None else iterate(expr)):
+                if isinstance(elem, ColumnClause) and getattr(elem, "table", None) is not None:
+                    if elem.table is not self.child:
+                        self.foreign.append(elem)
+                    elif all(c.name != elem.name for c in seen):
+                        seen.append(self.child.c[elem.name])
+        #: The child columns whose values decide the counter (foreign key first).
+        self.columns = seen
+
+
+def _is_one(expr: Any) -> bool:
+    return isinstance(expr, BindParameter) and expr.value == 1
+
+def _sql(expr: Any, shape: _Shape, row: str, dialect: Any) -> str:
+    """``expr`` with the child table's columns read from ``row`` (``NEW``, ``OLD``,
+    an alias), rendered for ``dialect`` with its values inline."""
+    quote = dialect.identifier_preparer.quote
+
+    def swap(elem: Any) -> Any:
+        if isinstance(elem, ColumnClause) and getattr(elem, "table", None) is shape.child:
+            return literal_column(f"{row}.{quote(elem.name)}", type_=elem.type)
+        return None
+
+    compiled = str(replacement_traverse(expr, {}, swap).compile(
+        dialect=dialect, compile_kwargs={"literal_binds": True}))
+    if dialect.paramstyle in ("format", "pyformat"):  # executed without parameters: % is itself
+        compiled = compiled.replace("%%", "%")
+    return compiled
+
+
+def _counts(shape: _Shape, row: str, dialect: Any) -> str:
+    """SQL: does ``row`` count (its condition; TRUE when every row counts)?"""
+    return "1 = 1" if shape.condition is None else f"({_sql(shape.condition, shape, row, dialect)})"
+
+
+def _weight(shape: _Shape, row: str, dialect: Any) -> str:
+    """SQL: what ``row`` adds when it counts (NULL adds 0)."""
+    return "1" if shape.value is None else f"coalesce({_sql(shape.value, shape, row, dialect)}, 0)"
+
+
+def _names(counter: Any, dialect: Any) -> tuple[_Shape, str, str, str]:
+    """(shape, parent table, child table, counter column) as the dialect writes them."""
+    prep = dialect.identifier_preparer
+    shape = _Shape(counter)
+    if dialect.name == "sqlite":  # trigger bodies take unqualified table names
+        return shape, prep.quote(shape.parent.name), prep.quote(shape.child.name), prep.quote(counter.column.name)
+    return shape, prep.format_table(shape.parent), prep.format_table(shape.child), prep.quote(counter.column.name)
+
+
+def _targets(shape: _Shape, row: str, dialect: Any) -> str:
+    """SQL: the parent row (unqualified columns) is the one ``row`` refers to, and ``row`` counts."""
+    quote = dialect.identifier_preparer.quote
+    keys = " AND ".join(f"{quote(pk.name)} = {row}.{quote(fk.name)}" for pk, fk in zip(shape.parent_key, shape.fk))
+    return f"({keys} AND {_counts(shape, row, dialect)})"
+
+def function_name(counter: Any, dialect: Any) -> str:
+    """PostgreSQL: the trigger function's name, quoted (in the child table's schema)."""
+    prep = dialect.identifier_preparer
+    schema = counter.kind.key_columns()[0].table.schema
+    return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(trigger_name(counter) + FUNCTION_SUFFIX)
+
+
+
+def _bare_type(type_: Any, dialect: Any) -> str:
+    """The type as a plpgsql array variable's element (no COLLATE clause)."""
+    if getattr(type_, "collation", None):
+        type_ = type_.copy()
+        type_.collation = None
+    return str(type_.compile(dialect=dialect))
