@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _registry, config, memory
 from .kinds import ManyToMany
+from .errors import CounterCacheError
 from .strategies.trigger import verify_installed
 
 if TYPE_CHECKING:
@@ -71,7 +72,19 @@ def after_flush(session: Session, uow: Any) -> None:
     if not _cache[1] and _cache[0] == config._config.generation:
         return
     for counter in fed_by(_written(uow)):
-        verify_installed(session.connection(bind_arguments={"mapper": counter.mapper}), counter)
+        _verify(session, counter)
+
+
+def _verify(session: Session, counter: CounterCache) -> None:
+    """The counter's triggers exist where its rows are written, and its parents are there too."""
+    child_bind = session.get_bind(mapper=counter.child_mapper)
+    parent_bind = session.get_bind(mapper=counter.mapper)
+    if getattr(child_bind, "engine", child_bind) is not getattr(parent_bind, "engine", parent_bind):
+        raise CounterCacheError(
+            f"{counter.name}: the session writes {counter.mapper.class_.__name__} and "  # type: ignore[union-attr]
+            f"{counter.child_mapper.class_.__name__} on different binds, and a trigger keeps a counter "  # type: ignore[union-attr]
+            "within one database; use strategy 'bulk'")
+    verify_installed(session.connection(bind_arguments={"mapper": counter.child_mapper}), counter)
 
 
 def after_flush_postexec(session: Session, uow: Any) -> None:
@@ -79,6 +92,24 @@ def after_flush_postexec(session: Session, uow: Any) -> None:
     if not _cache[1] and _cache[0] == config._config.generation:
         return
     refresh(session, fed_by(_written(uow)))
+
+
+def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    """A rolled-back savepoint (or transaction) took the triggers' writes back:
+    the counters read after them are expired (read again on next access)."""
+    kept = counters()
+    if not kept or not session.identity_map:
+        return
+    keys: dict[type, list[str]] = {}
+    for counter in kept:
+        keys.setdefault(counter.mapper.class_, []).append(str(counter.key))  # type: ignore[union-attr]
+    for state in list(session.identity_map.all_states()):
+        obj = state.obj()
+        if obj is None:
+            continue
+        for cls, names in keys.items():
+            if isinstance(obj, cls):
+                session.expire(obj, names)
 
 
 def refresh(session: Session, kept: list[CounterCache]) -> None:
@@ -107,9 +138,8 @@ def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -
     if not kept:
         return None
     session = state.session
-    connection = session.connection(bind_arguments={"mapper": mapper})
     for counter in kept:
-        verify_installed(connection, counter)
+        _verify(session, counter)
     if alone:
         result = state.invoke_statement()
         refresh(session, kept)

@@ -94,7 +94,18 @@ def drop(connection: Connection, counter: CounterCache) -> None:
 
 
 def _after_create(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+    from sqlalchemy import inspect
+
+    from .errors import CounterCacheError
+
     for counter in trigger_counters(metadata, tables):
+        parent = counter.column.table  # type: ignore[union-attr]
+        if tables is not None and parent not in tables \
+                and not inspect(connection).has_table(parent.name, schema=parent.schema):
+            raise CounterCacheError(
+                f"{counter.name}: create_all() made {counted_table(counter).name} here, but {parent.name} "
+                "is not in this database, and a trigger keeps a counter within one database; "
+                "use strategy 'bulk'")
         create(connection, counter)
 
 

@@ -20,7 +20,12 @@ MAX_NAME = 63
 EVENTS = {"INSERT": "_ins", "DELETE": "_del", "UPDATE": "_upd"}
 #: PostgreSQL's fourth trigger: a TRUNCATE of the child table zeroes the counters.
 TRUNCATE = {"TRUNCATE": "_trn"}
+#: Triggers on the parent table: a new row, or a row whose key changes, gets
+#: its real count (children inserted before it, or moved to its new key after).
+PARENT = {"PARENT_INSERT": "_pin", "PARENT_UPDATE": "_pup"}
 FUNCTION_SUFFIX = "_fn"
+#: PostgreSQL: the function of the parent-table triggers.
+PARENT_FUNCTION_SUFFIX = "_pfn"
 
 
 def trigger_name(counter: Any) -> str:
@@ -32,15 +37,38 @@ def trigger_name(counter: Any) -> str:
     qualified = f"{table.schema or ''}.{table.name}.{counter.column.name}"
     digest = hashlib.sha1(qualified.encode("utf-8")).hexdigest()[:8]
     body = re.sub(r"[^a-z0-9_]+", "_", f"{table.name}_{counter.column.name}".lower()).strip("_")
-    room = MAX_NAME - max(len(s) for s in (*EVENTS.values(), *TRUNCATE.values(), FUNCTION_SUFFIX)) - len("cc__") - len(digest)
+    suffixes = (*EVENTS.values(), *TRUNCATE.values(), *PARENT.values(), FUNCTION_SUFFIX, PARENT_FUNCTION_SUFFIX)
+    room = MAX_NAME - max(len(s) for s in suffixes) - len("cc__") - len(digest)
     return f"cc_{body[:room].rstrip('_')}_{digest}"
 
 
 def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
-    """``{"INSERT": name, "DELETE": name, "UPDATE": name}`` (and ``"TRUNCATE"`` on PostgreSQL)."""
+    """``{"INSERT": name, "DELETE": name, "UPDATE": name}`` on the counted table
+    (and ``"TRUNCATE"`` on PostgreSQL), then ``"PARENT_INSERT"`` and (unless a
+    MariaDB/MySQL ``ON UPDATE CASCADE`` moves the count with its row)
+    ``"PARENT_UPDATE"`` on the parent table."""
     base = trigger_name(counter)
-    events = {**EVENTS, **TRUNCATE} if dialect is not None and dialect.name == "postgresql" else EVENTS
+    events = dict(EVENTS)
+    if dialect is not None and dialect.name == "postgresql":
+        events.update(TRUNCATE)
+    events["PARENT_INSERT"] = PARENT["PARENT_INSERT"]
+    if not (dialect is not None and dialect.name in ("mysql", "mariadb") and _moves_with_parent(_Shape(counter))):
+        events["PARENT_UPDATE"] = PARENT["PARENT_UPDATE"]
     return {event: base + suffix for event, suffix in events.items()}
+
+
+def _own_constraint(shape: Any) -> Any:
+    """The child table's foreign key constraint on the counted key (None: not declared)."""
+    for fk in shape.child.foreign_key_constraints:
+        if {c.name for c in fk.columns} == {c.name for c in shape.fk} and fk.referred_table is shape.parent:
+            return fk
+    return None
+
+
+def _moves_with_parent(shape: Any) -> bool:
+    """Does the counted key's foreign key have ON UPDATE CASCADE (the rows follow a new parent key)?"""
+    own = _own_constraint(shape)
+    return own is not None and (own.onupdate or "").upper() == "CASCADE"
 
 class _Shape:
     """What a trigger needs of a counter: the child table, its key columns and
@@ -114,11 +142,28 @@ def _targets(shape: _Shape, row: str, dialect: Any) -> str:
     keys = " AND ".join(f"{quote(pk.name)} = {row}.{quote(fk.name)}" for pk, fk in zip(shape.parent_key, shape.fk))
     return f"({keys} AND {_counts(shape, row, dialect)})"
 
-def function_name(counter: Any, dialect: Any) -> str:
-    """PostgreSQL: the trigger function's name, quoted (in the child table's schema)."""
+def _recount(shape: _Shape, row: str, dialect: Any, child: str) -> str:
+    """SQL: the real count (or sum) of the parent ``row`` refers to, read from ``child``."""
+    quote = dialect.identifier_preparer.quote
+    keys = " AND ".join(f"cc_c.{quote(fk.name)} = {row}.{quote(pk.name)}"
+                        for pk, fk in zip(shape.parent_key, shape.fk))
+    condition = "" if shape.condition is None else f" AND {_counts(shape, 'cc_c', dialect)}"
+    total = "count(*)" if shape.value is None else f"coalesce(sum({_weight(shape, 'cc_c', dialect)}), 0)"
+    return f"(SELECT {total} FROM {child} AS cc_c WHERE {keys}{condition})"
+
+
+def _key_changed(shape: _Shape, same: str, dialect: Any) -> str:
+    """SQL: the parent row's key changed (``same``: the null-safe equality, ``IS`` or ``<=>``)."""
+    quote = dialect.identifier_preparer.quote
+    return "NOT (" + " AND ".join(f"NEW.{quote(pk.name)} {same} OLD.{quote(pk.name)}" for pk in shape.parent_key) + ")"
+
+
+def function_name(counter: Any, dialect: Any, suffix: str = FUNCTION_SUFFIX) -> str:
+    """PostgreSQL: the trigger function's name, quoted (in the child table's schema;
+    ``suffix=PARENT_FUNCTION_SUFFIX``: the parent-table triggers' function)."""
     prep = dialect.identifier_preparer
     schema = counter.kind.key_columns()[0].table.schema
-    return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(trigger_name(counter) + FUNCTION_SUFFIX)
+    return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(trigger_name(counter) + suffix)
 
 
 

@@ -52,11 +52,13 @@ from sqlalchemy import text
 from . import triggers_postgresql
 from .errors import ConfigurationError
 from .kinds import MultiLevel
-from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, TRUNCATE, _names, _Shape, _targets, _weight,
-                          function_name, trigger_name, trigger_names)
+from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, PARENT, PARENT_FUNCTION_SUFFIX, TRUNCATE, _key_changed,
+                          _names, _own_constraint, _recount, _Shape, _targets, _weight, function_name, trigger_name,
+                          trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
-           "execute", "installed", "MAX_NAME", "EVENTS", "TRUNCATE", "FUNCTION_SUFFIX"]
+           "execute", "installed", "MAX_NAME", "EVENTS", "TRUNCATE", "PARENT", "FUNCTION_SUFFIX",
+           "PARENT_FUNCTION_SUFFIX"]
 
 _DATABASES = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mysql": "MariaDB/MySQL", "mariadb": "MariaDB/MySQL"}
 
@@ -86,13 +88,13 @@ def refusal(counter: Any, dialect: Any) -> str | None:
                 f"trigger strategy does not support yet (on {database}); use strategy 'bulk'")
     own = _own_constraint(shape)
     on_update = (own.onupdate or "").upper() if own is not None else ""
-    # (MariaDB/MySQL: a cascade fires no trigger there, the count moves with its parent)
-    if on_update in ("SET NULL", "SET DEFAULT") or (on_update == "CASCADE" and dialect.name in ("postgresql", "sqlite")):
+    # (PostgreSQL and SQLite: the action's UPDATE fires the triggers, and a parent
+    # whose key changes is recounted under the new one; MariaDB/MySQL: a CASCADE
+    # fires no trigger, and the count moves with its parent row)
+    if on_update in ("SET NULL", "SET DEFAULT") and dialect.name in ("mysql", "mariadb"):
         return (f"{name}: its foreign key to {shape.parent.name} has ON UPDATE {on_update}, which changes the "
-                "counted rows when their parent's key changes, and the parent keeps its count "
-                + ("(the triggers would count them a second time)" if on_update == "CASCADE" else
-                   "(which no longer matches them)")
-                + f" on {database}; declare it without ON UPDATE, or use strategy 'bulk'")
+                "counted rows when their parent's key changes without firing a trigger on MariaDB/MySQL; "
+                "declare it without ON UPDATE (or with CASCADE), or use strategy 'bulk'")
     if dialect.name in ("mysql", "mariadb"):
         if shape.self_referential:
             return (f"{name}: MariaDB/MySQL triggers cannot update the table that fired them "
@@ -101,14 +103,6 @@ def refusal(counter: Any, dialect: Any) -> str | None:
         if action is not None:
             return (f"{name}: {shape.child.name}'s foreign key to {action} changes counted rows by a "
                     "foreign key action, which fires no trigger on MariaDB/MySQL; use strategy 'bulk'")
-    return None
-
-
-def _own_constraint(shape: _Shape) -> Any:
-    """The child table's foreign key constraint on the counted key (None: not declared)."""
-    for fk in shape.child.foreign_key_constraints:
-        if {c.name for c in fk.columns} == {c.name for c in shape.fk} and fk.referred_table is shape.parent:
-            return fk
     return None
 
 
@@ -143,7 +137,7 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
         return triggers_postgresql.create_statements(counter, dialect)
     shape, parent, child, column = _names(counter, dialect)
     quote = dialect.identifier_preparer.quote
-    names = {event: quote(name) for event, name in trigger_names(counter).items()}
+    names = {event: quote(name) for event, name in trigger_names(counter, dialect).items()}
     add = f"UPDATE {parent} SET {column} = {column} + {_weight(shape, 'NEW', dialect)} " \
           f"WHERE {_targets(shape, 'NEW', dialect)}"
     subtract = f"UPDATE {parent} SET {column} = {column} - {_weight(shape, 'OLD', dialect)} " \
@@ -154,22 +148,38 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
             f" WHERE {_targets(shape, 'NEW', dialect)} OR {_targets(shape, 'OLD', dialect)}")
     same = "<=>" if dialect.name != "sqlite" else "IS"
     changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in shape.columns) + ")"
+    recount = _recount(shape, "NEW", dialect, child)
+    own_row = " AND ".join(f"{quote(pk.name)} = NEW.{quote(pk.name)}" for pk in shape.parent_key)
     if dialect.name == "sqlite":
         of = ", ".join(quote(c.name) for c in shape.columns)
+        keys = ", ".join(quote(pk.name) for pk in shape.parent_key)
         return [
             f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {child} FOR EACH ROW BEGIN {add}; END",
             f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {child} FOR EACH ROW BEGIN {subtract}; END",
             f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE OF {of} ON {child} FOR EACH ROW "
             f"WHEN {changed} BEGIN {both}; END",
+            # a new parent row, or one whose key changed, holds the count of the rows under its key now
+            f"CREATE TRIGGER {names['PARENT_INSERT']} AFTER INSERT ON {parent} FOR EACH ROW "
+            f"BEGIN UPDATE {parent} SET {column} = {recount} WHERE {own_row}; END",
+            f"CREATE TRIGGER {names['PARENT_UPDATE']} AFTER UPDATE OF {keys} ON {parent} FOR EACH ROW "
+            f"WHEN {_key_changed(shape, 'IS', dialect)} BEGIN UPDATE {parent} SET {column} = {recount} "
+            f"WHERE {own_row}; END",
         ]
     # MariaDB/MySQL: the UPDATE touches the two parents in key order (ORDER BY)
     order = ", ".join(quote(pk.name) for pk in shape.parent_key)
-    return [
+    statements = [
         f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {child} FOR EACH ROW {add}",
         f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {child} FOR EACH ROW {subtract}",
         f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE ON {child} FOR EACH ROW "
         f"BEGIN IF {changed} THEN {both} ORDER BY {order}; END IF; END",
+        f"CREATE TRIGGER {names['PARENT_INSERT']} BEFORE INSERT ON {parent} FOR EACH ROW "
+        f"SET NEW.{column} = {recount}",
     ]
+    if "PARENT_UPDATE" in names:  # (not with ON UPDATE CASCADE: the count moves with the row, no trigger fires)
+        statements.append(f"CREATE TRIGGER {names['PARENT_UPDATE']} BEFORE UPDATE ON {parent} FOR EACH ROW "
+                          f"BEGIN IF {_key_changed(shape, '<=>', dialect)} THEN SET NEW.{column} = {recount}; "
+                          "END IF; END")
+    return statements
 
 
 
@@ -179,8 +189,11 @@ def drop_statements(counter: Any, dialect: Any) -> list[str]:
     names = trigger_names(counter, dialect)
     if dialect.name == "postgresql":
         child = prep.format_table(counter.kind.key_columns()[0].table)
-        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {child}" for n in names.values()),
-                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect)}() CASCADE"]
+        parent = prep.format_table(counter.column.table)
+        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {parent if event.startswith('PARENT') else child}"
+                  for event, n in names.items()),
+                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect)}() CASCADE",
+                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect, PARENT_FUNCTION_SUFFIX)}() CASCADE"]
     schema = counter.kind.key_columns()[0].table.schema
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
     return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in names.values()]
@@ -201,7 +214,9 @@ def installed(connection: Any, counter: Any) -> bool:
     listed = ", ".join(f":n{i}" for i in range(len(names)))
     if dialect.name == "postgresql":
         params["t"] = dialect.identifier_preparer.format_table(table)
-        query = f"SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname IN ({listed})"
+        params["p"] = dialect.identifier_preparer.format_table(counter.column.table)
+        query = ("SELECT count(*) FROM pg_trigger WHERE tgrelid IN (to_regclass(:t), to_regclass(:p)) "
+                 f"AND tgname IN ({listed})")
     elif dialect.name == "sqlite":
         query = f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({listed})"
     else:

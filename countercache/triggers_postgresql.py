@@ -17,14 +17,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from .trigger_sql import EVENTS, _bare_type, _counts, _names, _Shape, _weight, function_name, trigger_names
+from .trigger_sql import (EVENTS, PARENT_FUNCTION_SUFFIX, _bare_type, _counts, _key_changed, _names, _recount, _Shape,
+                          _weight, function_name, trigger_names)
 
 __all__ = ["create_statements"]
 
 
 def create_statements(counter: Any, dialect: Any) -> list[str]:
-    """The plpgsql function and its four statement-level triggers."""
-    return _postgresql(counter, dialect)
+    """The plpgsql function and its four statement-level triggers, then the
+    parent table's: a new row, or a row whose key changes, starts from the
+    real count under its key (rows inserted before it under a deferred
+    foreign key; rows a key change's ``ON UPDATE`` action or the ORM moves
+    to it next, which the child triggers then add)."""
+    return [*_postgresql(counter, dialect), *_parent(counter, dialect)]
+
+
+def _parent(counter: Any, dialect: Any) -> list[str]:
+    shape, parent, child, column = _names(counter, dialect)
+    quote = dialect.identifier_preparer.quote
+    fn, names = function_name(counter, dialect, PARENT_FUNCTION_SUFFIX), trigger_names(counter, dialect)
+    keys = ", ".join(quote(pk.name) for pk in shape.parent_key)
+    changed = _key_changed(shape, "IS NOT DISTINCT FROM", dialect)
+    function = (
+        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
+        f"BEGIN\nIF TG_OP = 'INSERT' THEN NEW.{column} := {_recount(shape, 'NEW', dialect, child)};\n"
+        f"ELSIF {changed} THEN NEW.{column} := {_recount(shape, 'NEW', dialect, child)};\nEND IF;\n"
+        "RETURN NEW;\nEND $countercache$"
+    )
+    return [function,
+            f"CREATE TRIGGER {quote(names['PARENT_INSERT'])} BEFORE INSERT ON {parent} FOR EACH ROW "
+            f"EXECUTE FUNCTION {fn}()",
+            f"CREATE TRIGGER {quote(names['PARENT_UPDATE'])} BEFORE UPDATE OF {keys} ON {parent} FOR EACH ROW "
+            f"EXECUTE FUNCTION {fn}()"]
 
 
 def _postgresql(counter: Any, dialect: Any) -> list[str]:

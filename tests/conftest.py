@@ -360,9 +360,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def _strategies() -> tuple[str, ...]:
-    from countercache.config import STRATEGIES
+    from countercache.config import ALL_STRATEGIES
 
-    return STRATEGIES
+    return ALL_STRATEGIES
 
 
 @pytest.fixture(params=_strategies(), ids=list(_strategies()))
