@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 _counters: list[CounterCache] = []
 _by_name: dict[str, list[CounterCache]] = {}
+#: (counter, the error its resolution raised): SQLAlchemy raises an error of a
+#: ``mapper_configured`` listener once, then takes the mapper for configured;
+#: the flushes that write the counter's rows raise it again (flush.py)
+failed: list[tuple[CounterCache, BaseException]] = []
 
 
 def add(counter: CounterCache) -> None:
@@ -102,9 +106,16 @@ def snapshot() -> tuple[list[CounterCache], dict[str, list[CounterCache]], set[s
     return list(_counters), {k: list(v) for k, v in _by_name.items()}, set(_declared_classes)
 
 
+def fail(counter: CounterCache, error: BaseException) -> None:
+    """``counter`` could not be resolved: it is not kept, and saying so once is not enough."""
+    if all(c is not counter for c, _ in failed):
+        failed.append((counter, error))
+
+
 def restore(state: tuple[list[CounterCache], dict[str, list[CounterCache]], set[str]]) -> None:
     _counters[:] = state[0]
     _by_name.clear()
     _by_name.update(state[1])
     _declared_classes.clear()
     _declared_classes.update(state[2])
+    failed[:] = [(c, e) for c, e in failed if c in _counters]

@@ -142,8 +142,16 @@ def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
         if isinstance(definition, CounterCache) and definition.mapper is mapper and definition.parent is None:
             if "." in definition.relationship:
                 continue  # multi-level: the middle class's relationships may not be ready yet
-            definition._resolve(mapper)
-            _start(definition)
+            _resolve_and_start(definition, mapper)
+
+
+def _resolve_and_start(counter: CounterCache, mapper: Mapper[Any]) -> None:
+    try:
+        counter._resolve(mapper)
+        _start(counter)
+    except Exception as error:
+        _registry.fail(counter, error)
+        raise
 
 
 def _refuse_unmapped_fields(class_: type) -> None:
@@ -165,8 +173,7 @@ def _after_configured() -> None:
     for counter in _registry.all_counters():
         if counter.parent is None and counter.mapper is not None and "." in counter.relationship \
                 and counter.mapper.configured:
-            counter._resolve(counter.mapper)
-            _start(counter)
+            _resolve_and_start(counter, counter.mapper)
     for counter in _registry.all_counters():
         if counter.kind is not None and not counter.__dict__.get("_checked"):
             counter.check_post_update()

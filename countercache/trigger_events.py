@@ -39,6 +39,7 @@ def watch(metadata: MetaData) -> None:
     """Create and drop ``metadata``'s trigger counters with its tables (idempotent)."""
     if metadata in _watched:
         return
+    event.listen(metadata, "before_create", _before_create)
     event.listen(metadata, "after_create", _after_create)
     event.listen(metadata, "before_drop", _before_drop)
     _watched.add(metadata)
@@ -46,7 +47,8 @@ def watch(metadata: MetaData) -> None:
 
 def uninstall() -> None:
     for metadata in list(_watched):
-        for name, fn in (("after_create", _after_create), ("before_drop", _before_drop)):
+        for name, fn in (("before_create", _before_create), ("after_create", _after_create),
+                         ("before_drop", _before_drop)):
             if event.contains(metadata, name, fn):
                 event.remove(metadata, name, fn)
     _watched.clear()
@@ -93,19 +95,29 @@ def drop(connection: Connection, counter: CounterCache) -> None:
     forget_verified()
 
 
-def _after_create(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+def _before_create(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+    """Refuse before any table is made (SQLite and MariaDB would keep the tables
+    made before a refusal, and the next ``create_all()`` would skip them)."""
     from sqlalchemy import inspect
 
+    from . import triggers
     from .errors import CounterCacheError
 
     for counter in trigger_counters(metadata, tables):
+        refused = triggers.refusal(counter, connection.dialect)
+        if refused is not None:
+            raise CounterCacheError(refused)
         parent = counter.column.table  # type: ignore[union-attr]
         if tables is not None and parent not in tables \
                 and not inspect(connection).has_table(parent.name, schema=parent.schema):
             raise CounterCacheError(
-                f"{counter.name}: create_all() made {counted_table(counter).name} here, but {parent.name} "
+                f"{counter.name}: create_all() makes {counted_table(counter).name} here, but {parent.name} "
                 "is not in this database, and a trigger keeps a counter within one database; "
                 "use strategy 'bulk'")
+
+
+def _after_create(metadata: MetaData, connection: Connection, tables: Any = None, **kw: Any) -> None:
+    for counter in trigger_counters(metadata, tables):
         create(connection, counter)
 
 

@@ -236,3 +236,39 @@ def test_mapped_as_dataclass_constructor_gives_the_default(engine):
         s.commit()
         assert user.question_count == 2
     assert countercache.check(engine) == []
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "trigger"])
+def test_a_counter_refused_at_configuration_keeps_refusing_every_flush(engine, strategy):
+    """SQLAlchemy raises a mapper_configured listener's error once, then takes
+    the mapper for configured: the counter must not be silently left unkept."""
+    from sqlalchemy import String, func, text
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Owner(Base):
+        __tablename__ = "owners"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        things: Mapped[list["Thing"]] = relationship()
+        lowered: Mapped[int] = counter_cache("things", strategy=strategy,
+                                        where=lambda: func.lower(Thing.state) == "a")
+
+    class Thing(Base):
+        __tablename__ = "things"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        owner_id: Mapped[int] = mapped_column(ForeignKey("owners.id"))
+        state: Mapped[str] = mapped_column(String(10))
+
+    Base.metadata.tables["owners"].create(engine)
+    Base.metadata.tables["things"].create(engine)
+    try:
+        for attempt in (1, 2, 3):
+            with Session(engine) as s:  # (the first time at the mappers' configuration, then at each flush)
+                with pytest.raises(countercache.CounterCacheError, match=r"Owner\.lowered: where="):
+                    s.add(Owner(id=attempt, things=[Thing(id=attempt * 10, state="A")]))
+                    s.commit()
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM things")).scalar() == 0  # nothing kept uncounted
+    finally:
+        Base.metadata.drop_all(engine)

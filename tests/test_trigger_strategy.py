@@ -316,3 +316,30 @@ def test_rows_inserted_before_their_parent_are_counted_when_it_comes(engine):
         assert kept_ == real_ == {5: 2, 6: 1}
     finally:
         Base.metadata.drop_all(engine)
+
+
+def test_a_refused_counter_stops_create_all_before_any_table_is_made(engine):
+    class Base(DeclarativeBase):
+        pass
+
+    class Org(Base):
+        __tablename__ = "orgs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        teams: Mapped[list["Team"]] = relationship()
+        member_count: Mapped[int] = counter_cache("teams.members", strategy="trigger")
+
+    class Team(Base):
+        __tablename__ = "teams"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        org_id: Mapped[Optional[int]] = mapped_column(ForeignKey("orgs.id"))
+        members: Mapped[list["Member"]] = relationship()
+
+    class Member(Base):
+        __tablename__ = "members"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        team_id: Mapped[Optional[int]] = mapped_column(ForeignKey("teams.id"))
+
+    with pytest.raises(countercache.CounterCacheError, match=r"Org\.member_count: a multi-level counter"):
+        Base.metadata.create_all(engine)
+    with engine.connect() as c:
+        assert not any(inspect(c).has_table(t) for t in ("orgs", "teams", "members"))
