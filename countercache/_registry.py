@@ -112,6 +112,27 @@ def fail(counter: CounterCache, error: BaseException) -> None:
         failed.append((counter, error))
 
 
+def refuse_failed(session: Any, *args: Any) -> None:
+    """``before_flush``: a flush writing rows of a class whose counter could not be
+    resolved raises that error again (SQLAlchemy raised it once, at mapper
+    configuration, and then takes the mapper for configured)."""
+    if not failed:
+        return
+    from .errors import ConfigurationError
+
+    for counter, error in list(failed):
+        if not live(counter):
+            continue
+        classes: set[Any] = {counter.cls}
+        prop = counter.mapper.relationships.get(counter.relationship.split(".")[0])  # type: ignore[union-attr]
+        if prop is not None:
+            classes.add(prop.mapper.class_)
+        for obj in (*session.new, *session.dirty, *session.deleted):
+            if isinstance(obj, tuple(classes)):
+                raise ConfigurationError(f"{error} (raised when the mappers were configured: "
+                                         f"{counter.name} is not kept until the model is fixed)")
+
+
 def restore(state: tuple[list[CounterCache], dict[str, list[CounterCache]], set[str]]) -> None:
     _counters[:] = state[0]
     _by_name.clear()

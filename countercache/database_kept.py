@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import _registry, config, memory
 from .kinds import ManyToMany
 from .errors import CounterCacheError
+from .strategies import trigger as trigger_strategy
 from .strategies.trigger import verify_installed
 
 if TYPE_CHECKING:
@@ -68,7 +69,16 @@ def _written(uow: Any) -> list[Mapper[Any]]:
 
 
 def after_flush(session: Session, uow: Any) -> None:
-    """Raise (the flush is rolled back) where a counter's triggers are missing."""
+    """Raise (the flush is rolled back) where a counter's triggers are missing,
+    or where a counter configured away from them still has them."""
+    if trigger_strategy.leaving:
+        written = _written(uow)
+        for counter in list(trigger_strategy.leaving):
+            if counter.strategy() in config.DATABASE_STRATEGIES or not _registry.live(counter):
+                trigger_strategy.leaving.discard(counter)
+            elif any(m.isa(counter.child_mapper) for m in written):
+                trigger_strategy.verify_gone(
+                    session.connection(bind_arguments={"mapper": counter.child_mapper}), counter)
     if not _cache[1] and _cache[0] == config._config.generation:
         return
     for counter in fed_by(_written(uow)):

@@ -28,7 +28,7 @@ from sqlalchemy.orm.interfaces import MANYTOMANY, MANYTOONE
 
 from . import _registry, config
 from .errors import ConfigurationError
-from .expressions import compile_evaluator, resolve, sql_text
+from .expressions import Unevaluable, columns_read, compile_evaluator, resolve, sql_text
 from .kinds import Count, Filtered, Kind, ManyToMany, MultiLevel, rows_of_class
 
 if TYPE_CHECKING:
@@ -80,6 +80,8 @@ class CounterCache:
         self.weight: Any = None
         #: Index of this counter among its table's counters (see ParentTable).
         self.slot = -1
+        #: where=/sum= that only SQL can evaluate (kept by ``trigger`` alone), else None
+        self.unevaluable: Any = None
         #: (configuration generation, strategy, shards) as resolved for that generation
         self._resolved: tuple[int, str, int] = (-1, "", 0)
 
@@ -297,7 +299,15 @@ class CounterCache:
             if arg is None:
                 continue
             expression = resolve(arg, child, what, self.name)
-            fn, used = compile_evaluator(expression, child, what, self.name)
+            try:
+                fn, used = compile_evaluator(expression, child, what, self.name)
+            except ConfigurationError as error:
+                # the database evaluates it (trigger): kept in SQL only, and refused
+                # when configure() hands the counter to an ORM strategy
+                if self.strategy() not in config.DATABASE_STRATEGIES or not isinstance(error, Unevaluable):
+                    raise
+                fn, used = error.raiser(), columns_read(expression, child)
+                self.unevaluable = error
             found[what], found[f"{what}_fn"] = expression, fn
             setattr(self, f"{what}_sql", sql_text(expression))
             setattr(self, f"{what}_clause", expression)

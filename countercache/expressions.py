@@ -29,6 +29,8 @@ from sqlalchemy import Enum, Float, Integer, Numeric, String, TypeDecorator
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.visitors import iterate
 
 from ._compat import EvaluatorCompiler, column_annotation, enum_db_value, expect_expression, property_of_column
 from .collation import compare
@@ -151,6 +153,32 @@ def resolve(value: Any, child: Mapper[Any], what: str, name: str) -> ColumnEleme
         raise ConfigurationError(f"{name}: {what}= is not a SQL expression ({exc})") from None
 
 
+class Unevaluable(ConfigurationError):
+    """``where=`` / ``sum=`` that Python cannot evaluate during a flush (only SQL can)."""
+
+    def raiser(self) -> Evaluator:
+        error = self
+
+        def evaluate(values: dict[str, Any]) -> Any:
+            raise ConfigurationError(str(error))
+
+        return evaluate
+
+
+def columns_read(expression: ColumnElement[Any], child: Mapper[Any]) -> list[str]:
+    """The attribute keys of ``child``'s columns that ``expression`` reads."""
+    found: list[str] = []
+    for element in iterate(expression):
+        if isinstance(element, ColumnClause) and getattr(element, "table", None) is not None:
+            try:
+                prop = child.get_property_by_column(element)
+            except Exception:  # noqa: BLE001 - not one of the child's columns
+                continue
+            if prop.key not in found:
+                found.append(prop.key)
+    return found
+
+
 def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: str,
                       name: str) -> tuple[Evaluator, list[str]]:
     """A Python function of a values dict, and the attribute keys it reads."""
@@ -160,9 +188,10 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
     except UnevaluatableError as exc:
         # (SQLAlchemy names an operator by its function's repr: "<function like_op at 0x...>")
         why = re.sub(r"<function (\w+?)(?:_op)? at 0x[0-9a-f]+>", lambda m: m.group(1).upper(), str(exc))
-        raise ConfigurationError(
+        raise Unevaluable(
             f"{name}: {what}= cannot be evaluated in Python during a flush ({why}); "
-            "use plain comparisons and arithmetic over the child's own columns"
+            "use plain comparisons and arithmetic over the child's own columns, or strategy 'trigger' "
+            "(the database evaluates it)"
         ) from None
     if not compiler.keys:
         raise ConfigurationError(f"{name}: {what}= uses none of {child.class_.__name__}'s columns")

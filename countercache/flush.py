@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import _registry, collation, many_to_many, memory, through, transactions
+from . import collation, many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events, held_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
@@ -337,8 +337,6 @@ def release_watched(fs: FlushState) -> None:
 
 
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
-    if _registry.failed:
-        _refuse_failed(session)
     if memory._merged:
         memory.undo_merged(session)
     if _suspended.data and _suspended.get(session):  # (see suspension.is_suspended)
@@ -347,25 +345,6 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
         through.refuse_middle_rekey(session)
         fs = _flushes[session.hash_key] = FlushState(session, uow)
         many_to_many.read_cascaded(fs)
-
-
-def _refuse_failed(session: Session) -> None:
-    """A flush writing rows of a class whose counter could not be resolved raises
-    that error again (SQLAlchemy raised it once, at mapper configuration)."""
-    from .errors import ConfigurationError
-
-    classes = set()
-    for counter, error in list(_registry.failed):
-        if not _registry.live(counter):
-            continue
-        classes = {counter.cls}
-        prop = counter.mapper.relationships.get(counter.relationship.split(".")[0]) if counter.mapper else None
-        if prop is not None:
-            classes.add(prop.mapper.class_)
-        for obj in (*session.new, *session.dirty, *session.deleted):
-            if isinstance(obj, tuple(classes)):
-                raise ConfigurationError(f"{error} (raised when the mappers were configured: "
-                                         f"{counter.name} is not kept until the model is fixed)")
 
 
 def _after_flush(session: Session, uow: UOWTransaction) -> None:

@@ -257,6 +257,7 @@ def uninstall() -> None:
 
 
 _SESSION_HOOKS = (
+    ("before_flush", _registry.refuse_failed),
     ("before_flush", _before_flush),
     ("before_flush", preread._before_flush),  # (after the one above: the flush's state exists)
     ("after_flush", _after_flush),

@@ -9,6 +9,8 @@ and then replace the configuration at once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import configparser
 import os
 from collections.abc import Mapping
@@ -65,6 +67,7 @@ def configure(
     for key in checked:
         config._check_override_names_counter(key)
     _check_sharded(default_strategy, checked)
+    leaving = _check_database_kept(default_strategy, checked)
     if checked:
         _install()  # so that classes declared later are checked against the overrides
     config._config.default_strategy = default_strategy
@@ -72,6 +75,29 @@ def configure(
     config._config.overrides = checked
     config._config.shard_overrides = shard_counts
     config._config.generation += 1
+    if leaving:
+        from .strategies.trigger import watch_leaving
+
+        watch_leaving(leaving)
+
+
+def _check_database_kept(default_strategy: str | None, overrides: dict[str, str]) -> list[Any]:
+    """Counters whose ``where=``/``sum=`` only SQL evaluates stay ``trigger``; the
+    counters leaving ``trigger`` are returned (their triggers must be gone
+    before an ORM strategy counts them too: checked at their next flush)."""
+    leaving = []
+    for counter in _registry.all_counters():
+        if counter.parent is None:
+            continue
+        strategy = (overrides.get(counter.name) or counter.declared_strategy or default_strategy
+                    or config.DEFAULT_STRATEGY)
+        if strategy in config.DATABASE_STRATEGIES:
+            continue
+        if counter.unevaluable is not None:
+            raise ConfigurationError(f"{counter.unevaluable} (strategy {strategy!r} would evaluate it)")
+        if counter.strategy() in config.DATABASE_STRATEGIES:
+            leaving.append(counter)
+    return leaving
 
 
 def _check_sharded(default_strategy: str | None, overrides: dict[str, str]) -> None:

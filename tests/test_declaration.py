@@ -238,7 +238,7 @@ def test_mapped_as_dataclass_constructor_gives_the_default(engine):
     assert countercache.check(engine) == []
 
 
-@pytest.mark.parametrize("strategy", ["bulk", "trigger"])
+@pytest.mark.parametrize("strategy", ["bulk", "deferred"])
 def test_a_counter_refused_at_configuration_keeps_refusing_every_flush(engine, strategy):
     """SQLAlchemy raises a mapper_configured listener's error once, then takes
     the mapper for configured: the counter must not be silently left unkept."""

@@ -343,3 +343,65 @@ def test_a_refused_counter_stops_create_all_before_any_table_is_made(engine):
         Base.metadata.create_all(engine)
     with engine.connect() as c:
         assert not any(inspect(c).has_table(t) for t in ("orgs", "teams", "members"))
+
+
+def test_where_only_sql_evaluates_is_kept_by_the_database_and_refused_elsewhere(engine):
+    from sqlalchemy import func
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Shelf(Base):
+        __tablename__ = "shelves"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        books: Mapped[list["Book"]] = relationship()
+        lowered: Mapped[int] = counter_cache("books", strategy="trigger",
+                                             where=lambda: func.lower(Book.title) == "dune")
+
+    class Book(Base):
+        __tablename__ = "books"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        shelf_id: Mapped[Optional[int]] = mapped_column(ForeignKey("shelves.id"))
+        title: Mapped[str] = mapped_column(String(30))
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add(Shelf(id=1, books=[Book(id=1, title="DUNE"), Book(id=2, title="Dune"), Book(id=3, title="Emma")]))
+            s.commit()
+            assert s.get(Shelf, 1).lowered == 2
+        with engine.begin() as c:
+            c.execute(text("UPDATE books SET title = 'dune' WHERE id = 3"))
+        assert not countercache.check(engine)
+        with pytest.raises(countercache.CounterCacheError,
+                           match=r"Shelf\.lowered: where= cannot be evaluated in Python.*strategy 'bulk'"):
+            countercache.configure(overrides={"Shelf.lowered": "bulk"})
+        assert countercache.configured_strategy(Shelf.lowered) == "trigger"  # nothing changed
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+def test_configuring_away_from_trigger_while_its_triggers_exist_fails_the_flush(engine, schema):
+    Base, Forum, User, Question = schema
+    with Session(engine) as s:
+        s.add(Question(id=1, user_id=1))
+        s.commit()
+    countercache.configure(overrides={"User.question_count": "bulk"})
+    with Session(engine) as s:
+        s.add(Question(id=2, user_id=1))
+        with pytest.raises(countercache.CounterCacheError,
+                           match=r"User\.question_count: strategy 'bulk' now, but the database .* still has"):
+            s.commit()
+    assert_exact(engine)  # nothing counted twice: the flush was rolled back
+    from countercache import triggers
+
+    with engine.begin() as c:
+        triggers.execute(c, triggers.drop_statements(User.question_count.property.columns[0].info["countercache"],
+                                                     c.dialect))
+    from countercache.strategies.trigger import forget_verified
+
+    forget_verified()
+    with Session(engine) as s:  # its triggers gone: the ORM keeps it
+        s.add(Question(id=2, user_id=1))
+        s.commit()
+    assert kept(engine)[1][0] == 2

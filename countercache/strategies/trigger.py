@@ -56,6 +56,35 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
 def forget_verified() -> None:
     """Ask again (after triggers were dropped or created behind the library's back)."""
     _verified.clear()
+    _gone.clear()
+
+
+#: counters configured away from ``trigger`` whose triggers may still be there
+leaving: set[Any] = set()
+#: engine -> names of the leaving counters found without triggers on it
+_gone: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def watch_leaving(counters: list[Any]) -> None:
+    leaving.update(counters)
+    _gone.clear()
+
+
+def verify_gone(connection: Connection, counter: CounterCache) -> None:
+    """Raise if a counter configured away from ``trigger`` still has its triggers
+    (they and the ORM strategy would both count); asked once per engine."""
+    from .. import triggers
+
+    engine = connection.engine
+    found = _gone.get(engine)
+    if found is not None and counter.name in found:
+        return
+    if triggers.refusal(counter, connection.dialect) is None and triggers.installed(connection, counter):
+        raise CounterCacheError(
+            f"{counter.name}: strategy {counter.strategy()!r} now, but the database ({connection.dialect.name}) "
+            "still has its countercache triggers, and both would count: drop them first "
+            "(op.drop_counter_trigger in a migration), or keep strategy 'trigger'")
+    _gone.setdefault(engine, set()).add(counter.name)
 
 
 class TriggerStrategy(Strategy):
