@@ -150,6 +150,12 @@ def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -
     session = state.session
     for counter in kept:
         _verify(session, counter)
+    if state.is_update and session.get_bind(mapper=mapper).dialect.name in ("mysql", "mariadb") \
+            and any("IGNORE" in str(prefix).upper() for prefix, _ in getattr(state.statement, "_prefixes", ())):
+        raise CounterCacheError(
+            f"{kept[0].name}: UPDATE IGNORE fires MariaDB/MySQL's AFTER UPDATE triggers for the rows it "
+            "skips too, so the database would count moves that did not happen; drop IGNORE, or use "
+            "strategy 'bulk'")
     if alone:
         result = state.invoke_statement()
         refresh(session, kept)

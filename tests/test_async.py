@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import countercache
-from helpers import assert_counts
+from helpers import assert_counts, orm_kept_only
 from models import qa
 
 pytestmark = pytest.mark.sqlite_postgresql_only
@@ -74,6 +74,7 @@ def test_add_delete_move_and_savepoint(engine, backend, strategy):
 
 
 def test_suspended_async(engine, backend, strategy):
+    orm_kept_only(strategy, "suspended() cannot suspend the database's triggers: they count inside it")
     m = qa(strategy)
     m.Base.metadata.create_all(engine)
 

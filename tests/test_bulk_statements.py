@@ -12,7 +12,7 @@ from sqlalchemy import ForeignKey, String, bindparam, delete, insert, select, up
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
-from helpers import assert_counts, exact_value
+from helpers import assert_counts, exact_value, orm_kept_only
 from models import qa_seeded
 
 
@@ -154,6 +154,7 @@ def test_bulk_statement_emits_one_counter_update(engine, statements):
 
 
 def test_suspended_bulk_statement_not_counted(engine, strategy):
+    orm_kept_only(strategy, "suspended() cannot suspend the database's triggers: they count inside it")
     m, (a, b, c) = prepare(engine, strategy)
     with Session(engine) as s:
         with countercache.suspended(s):

@@ -12,7 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, 
 
 import countercache
 from countercache import CounterCacheError, counter_cache
-from helpers import exact_value, fold
+from helpers import exact_value, fold, orm_kept_only
 from kinds_models import shop
 
 
@@ -109,6 +109,7 @@ def test_move_delete_and_bulk_statements(engine, strategy):
 def test_one_flush_deleting_many_rows_with_equal_values(engine, strategy):
     """Deleted rows are counted from the locked pre-read, grouped by their
     values: groups of several rows, NULL sums, and a row gone already."""
+    orm_kept_only(strategy, "the other transaction counts by hand what the triggers count")
     m, a, b = prepare(engine, strategy)
     with Session(engine) as s:
         s.add_all([m.Order(customer_id=a, status="open", amount=Decimal("1.25"), items=3) for _ in range(5)]

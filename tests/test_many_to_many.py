@@ -8,7 +8,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 import countercache
 from countercache import counter_cache
-from helpers import assert_counts, exact_value
+from helpers import assert_counts, exact_value, orm_kept_only_on_mariadb
 
 
 def blog(strategy):
@@ -46,6 +46,7 @@ def values(s, *tags):
 
 
 def test_links_from_either_side(engine, strategy):
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     with Session(engine, expire_on_commit=False) as s:
@@ -65,6 +66,7 @@ def test_links_from_either_side(engine, strategy):
 
 
 def test_deleting_either_side(engine, strategy):
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
@@ -168,6 +170,7 @@ def test_links_the_database_cascade_removes(engine, strategy):
     """``passive_deletes=True`` with ``ON DELETE CASCADE`` on the association
     table: deleting a post whose tags are not loaded lets the database remove
     its links; they are read (and locked) before the flush and counted."""
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     from sqlalchemy import event
 
     class Base(DeclarativeBase):
@@ -252,6 +255,7 @@ def test_core_insert_into_the_association_table_through_the_session_is_counted(e
     (a parameter list, ``values()`` of one row or of several) is counted once
     it succeeded; what cannot be counted from the statement, and links removed
     or re-pointed by a Core statement, are refused before anything runs."""
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     post_tags = Base.metadata.tables["post_tags"]
@@ -280,6 +284,7 @@ def test_row_switch_of_a_tag_counts_the_links_it_lost_and_gained(engine, strateg
     """A tag deleted and a new Tag with its key added in one flush: SQLAlchemy
     UPDATEs the row (a row switch) and deletes the old object's links; the
     row keeps its counter, so the links it lost and gained are counted."""
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
@@ -302,6 +307,7 @@ def test_core_delete_the_database_cascades_into_links_is_refused(engine, backend
     """``session.execute(posts.delete())``: ON DELETE CASCADE removes the post's
     links, which no hook sees: refused; the ORM ``delete(Post)`` counts them.
     Deleting tags is let through: the links go with their own counter's row."""
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     if backend == "sqlite":  # (SQLite cascades only with foreign keys on)
         event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
         engine.dispose()
@@ -324,6 +330,7 @@ def test_core_delete_the_database_cascades_into_links_is_refused(engine, backend
 
 def test_core_insert_of_links_through_a_session_with_binds(engine, strategy):
     """``Session(binds={Base: engine, post_tags: engine})``: the statement's bind is found from its table."""
+    orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     Base, Tag, Post = blog(strategy)
     Base.metadata.create_all(engine)
     post_tags = Base.metadata.tables["post_tags"]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 import countercache
 from countercache import CounterCacheError
-from helpers import assert_counts, exact_value
+from helpers import assert_counts, exact_value, orm_kept_only
 from models import qa_seeded
 
 
@@ -105,6 +105,7 @@ def test_merge_of_loaded_parent_is_not_assignment(engine, strategy):
 
 
 def test_suspended_flush_is_never_counted(engine, strategy):
+    orm_kept_only(strategy, "suspended() cannot suspend the database's triggers: they count inside it")
     m = setup(engine, strategy)
     with Session(engine) as s:
         a = s.scalars(select(m.User).order_by(m.User.id)).first()

@@ -21,6 +21,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, 
 
 import countercache
 from countercache import ConfigurationError, counter_cache
+from countercache.config import STRATEGIES
+
+
+@pytest.fixture(params=STRATEGIES, ids=list(STRATEGIES))
+def strategy(request: pytest.FixtureRequest) -> str:
+    """The ORM strategies: the trigger strategy refuses multi-level counters (test_trigger_ddl)."""
+    return request.param
 
 
 def models(strategy: str) -> SimpleNamespace:

@@ -17,7 +17,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 import countercache
 from countercache import counter_cache
-from helpers import assert_counts
+from helpers import assert_counts, orm_kept_only
 
 
 def models(strategy, *, child_conflict=None, parent_conflict=None):
@@ -116,6 +116,12 @@ def test_update_ignoring_conflicts_is_counted(engine, backend, strategy, by_key)
     key on SQLite, SQLAlchemy's own rowcount check raises StaleDataError for
     the row SQLite skipped: the statement fails as without countercache.)"""
     User, Question = seeded(engine, strategy)
+    if backend == "mariadb" and strategy == "trigger":  # the skipped rows fire the AFTER UPDATE trigger too
+        with Session(engine) as s, pytest.raises(countercache.CounterCacheError,
+                                                 match=r"User\.question_count: UPDATE IGNORE fires"):
+            s.execute(update(Question).prefix_with("IGNORE").where(Question.user_id == 1).values(user_id=2))
+        assert assert_counts(engine) == {1: 2, 2: 1, 3: 0}
+        return
     if backend == "sqlite" and by_key:
         with Session(engine) as s, pytest.raises(StaleDataError):
             s.execute(update(Question).prefix_with("OR IGNORE"), [{"id": 1, "user_id": 2}, {"id": 2, "user_id": 2}])
@@ -154,6 +160,7 @@ def test_sqlite_table_conflict_clause(engine, backend, strategy, conflict):
     """SQLite's ON CONFLICT on a counted table skips or replaces rows a flush
     or statement counts: refused there, before anything is written; other
     databases ignore the option, and count."""
+    orm_kept_only(strategy, "the database's triggers count the rows a conflict clause keeps (SQLite REPLACE: see docs/database.rst)")
     Base, User, Question = models(strategy, child_conflict=conflict)
     Base.metadata.create_all(engine)
     with Session(engine) as s:
