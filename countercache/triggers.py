@@ -45,6 +45,7 @@ placeholder).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import text
@@ -53,10 +54,10 @@ from . import triggers_postgresql
 from .errors import ConfigurationError
 from .kinds import MultiLevel
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, TRUNCATE, _names, _Shape, _targets, _weight,
-                          function_name, trigger_name, trigger_names)
+                          base_name, function_name, trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
-           "execute", "installed", "MAX_NAME", "EVENTS", "TRUNCATE", "FUNCTION_SUFFIX"]
+           "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS", "TRUNCATE", "FUNCTION_SUFFIX"]
 
 _DATABASES = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mysql": "MariaDB/MySQL", "mariadb": "MariaDB/MySQL"}
 
@@ -175,15 +176,21 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
 
 def drop_statements(counter: Any, dialect: Any) -> list[str]:
     """The statements dropping the counter's triggers (and function) if they exist."""
+    child = counter.kind.key_columns()[0].table
+    return drop_named_statements(trigger_name(counter), child.name, child.schema, dialect)
+
+
+def drop_named_statements(base: str, child: str, schema: str | None, dialect: Any) -> list[str]:
+    """The statements dropping the triggers (and function) called ``base`` + suffix,
+    on table ``child``, if they exist (what a migration drops by name)."""
     prep = dialect.identifier_preparer
-    names = trigger_names(counter, dialect)
-    if dialect.name == "postgresql":
-        child = prep.format_table(counter.kind.key_columns()[0].table)
-        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {child}" for n in names.values()),
-                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect)}() CASCADE"]
-    schema = counter.kind.key_columns()[0].table.schema
+    events = {**EVENTS, **TRUNCATE} if dialect.name == "postgresql" else EVENTS
+    names = [base + suffix for suffix in events.values()]
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
-    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in names.values()]
+    if dialect.name == "postgresql":
+        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {prefix}{prep.quote(child)}" for n in names),
+                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + FUNCTION_SUFFIX)}() CASCADE"]
+    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in names]
 
 
 def execute(connection: Any, statements: list[str]) -> None:
@@ -210,3 +217,28 @@ def installed(connection: Any, counter: Any) -> bool:
                  f"coalesce(:s, DATABASE()) AND trigger_name IN ({listed})")
     return connection.execute(text(query), params).scalar_one() == len(names)
 
+
+
+_BASE = re.compile(r"^(cc_[a-z0-9_]*_[0-9a-f]{8})(" + "|".join({**EVENTS, **TRUNCATE}.values()) + ")$")
+
+
+def installed_bases(connection: Any, schema: str | None = None) -> dict[str, str]:
+    """``{base name: counted table}``: the countercache triggers (``cc_`` names) found in
+    the catalog of ``connection``'s database (``schema``: None for the default one)."""
+    dialect = connection.dialect
+    params: dict[str, Any] = {"p": "cc!_%", "s": schema}
+    if dialect.name == "postgresql":
+        query = ("SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal "
+                 "AND n.nspname = coalesce(:s, current_schema()) AND t.tgname LIKE :p ESCAPE '!'")
+    elif dialect.name == "sqlite":
+        query = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND name LIKE :p ESCAPE '!'"
+    else:
+        query = ("SELECT trigger_name, event_object_table FROM information_schema.triggers WHERE trigger_schema = "
+                 "coalesce(:s, DATABASE()) AND trigger_name LIKE :p ESCAPE '!'")
+    found: dict[str, str] = {}
+    for name, table in connection.execute(text(query), params if dialect.name != "sqlite" else {"p": "cc!_%"}):
+        matched = _BASE.match(name)
+        if matched:
+            found[matched.group(1)] = table
+    return dict(sorted(found.items()))

@@ -1,0 +1,392 @@
+"""Alembic: op.create_counter_trigger / op.drop_counter_trigger and ``trigger`` counters in autogenerate.
+
+Each test builds an Alembic environment in ``tmp_path`` (as tests/test_alembic.py
+does), generates migrations from successive models, runs them, and compares
+the counters with an independent ``SELECT count(*)`` after raw SQL writes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache.alembic  # noqa: F401 (registers the operations and the comparator)
+from countercache import _registry, counter_cache, triggers
+from countercache.errors import CounterCacheError
+
+REPO = Path(__file__).resolve().parent.parent
+
+ENV_PY = '''
+from alembic import context
+
+config = context.config
+if context.is_offline_mode():
+    context.configure(url=config.attributes["url"], target_metadata=config.attributes.get("metadata"),
+                      literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    context.configure(connection=config.attributes["connection"],
+                      target_metadata=config.attributes.get("metadata"))
+    with context.begin_transaction():
+        context.run_migrations()
+'''
+
+#: a condition whose SQL text holds a quote, a ``%`` and a child-qualified name inside string literals
+TRICKY = ("open", "it's questions.state", "100%")
+
+
+class Env:
+    def __init__(self, root: Path, engine: sa.Engine) -> None:
+        self.root, self.engine = root, engine
+        (root / "versions").mkdir(parents=True)
+        (root / "env.py").write_text(ENV_PY)
+        shutil.copy(REPO / "migrations" / "script.py.mako", root / "script.py.mako")
+        self.metadata: Any = None
+
+    def config(self, **kw: Any) -> Config:
+        cfg = Config(**kw)
+        cfg.set_main_option("script_location", str(self.root))
+        cfg.attributes["metadata"] = self.metadata
+        cfg.attributes["url"] = self.engine.url.render_as_string(hide_password=False)
+        return cfg
+
+    def run(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        cfg = self.config()
+        with self.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            return fn(cfg, *args, **kw)
+
+    def revision(self, rev_id: str) -> str:
+        script = self.run(command.revision, message="m", autogenerate=True, rev_id=rev_id)
+        source = Path(script.path).read_text()
+        compile(source, f"{rev_id}.py", "exec")
+        return source
+
+    def upgrade(self, target: str = "head") -> None:
+        self.run(command.upgrade, target)
+
+    def downgrade(self, target: str) -> None:
+        self.run(command.downgrade, target)
+
+    def offline_sql(self, span: str) -> str:
+        buf = io.StringIO()
+        command.upgrade(self.config(output_buffer=buf), span, sql=True)
+        return buf.getvalue()
+
+    def write(self, rev_id: str, down: str | None, upgrade: str) -> None:
+        (self.root / "versions" / f"{rev_id}_hand.py").write_text(
+            "from alembic import op\nimport countercache.alembic\n"
+            f"revision = {rev_id!r}\ndown_revision = {down!r}\nbranch_labels = None\ndepends_on = None\n\n"
+            f"def upgrade():\n    {upgrade}\n\ndef downgrade():\n    pass\n")
+
+
+@pytest.fixture
+def env(tmp_path: Path, engine: sa.Engine) -> Env:
+    return Env(tmp_path / "migrations", engine)
+
+
+def schema_v1() -> sa.MetaData:
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.String(50)))
+    sa.Table("questions", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("state", sa.String(40), nullable=False),
+             sa.Column("user_id", sa.ForeignKey("users.id"), index=True))
+    return md
+
+
+def models(strategy: str, where: Any = None) -> tuple[type, type, sa.MetaData]:
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str | None] = mapped_column(sa.String(50))
+        questions: Mapped[list[Question]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy,
+                                                    where=where and (lambda: where(Question)))
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        state: Mapped[str] = mapped_column(sa.String(40))
+        user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id"), index=True)
+
+    sa.orm.configure_mappers()
+    return User, Question, Base.metadata
+
+
+def is_open(q: Any) -> Any:
+    return q.state == "open"
+
+
+def tricky(q: Any) -> Any:
+    return q.state.in_(TRICKY)
+
+
+SQL_WHERE = {None: "", is_open: " AND q.state = 'open'", tricky: " AND q.state IN ('open', 'it''s questions.state', '100%')"}
+
+
+def seed(engine: sa.Engine, users: bool = True) -> None:
+    states = ["open", "closed", "it's questions.state", "100%"]
+    with engine.begin() as conn:
+        if users:
+            conn.execute(sa.text("INSERT INTO users (id, name) VALUES (:i, :n)"),
+                         [{"i": i, "n": n} for i, n in ((1, "a"), (2, "b"), (3, "c"))])
+        conn.execute(sa.text("INSERT INTO questions (id, state, user_id) VALUES (:i, :s, :u)"),
+                     [{"i": i, "s": states[i % 4], "u": (i % 4) or None} for i in range(1, 13)])
+
+
+def raw_writes(engine: sa.Engine) -> None:
+    """Raw SQL the ORM never sees: one statement per transaction, checked by the caller."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (101, 'open', 1), (102, 'closed', 2), "
+                             "(103, '100%', 2), (104, 'open', NULL)", execution_options={"no_parameters": True})
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE questions SET user_id = 3 WHERE id IN (101, 104)")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE questions SET state = 'open' WHERE id = 102")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM questions WHERE id IN (1, 2)")
+
+
+def exact(engine: sa.Engine, where: Any = None) -> dict[int, int]:
+    """Every stored count equals its recount (under ``where``); returns them."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT u.id, u.question_count, (SELECT count(*) FROM questions q WHERE q.user_id = u.id"
+            f"{SQL_WHERE[where]}) FROM users u ORDER BY u.id")).all()
+    assert [(i, s) for i, s, _ in rows] == [(i, r) for i, _, r in rows]
+    return {i: s for i, s, _ in rows}
+
+
+def installed(engine: sa.Engine, cls: type) -> bool:
+    with engine.connect() as conn:
+        return triggers.installed(conn, _registry.lookup(cls.question_count))
+
+
+def bases(engine: sa.Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        return triggers.installed_bases(conn)
+
+
+def body(source: str, part: str = "upgrade") -> str:
+    rest = source.split(f"def {part}()", 1)[1]
+    return rest.split("def downgrade()", 1)[0] if part == "upgrade" else rest
+
+
+def start(env: Env, engine: sa.Engine, strategy: str, where: Any = None) -> tuple[type, str]:
+    """Tables without the counter (0001, seeded), then the counter added (0002)."""
+    env.metadata = schema_v1()
+    env.revision("0001")
+    env.upgrade()
+    seed(engine)
+    User, _, env.metadata = models(strategy, where)
+    source = env.revision("0002")
+    env.upgrade()
+    exact(engine, where)
+    return User, source
+
+
+# -- (a) a new trigger counter -----------------------------------------------------
+
+
+def test_new_trigger_counter(env: Env, engine: sa.Engine) -> None:
+    User, source = start(env, engine, "trigger")
+    up = body(source)
+    assert "op.add_column(" in up
+    assert "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id')" in up
+    assert up.index("add_column") < up.index("create_counter_trigger") < up.index("op.backfill_counter(")
+    assert "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id')" in \
+        body(source, "downgrade")
+    assert installed(engine, User)
+    raw_writes(engine)
+    assert exact(engine) == {1: 2, 2: 4, 3: 5}
+    with Session(engine) as session:  # the ORM finds the triggers under the migration's names
+        session.add(User(id=4, name="d"))
+        session.flush()
+        session.execute(sa.text("INSERT INTO questions (id, state, user_id) VALUES (200, 'open', 4)"))
+        session.commit()
+    assert exact(engine)[4] == 1
+
+    sql = env.offline_sql("0001:0002")
+    assert sql.count("CREATE TRIGGER") >= 3 and "cc_users_question_count_" in sql
+
+    env.downgrade("0001")
+    assert not installed(engine, User) and bases(engine) == {}
+
+
+# -- (b) an ORM strategy switched to trigger, (c) and back ---------------------------
+
+
+def test_switch_to_trigger_and_back(env: Env, engine: sa.Engine) -> None:
+    _, source = start(env, engine, "bulk")
+    assert "create_counter_trigger" not in source
+    with engine.begin() as conn:  # rows the bulk strategy never counted: the backfill does
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (90, 'open', 1)")
+
+    User, _, env.metadata = models("trigger")
+    source = env.revision("0003")
+    up = body(source)
+    assert "add_column" not in up
+    assert up.index("op.create_counter_trigger(") < up.index("op.backfill_counter(")
+    env.upgrade()
+    assert installed(engine, User)
+    assert exact(engine) == {1: 4, 2: 3, 3: 3}
+    raw_writes(engine)
+    exact(engine)
+    assert "create_counter_trigger" not in body(env.revision("0004a"))  # nothing left to do
+    (env.root / "versions").joinpath(next(p.name for p in (env.root / "versions").iterdir()
+                                          if p.name.startswith("0004a"))).unlink()
+
+    User, _, env.metadata = models("bulk")
+    source = env.revision("0004")
+    up = body(source)
+    assert "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id')" in up
+    assert "create_counter_trigger" not in up and "backfill_counter" not in up
+    assert "op.create_counter_trigger('users', 'question_count'" in body(source, "downgrade")
+    env.upgrade()
+    assert not installed(engine, User) and bases(engine) == {}
+    env.downgrade("0003")
+    assert installed(engine, User)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (300, 'x', 3)")
+    exact(engine)
+
+
+# -- (d) a changed where= ----------------------------------------------------------
+
+
+def test_changed_definition(env: Env, engine: sa.Engine) -> None:
+    User, _ = start(env, engine, "trigger", is_open)
+    old = set(bases(engine))
+    User, _, env.metadata = models("trigger", tricky)
+    source = env.revision("0003")
+    up = body(source)
+    drop = "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', where=\"questions.state = 'open'\""
+    assert drop in up
+    assert up.index(drop) < up.index("op.create_counter_trigger(") < up.index("op.backfill_counter(")
+    env.upgrade()
+    assert installed(engine, User) and set(bases(engine)).isdisjoint(old) and len(bases(engine)) == 1
+    exact(engine, tricky)
+    raw_writes(engine)
+    exact(engine, tricky)
+
+    env.downgrade("0002")  # the previous definition's triggers, and its values
+    assert set(bases(engine)) == old
+    exact(engine, is_open)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (400, 'open', 3), (401, '100%', 3)",
+                             execution_options={"no_parameters": True})
+    exact(engine, is_open)
+
+
+def test_triggers_of_a_counter_no_longer_declared_are_dropped_by_name(env: Env, engine: sa.Engine) -> None:
+    start(env, engine, "trigger")
+    (base, child), = bases(engine).items()
+    for path in (env.root / "versions").iterdir():  # no migration recorded their definition
+        if path.name.startswith("0002"):
+            path.write_text(path.read_text().replace("op.create_counter_trigger(", "(lambda *a, **k: None)("))
+    env.metadata = schema_v1()
+    env.metadata.tables["users"].append_column(sa.Column("question_count", sa.Integer, nullable=False,
+                                                         server_default="0"))
+    source = env.revision("0003")
+    assert f"op.drop_counter_trigger(child_table='questions', name='{base}')" in body(source)
+    assert "stay dropped" in body(source, "downgrade")
+    env.upgrade()
+    assert bases(engine) == {}
+
+
+# -- the migration path generates what the declaration does --------------------------
+
+
+def test_migration_and_declaration_give_the_same_triggers(env: Env, engine: sa.Engine) -> None:
+    User, _, metadata = models("trigger", tricky)
+    counter = _registry.lookup(User.question_count)
+    metadata.create_all(engine)  # the declaration's triggers (create_all)
+    declared = bases(engine)
+    assert list(declared) == [triggers.trigger_name(counter)]
+    seed(engine)
+    raw_writes(engine)
+    by_declaration = exact(engine, tricky)
+
+    with engine.begin() as conn:
+        triggers.execute(conn, triggers.drop_statements(counter, engine.dialect))
+        conn.exec_driver_sql("DELETE FROM questions")
+        conn.exec_driver_sql("UPDATE users SET question_count = 0")
+    assert bases(engine) == {}
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              f"where={counter.where_sql!r}, parent_key='id')")
+    env.upgrade()
+    assert bases(engine) == declared and installed(engine, User)
+    seed(engine, users=False)
+    raw_writes(engine)
+    assert exact(engine, tricky) == by_declaration
+    metadata.drop_all(engine)
+
+
+# -- (e) refusals -------------------------------------------------------------------
+
+
+def test_refused_at_autogenerate(env: Env, engine: sa.Engine) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Org(Base):
+        __tablename__ = "orgs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        members: Mapped[list[Member]] = relationship()
+        question_count: Mapped[int] = counter_cache("members.asks", strategy="trigger")
+
+    class Member(Base):
+        __tablename__ = "members"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        org_id: Mapped[int] = mapped_column(sa.ForeignKey(Org.id))
+        asks: Mapped[list[Ask]] = relationship()
+
+    class Ask(Base):
+        __tablename__ = "asks"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        member_id: Mapped[int] = mapped_column(sa.ForeignKey(Member.id))
+
+    env.metadata = Base.metadata
+    with pytest.raises(CounterCacheError, match=r"Org\.question_count: a multi-level counter .*'bulk'"):
+        env.revision("0001")
+
+
+def test_refused_at_upgrade(env: Env, engine: sa.Engine) -> None:
+    schema_v1().create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE users ADD COLUMN question_count INTEGER NOT NULL DEFAULT 0")
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "where=\"users.name = 'x'\", parent_key='id')")
+    name = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}.get(engine.dialect.name, "MariaDB/MySQL")
+    with pytest.raises(CounterCacheError, match=rf"users\.question_count: which rows count depends on another "
+                                                 rf"table \(users\).*on {name}.*'bulk'"):
+        env.upgrade()
+    assert bases(engine) == {}
+
+
+@pytest.mark.mariadb_only
+def test_mariadb_refuses_a_self_referential_counter_at_upgrade(env: Env, engine: sa.Engine) -> None:
+    md = sa.MetaData()
+    sa.Table("comments", md, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("parent_id", sa.ForeignKey("comments.id")),
+             sa.Column("reply_count", sa.Integer, nullable=False, server_default="0"))
+    md.create_all(engine)
+    env.write("0001", None, "op.create_counter_trigger('comments', 'reply_count', 'comments', 'parent_id', "
+              "parent_key='id')")
+    with pytest.raises(CounterCacheError, match=r"comments\.reply_count: MariaDB/MySQL triggers cannot update "
+                                                 r"the table that fired them .*'bulk'"):
+        env.upgrade()
+    md.drop_all(engine)
