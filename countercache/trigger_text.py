@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Table, literal, literal_column
+from sqlalchemy import Column, Table, literal, literal_column
 from sqlalchemy import table as table_clause
 from sqlalchemy import column as column_clause
 from sqlalchemy.sql.elements import ClauseList
@@ -49,8 +49,10 @@ def _same(name: tuple[str, bool], wanted: str) -> bool:
     return name[0] == wanted if name[1] else name[0].lower() == wanted.lower()
 
 
-def expression(sql: str, child: Table, backslashes: bool = False) -> Any:
-    """``sql`` as an expression whose references to ``child``'s columns are those columns."""
+def expression(sql: str, child: Table, backslashes: bool = False, add_missing: bool = False) -> Any:
+    """``sql`` as an expression whose references to ``child``'s columns are those columns
+    (``add_missing``: a qualified reference to a column ``child`` lacks adds it, untyped:
+    offline, where the tables are not reflected)."""
     tokens = _TOKENS[backslashes].findall(sql)
     parts: list[Any] = []
     pending: list[str] = []
@@ -68,7 +70,7 @@ def expression(sql: str, child: Table, backslashes: bool = False) -> Any:
             chain.append(_identifier(tokens[j + 1]))  # type: ignore[arg-type]
             j += 2
         following = next((t for t in tokens[j:] if not t.isspace()), "")
-        found = _column(chain, child, following)
+        found = _column(chain, child, following, add_missing)
         if found is None:
             pending.extend(tokens[i:j])
         else:
@@ -82,7 +84,7 @@ def expression(sql: str, child: Table, backslashes: bool = False) -> Any:
     return ClauseList(*parts, operator=None, group=False)
 
 
-def _column(chain: list[tuple[str, bool]], child: Table, following: str) -> Any:
+def _column(chain: list[tuple[str, bool]], child: Table, following: str, add_missing: bool) -> Any:
     """The column ``chain`` (``[schema.]table.column`` or a bare column name) refers to, if any."""
     if len(chain) == 1:
         if following == "(" or chain[0][1] is False and chain[0][0].upper() in ("TRUE", "FALSE", "NULL"):
@@ -93,6 +95,9 @@ def _column(chain: list[tuple[str, bool]], child: Table, following: str) -> Any:
         for col in child.columns:
             if _same(name, col.name):
                 return col
+        if add_missing:
+            child.append_column(Column(name[0]))
+            return child.c[name[0]]
         raise ConfigurationError(f"{child.name} has no column {name[0]!r} (in a counter's where=/sum= text)")
     # another table's column: kept, so that the trigger strategy refuses it
     return table_clause(table_name[0], column_clause(name[0]), schema=qualifier[-1][0] if qualifier else None).c[name[0]]
@@ -124,7 +129,8 @@ class TextCounter:
     :class:`~countercache.declaration.CounterCache` for the trigger generator."""
 
     def __init__(self, parent: Table, column: str, child: Table, fks: tuple[str, ...], keys: tuple[str, ...],
-                 where: str | None = None, sum: str | None = None, backslashes: bool = False) -> None:
+                 where: str | None = None, sum: str | None = None, backslashes: bool = False,
+                 add_missing: bool = False) -> None:
         missing = [f"{t.name}.{n}" for t, names in ((parent, (column, *keys)), (child, fks))
                    for n in names if n not in t.c]
         if missing:
@@ -133,7 +139,7 @@ class TextCounter:
         self.relationship = child.name
         self.column = parent.c[column]
         self.where_sql, self.sum_sql = where, sum
-        condition = None if where is None else expression(where, child, backslashes)
-        value = literal(1) if sum is None else expression(sum, child, backslashes)
+        condition = None if where is None else expression(where, child, backslashes, add_missing)
+        value = literal(1) if sum is None else expression(sum, child, backslashes, add_missing)
         self.kind = _Kind([child.c[n] for n in fks], condition, value)
         self.mapper = _Mapper([parent.c[n] for n in keys])

@@ -8,7 +8,6 @@ the counters with an independent ``SELECT count(*)`` after raw SQL writes.
 from __future__ import annotations
 
 import io
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -390,3 +389,192 @@ def test_mariadb_refuses_a_self_referential_counter_at_upgrade(env: Env, engine:
                                                  r"the table that fired them .*'bulk'"):
         env.upgrade()
     md.drop_all(engine)
+
+
+# -- other shapes: many-to-many, sum=, self-referential ------------------------------
+
+
+def tagging(with_counter: bool) -> sa.MetaData:
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = sa.Table("post_tags", Base.metadata,
+                         sa.Column("post_id", sa.ForeignKey("posts.id"), primary_key=True),
+                         sa.Column("tag_id", sa.ForeignKey("tags.id"), primary_key=True))
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list[Post]] = relationship(secondary=post_tags)
+        if with_counter:
+            post_count: Mapped[int] = counter_cache("posts", strategy="trigger")
+
+    sa.orm.configure_mappers()
+    return Base.metadata
+
+
+def test_many_to_many(env: Env, engine: sa.Engine) -> None:
+    env.metadata = tagging(False)
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO posts (id) VALUES (1), (2), (3)")
+        conn.exec_driver_sql("INSERT INTO tags (id) VALUES (1), (2)")
+        conn.exec_driver_sql("INSERT INTO post_tags (post_id, tag_id) VALUES (1, 1), (2, 1)")
+    env.metadata = tagging(True)
+    up = body(env.revision("0002"))
+    assert "op.create_counter_trigger('tags', 'post_count', 'post_tags', 'tag_id', parent_key='id')" in up
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO post_tags (post_id, tag_id) VALUES (3, 1), (3, 2)")
+        conn.exec_driver_sql("UPDATE post_tags SET tag_id = 2 WHERE post_id = 1")
+        conn.exec_driver_sql("DELETE FROM post_tags WHERE post_id = 2")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT id, post_count FROM tags ORDER BY id").all() == [(1, 1), (2, 2)]
+    env.downgrade("0001")
+    assert bases(engine) == {}
+
+
+def scores(strategy: str | None) -> sa.MetaData:
+    class Base(DeclarativeBase):
+        pass
+
+    class Player(Base):
+        __tablename__ = "players"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        games: Mapped[list[Game]] = relationship()
+        if strategy:
+            total: Mapped[int] = counter_cache("games", strategy=strategy, sum=lambda: Game.points * 2,
+                                               where=lambda: Game.points > 1)
+
+    class Game(Base):
+        __tablename__ = "games"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        points: Mapped[int | None]
+        player_id: Mapped[int | None] = mapped_column(sa.ForeignKey("players.id"))
+
+    sa.orm.configure_mappers()
+    return Base.metadata
+
+
+def test_sum(env: Env, engine: sa.Engine) -> None:
+    env.metadata = scores(None)
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO players (id) VALUES (1), (2)")
+        conn.exec_driver_sql("INSERT INTO games (id, points, player_id) VALUES (1, 5, 1), (2, 1, 1), (3, 3, 2)")
+    env.metadata = scores("trigger")
+    up = body(env.revision("0002"))
+    assert "op.create_counter_trigger('players', 'total', 'games', 'player_id', where='games.points > 1', " \
+           "sum='games.points * 2', parent_key='id')" in up
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO games (id, points, player_id) VALUES (4, 4, 2), (5, NULL, 2), (6, 2, 1)")
+        conn.exec_driver_sql("UPDATE games SET points = 7 WHERE id = 2")
+        conn.exec_driver_sql("DELETE FROM games WHERE id = 1")
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT p.id, p.total, (SELECT coalesce(sum(g.points * 2), 0) FROM games g WHERE g.player_id = p.id "
+            "AND g.points > 1) FROM players p ORDER BY p.id").all()
+    assert [tuple(r) for r in rows] == [(1, 18, 18), (2, 14, 14)]
+
+
+@pytest.mark.sqlite_postgresql_only
+def test_self_referential(env: Env, engine: sa.Engine) -> None:
+    def comments(counter: bool) -> sa.MetaData:
+        class Base(DeclarativeBase):
+            pass
+
+        class Comment(Base):
+            __tablename__ = "comments"
+            id: Mapped[int] = mapped_column(primary_key=True)
+            parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("comments.id"))
+            replies: Mapped[list[Comment]] = relationship()
+            if counter:
+                reply_count: Mapped[int] = counter_cache("replies", strategy="trigger")
+
+        sa.orm.configure_mappers()
+        return Base.metadata
+
+    env.metadata = comments(False)
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO comments (id, parent_id) VALUES (1, NULL), (2, 1), (3, 1)")
+    env.metadata = comments(True)
+    up = body(env.revision("0002"))
+    assert "op.create_counter_trigger('comments', 'reply_count', 'comments', 'parent_id', parent_key='id')" in up
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO comments (id, parent_id) VALUES (4, 2), (5, 2), (6, 1)")
+        conn.exec_driver_sql("UPDATE comments SET parent_id = 3 WHERE id = 5")
+        conn.exec_driver_sql("DELETE FROM comments WHERE id = 6")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT id, reply_count FROM comments ORDER BY id").all() == \
+            [(1, 2), (2, 1), (3, 1), (4, 0), (5, 0)]
+
+
+# -- offline (--sql) ------------------------------------------------------------------
+
+
+def test_offline_sql_prints_the_trigger_ddl(env: Env, engine: sa.Engine) -> None:
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "where=\"questions.state = 'open'\", parent_key='id')\n    "
+              "op.drop_counter_trigger(child_table='questions', name='cc_users_question_count_0123abcd')")
+    sql = env.offline_sql("base:0001")
+    assert "CREATE TRIGGER" in sql and "DROP TRIGGER IF EXISTS" in sql and "cc_users_question_count_0123abcd_ins" in sql
+    assert "NEW.state" in sql or "r.state" in sql  # the condition reads the trigger's row
+    (env.root / "versions" / "0001_hand.py").write_text(
+        (env.root / "versions" / "0001_hand.py").read_text().replace(", parent_key='id'", ""))
+    with pytest.raises(CounterCacheError, match="parent_key= is required offline"):
+        env.offline_sql("base:0001")
+
+
+# -- where=/sum= text read back over the trigger's row ---------------------------------
+
+
+@pytest.mark.parametrize("sql, expected", [
+    ("questions.state = 'open'", "NEW.state = 'open'"),
+    ('"questions"."state" = \'open\'', "NEW.state = 'open'"),
+    ("`questions`.`state` = 'open'", "NEW.state = 'open'"),
+    ("state IN ('questions.state', 'it''s', '100%')", "NEW.state IN ('questions.state', 'it''s', '100%')"),
+    ("lower(questions.state) <> 'x' AND questions.user_id IS NOT NULL",
+     "lower( NEW.state) <> 'x' AND NEW.user_id IS NOT NULL"),
+    ("main.questions.state = 'a'", "NEW.state = 'a'"),
+])
+def test_text_reads_the_child_columns_from_the_row(sql: str, expected: str) -> None:
+    from sqlalchemy.dialects import sqlite
+
+    from countercache.trigger_sql import _sql
+    from countercache.trigger_text import TextCounter
+
+    md = sa.MetaData()
+    users = sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True), sa.Column("n", sa.Integer))
+    questions = sa.Table("questions", md, sa.Column("id", sa.Integer, primary_key=True),
+                         sa.Column("state", sa.String), sa.Column("user_id", sa.ForeignKey("users.id")))
+    counter = TextCounter(users, "n", questions, ("user_id",), ("id",), where=sql)
+    from countercache.trigger_sql import _Shape
+
+    shape = _Shape(counter)
+    assert shape.foreign == []
+    assert "".join(_sql(shape.condition, shape, "NEW", sqlite.dialect()).split()) == "".join(expected.split())
+
+
+def test_text_over_another_table_is_refused() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    from countercache.trigger_text import TextCounter
+
+    md = sa.MetaData()
+    users = sa.Table("users", md, sa.Column("id", sa.Integer, primary_key=True), sa.Column("n", sa.Integer))
+    questions = sa.Table("questions", md, sa.Column("id", sa.Integer, primary_key=True),
+                         sa.Column("user_id", sa.ForeignKey("users.id")))
+    counter = TextCounter(users, "n", questions, ("user_id",), ("id",), where="users.n > 1")
+    assert "depends on another table (users)" in triggers.refusal(counter, postgresql.dialect())
+    with pytest.raises(CounterCacheError, match="no column 'nope'"):
+        TextCounter(users, "n", questions, ("user_id",), ("id",), where="questions.nope > 1")

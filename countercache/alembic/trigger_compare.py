@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import inspect
+
 from .. import triggers
 from ..errors import CounterCacheError
 from .history import UNKNOWN, recorded_calls
@@ -64,6 +66,7 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     dialect = connection.dialect
     present = {op.to_diff_tuple() for op in _walk(upgrade_ops) if isinstance(op, _TriggerOp)}
     created = {(op.schema, op.table_name) for op in _walk(upgrade_ops) if isinstance(op, ops.CreateTableOp)}
+    added = {(op.schema, op.table_name, op.column.name) for op in _walk(upgrade_ops) if isinstance(op, ops.AddColumnOp)}
     wanted: dict[str, tuple[Any, Any]] = {}
     declared: dict[str, Any] = {}
     for col, counter in counters:
@@ -96,10 +99,11 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     upgrade_ops.ops[at:at] = drops
     for base, (col, counter) in wanted.items():
         create = create_for(counter)
-        if create.to_diff_tuple() in present or triggers.installed(connection, counter):
-            continue
-        upgrade_ops.ops.append(create)
         key = (create.schema, create.table_name, create.column_name)
+        if create.to_diff_tuple() in present or triggers.installed(connection, counter) or not (
+                key[:2] in created or key in added or _in_database(connection, key)):
+            continue  # (a column neither in the database nor added: filtered out by env.py)
+        upgrade_ops.ops.append(create)
         if key[:2] in created:
             continue  # a new table: nothing to backfill
         backfill = next((op for op in upgrade_ops.ops if isinstance(op, BackfillCounterOp) and op.key == key), None)
@@ -122,6 +126,12 @@ def _recorded(autogen_context: AutogenContext) -> dict[str, DropCounterTriggerOp
         except CounterCacheError:  # no parent_key: not named from the migration alone
             continue
     return found
+
+
+def _in_database(connection: Any, key: tuple[str | None, str, str]) -> bool:
+    found = inspect(connection)
+    return found.has_table(key[1], schema=key[0]) and any(
+        c["name"] == key[2] for c in found.get_columns(key[1], schema=key[0]))
 
 
 def _metadatas(autogen_context: AutogenContext) -> list[Any]:

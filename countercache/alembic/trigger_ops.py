@@ -180,7 +180,7 @@ def _counter(operations: Operations, op: _TriggerOp) -> TextCounter:
                                 f"{list(keys)} differ in length")
     dialect = operations.migration_context.dialect
     return TextCounter(parent, op.column_name or "", child, fks, keys, op.where, op.sum,
-                       backslashes=dialect.name in ("mysql", "mariadb"))
+                       backslashes=dialect.name in ("mysql", "mariadb"), add_missing=operations.migration_context.as_sql)
 
 
 def _run(operations: Operations, statements: list[str]) -> None:
