@@ -74,13 +74,13 @@ def expression(sql: str, child: Table, backslashes: bool = False, add_missing: b
         if found is None:
             pending.extend(tokens[i:j])
         else:
-            if pending:
-                parts.append(literal_column("".join(pending)))
-                pending = []
+            if "".join(pending).strip():  # (the pieces are joined by a space)
+                parts.append(literal_column("".join(pending).strip()))
+            pending = []
             parts.append(found)
         i = j
-    if pending:
-        parts.append(literal_column("".join(pending)))
+    if "".join(pending).strip():
+        parts.append(literal_column("".join(pending).strip()))
     return ClauseList(*parts, operator=None, group=False)
 
 

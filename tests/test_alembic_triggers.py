@@ -578,3 +578,34 @@ def test_text_over_another_table_is_refused() -> None:
     assert "depends on another table (users)" in triggers.refusal(counter, postgresql.dialect())
     with pytest.raises(CounterCacheError, match="no column 'nope'"):
         TextCounter(users, "n", questions, ("user_id",), ("id",), where="questions.nope > 1")
+
+
+def test_counter_on_new_tables(env: Env, engine: sa.Engine) -> None:
+    User, _, env.metadata = models("trigger")
+    source = env.revision("0001")
+    up, down = body(source), body(source, "downgrade")
+    assert up.index("op.create_table('questions'") < up.index("op.create_counter_trigger(")
+    assert "backfill_counter" not in up  # the tables are empty
+    assert down.index("op.drop_counter_trigger(") < down.index("op.drop_table('questions')")
+    env.upgrade()
+    seed(engine)
+    raw_writes(engine)
+    assert exact(engine) == {1: 2, 2: 4, 3: 5}
+
+
+def test_removed_counter_drops_its_triggers_and_the_downgrade_restores_them(env: Env, engine: sa.Engine) -> None:
+    User, _ = start(env, engine, "trigger", is_open)
+    env.metadata = schema_v1()
+    source = env.revision("0003")
+    up = body(source)
+    drop = ("op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+            "where=\"questions.state = 'open'\", parent_key='id')")
+    assert up.index(drop) < up.index("op.drop_column('users', 'question_count')")
+    down = body(source, "downgrade")
+    assert down.index("op.add_column(") < down.index("op.create_counter_trigger(") < down.index("op.backfill_counter(")
+    env.upgrade()
+    assert bases(engine) == {}
+    env.downgrade("0002")
+    assert installed(engine, User)
+    raw_writes(engine)
+    exact(engine, is_open)

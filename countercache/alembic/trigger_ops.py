@@ -42,13 +42,13 @@ from .. import triggers
 from ..errors import ConfigurationError, CounterCacheError
 from ..strategies.trigger import forget_verified
 from ..trigger_text import TextCounter
+from .operations import IMPORT
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
 __all__ = ["CreateCounterTriggerOp", "DropCounterTriggerOp", "KeepDroppedTriggerOp"]
 
-IMPORT = "import countercache.alembic  # noqa: F401 (registers op.create_counter_trigger)"
 
 
 def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
