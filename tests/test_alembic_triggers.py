@@ -20,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 import countercache.alembic  # noqa: F401 (registers the operations and the comparator)
 from countercache import _registry, counter_cache, triggers
+from countercache._compat import alembic_plugins
 from countercache.errors import CounterCacheError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ if context.is_offline_mode():
         context.run_migrations()
 else:
     context.configure(connection=config.attributes["connection"],
-                      target_metadata=config.attributes.get("metadata"))
+                      target_metadata=config.attributes.get("metadata"), **config.attributes.get("configure", {}))
     with context.begin_transaction():
         context.run_migrations()
 '''
@@ -51,11 +52,13 @@ class Env:
         (root / "env.py").write_text(ENV_PY)
         shutil.copy(REPO / "migrations" / "script.py.mako", root / "script.py.mako")
         self.metadata: Any = None
+        self.configure: dict[str, Any] = {}
 
     def config(self, **kw: Any) -> Config:
         cfg = Config(**kw)
         cfg.set_main_option("script_location", str(self.root))
         cfg.attributes["metadata"] = self.metadata
+        cfg.attributes["configure"] = self.configure
         cfg.attributes["url"] = self.engine.url.render_as_string(hide_password=False)
         return cfg
 
@@ -609,3 +612,17 @@ def test_removed_counter_drops_its_triggers_and_the_downgrade_restores_them(env:
     assert installed(engine, User)
     raw_writes(engine)
     exact(engine, is_open)
+
+
+@pytest.mark.skipif(alembic_plugins() is None, reason="Alembic < 1.18 has no autogenerate_plugins")
+def test_plugin_and_import_together_give_one_create(env: Env, engine: sa.Engine) -> None:
+    env.metadata = schema_v1()
+    env.revision("0001")
+    env.upgrade()
+    seed(engine)
+    countercache.alembic.autogenerate.install()
+    env.configure = {"autogenerate_plugins": ["alembic.autogenerate.*", "countercache"]}
+    *_, env.metadata = models("trigger")
+    up = body(env.revision("0002"))
+    assert up.count("op.create_counter_trigger(") == 1 and up.count("op.backfill_counter(") == 1
+    assert up.index("op.create_counter_trigger(") < up.index("op.backfill_counter(")

@@ -83,7 +83,10 @@ class _TriggerOp(MigrateOperation):
                                   _names(self.child_fk), keys, self.where, self.sum)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
-        return (type(self).__name__, self.schema, self.child_table, self.base())
+        try:
+            return (type(self).__name__, self.schema, self.child_table, self.base())
+        except CounterCacheError:  # no parent_key: named once the key is looked up
+            return (type(self).__name__, *self.definition().values())
 
 
 @Operations.register_operation("create_counter_trigger")
