@@ -157,12 +157,11 @@ def _tables(operations: Operations, op: _TriggerOp) -> tuple[Table, Table]:
     if operations.migration_context.as_sql:
         if not keys:
             raise CounterCacheError(f"create_counter_trigger({op.what}): parent_key= is required offline (--sql)")
-        parent = Table(op.table_name, md, *(Column(n, Integer) for n in dict.fromkeys((op.column_name, *keys))),
-                       schema=op.schema)
-        if op.child_table == op.table_name:
-            return parent, parent
-        child = Table(op.child_table, md, *(Column(n, Integer) for n in fks), ForeignKeyConstraint(
-            list(fks), [f"{parent.fullname}.{k}" for k in keys]), schema=op.schema)
+        own = op.child_table == op.table_name  # self-referential: one table
+        parent = Table(op.table_name, md, *(Column(n, Integer) for n in dict.fromkeys(
+            (op.column_name, *keys, *(fks if own else ())))), schema=op.schema)
+        child = parent if own else Table(op.child_table, md, *(Column(n, Integer) for n in fks), schema=op.schema)
+        child.append_constraint(ForeignKeyConstraint(list(fks), [f"{parent.fullname}.{k}" for k in keys]))
         return parent, child
     bind = operations.get_bind()
     parent = Table(op.table_name, md, schema=op.schema, autoload_with=bind)
