@@ -631,3 +631,47 @@ def test_plugin_and_import_together_give_one_create(env: Env, engine: sa.Engine)
     up = body(env.revision("0002"))
     assert up.count("op.create_counter_trigger(") == 1 and up.count("op.backfill_counter(") == 1
     assert up.index("op.create_counter_trigger(") < up.index("op.backfill_counter(")
+
+
+def regions(counter: bool) -> sa.MetaData:
+    class Base(DeclarativeBase):
+        pass
+
+    class Region(Base):
+        __tablename__ = "regions"
+        country: Mapped[str] = mapped_column(sa.String(2), primary_key=True)
+        code: Mapped[int] = mapped_column(primary_key=True)
+        shops: Mapped[list[Shop]] = relationship()
+        if counter:
+            shop_count: Mapped[int] = counter_cache("shops", strategy="trigger")
+
+    class Shop(Base):
+        __tablename__ = "shops"
+        __table_args__ = (sa.ForeignKeyConstraint(["country", "region"], ["regions.country", "regions.code"]),)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        country: Mapped[str | None] = mapped_column(sa.String(2))
+        region: Mapped[int | None]
+
+    sa.orm.configure_mappers()
+    return Base.metadata
+
+
+def test_composite_key(env: Env, engine: sa.Engine) -> None:
+    env.metadata = regions(False)
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO regions (country, code) VALUES ('fr', 1), ('fr', 2), ('de', 1)")
+        conn.exec_driver_sql("INSERT INTO shops (id, country, region) VALUES (1, 'fr', 1), (2, 'de', 1), (3, 'fr', 1)")
+    env.metadata = regions(True)
+    up = body(env.revision("0002"))
+    assert ("op.create_counter_trigger('regions', 'shop_count', 'shops', ('country', 'region'), "
+            "parent_key=('country', 'code'))") in up
+    env.upgrade()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO shops (id, country, region) VALUES (4, 'fr', 2), (5, 'de', 1)")
+        conn.exec_driver_sql("UPDATE shops SET region = 2 WHERE id = 3")
+        conn.exec_driver_sql("DELETE FROM shops WHERE id = 2")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT country, code, shop_count FROM regions ORDER BY country, code").all() == \
+            [("de", 1, 1), ("fr", 1, 1), ("fr", 2, 2)]
