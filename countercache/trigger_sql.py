@@ -31,12 +31,28 @@ PARENT_FUNCTION_SUFFIX = "_pfn"
 def trigger_name(counter: Any) -> str:
     """``cc_<parent table>_<counter column>_<hash>``: the base name of the counter's
     triggers (lower case, ``[a-z0-9_]``, at most 55 characters so that every
-    per-event suffix stays within 63). The hash of schema, table and column
-    keeps two counters apart even when their names read alike once shortened."""
+    per-event suffix stays within 63). The hash covers schema, table and column
+    (two counters whose names read alike once shortened stay apart) and the
+    definition the triggers implement (counted table, keys, ``where_sql`` and
+    ``sum_sql``): triggers of a previous definition go by another name."""
     table = counter.column.table
-    qualified = f"{table.schema or ''}.{table.name}.{counter.column.name}"
-    digest = hashlib.sha1(qualified.encode("utf-8")).hexdigest()[:8]
-    body = re.sub(r"[^a-z0-9_]+", "_", f"{table.name}_{counter.column.name}".lower()).strip("_")
+    try:
+        fk = list(counter.kind.key_columns())
+        child, fks = fk[0].table, [c.name for c in fk]
+        keys = [c.name for c in counter.mapper.primary_key]
+    except (AttributeError, IndexError, TypeError):  # not resolved (or not a one-table count)
+        child, fks, keys = None, [], []
+    return base_name(table.schema, table.name, counter.column.name, getattr(child, "name", ""), fks, keys,
+                     counter.where_sql, counter.sum_sql)
+
+
+def base_name(schema: str | None, table: str, column: str, child: str, fks: Any, keys: Any,
+              where: str | None, sum: str | None) -> str:
+    """:func:`trigger_name` from plain values (what a migration records)."""
+    definition = "|".join([f"{schema or ''}.{table}.{column}", child, ",".join(fks), ",".join(keys),
+                           *(" ".join((sql or "").split()) for sql in (where, sum))])
+    digest = hashlib.sha1(definition.encode("utf-8")).hexdigest()[:8]
+    body = re.sub(r"[^a-z0-9_]+", "_", f"{table}_{column}".lower()).strip("_")
     suffixes = (*EVENTS.values(), *TRUNCATE.values(), *PARENT.values(), FUNCTION_SUFFIX, PARENT_FUNCTION_SUFFIX)
     room = MAX_NAME - max(len(s) for s in suffixes) - len("cc__") - len(digest)
     return f"cc_{body[:room].rstrip('_')}_{digest}"

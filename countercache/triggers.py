@@ -45,6 +45,7 @@ placeholder).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import text
@@ -53,12 +54,12 @@ from . import triggers_postgresql
 from .errors import ConfigurationError
 from .kinds import MultiLevel
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, PARENT, PARENT_FUNCTION_SUFFIX, TRUNCATE, _key_changed,
-                          _names, _own_constraint, _recount, _Shape, _targets, _weight, function_name, trigger_name,
-                          trigger_names)
+                          _names, _own_constraint, _recount, _Shape, _targets, _weight, base_name, function_name,
+                          trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
-           "execute", "installed", "MAX_NAME", "EVENTS", "TRUNCATE", "PARENT", "FUNCTION_SUFFIX",
-           "PARENT_FUNCTION_SUFFIX"]
+           "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
+           "TRUNCATE", "PARENT", "FUNCTION_SUFFIX", "PARENT_FUNCTION_SUFFIX"]
 
 _DATABASES = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mysql": "MariaDB/MySQL", "mariadb": "MariaDB/MySQL"}
 
@@ -184,19 +185,30 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
 
 
 def drop_statements(counter: Any, dialect: Any) -> list[str]:
-    """The statements dropping the counter's triggers (and function) if they exist."""
+    """The statements dropping the counter's triggers (and functions) if they exist."""
+    child = counter.kind.key_columns()[0].table
+    return drop_named_statements(trigger_name(counter), child.name, child.schema, dialect,
+                                 parent=counter.column.table.name)
+
+
+def drop_named_statements(base: str, child: str, schema: str | None, dialect: Any,
+                          parent: str | None = None) -> list[str]:
+    """The statements dropping the triggers (and functions) called ``base`` + suffix,
+    on table ``child`` (and ``parent``), if they exist (what a migration drops by name)."""
     prep = dialect.identifier_preparer
-    names = trigger_names(counter, dialect)
-    if dialect.name == "postgresql":
-        child = prep.format_table(counter.kind.key_columns()[0].table)
-        parent = prep.format_table(counter.column.table)
-        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {parent if event.startswith('PARENT') else child}"
-                  for event, n in names.items()),
-                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect)}() CASCADE",
-                f"DROP FUNCTION IF EXISTS {function_name(counter, dialect, PARENT_FUNCTION_SUFFIX)}() CASCADE"]
-    schema = counter.kind.key_columns()[0].table.schema
+    events = {**EVENTS, **TRUNCATE} if dialect.name == "postgresql" else dict(EVENTS)
+    names = [base + suffix for suffix in events.values()]
+    parent_names = [base + suffix for suffix in PARENT.values()]
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
-    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in names.values()]
+    if dialect.name == "postgresql":
+        on_parent = [] if parent is None else [
+            f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {prefix}{prep.quote(parent)}" for n in parent_names]
+        # (the functions' CASCADE drops the triggers of a table not named here)
+        return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {prefix}{prep.quote(child)}" for n in names),
+                *on_parent,
+                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + FUNCTION_SUFFIX)}() CASCADE",
+                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + PARENT_FUNCTION_SUFFIX)}() CASCADE"]
+    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in (*names, *parent_names)]
 
 
 def execute(connection: Any, statements: list[str]) -> None:
@@ -225,3 +237,28 @@ def installed(connection: Any, counter: Any) -> bool:
                  f"coalesce(:s, DATABASE()) AND trigger_name IN ({listed})")
     return connection.execute(text(query), params).scalar_one() == len(names)
 
+
+
+_BASE = re.compile(r"^(cc_[a-z0-9_]*_[0-9a-f]{8})(" + "|".join({**EVENTS, **TRUNCATE}.values()) + ")$")
+
+
+def installed_bases(connection: Any, schema: str | None = None) -> dict[str, str]:
+    """``{base name: counted table}``: the countercache triggers (``cc_`` names) found in
+    the catalog of ``connection``'s database (``schema``: None for the default one)."""
+    dialect = connection.dialect
+    params: dict[str, Any] = {"p": "cc!_%", "s": schema}
+    if dialect.name == "postgresql":
+        query = ("SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal "
+                 "AND n.nspname = coalesce(:s, current_schema()) AND t.tgname LIKE :p ESCAPE '!'")
+    elif dialect.name == "sqlite":
+        query = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND name LIKE :p ESCAPE '!'"
+    else:
+        query = ("SELECT trigger_name, event_object_table FROM information_schema.triggers WHERE trigger_schema = "
+                 "coalesce(:s, DATABASE()) AND trigger_name LIKE :p ESCAPE '!'")
+    found: dict[str, str] = {}
+    for name, table in connection.execute(text(query), params if dialect.name != "sqlite" else {"p": "cc!_%"}):
+        matched = _BASE.match(name)
+        if matched:
+            found[matched.group(1)] = table
+    return dict(sorted(found.items()))

@@ -47,7 +47,8 @@ from __future__ import annotations
 import sys
 
 __all__ = [
-    "BackfillCounterOp", "BackfillError", "NoOpBackfillOp", "RestoreCounterOp", "autogenerate", "operations",
+    "BackfillCounterOp", "BackfillError", "CreateCounterTriggerOp", "DropCounterTriggerOp", "NoOpBackfillOp",
+    "RestoreCounterOp", "autogenerate", "operations", "trigger_ops",
 ]
 
 
@@ -70,10 +71,13 @@ _deferred = _alembic_half_imported()
 if not _deferred:
     from . import autogenerate as autogenerate
     from . import operations as operations
+    from . import trigger_ops as trigger_ops
     from .operations import BackfillCounterOp as BackfillCounterOp
     from .operations import BackfillError as BackfillError
     from .operations import NoOpBackfillOp as NoOpBackfillOp
     from .operations import RestoreCounterOp as RestoreCounterOp
+    from .trigger_ops import CreateCounterTriggerOp as CreateCounterTriggerOp
+    from .trigger_ops import DropCounterTriggerOp as DropCounterTriggerOp
 
     autogenerate.install()
     autogenerate._register_plugin_without_entry_point()

@@ -17,16 +17,14 @@ produced):
   ends with a backfill using the recorded ``where=`` / ``sum=``;
 * for every ``drop_column`` of a column that the latest recorded backfill
   filled (a counter removed from the models), the downgrade re-adds the
-  column and then backfills it as that call did.
+  column and then backfills it as that call did;
+* ``trigger`` counters: their triggers' creates and drops (:mod:`.trigger_compare`).
 
-What earlier migrations recorded is read by :mod:`.history`; the downgrade's
-backfills come from a :class:`~.operations.RestoreCounterOp` put first in
-the upgrade (the downgrade is the upgrade reversed, so they come last).
-
-A counter on a table created in the same migration gets no backfill: the
-table is empty. The backfills go at the end of the upgrade, after every
-table they read has been created or altered (and outside any
-``batch_alter_table`` block).
+What earlier migrations recorded is read by :mod:`.history`; the downgrade's backfills come from
+a :class:`~.operations.RestoreCounterOp` first in the upgrade (the downgrade is it reversed: they come last).
+A counter on a table created in the same migration gets no backfill (the
+table is empty). The backfills go at the end of the upgrade, after every
+table they read has been created or altered (outside any ``batch_alter_table``).
 
 The comparator is switched on two ways, which may be combined:
 
@@ -99,6 +97,9 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     history = _History(autogen_context)
     if counters:
         _added_or_changed(autogen_context, upgrade_ops, counters, history)
+    from .trigger_compare import compare_triggers  # (imports Alembic's operations: not at plugin load)
+    compare_triggers(autogen_context, upgrade_ops, counters,
+                     lambda col, d: _backfill_for(col, d, *_texts(d, autogen_context.dialect)))
     _removed(upgrade_ops, {(c.table.schema, c.table.name, c.name) for c, _ in counters}, history)
     return _continue()
 
@@ -145,9 +146,7 @@ def _added_or_changed(
         key = (col.table.schema, col.table.name, col.name)
         if key in present or key[:2] in created:
             continue
-        # (rendered in the migration's dialect: MariaDB quotes names with backticks, escapes backslashes)
-        where = _sql(_first(getattr(definition, "where_clause", None), getattr(definition, "where_sql", None)), dialect)
-        sum_ = _sql(_first(getattr(definition, "sum_clause", None), getattr(definition, "sum_sql", None)), dialect)
+        where, sum_ = _texts(definition, dialect)
         before: tuple[Any, Any] | None = None
         if key not in added:
             if key[:2] not in existing:
@@ -224,9 +223,6 @@ def _backfill_for(
             f"countercache autogenerate: column {col.table.name}.{col.name} carries a counter "
             "that is not mapped to a class"
         )
-    from sqlalchemy.orm import configure_mappers
-
-    configure_mappers()
     path = definition.relationship.split(".")
     prop = mapper.relationships[path[0]]
     # many-to-many counts the association table's rows that refer to the parent
@@ -254,6 +250,10 @@ def _backfill_for(
     )
 
 
+def _texts(definition: CounterCache, dialect: Any) -> tuple[str | None, str | None]:
+    """(where, sum) rendered in the migration's dialect (MariaDB quotes names with backticks, escapes backslashes)."""
+    return tuple(_sql(_first(getattr(definition, f"{w}_clause", None), getattr(definition, f"{w}_sql", None)),
+                      dialect) for w in ("where", "sum"))  # type: ignore[return-value]
 
 
 def _walk(container: ops.OpContainer) -> Any:
@@ -280,8 +280,9 @@ def _sql(value: Any, dialect: Any) -> str | None:
     """A counter's where/sum as SQL text (``None`` when it has none)."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, ClauseElement):
-        return str(value.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    if isinstance(value, ClauseElement):  # as the server reads it (literal_binds doubles % for format paramstyles)
+        sql = str(value.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        return sql.replace("%%", "%") if dialect.paramstyle in ("format", "pyformat") else sql
     raise CounterCacheError(f"countercache autogenerate: cannot render {value!r} as SQL text")
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["UNKNOWN", "RecordedBackfill", "recorded_backfills"]
+__all__ = ["UNKNOWN", "RecordedBackfill", "recorded_backfills", "recorded_calls"]
 
 #: An argument that is not a literal: compares unequal (a new backfill is
 #: safe) and cannot be written into a downgrade.
@@ -55,8 +55,18 @@ class RecordedBackfill:
 
 def recorded_backfills(autogen_context: AutogenContext) -> dict[Key, RecordedBackfill]:
     """``{(schema, table, column): call}``: the latest backfill of each counter."""
-    script = getattr(autogen_context.migration_context, "script", None)
     found: dict[Key, RecordedBackfill] = {}
+    for call in recorded_calls(autogen_context):  # latest first
+        found.setdefault(call.key, call)
+    return found
+
+
+def recorded_calls(autogen_context: AutogenContext, name: str = "backfill_counter",
+                   keywords: dict[str, Any] | None = None) -> list[RecordedBackfill]:
+    """Every ``op.<name>(table, column, ...)`` call of the upgrades, latest first
+    (``keywords``: its keyword arguments with their defaults)."""
+    script = getattr(autogen_context.migration_context, "script", None)
+    found: list[RecordedBackfill] = []
     if script is None:  # compare_metadata() outside a script directory
         return found
     for revision in script.walk_revisions():  # from the heads down to base
@@ -68,9 +78,8 @@ def recorded_backfills(autogen_context: AutogenContext) -> dict[Key, RecordedBac
         calls: list[RecordedBackfill] = []
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name == "upgrade":
-                calls.extend(_backfill_calls(node))
-        for call in reversed(calls):  # the last call of a revision wins
-            found.setdefault(call.key, call)
+                calls.extend(_backfill_calls(node, name, _KEYWORDS if keywords is None else keywords))
+        found.extend(reversed(calls))  # the last call of a revision wins
     return found
 
 
@@ -81,18 +90,18 @@ def _literal(node: ast.AST) -> Any:
         return UNKNOWN
 
 
-def _backfill_calls(fn: ast.FunctionDef) -> list[RecordedBackfill]:
+def _backfill_calls(fn: ast.FunctionDef, name: str, keywords: dict[str, Any]) -> list[RecordedBackfill]:
     calls = []
     for node in ast.walk(fn):
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "backfill_counter"
+            and node.func.attr == name
             and len(node.args) >= 2
         ):
             continue
         given = dict(zip(_POSITIONAL, (_literal(a) for a in node.args)))
-        kwargs = dict(_KEYWORDS)
+        kwargs = dict(keywords)
         for k in node.keywords:
             if k.arg in _POSITIONAL:  # a positional argument given by name
                 given[k.arg] = _literal(k.value)

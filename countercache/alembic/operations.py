@@ -309,7 +309,7 @@ def noop_backfill(operations: Operations, op: NoOpBackfillOp | RestoreCounterOp)
 # -- Render ----------------------------------------------------------------
 
 #: The import a migration needs so that ``op.backfill_counter`` exists when it runs.
-IMPORT = "import countercache.alembic  # noqa: F401 (registers op.backfill_counter)"
+IMPORT = "import countercache.alembic  # noqa: F401 (registers op.backfill_counter and the trigger operations)"
 
 
 def _repr_names(value: str | Sequence[str]) -> str:

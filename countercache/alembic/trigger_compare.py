@@ -1,0 +1,146 @@
+"""Autogenerate: the triggers of ``trigger`` counters (called by :mod:`.autogenerate`).
+
+* A counter whose strategy is ``trigger`` and whose triggers are not in the
+  database gets ``op.create_counter_trigger(...)`` followed by
+  ``op.backfill_counter(...)`` (an ORM strategy switched to ``trigger`` loses
+  no count: the backfill recounts once the triggers count the new rows). A
+  counter that autogenerate cannot keep with triggers on the database
+  (:func:`countercache.triggers.refusal`) raises
+  :class:`~countercache.CounterCacheError` naming it.
+* countercache triggers in the database (``cc_`` names, on a table of the
+  target metadata) that no ``trigger`` counter wants under that name (the
+  counter switched to another strategy, no longer declared, or its
+  definition changed: the names carry a hash of it) get
+  ``op.drop_counter_trigger(...)``, with the definition when it is known
+  (the counter is still declared, or a migration recorded its
+  ``create_counter_trigger``), so that the downgrade creates them again;
+  else by name (the downgrade cannot recreate them and says so).
+
+Drops come first in the upgrade (after the downgrade's restoring
+backfills), creates and their backfills last.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect
+
+from .. import triggers
+from ..errors import CounterCacheError
+from .history import UNKNOWN, recorded_calls
+from .operations import BackfillCounterOp, RestoreCounterOp
+from .trigger_ops import CreateCounterTriggerOp, DropCounterTriggerOp, _TriggerOp
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+    from alembic.operations import ops
+
+__all__ = ["compare_triggers"]
+
+_KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None}
+
+
+def _one(names: list[str]) -> str | tuple[str, ...]:
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def create_for(counter: Any) -> CreateCounterTriggerOp:
+    """The ``create_counter_trigger`` of a resolved counter (its names and ``where_sql`` / ``sum_sql``)."""
+    fks = list(counter.kind.key_columns())
+    table = counter.column.table
+    return CreateCounterTriggerOp(
+        table.name, counter.column.name, fks[0].table.name, _one([c.name for c in fks]),
+        where=counter.where_sql, sum=counter.sum_sql,
+        parent_key=_one([c.name for c in counter.mapper.primary_key]), schema=table.schema)
+
+
+def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, counters: list[Any],
+                     backfill_for: Any) -> None:
+    """Add the creates, backfills and drops the ``trigger`` counters need (see the module)."""
+    connection = autogen_context.connection
+    if connection is None:
+        return
+    from alembic.operations import ops
+
+    dialect = connection.dialect
+    present = {op.to_diff_tuple() for op in _walk(upgrade_ops) if isinstance(op, _TriggerOp)}
+    created = {(op.schema, op.table_name) for op in _walk(upgrade_ops) if isinstance(op, ops.CreateTableOp)}
+    added = {(op.schema, op.table_name, op.column.name) for op in _walk(upgrade_ops) if isinstance(op, ops.AddColumnOp)}
+    wanted: dict[str, tuple[Any, Any]] = {}
+    declared: dict[str, Any] = {}
+    for col, counter in counters:
+        if counter.kind is None or counter.column is None:
+            continue
+        trigger = counter.strategy() == "trigger"
+        refused = triggers.refusal(counter, dialect) if trigger else None
+        if refused is not None:
+            raise CounterCacheError(f"countercache autogenerate: {refused}")
+        base = triggers.trigger_name(counter)
+        declared[base] = counter
+        if trigger:
+            wanted[base] = (col, counter)
+    tables = {t.name for md in _metadatas(autogen_context) for t in md.tables.values()}
+    drops: list[Any] = []
+    recorded: dict[str, DropCounterTriggerOp] | None = None
+    for base, child in triggers.installed_bases(connection).items():
+        if base in wanted or child not in tables:
+            continue
+        if recorded is None:
+            recorded = _recorded(autogen_context)
+        if base in declared:
+            drop = DropCounterTriggerOp(**create_for(declared[base]).definition())
+        else:
+            drop = recorded.get(base) or DropCounterTriggerOp(child_table=child, name=base)
+        if drop.to_diff_tuple() not in present:
+            drops.append(drop)
+    at = next((i for i, op in enumerate(upgrade_ops.ops) if not isinstance(op, RestoreCounterOp)),
+              len(upgrade_ops.ops))
+    upgrade_ops.ops[at:at] = drops
+    for base, (col, counter) in wanted.items():
+        create = create_for(counter)
+        key = (create.schema, create.table_name, create.column_name)
+        if create.to_diff_tuple() in present or triggers.installed(connection, counter) or not (
+                key[:2] in created or key in added or _in_database(connection, key)):
+            continue  # (a column neither in the database nor added: filtered out by env.py)
+        upgrade_ops.ops.append(create)
+        if key[:2] in created:
+            continue  # a new table: nothing to backfill
+        backfill = next((op for op in upgrade_ops.ops if isinstance(op, BackfillCounterOp) and op.key == key), None)
+        if backfill is None:
+            backfill = backfill_for(col, counter)
+        else:
+            upgrade_ops.ops.remove(backfill)  # after the create: it counts what the triggers will not
+        upgrade_ops.ops.append(backfill)
+
+
+def _recorded(autogen_context: AutogenContext) -> dict[str, DropCounterTriggerOp]:
+    """``{base name: drop}``: the triggers earlier migrations created, by the name their definition gives."""
+    found: dict[str, DropCounterTriggerOp] = {}
+    for call in recorded_calls(autogen_context, "create_counter_trigger", _KEYWORDS):
+        if not call.literal or UNKNOWN in call.args:
+            continue
+        drop = DropCounterTriggerOp(*call.args, **call.kwargs)
+        try:
+            found.setdefault(drop.base(), drop)
+        except CounterCacheError:  # no parent_key: not named from the migration alone
+            continue
+    return found
+
+
+def _in_database(connection: Any, key: tuple[str | None, str, str]) -> bool:
+    found = inspect(connection)
+    return found.has_table(key[1], schema=key[0]) and any(
+        c["name"] == key[2] for c in found.get_columns(key[1], schema=key[0]))
+
+
+def _metadatas(autogen_context: AutogenContext) -> list[Any]:
+    metadata = autogen_context.metadata
+    return [] if metadata is None else [metadata] if not isinstance(metadata, (list, tuple)) else list(metadata)
+
+
+def _walk(container: Any) -> Any:
+    for op in container.ops:
+        yield op
+        if hasattr(op, "ops"):
+            yield from _walk(op)

@@ -1,0 +1,258 @@
+"""``op.create_counter_trigger()`` / ``op.drop_counter_trigger()``: a ``trigger``
+counter's triggers in a migration.
+
+Both take the counter's definition as :func:`op.backfill_counter
+<countercache.alembic.operations.BackfillCounterOp>` does, as plain values
+(names, and ``where=`` / ``sum=`` as SQL text over the child table's columns,
+as ``CounterCache.where_sql`` records them), so that a migration does not
+depend on the models as they are later::
+
+    op.create_counter_trigger('users', 'open_count', 'questions', 'user_id',
+                              where="questions.state = 'open'", parent_key='id')
+
+At upgrade time the tables are reflected with the migration's connection,
+the triggers generated for its database (:mod:`countercache.triggers`, the
+same DDL as ``create_all()`` makes from the declaration, with the same
+refusals) and run. Each is the other's ``reverse()``. The trigger names carry
+a hash of the definition (:func:`countercache.triggers.base_name`): a
+definition changed while staying ``trigger`` is a drop of the previous
+triggers and a create of the new ones.
+
+``op.drop_counter_trigger(child_table=..., name=...)`` drops by the recorded
+base name (what autogenerate writes for triggers whose counter is no longer
+declared and whose definition no migration recorded): its reverse cannot
+create them again and renders as a ``pass`` saying so.
+
+Offline (``--sql``) the statements are printed; the tables are not
+reflected then (``parent_key=`` is required, the key and counter columns
+are taken as integers, and the refusals that depend on foreign key actions
+are not checked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from alembic.autogenerate.render import renderers
+from alembic.operations import MigrateOperation, Operations
+from sqlalchemy import Column, ForeignKeyConstraint, Integer, MetaData, Table, inspect
+
+from .. import triggers
+from ..errors import ConfigurationError, CounterCacheError
+from ..strategies.trigger import forget_verified
+from ..trigger_text import TextCounter
+from .operations import IMPORT
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+
+__all__ = ["CreateCounterTriggerOp", "DropCounterTriggerOp", "KeepDroppedTriggerOp"]
+
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+class _TriggerOp(MigrateOperation):
+    def __init__(self, table_name: str | None = None, column_name: str | None = None,
+                 child_table: str | None = None, child_fk: str | Sequence[str] | None = None, *,
+                 where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
+                 schema: str | None = None, name: str | None = None) -> None:
+        self.table_name, self.column_name, self.child_table, self.child_fk = table_name, column_name, child_table, child_fk
+        self.where, self.sum, self.parent_key, self.schema, self.name = where, sum, parent_key, schema, name
+
+    @property
+    def what(self) -> str:
+        return f"{self.table_name}.{self.column_name}" if self.table_name else f"triggers {self.name}"
+
+    def definition(self) -> dict[str, Any]:
+        return dict(table_name=self.table_name, column_name=self.column_name, child_table=self.child_table,
+                    child_fk=self.child_fk, where=self.where, sum=self.sum, parent_key=self.parent_key,
+                    schema=self.schema)
+
+    def base(self) -> str:
+        """The triggers' base name (from the definition, unless recorded)."""
+        if self.name is not None:
+            return self.name
+        keys = _names(self.parent_key)
+        if not keys:
+            raise CounterCacheError(f"{self.what}: parent_key= is needed to name its triggers")
+        return triggers.base_name(self.schema, self.table_name or "", self.column_name or "", self.child_table or "",
+                                  _names(self.child_fk), keys, self.where, self.sum)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        try:
+            return (type(self).__name__, self.schema, self.child_table, self.base())
+        except CounterCacheError:  # no parent_key: named once the key is looked up
+            return (type(self).__name__, *self.definition().values())
+
+
+@Operations.register_operation("create_counter_trigger")
+class CreateCounterTriggerOp(_TriggerOp):
+    """Create the triggers keeping ``table.column`` = the rows of ``child_table``
+    (``child_fk`` referring to ``parent_key``) matching ``where``, counted or
+    summed (``sum``). Arguments as :meth:`op.backfill_counter`'s."""
+
+    def __init__(self, table_name: str, column_name: str, child_table: str, child_fk: str | Sequence[str], *,
+                 where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
+                 schema: str | None = None) -> None:
+        super().__init__(table_name, column_name, child_table, child_fk, where=where, sum=sum,
+                         parent_key=parent_key, schema=schema)
+
+    @classmethod
+    def create_counter_trigger(cls, operations: Operations, table_name: str, column_name: str, child_table: str,
+                               child_fk: str | Sequence[str], *, where: str | None = None, sum: str | None = None,
+                               parent_key: str | Sequence[str] | None = None, schema: str | None = None) -> Any:
+        """Create the triggers of a ``trigger`` counter (see :mod:`countercache.alembic.trigger_ops`)."""
+        return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
+                                     parent_key=parent_key, schema=schema))
+
+    def reverse(self) -> DropCounterTriggerOp:
+        return DropCounterTriggerOp(**self.definition())
+
+
+@Operations.register_operation("drop_counter_trigger")
+class DropCounterTriggerOp(_TriggerOp):
+    """Drop a counter's triggers: by its definition (as :class:`CreateCounterTriggerOp`'s,
+    whose reverse this is), or by the recorded base ``name`` on ``child_table``."""
+
+    @classmethod
+    def drop_counter_trigger(cls, operations: Operations, table_name: str | None = None,
+                             column_name: str | None = None, child_table: str | None = None,
+                             child_fk: str | Sequence[str] | None = None, *, where: str | None = None,
+                             sum: str | None = None, parent_key: str | Sequence[str] | None = None,
+                             schema: str | None = None, name: str | None = None) -> Any:
+        """Drop the triggers of a counter (see :mod:`countercache.alembic.trigger_ops`)."""
+        return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
+                                     parent_key=parent_key, schema=schema, name=name))
+
+    def reverse(self) -> CreateCounterTriggerOp | KeepDroppedTriggerOp:
+        if self.name is not None or None in (self.table_name, self.column_name, self.child_table, self.child_fk):
+            return KeepDroppedTriggerOp(self)
+        return CreateCounterTriggerOp(**self.definition())  # type: ignore[arg-type]
+
+
+class KeepDroppedTriggerOp(MigrateOperation):
+    """The reverse of a drop by name: nothing (the definition is unknown); renders as ``pass``."""
+
+    def __init__(self, drop: DropCounterTriggerOp) -> None:
+        self.drop = drop
+
+    def reverse(self) -> DropCounterTriggerOp:
+        return self.drop
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ()
+
+
+# -- Implementations -------------------------------------------------------
+
+
+def _tables(operations: Operations, op: _TriggerOp) -> tuple[Table, Table]:
+    """(parent, child): reflected online; offline, built from the names (integer columns)."""
+    md = MetaData()
+    fks, keys = _names(op.child_fk), _names(op.parent_key)
+    if operations.migration_context.as_sql:
+        if not keys:
+            raise CounterCacheError(f"create_counter_trigger({op.what}): parent_key= is required offline (--sql)")
+        own = op.child_table == op.table_name  # self-referential: one table
+        parent = Table(op.table_name, md, *(Column(n, Integer) for n in dict.fromkeys(
+            (op.column_name, *keys, *(fks if own else ())))), schema=op.schema)
+        child = parent if own else Table(op.child_table, md, *(Column(n, Integer) for n in fks), schema=op.schema)
+        child.append_constraint(ForeignKeyConstraint(list(fks), [f"{parent.fullname}.{k}" for k in keys]))
+        return parent, child
+    bind = operations.get_bind()
+    parent = Table(op.table_name, md, schema=op.schema, autoload_with=bind)
+    child = parent if op.child_table == op.table_name else Table(op.child_table, md, schema=op.schema,
+                                                                  autoload_with=bind)
+    return parent, child
+
+
+def _counter(operations: Operations, op: _TriggerOp) -> TextCounter:
+    parent, child = _tables(operations, op)
+    keys = _names(op.parent_key)
+    if not keys:
+        keys = tuple(inspect(operations.get_bind()).get_pk_constraint(op.table_name, schema=op.schema)
+                     .get("constrained_columns") or ())
+    fks = _names(op.child_fk)
+    if not fks or len(fks) != len(keys):
+        raise CounterCacheError(f"create_counter_trigger({op.what}): child_fk {list(fks)} and parent_key "
+                                f"{list(keys)} differ in length")
+    dialect = operations.migration_context.dialect
+    return TextCounter(parent, op.column_name or "", child, fks, keys, op.where, op.sum,
+                       backslashes=dialect.name in ("mysql", "mariadb"), add_missing=operations.migration_context.as_sql)
+
+
+def _run(operations: Operations, statements: list[str]) -> None:
+    ctx = operations.migration_context
+    if ctx.as_sql:
+        for statement in statements:
+            ctx.impl.static_output(statement + ctx.impl.command_terminator)
+        return
+    triggers.execute(operations.get_bind(), statements)
+    forget_verified()
+
+
+@Operations.implementation_for(CreateCounterTriggerOp)
+def create_counter_trigger(operations: Operations, op: CreateCounterTriggerOp) -> None:
+    """Reflect the tables, generate the triggers for the connection's database, run them."""
+    try:
+        counter = _counter(operations, op)
+        statements = triggers.create_statements(counter, operations.migration_context.dialect)
+    except ConfigurationError as exc:
+        raise CounterCacheError(f"create_counter_trigger: {exc}") from exc
+    _run(operations, statements)
+
+
+@Operations.implementation_for(DropCounterTriggerOp)
+def drop_counter_trigger(operations: Operations, op: DropCounterTriggerOp) -> None:
+    """Drop the triggers (and PostgreSQL's function) if they exist."""
+    if op.child_table is None:
+        raise CounterCacheError(f"drop_counter_trigger({op.what}): child_table= is required")
+    if op.name is None and not op.parent_key and not operations.migration_context.as_sql:
+        pk = inspect(operations.get_bind()).get_pk_constraint(op.table_name or "", schema=op.schema)
+        op = DropCounterTriggerOp(**{**op.definition(), "parent_key": tuple(pk.get("constrained_columns") or ())})
+    statements = triggers.drop_named_statements(op.base(), op.child_table, op.schema,
+                                                operations.migration_context.dialect)
+    _run(operations, statements)
+
+
+@Operations.implementation_for(KeepDroppedTriggerOp)
+def keep_dropped_trigger(operations: Operations, op: KeepDroppedTriggerOp) -> None:
+    """Nothing: the dropped triggers' definition is unknown."""
+
+
+# -- Render ----------------------------------------------------------------
+
+
+def _render(autogen_context: AutogenContext, name: str, op: _TriggerOp) -> str:
+    if autogen_context.imports is not None:
+        autogen_context.imports.add(IMPORT)
+    args = [repr(getattr(op, a)) if a != "child_fk" else
+            (repr(op.child_fk) if isinstance(op.child_fk, str) else repr(tuple(op.child_fk or ())))
+            for a in ("table_name", "column_name", "child_table", "child_fk")]
+    if op.name is not None and op.table_name is None:
+        args = [f"child_table={op.child_table!r}"]
+    for key in ("where", "sum", "parent_key", "schema", "name"):
+        value = getattr(op, key)
+        if value is not None:
+            args.append(f"{key}={value if isinstance(value, str) else tuple(value)!r}")
+    return f"op.{name}({', '.join(args)})"
+
+
+@renderers.dispatch_for(CreateCounterTriggerOp)
+def render_create_counter_trigger(autogen_context: AutogenContext, op: CreateCounterTriggerOp) -> str:
+    return _render(autogen_context, "create_counter_trigger", op)
+
+
+@renderers.dispatch_for(DropCounterTriggerOp)
+def render_drop_counter_trigger(autogen_context: AutogenContext, op: DropCounterTriggerOp) -> str:
+    return _render(autogen_context, "drop_counter_trigger", op)
+
+
+@renderers.dispatch_for(KeepDroppedTriggerOp)
+def render_keep_dropped_trigger(autogen_context: AutogenContext, op: KeepDroppedTriggerOp) -> str:
+    return (f"pass  # {op.drop.what} on {op.drop.child_table} stay dropped: their counter's definition is "
+            "unknown here; recreate them with op.create_counter_trigger(...) if needed")
