@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import countercache
-from countercache.config import STRATEGIES
+from countercache.config import ALL_STRATEGIES
 from helpers import assert_counts
 from models import qa
 
@@ -96,7 +96,7 @@ def worker(engine, m, parent_ids, seed, deadline, outcome: Counter):
 
 
 # "none" first: the workload without counters, then every strategy the library implements
-@pytest.mark.parametrize("strategy", ["none", *STRATEGIES])
+@pytest.mark.parametrize("strategy", ["none", *ALL_STRATEGIES])
 def test_no_lost_update_under_concurrency(engine, backend, strategy):
     """``none`` is the same workload without a counter: the deadlocks of the workload itself."""
     m = qa(None if strategy == "none" else strategy, counted=strategy != "none")
