@@ -37,18 +37,26 @@ if TYPE_CHECKING:
 
     from .declaration import CounterCache
 
-_cache: list[Any] = [-1, []]  # (configuration generation, counters)
+_cache: list[Any] = [-1, [], True]  # (configuration generation, counters, whether the ORM keeps any)
 
 
 def counters() -> list[CounterCache]:
-    """The resolved one-to-many counters the database keeps under the configuration in force."""
+    """The resolved counters the database keeps under the configuration in force."""
     generation = config._config.generation
     if _cache[0] != generation:
+        known = _registry.all_counters()
+        _cache[1] = [c for c in known if c.parent is not None and c.strategy() in config.DATABASE_STRATEGIES]
+        # (a counter not resolved yet counts as the ORM's: its flush configures the mappers)
+        _cache[2] = any(c.parent is None or c.strategy() not in config.DATABASE_STRATEGIES for c in known)
         _cache[0] = generation
-        _cache[1] = [c for c in _registry.all_counters()
-                     if c.parent is not None and not isinstance(c.kind, ManyToMany)
-                     and c.strategy() in config.DATABASE_STRATEGIES]
     return _cache[1]  # type: ignore[no-any-return]
+
+
+def orm_kept() -> bool:
+    """Does the ORM keep any counter (else a flush needs none of its tracking)?"""
+    if _cache[0] != config._config.generation:
+        counters()
+    return _cache[2]  # type: ignore[no-any-return]
 
 
 def forget() -> None:
@@ -57,11 +65,14 @@ def forget() -> None:
 
 
 def fed_by(mappers: Any) -> list[CounterCache]:
-    """The database-kept counters whose child class is among (or above) ``mappers``."""
+    """The database-kept counters whose counted rows ``mappers`` write (a many-to-many
+    counter's association rows: either side's class)."""
     kept = counters()
     if not kept:
         return []
-    return [c for c in kept if any(m.isa(c.child_mapper) for m in mappers)]  # type: ignore[arg-type]
+    return [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
+                                   or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
+                                   for m in mappers)]
 
 
 def _written(uow: Any) -> list[Mapper[Any]]:
@@ -81,12 +92,19 @@ def after_flush(session: Session, uow: Any) -> None:
                     session.connection(bind_arguments={"mapper": counter.child_mapper}), counter)
     if not _cache[1] and _cache[0] == config._config.generation:
         return
-    for counter in fed_by(_written(uow)):
+    kept = uow.countercache_kept = fed_by(_written(uow))
+    for counter in kept:
         _verify(session, counter)
 
 
 def _verify(session: Session, counter: CounterCache) -> None:
     """The counter's triggers exist where its rows are written, and its parents are there too."""
+    bind = session.bind
+    binds = getattr(session, "binds", getattr(session, "_Session__binds", True))  # (its name in SQLAlchemy 2.0 / 2.1)
+    if bind is not None and not binds:  # (one bind: the usual case)
+        found = trigger_strategy._verified.get(getattr(bind, "engine", bind))
+        if found is not None and counter.name in found:
+            return
     child_bind = session.get_bind(mapper=counter.child_mapper)
     parent_bind = session.get_bind(mapper=counter.mapper)
     if getattr(child_bind, "engine", child_bind) is not getattr(parent_bind, "engine", parent_bind):
@@ -101,7 +119,8 @@ def after_flush_postexec(session: Session, uow: Any) -> None:
     """Refresh the counters of loaded parents of the child classes this flush wrote."""
     if not _cache[1] and _cache[0] == config._config.generation:
         return
-    refresh(session, fed_by(_written(uow)))
+    kept = getattr(uow, "countercache_kept", None)
+    refresh(session, fed_by(_written(uow)) if kept is None else kept)
 
 
 def after_soft_rollback(session: Session, previous_transaction: Any) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import collation, many_to_many, memory, through, transactions
+from . import collation, database_kept, many_to_many, memory, through, transactions
 from ._compat import drop_events_flag, has_own_events, held_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
@@ -339,7 +339,7 @@ def release_watched(fs: FlushState) -> None:
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
     if memory._merged:
         memory.undo_merged(session)
-    if _suspended.data and _suspended.get(session):  # (see suspension.is_suspended)
+    if (_suspended.data and _suspended.get(session)) or not database_kept.orm_kept():  # (suspension.is_suspended)
         _flushes.pop(session.hash_key, None)
     else:
         through.refuse_middle_rekey(session)
