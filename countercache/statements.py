@@ -216,11 +216,13 @@ class StatementForms:
         ) + ")"
 
         def build_lock() -> Any:
+            # (aliased: FOR ... OF takes an unqualified name, and the table may be in a schema)
             return text(
-                f"SELECT 1 FROM {t} JOIN {keys_unnest} AS countercache_v({', '.join(f'k{j}' for j in range(len(pk)))}) ON "
-                + " AND ".join(f"{t}.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
-                + " ORDER BY " + ", ".join(f"{t}.{c}" for c in pk)
-                + f" FOR NO KEY UPDATE OF {t}"
+                f"SELECT 1 FROM {t} AS countercache_p JOIN {keys_unnest} AS "
+                f"countercache_v({', '.join(f'k{j}' for j in range(len(pk)))}) ON "
+                + " AND ".join(f"countercache_p.{c} = countercache_v.k{j}" for j, c in enumerate(pk))
+                + " ORDER BY " + ", ".join(f"countercache_p.{c}" for c in pk)
+                + " FOR NO KEY UPDATE OF countercache_p"
             )
 
         def build_update() -> Any:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from typing import Optional
+from sqlalchemy import ForeignKey
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,3 +185,45 @@ def test_leaked_connection_fails_the_test(tmp_path):
     # reported at teardown of the leaking test; the pool is reset for the next
     assert "ERROR at teardown of test_leaks[sqlite]" in out, out
     assert "2 passed" in out and "1 error" in out, out
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.parametrize("strategy", ["bulk", "deferred", "trigger"])
+def test_parents_in_a_schema_of_their_own(engine, strategy):
+    """PostgreSQL's ``FOR NO KEY UPDATE OF`` takes an unqualified name: the
+    key-ordered lock of several parents in a schema locks them by an alias."""
+    from countercache import counter_cache as cc
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Owner(Base):
+        __tablename__ = "owners"
+        __table_args__ = {"schema": "ccapp"}
+        id: Mapped[int] = mapped_column(primary_key=True)
+        pets: Mapped[list["Pet"]] = relationship()
+        pet_count: Mapped[int] = cc("pets", strategy=strategy)
+
+    class Pet(Base):
+        __tablename__ = "pets"
+        __table_args__ = {"schema": "ccapp"}
+        id: Mapped[int] = mapped_column(primary_key=True)
+        owner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("ccapp.owners.id"))
+
+    with engine.begin() as c:
+        c.execute(sa.text("DROP SCHEMA IF EXISTS ccapp CASCADE; CREATE SCHEMA ccapp"))
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            a, b = Owner(), Owner()
+            s.add_all([a, b])
+            s.flush()
+            s.add_all([Pet(owner_id=a.id), Pet(owner_id=b.id), Pet(owner_id=b.id)])
+            s.commit()
+        with engine.connect() as c:
+            rows = c.execute(sa.text("SELECT o.pet_count, (SELECT count(*) FROM ccapp.pets p WHERE p.owner_id = o.id) "
+                                 "FROM ccapp.owners o ORDER BY o.id")).all()
+        assert [tuple(r) for r in rows] == [(1, 1), (2, 2)]
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("DROP SCHEMA IF EXISTS ccapp CASCADE"))
