@@ -295,3 +295,111 @@ def test_multi_level_is_refused(engine):
     with pytest.raises(CounterCacheError, match=r"Forum.post_count: a multi-level counter .*not supported by the "
                                                 r"sharded_trigger strategy.*use strategy 'sharded'"):
         Base.metadata.create_all(engine)
+
+
+def test_exact_sees_the_sessions_own_flushed_rows(engine, schema):
+    Base, User, Question = schema
+    with Session(engine) as s:
+        user = s.get(User, 1)
+        s.add_all([Question(id=i, user_id=1, score=3) for i in range(1, 4)])
+        s.flush()
+        assert countercache.exact(s, user, "question_count") == 3
+        assert countercache.exact(s, user, "score_total") == 9
+        assert user.question_count == 0  # the column lags until fold()
+        s.rollback()
+    assert shard_rows(engine) == []
+
+
+def test_shards_from_the_configuration(engine):
+    Base, User, Question = models(shards=None)
+    countercache.configure(overrides={"User.question_count": "sharded_trigger:2"})
+    assert User.question_count.property.columns[0].info["countercache"].shards() == 2
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add(User(id=1))
+            s.add_all([Question(id=i, user_id=1) for i in range(1, 6)])
+            s.commit()
+        assert {shard for _, shard, _ in shard_rows(engine)} <= {0, 1}
+        assert_exact(engine, User)
+        assert_folded(engine)
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+def self_referential():
+    class Base(DeclarativeBase):
+        pass
+
+    class Comment(Base):
+        __tablename__ = "comments"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("comments.id"))
+        replies: Mapped[list["Comment"]] = relationship(back_populates="parent")
+        parent: Mapped[Optional["Comment"]] = relationship(back_populates="replies", remote_side=[id])
+        reply_count: Mapped[int] = counter_cache("replies", strategy="sharded_trigger", shards=SHARDS)
+
+    return Base, Comment
+
+
+def test_self_referential(engine):
+    """The triggers write the side table, never the counted table: MariaDB too."""
+    Base, Comment = self_referential()
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([Comment(id=1), Comment(id=2)])
+            s.flush()
+            s.add_all([Comment(id=i, parent_id=1 + i % 2) for i in range(3, 10)])
+            s.commit()
+        with engine.begin() as c:
+            c.execute(text("UPDATE comments SET parent_id = 3 WHERE id IN (4, 6)"))
+            c.execute(text("DELETE FROM comments WHERE id = 5"))
+
+        def recount():
+            with engine.connect() as c:
+                return dict(c.execute(text("SELECT p.id, (SELECT count(*) FROM comments r WHERE r.parent_id = p.id) "
+                                           "FROM comments p")).all())
+
+        with Session(engine) as s:
+            assert {c.id: countercache.exact(s, c, "reply_count") for c in s.query(Comment)} == recount()
+        assert countercache.check(engine) == []
+        countercache.fold(engine)
+        with engine.connect() as c:
+            assert dict(c.execute(text("SELECT id, reply_count FROM comments")).all()) == recount()
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+@pytest.mark.mariadb_only
+def test_mariadb_refuses_a_self_referential_cascade(engine):
+    class Base(DeclarativeBase):
+        pass
+
+    class Node(Base):
+        __tablename__ = "nodes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+        children: Mapped[list["Node"]] = relationship()
+        child_count: Mapped[int] = counter_cache("children", strategy="sharded_trigger")
+
+    with pytest.raises(CounterCacheError, match=r"Node.child_count: .*ON DELETE CASCADE.*fire no trigger on "
+                                                r"MariaDB/MySQL.*use strategy 'sharded'"):
+        Base.metadata.create_all(engine)
+
+
+@pytest.mark.postgresql_only
+def test_truncate(engine, schema):
+    Base, User, Question = schema
+    with Session(engine) as s:
+        s.add_all([Question(id=i, user_id=1 + i % 2) for i in range(1, 7)])
+        s.commit()
+    countercache.fold(engine)
+    with Session(engine) as s:
+        s.add(Question(id=10, user_id=3))
+        s.commit()
+    with engine.begin() as c:
+        c.execute(text("TRUNCATE questions"))
+    assert columns(engine) == {k: (0, 0, 0) for k in range(1, 5)}
+    assert shard_rows(engine) == []
+    assert_exact(engine, User)
