@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, Numeric, String, delete, insert, text, update
+from sqlalchemy import ForeignKey, Numeric, String, delete, event, insert, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
@@ -196,6 +196,9 @@ def test_on_delete_cascade(engine, schema):
             c.exec_driver_sql("PRAGMA foreign_keys = ON")
         c.execute(text("DELETE FROM users WHERE id = 1"))
     assert real(engine).keys() == {2, 3, 4}
+    with engine.connect() as c:  # the children went with it
+        assert c.execute(text("SELECT count(*) FROM questions WHERE user_id = 1")).scalar_one() == 0
+        assert c.execute(text("SELECT count(*) FROM questions")).scalar_one() == 8
     assert {k for k, _, _ in shard_rows(engine)} == {"2", "3"}
     assert_exact(engine, User)
     assert_folded(engine)
@@ -403,3 +406,62 @@ def test_truncate(engine, schema):
     assert columns(engine) == {k: (0, 0, 0) for k in range(1, 5)}
     assert shard_rows(engine) == []
     assert_exact(engine, User)
+
+
+def test_many_to_many(engine, backend):
+    from sqlalchemy import Column, Table
+
+    cascade = backend != "mariadb"
+    if backend == "sqlite":  # (before the first connection: enforced per connection)
+        event.listen(engine, "connect", lambda dbapi_connection, _: dbapi_connection.execute("PRAGMA foreign_keys=ON"))
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE" if cascade else None), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id"), primary_key=True),
+    )
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        posts: Mapped[list[Post]] = relationship(secondary=post_tags)
+        post_count: Mapped[int] = counter_cache("posts", strategy="sharded_trigger", shards=SHARDS)
+
+    def recount():
+        with engine.connect() as c:
+            return dict(c.execute(text("SELECT t.id, (SELECT count(*) FROM post_tags pt WHERE pt.tag_id = t.id) "
+                                       "FROM tags t")).all())
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            posts = [Post(id=i) for i in range(1, 5)]
+            s.add_all([Tag(id=1, posts=posts[:3]), Tag(id=2, posts=posts[1:]), Tag(id=3)])
+            s.commit()
+        with Session(engine) as s:
+            tag, other, post = s.get(Tag, 1), s.get(Tag, 3), s.get(Post, 1)
+            tag.posts.remove(post)
+            other.posts.append(post)
+            s.commit()
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO post_tags (post_id, tag_id) SELECT post_id, 3 FROM post_tags WHERE tag_id = 2 "
+                           "AND post_id <> 1"))
+            c.execute(text("UPDATE post_tags SET tag_id = 1 WHERE tag_id = 2 AND post_id = 4"))
+            if cascade:
+                c.execute(text("DELETE FROM posts WHERE id = 2"))  # ON DELETE CASCADE
+                assert c.execute(text("SELECT count(*) FROM post_tags WHERE post_id = 2")).scalar_one() == 0
+        with Session(engine) as s:
+            assert {t.id: countercache.exact(s, t, "post_count") for t in s.query(Tag)} == recount()
+        assert countercache.check(engine) == []
+        countercache.fold(engine)
+        with engine.connect() as c:
+            assert dict(c.execute(text("SELECT id, post_count FROM tags")).all()) == recount()
+    finally:
+        Base.metadata.drop_all(engine)
