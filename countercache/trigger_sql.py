@@ -43,9 +43,16 @@ def trigger_name(counter: Any) -> str:
     except (AttributeError, IndexError, TypeError):  # not resolved (or not a one-table count)
         child, fks, keys = None, [], []
     # (sharded_trigger: other triggers, whose SQL holds the shard count)
-    variant = f"sharded_trigger:{counter.shards()}" if counter.strategy() == "sharded_trigger" else None
+    variant = f"sharded_trigger:{counter.shards()}" if is_sharded(counter) else None
     return base_name(table.schema, table.name, counter.column.name, getattr(child, "name", ""), fks, keys,
                      counter.where_sql, counter.sum_sql, variant)
+
+
+def is_sharded(counter: Any) -> bool:
+    """Is ``counter`` kept by ``sharded_trigger``'s triggers? (a migration's plain
+    definition, without a strategy, is ``trigger``'s)"""
+    strategy = getattr(counter, "strategy", None)
+    return strategy is not None and strategy() == "sharded_trigger"
 
 
 def base_name(schema: str | None, table: str, column: str, child: str, fks: Any, keys: Any,

@@ -55,7 +55,7 @@ from .errors import ConfigurationError
 from .kinds import MultiLevel
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, PARENT, PARENT_FUNCTION_SUFFIX, TRUNCATE, _key_changed,
                           _names, _own_constraint, _recount, _Shape, _targets, _weight, base_name, function_name,
-                          trigger_name, trigger_names)
+                          is_sharded, trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
            "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
@@ -72,7 +72,7 @@ def refusal(counter: Any, dialect: Any) -> str | None:
     """None when the trigger strategy (``sharded_trigger`` too) can keep ``counter`` on ``dialect``'s database,
     else why not, in one sentence naming the counter and the alternative."""
     name, database, kind = counter.name, _database(dialect), counter.kind
-    sharded = kind is not None and counter.strategy() == "sharded_trigger"
+    sharded = kind is not None and is_sharded(counter)
     label, alternative = ("sharded_trigger", "'sharded'") if sharded else ("trigger", "'bulk'")
     if kind is None or counter.column is None:
         return f"{name}: it is not resolved yet (configure the mappers first)"
@@ -155,7 +155,7 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
     Raises :class:`~countercache.errors.ConfigurationError` (:func:`refusal`'s
     message) where the database cannot keep it."""
     _check(counter, dialect)
-    if counter.strategy() == "sharded_trigger":
+    if is_sharded(counter):
         return triggers_sharded.create_statements(counter, dialect)
     if dialect.name == "postgresql":
         return triggers_postgresql.create_statements(counter, dialect)
@@ -242,7 +242,7 @@ def execute(connection: Any, statements: list[str]) -> None:
 
 def _names_of(counter: Any, dialect: Any) -> dict[str, str]:
     """The counter's trigger names under its strategy."""
-    if counter.strategy() == "sharded_trigger":
+    if is_sharded(counter):
         return triggers_sharded.trigger_names(counter, dialect)
     return trigger_names(counter, dialect)
 

@@ -465,3 +465,18 @@ def test_many_to_many(engine, backend):
             assert dict(c.execute(text("SELECT id, post_count FROM tags")).all()) == recount()
     finally:
         Base.metadata.drop_all(engine)
+
+
+def test_autogenerate_leaves_its_triggers_alone(engine, tmp_path):
+    """Autogenerate does not generate sharded_trigger's triggers yet, nor drops those create_all() made."""
+    pytest.importorskip("alembic")
+    from test_alembic_triggers import Env
+
+    Base, User, Question = models()
+    Base.metadata.create_all(engine)
+    env = Env(tmp_path / "migrations", engine)
+    env.metadata = Base.metadata
+    source = env.revision("0001")
+    assert "counter_trigger" not in source
+    with engine.connect() as c:
+        assert triggers.installed(c, User.question_count.property.columns[0].info["countercache"])
