@@ -480,3 +480,44 @@ def test_autogenerate_leaves_its_triggers_alone(engine, tmp_path):
     assert "counter_trigger" not in source
     with engine.connect() as c:
         assert triggers.installed(c, User.question_count.property.columns[0].info["countercache"])
+
+
+def test_string_keys_as_the_parent_spells_them(engine, backend):
+    """A string key is written as the parent row stores it: on MariaDB, whose
+    collation holds 'python' equal to 'Python', a child row may spell it otherwise."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        name: Mapped[str] = mapped_column(String(20), primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        post_count: Mapped[int] = counter_cache("posts", strategy="sharded_trigger", shards=SHARDS)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        tag_name: Mapped[Optional[str]] = mapped_column(ForeignKey("tags.name"))
+
+    other = "python" if backend == "mariadb" else "Python"
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([Tag(name="Python"), Tag(name="SQL")])
+            s.add_all([Post(id=1, tag_name="Python"), Post(id=2, tag_name="SQL")])
+            s.commit()
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO posts (id, tag_name) VALUES (3, :t), (4, :t)"), {"t": other})
+            c.execute(text("DELETE FROM posts WHERE id = 2"))
+        with engine.connect() as c:
+            assert sorted(c.execute(text("SELECT parent_key, sum(delta) FROM countercache_shards "
+                                         "GROUP BY parent_key")).all()) == [("Python", 3), ("SQL", 0)]
+        with Session(engine) as s:
+            assert {t.name: countercache.exact(s, t, "post_count") for t in s.query(Tag)} == {"Python": 3, "SQL": 0}
+        assert countercache.check(engine) == []
+        countercache.fold(engine)
+        with engine.connect() as c:
+            assert dict(c.execute(text("SELECT name, post_count FROM tags")).all()) == {"Python": 3, "SQL": 0}
+    finally:
+        Base.metadata.drop_all(engine)
