@@ -96,8 +96,16 @@ class CounterCacheStrategy(Contender):
         sa.orm.configure_mappers()
         return models
 
+    def install(self, connection: Connection) -> None:
+        if self.strategy == "sharded_trigger":
+            # the seed's rows fired the triggers, and the recount after it set the
+            # columns to the real counts: their shard rows would count them twice
+            from countercache.sidetable import TABLE_NAME
+
+            connection.execute(text(f"DELETE FROM {TABLE_NAME}"))
+
     def before_check(self, engine: Any) -> None:
-        if self.strategy == "sharded":
+        if self.strategy in ("sharded", "sharded_trigger"):  # (the column lags by the shard rows)
             import countercache
 
             countercache.fold(engine)

@@ -36,7 +36,7 @@ __all__ = ["configured_strategy", "STRATEGIES", "DATABASE_STRATEGIES", "ALL_STRA
 STRATEGIES: tuple[str, ...] = ("bulk", "per_row", "deferred", "sharded")
 
 #: The strategies kept by the database itself (triggers generated from the declaration).
-DATABASE_STRATEGIES: tuple[str, ...] = ("trigger",)
+DATABASE_STRATEGIES: tuple[str, ...] = ("trigger", "sharded_trigger")
 
 #: Every strategy this version implements.
 ALL_STRATEGIES: tuple[str, ...] = STRATEGIES + DATABASE_STRATEGIES
@@ -72,12 +72,13 @@ def check_strategy(name: Any, what: str) -> str:
 
 
 def _split(value: Any, what: str) -> tuple[str, int | None]:
-    """``"sharded:64"`` -> ``("sharded", 64)``; any other strategy -> ``(name, None)``."""
-    if isinstance(value, str) and value.startswith("sharded:"):
-        count = value.split(":", 1)[1].strip()
+    """``"sharded:64"`` -> ``("sharded", 64)`` (``"sharded_trigger:64"`` alike); any other
+    strategy -> ``(name, None)``."""
+    if isinstance(value, str) and value.startswith(("sharded:", "sharded_trigger:")):
+        name, count = (part.strip() for part in value.split(":", 1))
         if not count.isdigit():
-            raise ConfigurationError(f"{what}: expected 'sharded:N' with N a number of shards, not {value!r}")
-        return "sharded", check_shards(int(count), what)
+            raise ConfigurationError(f"{what}: expected '{name}:N' with N a number of shards, not {value!r}")
+        return name, check_shards(int(count), what)
     return check_strategy(value, what), None
 
 

@@ -62,10 +62,12 @@ def counted_table(counter: CounterCache) -> Any:
 def trigger_counters(metadata: MetaData, tables: Any = None) -> list[CounterCache]:
     """The resolved ``trigger`` counters whose counted table is in ``metadata``
     (and among ``tables``, when given), in a stable order."""
+    from .config import DATABASE_STRATEGIES
+
     configure_mappers()
     found = []
     for counter in _registry.all_counters():
-        if counter.kind is None or counter.column is None or counter.strategy() != "trigger":
+        if counter.kind is None or counter.column is None or counter.strategy() not in DATABASE_STRATEGIES:
             continue
         table = counted_table(counter)
         if table.metadata is metadata and (tables is None or table in tables):

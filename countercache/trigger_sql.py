@@ -42,15 +42,25 @@ def trigger_name(counter: Any) -> str:
         keys = [c.name for c in counter.mapper.primary_key]
     except (AttributeError, IndexError, TypeError):  # not resolved (or not a one-table count)
         child, fks, keys = None, [], []
+    # (sharded_trigger: other triggers, whose SQL holds the shard count)
+    variant = f"sharded_trigger:{counter.shards()}" if is_sharded(counter) else None
     return base_name(table.schema, table.name, counter.column.name, getattr(child, "name", ""), fks, keys,
-                     counter.where_sql, counter.sum_sql)
+                     counter.where_sql, counter.sum_sql, variant)
+
+
+def is_sharded(counter: Any) -> bool:
+    """Is ``counter`` kept by ``sharded_trigger``'s triggers? (a migration's plain
+    definition, without a strategy, is ``trigger``'s)"""
+    strategy = getattr(counter, "strategy", None)
+    return strategy is not None and strategy() == "sharded_trigger"
 
 
 def base_name(schema: str | None, table: str, column: str, child: str, fks: Any, keys: Any,
-              where: str | None, sum: str | None) -> str:
+              where: str | None, sum: str | None, variant: str | None = None) -> str:
     """:func:`trigger_name` from plain values (what a migration records)."""
     definition = "|".join([f"{schema or ''}.{table}.{column}", child, ",".join(fks), ",".join(keys),
-                           *(" ".join((sql or "").split()) for sql in (where, sum))])
+                           *(" ".join((sql or "").split()) for sql in (where, sum))]
+                          + ([] if variant is None else [variant]))
     digest = hashlib.sha1(definition.encode("utf-8")).hexdigest()[:8]
     body = re.sub(r"[^a-z0-9_]+", "_", f"{table}_{column}".lower()).strip("_")
     suffixes = (*EVENTS.values(), *TRUNCATE.values(), *PARENT.values(), FUNCTION_SUFFIX, PARENT_FUNCTION_SUFFIX)

@@ -50,12 +50,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from . import triggers_postgresql
+from . import triggers_postgresql, triggers_sharded
 from .errors import ConfigurationError
 from .kinds import MultiLevel
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, PARENT, PARENT_FUNCTION_SUFFIX, TRUNCATE, _key_changed,
                           _names, _own_constraint, _recount, _Shape, _targets, _weight, base_name, function_name,
-                          trigger_name, trigger_names)
+                          is_sharded, trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
            "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
@@ -69,24 +69,30 @@ def _database(dialect: Any) -> str:
 
 
 def refusal(counter: Any, dialect: Any) -> str | None:
-    """None when the trigger strategy can keep ``counter`` on ``dialect``'s database,
+    """None when the trigger strategy (``sharded_trigger`` too) can keep ``counter`` on ``dialect``'s database,
     else why not, in one sentence naming the counter and the alternative."""
     name, database, kind = counter.name, _database(dialect), counter.kind
+    sharded = kind is not None and is_sharded(counter)
+    label, alternative = ("sharded_trigger", "'sharded'") if sharded else ("trigger", "'bulk'")
     if kind is None or counter.column is None:
         return f"{name}: it is not resolved yet (configure the mappers first)"
     if dialect.name not in _DATABASES:
-        return f"{name}: the trigger strategy does not support {database} yet; use strategy 'bulk'"
+        return f"{name}: the {label} strategy does not support {database} yet; use strategy {alternative}"
     if isinstance(kind, MultiLevel):
         return (f"{name}: a multi-level counter ({counter.relationship!r}) is not supported by the "
-                f"trigger strategy yet (on {database}); use strategy 'bulk'")
+                f"{label} strategy yet (on {database}); use strategy {alternative}")
     shape = _Shape(counter)
+    if sharded:
+        found = _sharded_refusal(counter, shape, database)
+        if found is not None:
+            return found
     if any(col.table is not shape.parent for col in shape.parent_key):
         return (f"{name}: its column lives in {shape.parent.name}, not in the table of the parent's key "
-                f"(joined-table inheritance), which the trigger strategy does not support yet (on {database}); "
-                "use strategy 'bulk'")
+                f"(joined-table inheritance), which the {label} strategy does not support yet (on {database}); "
+                f"use strategy {alternative}")
     if shape.foreign:
         return (f"{name}: which rows count depends on another table ({shape.foreign[0].table}), which the "
-                f"trigger strategy does not support yet (on {database}); use strategy 'bulk'")
+                f"{label} strategy does not support yet (on {database}); use strategy {alternative}")
     own = _own_constraint(shape)
     on_update = (own.onupdate or "").upper() if own is not None else ""
     # (PostgreSQL and SQLite: the action's UPDATE fires the triggers, and a parent
@@ -95,15 +101,30 @@ def refusal(counter: Any, dialect: Any) -> str | None:
     if on_update in ("SET NULL", "SET DEFAULT") and dialect.name in ("mysql", "mariadb"):
         return (f"{name}: its foreign key to {shape.parent.name} has ON UPDATE {on_update}, which changes the "
                 "counted rows when their parent's key changes without firing a trigger on MariaDB/MySQL; "
-                "declare it without ON UPDATE (or with CASCADE), or use strategy 'bulk'")
+                f"declare it without ON UPDATE (or with CASCADE), or use strategy {alternative}")
     if dialect.name in ("mysql", "mariadb"):
-        if shape.self_referential:
+        if shape.self_referential and (not sharded or (own is not None and own.ondelete)):
+            if sharded:
+                return (f"{name}: its foreign key to its own table ({shape.child.name}) has ON DELETE "
+                        f"{own.ondelete.upper()}, whose deletes fire no trigger on MariaDB/MySQL, which the "
+                        f"{label} strategy needs there; declare it without ON DELETE, or use strategy {alternative}")
             return (f"{name}: MariaDB/MySQL triggers cannot update the table that fired them "
-                    f"({shape.child.name}: a self-referential counter); use strategy 'bulk'")
+                    f"({shape.child.name}: a self-referential counter); use strategy {alternative}")
         action = _silent_action(shape)
         if action is not None:
             return (f"{name}: {shape.child.name}'s foreign key to {action} changes counted rows by a "
-                    "foreign key action, which fires no trigger on MariaDB/MySQL; use strategy 'bulk'")
+                    f"foreign key action, which fires no trigger on MariaDB/MySQL; use strategy {alternative}")
+    return None
+
+
+def _sharded_refusal(counter: Any, shape: _Shape, database: str) -> str | None:
+    """Why ``sharded_trigger`` cannot keep ``counter`` (the side table's needs, as ``sharded``'s), else None."""
+    from .sidetable import check_shardable
+
+    try:
+        check_shardable(counter, counter.name, need_table=True)
+    except ConfigurationError as error:
+        return f"{error} (strategy 'sharded_trigger', on {database}); use strategy 'trigger'"
     return None
 
 
@@ -134,6 +155,8 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
     Raises :class:`~countercache.errors.ConfigurationError` (:func:`refusal`'s
     message) where the database cannot keep it."""
     _check(counter, dialect)
+    if is_sharded(counter):
+        return triggers_sharded.create_statements(counter, dialect)
     if dialect.name == "postgresql":
         return triggers_postgresql.create_statements(counter, dialect)
     shape, parent, child, column = _names(counter, dialect)
@@ -198,7 +221,7 @@ def drop_named_statements(base: str, child: str, schema: str | None, dialect: An
     prep = dialect.identifier_preparer
     events = {**EVENTS, **TRUNCATE} if dialect.name == "postgresql" else dict(EVENTS)
     names = [base + suffix for suffix in events.values()]
-    parent_names = [base + suffix for suffix in PARENT.values()]
+    parent_names = [base + suffix for suffix in {**PARENT, **triggers_sharded.PARENT_DELETE}.values()]
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
     if dialect.name == "postgresql":
         on_parent = [] if parent is None else [
@@ -217,10 +240,17 @@ def execute(connection: Any, statements: list[str]) -> None:
         connection.exec_driver_sql(statement, execution_options={"no_parameters": True})
 
 
+def _names_of(counter: Any, dialect: Any) -> dict[str, str]:
+    """The counter's trigger names under its strategy."""
+    if is_sharded(counter):
+        return triggers_sharded.trigger_names(counter, dialect)
+    return trigger_names(counter, dialect)
+
+
 def installed(connection: Any, counter: Any) -> bool:
     """Do all of the counter's triggers exist in ``connection``'s database? (one catalog query)"""
     dialect = connection.dialect
-    names = list(trigger_names(counter, dialect).values())
+    names = list(_names_of(counter, dialect).values())
     table = counter.kind.key_columns()[0].table
     params: dict[str, Any] = {f"n{i}": n for i, n in enumerate(names)}
     listed = ", ".join(f":n{i}" for i in range(len(names)))

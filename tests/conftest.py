@@ -362,7 +362,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 def _strategies() -> tuple[str, ...]:
     from countercache.config import ALL_STRATEGIES
 
-    return ALL_STRATEGIES
+    # (sharded_trigger's column lags by design, as sharded's, and the generic
+    # suites read it: its own suite is tests/test_sharded_trigger.py)
+    return tuple(s for s in ALL_STRATEGIES if s != "sharded_trigger")
 
 
 @pytest.fixture(params=_strategies(), ids=list(_strategies()))

@@ -411,3 +411,17 @@ def test_txn_floor_refuses_other_databases_in_one_line(tmp_path, capsys):
     assert main(["--url", f"sqlite:///{tmp_path / 'floor.sqlite'}", "--repeat", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PostgreSQL with psycopg 3 only" in err[0]
+
+
+def test_sharded_trigger_contender_folds_before_the_drift_check(tmp_path):
+    """Run when named; its seed's shard rows are dropped after the recount, and it folds before the check."""
+    url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
+    done = countercache("bench", "--url", url, *TINY, "--workload", "batch", "delete", "--json",
+                        "--contender", "sharded_trigger")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert {(r["workload"], r["contender"]) for r in results} >= {("batch", "sharded_trigger"),
+                                                                 ("delete", "sharded_trigger")}
+    for r in results:
+        if r["contender"] == "sharded_trigger":
+            assert r["status"] == "ok" and r["drift"] == 0, r

@@ -69,8 +69,13 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     added = {(op.schema, op.table_name, op.column.name) for op in _walk(upgrade_ops) if isinstance(op, ops.AddColumnOp)}
     wanted: dict[str, tuple[Any, Any]] = {}
     declared: dict[str, Any] = {}
+    aside: set[str] = set()
     for col, counter in counters:
         if counter.kind is None or counter.column is None:
+            continue
+        if counter.strategy() == "sharded_trigger":
+            # (not generated yet: its triggers, created by create_all() or by hand, are left alone)
+            aside.add(triggers.trigger_name(counter))
             continue
         trigger = counter.strategy() == "trigger"
         refused = triggers.refusal(counter, dialect) if trigger else None
@@ -84,7 +89,7 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     drops: list[Any] = []
     recorded: dict[str, DropCounterTriggerOp] | None = None
     for base, child in triggers.installed_bases(connection).items():
-        if base in wanted or child not in tables:
+        if base in wanted or base in aside or child not in tables:
             continue
         if recorded is None:
             recorded = _recorded(autogen_context)

@@ -12,7 +12,7 @@ from .bulk import BulkStrategy
 from .deferred import DeferredStrategy
 from .per_row import PerRowStrategy
 from .sharded import ShardedStrategy
-from .trigger import TriggerStrategy
+from .trigger import ShardedTriggerStrategy, TriggerStrategy
 
 STRATEGY_CLASSES = {
     "bulk": BulkStrategy,
@@ -20,6 +20,8 @@ STRATEGY_CLASSES = {
     "deferred": DeferredStrategy,
     "sharded": ShardedStrategy,
     "trigger": TriggerStrategy,
+    "sharded_trigger": ShardedTriggerStrategy,
 }
 
-__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy", "ShardedStrategy", "TriggerStrategy"]
+__all__ = ["STRATEGY_CLASSES", "BulkStrategy", "PerRowStrategy", "DeferredStrategy", "ShardedStrategy", "TriggerStrategy",
+           "ShardedTriggerStrategy"]

@@ -47,7 +47,7 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
         raise CounterCacheError(refused)
     if not triggers.installed(connection, counter):
         raise CounterCacheError(
-            f"{counter.name}: strategy 'trigger', but the database ({connection.dialect.name}) has no "
+            f"{counter.name}: strategy {counter.strategy()!r}, but the database ({connection.dialect.name}) has no "
             f"countercache trigger for it: create it with the migration "
             f"(op.create_counter_trigger) or metadata.create_all(), or choose an ORM strategy such as 'bulk'")
     _verified.setdefault(engine, set()).add(counter.name)
@@ -116,3 +116,12 @@ class TriggerStrategy(Strategy):
 
     def flush_done(self) -> None:
         self.write()
+
+
+class ShardedTriggerStrategy(TriggerStrategy):
+    """``sharded_trigger``: as ``trigger``, but the triggers add each statement's
+    deltas to a shard row of ``countercache_shards`` (:mod:`countercache.triggers_sharded`),
+    never to the parent row; the column lags until :func:`countercache.fold`."""
+
+    name = "sharded_trigger"
+    uses_shard_table = True
