@@ -257,13 +257,35 @@ def test_switch_to_trigger_and_back(env: Env, engine: sa.Engine) -> None:
     assert "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id')" in up
     assert "create_counter_trigger" not in up and "backfill_counter" not in up
     assert "op.create_counter_trigger('users', 'question_count'" in body(source, "downgrade")
+    assert "backfill=True" in body(source, "downgrade")  # (the bulk strategy kept it meanwhile: recount)
     env.upgrade()
     assert not installed(engine, User) and bases(engine) == {}
+    with engine.begin() as conn:  # rows nothing counts once the triggers are gone: the downgrade's recount does
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (200, 'x', 2)")
     env.downgrade("0003")
     assert installed(engine, User)
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (300, 'x', 3)")
     exact(engine)
+
+
+def test_create_counter_trigger_can_run_again(env: Env, engine: sa.Engine) -> None:
+    """A migration that failed after creating the triggers (MariaDB's DDL is not
+    transactional: a deadlocked backfill leaves them) runs again."""
+    User, _ = start(env, engine, "bulk")
+    call = "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id')"
+    env.write("0003", "0002", f"{call}; {call}")
+    User, _, env.metadata = models("trigger")
+    env.upgrade()
+    assert installed(engine, User)
+    raw_writes(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE users SET question_count = (SELECT count(*) FROM questions q "
+                             "WHERE q.user_id = users.id)"))
+    raw_writes_again = "INSERT INTO questions (id, state, user_id) VALUES (400, 'x', 1)"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(raw_writes_again)
+    exact(engine)  # counted once: the second create replaced the first's triggers
 
 
 # -- (d) a changed where= ----------------------------------------------------------
@@ -599,6 +621,29 @@ def test_counter_on_new_tables(env: Env, engine: sa.Engine) -> None:
     seed(engine)
     raw_writes(engine)
     assert exact(engine) == {1: 2, 2: 4, 3: 5}
+
+
+def test_a_new_tables_where_counter_records_its_definition(env: Env, engine: sa.Engine) -> None:
+    """A where= counter made with its table gets a backfill (of an empty table) that
+    records its definition: the next autogenerate finds nothing to do, and a later
+    change's downgrade restores this definition, not a plain count."""
+    User, _, env.metadata = models("bulk", is_open)
+    source = env.revision("0001")
+    assert "op.backfill_counter('users', 'question_count', 'questions', 'user_id', where=" in body(source)
+    env.upgrade()
+    seed(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE users SET question_count = (SELECT count(*) FROM questions q "
+                             "WHERE q.user_id = users.id AND q.state = 'open')"))
+    assert "backfill_counter" not in env.revision("0002")
+    (env.root / "versions").joinpath(next(p.name for p in (env.root / "versions").iterdir()
+                                          if p.name.startswith("0002"))).unlink()
+    User, _, env.metadata = models("trigger", is_open)
+    env.revision("0002")
+    env.upgrade()
+    exact(engine, is_open)
+    env.downgrade("0001")
+    exact(engine, is_open)
 
 
 def test_removed_counter_drops_its_triggers_and_the_downgrade_restores_them(env: Env, engine: sa.Engine) -> None:

@@ -144,11 +144,11 @@ def _added_or_changed(
 
     for col, definition in counters:
         key = (col.table.schema, col.table.name, col.name)
-        if key in present or key[:2] in created:
-            continue
-        where, sum_ = _texts(definition, dialect)
+        where, sum_ = _texts(definition, dialect) if key not in present else (None, None)
+        if key in present or (key[:2] in created and where is None and sum_ is None):
+            continue  # (a new table's where=/sum= counter: its backfill records the definition for later)
         before: tuple[Any, Any] | None = None
-        if key not in added:
+        if key not in added and key[:2] not in created:
             if key[:2] not in existing:
                 existing[key[:2]] = _db_columns(autogen_context, *key[:2])
             if col.name not in existing[key[:2]]:

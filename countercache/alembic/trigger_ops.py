@@ -42,7 +42,7 @@ from .. import triggers
 from ..errors import ConfigurationError, CounterCacheError
 from ..strategies.trigger import forget_verified
 from ..trigger_text import TextCounter
-from .operations import IMPORT
+from .operations import IMPORT, BackfillCounterOp
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -97,17 +97,22 @@ class CreateCounterTriggerOp(_TriggerOp):
 
     def __init__(self, table_name: str, column_name: str, child_table: str, child_fk: str | Sequence[str], *,
                  where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
-                 schema: str | None = None) -> None:
+                 schema: str | None = None, backfill: bool = False) -> None:
         super().__init__(table_name, column_name, child_table, child_fk, where=where, sum=sum,
                          parent_key=parent_key, schema=schema)
+        #: recount the column once the triggers exist (the reverse of a drop: the
+        #: counter was kept otherwise meanwhile, by an ORM strategy or sharded)
+        self.backfill = backfill
 
     @classmethod
     def create_counter_trigger(cls, operations: Operations, table_name: str, column_name: str, child_table: str,
                                child_fk: str | Sequence[str], *, where: str | None = None, sum: str | None = None,
-                               parent_key: str | Sequence[str] | None = None, schema: str | None = None) -> Any:
-        """Create the triggers of a ``trigger`` counter (see :mod:`countercache.alembic.trigger_ops`)."""
+                               parent_key: str | Sequence[str] | None = None, schema: str | None = None,
+                               backfill: bool = False) -> Any:
+        """Create the triggers of a ``trigger`` counter (see :mod:`countercache.alembic.trigger_ops`);
+        ``backfill=True``: then recount the column, as ``op.backfill_counter`` with the same arguments."""
         return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
-                                     parent_key=parent_key, schema=schema))
+                                     parent_key=parent_key, schema=schema, backfill=backfill))
 
     def reverse(self) -> DropCounterTriggerOp:
         return DropCounterTriggerOp(**self.definition())
@@ -131,7 +136,7 @@ class DropCounterTriggerOp(_TriggerOp):
     def reverse(self) -> CreateCounterTriggerOp | KeepDroppedTriggerOp:
         if self.name is not None or None in (self.table_name, self.column_name, self.child_table, self.child_fk):
             return KeepDroppedTriggerOp(self)
-        return CreateCounterTriggerOp(**self.definition())  # type: ignore[arg-type]
+        return CreateCounterTriggerOp(**self.definition(), backfill=True)  # type: ignore[arg-type]
 
 
 class KeepDroppedTriggerOp(MigrateOperation):
@@ -200,10 +205,17 @@ def create_counter_trigger(operations: Operations, op: CreateCounterTriggerOp) -
     """Reflect the tables, generate the triggers for the connection's database, run them."""
     try:
         counter = _counter(operations, op)
-        statements = triggers.create_statements(counter, operations.migration_context.dialect)
+        dialect = operations.migration_context.dialect
+        # (dropped first if there: a migration that failed after them on a database
+        # whose DDL is not transactional, MariaDB, can run again)
+        statements = triggers.drop_statements(counter, dialect) + triggers.create_statements(counter, dialect)
     except ConfigurationError as exc:
         raise CounterCacheError(f"create_counter_trigger: {exc}") from exc
     _run(operations, statements)
+    if op.backfill:
+        operations.invoke(BackfillCounterOp(op.table_name or "", op.column_name or "", op.child_table or "",
+                                            op.child_fk or "", where=op.where, sum=op.sum, parent_key=op.parent_key,
+                                            schema=op.schema))
 
 
 @Operations.implementation_for(DropCounterTriggerOp)
@@ -215,7 +227,7 @@ def drop_counter_trigger(operations: Operations, op: DropCounterTriggerOp) -> No
         pk = inspect(operations.get_bind()).get_pk_constraint(op.table_name or "", schema=op.schema)
         op = DropCounterTriggerOp(**{**op.definition(), "parent_key": tuple(pk.get("constrained_columns") or ())})
     statements = triggers.drop_named_statements(op.base(), op.child_table, op.schema,
-                                                operations.migration_context.dialect)
+                                                operations.migration_context.dialect, parent=op.table_name)
     _run(operations, statements)
 
 
@@ -239,6 +251,8 @@ def _render(autogen_context: AutogenContext, name: str, op: _TriggerOp) -> str:
         value = getattr(op, key)
         if value is not None:
             args.append(f"{key}={value if isinstance(value, str) else tuple(value)!r}")
+    if getattr(op, "backfill", False):
+        args.append("backfill=True")
     return f"op.{name}({', '.join(args)})"
 
 
