@@ -521,3 +521,42 @@ def test_string_keys_as_the_parent_spells_them(engine, backend):
             assert dict(c.execute(text("SELECT name, post_count FROM tags")).all()) == {"Python": 3, "SQL": 0}
     finally:
         Base.metadata.drop_all(engine)
+
+
+def test_configuring_away_from_sharded_trigger_while_its_triggers_exist_fails_the_flush(engine):
+    import countercache as cc_mod
+
+    m = _away_models()
+    m.Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add(m.Owner(id=1, items=[m.Item(id=1)]))
+            s.commit()
+        cc_mod.configure(overrides={"AwayOwner.item_count": "bulk"})
+        with Session(engine) as s:
+            s.add(m.Item(id=2, owner_id=1))
+            with pytest.raises(cc_mod.CounterCacheError, match=r"AwayOwner\.item_count: strategy 'bulk' now"):
+                s.commit()
+    finally:
+        cc_mod.configure()
+        m.Base.metadata.drop_all(engine)
+
+
+def _away_models():
+    from types import SimpleNamespace
+
+    class Base(DeclarativeBase):
+        pass
+
+    class AwayOwner(Base):
+        __tablename__ = "away_owners"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        items: Mapped[list["AwayItem"]] = relationship()
+        item_count: Mapped[int] = counter_cache("items", strategy="sharded_trigger")
+
+    class AwayItem(Base):
+        __tablename__ = "away_items"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        owner_id: Mapped[int] = mapped_column(ForeignKey("away_owners.id"))
+
+    return SimpleNamespace(Base=Base, Owner=AwayOwner, Item=AwayItem)
