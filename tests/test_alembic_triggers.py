@@ -720,3 +720,25 @@ def test_composite_key(env: Env, engine: sa.Engine) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT country, code, shop_count FROM regions ORDER BY country, code").all() == \
             [("de", 1, 1), ("fr", 1, 1), ("fr", 2, 2)]
+
+
+@pytest.mark.sqlite_only
+def test_sqlite_batch_copy_around_a_trigger_counter(env: Env, engine: sa.Engine) -> None:
+    """docs/database.rst: drop the triggers, batch, create them again with a recount."""
+    User, _ = start(env, engine, "trigger")
+    args = "'users', 'question_count', 'questions', 'user_id', parent_key='id'"
+    (env.root / "versions" / "0003_batch.py").write_text(
+        "from alembic import op\nimport countercache.alembic\n"
+        "revision = '0003'\ndown_revision = '0002'\nbranch_labels = None\ndepends_on = None\n\n"
+        f"def upgrade():\n    op.drop_counter_trigger({args})\n"
+        "    with op.batch_alter_table('users', recreate='always') as batch_op:\n"
+        "        batch_op.drop_column('name')\n"
+        f"    op.create_counter_trigger({args}, backfill=True)\n\n"
+        "def downgrade():\n    pass\n")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (500, 'x', 1)")
+    env.upgrade()
+    with engine.connect() as conn:
+        assert "name" not in {c["name"] for c in sa.inspect(conn).get_columns("users")}
+    raw_writes(engine)
+    exact(engine)
