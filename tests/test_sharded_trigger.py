@@ -213,14 +213,26 @@ def test_create_all_creates_the_triggers(engine, schema):
 @pytest.mark.postgresql_only
 def test_two_connections_use_their_own_shard(engine, schema):
     Base, User, Question = schema
-    with engine.connect() as a, engine.connect() as b:
+    import sqlalchemy as sa
+
+    fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)  # (a new backend, a new pid, per connect)
+    opened = [fresh.connect()]
+    pid_a = opened[0].execute(text("SELECT pg_backend_pid()")).scalar_one()
+    for _ in range(64):  # a backend on another shard than the first: 15 in 16 at each try
+        opened.append(fresh.connect())
+        if opened[-1].execute(text("SELECT pg_backend_pid()")).scalar_one() % SHARDS != pid_a % SHARDS:
+            break
+    a, b = opened[0], opened[-1]
+    for c in opened[1:-1]:
+        c.close()
+    with a, b:
         pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in (a, b)]
-        if pids[0] % SHARDS == pids[1] % SHARDS:
-            pytest.skip("the two backends' pids fall on one shard")
+        assert pids[0] % SHARDS != pids[1] % SHARDS
         a.execute(text("INSERT INTO questions (id, user_id, state, score) VALUES (1, 1, 'open', 0), (2, 1, 'open', 0)"))
         b.execute(text("INSERT INTO questions (id, user_id, state, score) VALUES (3, 1, 'open', 0)"))  # does not wait for a
         b.commit()
         a.commit()
+    fresh.dispose()
     assert shard_rows(engine) == sorted([("1", pids[0] % SHARDS, 2), ("1", pids[1] % SHARDS, 1)],
                                         key=lambda r: r[1])
     assert_exact(engine, User)
