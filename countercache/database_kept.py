@@ -31,6 +31,7 @@ from .kinds import ManyToMany
 from .errors import CounterCacheError
 from .strategies import trigger as trigger_strategy
 from .strategies.trigger import verify_installed
+from .trigger_sql import trigger_name
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState, Session
@@ -103,7 +104,7 @@ def _verify(session: Session, counter: CounterCache) -> None:
     binds = getattr(session, "binds", getattr(session, "_Session__binds", True))  # (its name in SQLAlchemy 2.0 / 2.1)
     if bind is not None and not binds:  # (one bind: the usual case)
         found = trigger_strategy._verified.get(getattr(bind, "engine", bind))
-        if found is not None and counter.name in found:
+        if found is not None and trigger_name(counter) in found:
             return
     child_bind = session.get_bind(mapper=counter.child_mapper)
     parent_bind = session.get_bind(mapper=counter.mapper)

@@ -81,7 +81,12 @@ def exact_expression(counter: Any) -> Any:
     """
     definition = _registry.lookup(counter)
     column = getattr(definition.cls, definition.key)  # type: ignore[arg-type]
-    pending = pending_expression(definition)
+    alias = None
+    if hasattr(counter, "__clause_element__"):  # (an aliased() class's attribute: correlated to that alias)
+        selectable = getattr(counter.__clause_element__(), "table", None)
+        if selectable is not None and not isinstance(selectable, Table):
+            column, alias = counter, selectable
+    pending = pending_expression(definition, alias)
     return column if pending is None else column + pending
 
 

@@ -83,7 +83,9 @@ def create(connection: Connection, counter: CounterCache) -> None:
     refused = triggers.refusal(counter, connection.dialect)
     if refused is not None:
         raise CounterCacheError(refused)
-    triggers.execute(connection, triggers.create_statements(counter, connection.dialect))
+    # (dropped first if there: a parent table's triggers outlive a dropped counted table)
+    triggers.execute(connection, triggers.drop_statements(counter, connection.dialect)
+                     + triggers.create_statements(counter, connection.dialect))
     forget_verified()
 
 

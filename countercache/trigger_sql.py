@@ -29,6 +29,19 @@ PARENT_FUNCTION_SUFFIX = "_pfn"
 
 
 def trigger_name(counter: Any) -> str:
+    """:func:`_trigger_name`, remembered per configuration (it asks for the strategy)."""
+    from .config import _config
+
+    cached = counter.__dict__.get("_trigger_name")
+    if cached is not None and cached[0] == _config.generation and cached[2] is counter.kind:
+        return cached[1]  # type: ignore[no-any-return]
+    found = _trigger_name(counter)
+    if counter.kind is not None:
+        counter.__dict__["_trigger_name"] = (_config.generation, found, counter.kind)
+    return found
+
+
+def _trigger_name(counter: Any) -> str:
     """``cc_<parent table>_<counter column>_<hash>``: the base name of the counter's
     triggers (lower case, ``[a-z0-9_]``, at most 55 characters so that every
     per-event suffix stays within 63). The hash covers schema, table and column

@@ -125,6 +125,14 @@ def _sharded_refusal(counter: Any, shape: _Shape, database: str) -> str | None:
         check_shardable(counter, counter.name, need_table=True)
     except ConfigurationError as error:
         return f"{error} (strategy 'sharded_trigger', on {database}); use strategy 'trigger'"
+    own = _own_constraint(shape)
+    on_update = (own.onupdate or "").upper() if own is not None else ""
+    if on_update and on_update != "NO ACTION" and on_update != "RESTRICT":
+        # (the rows it moves to the parent's new key are added there, while the
+        # parent's pending shard rows stay under the old key)
+        return (f"{counter.name}: its foreign key to {shape.parent.name} has ON UPDATE {on_update}, and "
+                f"sharded_trigger keeps no parent key change (on {database}); declare it without ON UPDATE, "
+                "or use strategy 'trigger'")
     return None
 
 

@@ -741,3 +741,22 @@ def test_exact_expression_before_the_mappers_are_configured():
         session.add(Blog(id=1, entries=[Entry(), Entry()]))
         session.commit()
         assert session.scalar(select(expression).where(Blog.id == 1)) == 2
+
+
+def test_exact_expression_of_an_aliased_class_follows_the_alias(engine, m):
+    from sqlalchemy.orm import aliased
+
+    with Session(engine) as s:
+        users = [m.User(name=n) for n in ("a", "b", "c")]
+        s.add_all(users)
+        s.commit()
+        for n, user in zip((1, 2, 3), users):
+            s.add_all(m.Question(user_id=user.id) for _ in range(n))
+        s.commit()
+        ua = aliased(m.User, name="ua")
+        rows = s.execute(select(ua.name, countercache.exact_expression(ua.question_count)).order_by(ua.name)).all()
+        assert [tuple(r) for r in rows] == [("a", 1), ("b", 2), ("c", 3)]  # (not a cartesian product)
+        pairs = s.execute(select(m.User.name, countercache.exact_expression(m.User.question_count), ua.name,
+                                 countercache.exact_expression(ua.question_count))
+                          .join(ua, ua.id == m.User.id + 1).order_by(m.User.id)).all()
+        assert [tuple(r) for r in pairs] == [("a", 1, "b", 2), ("b", 2, "c", 3)]

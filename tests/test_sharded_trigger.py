@@ -572,3 +572,90 @@ def _away_models():
         owner_id: Mapped[int] = mapped_column(ForeignKey("away_owners.id"))
 
     return SimpleNamespace(Base=Base, Owner=AwayOwner, Item=AwayItem)
+
+
+def _switch_models():
+    from types import SimpleNamespace
+
+    class Base(DeclarativeBase):
+        pass
+
+    class SwOwner(Base):
+        __tablename__ = "sw_owners"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        items: Mapped[list["SwItem"]] = relationship()
+        item_count: Mapped[int] = counter_cache("items", strategy="trigger")
+
+    class SwItem(Base):
+        __tablename__ = "sw_items"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        owner_id: Mapped[int] = mapped_column(ForeignKey("sw_owners.id"))
+
+    countercache.shard_table(Base.metadata)
+    return SimpleNamespace(Base=Base, Owner=SwOwner, Item=SwItem)
+
+
+def test_switching_between_database_strategies_needs_the_triggers_of_the_new_one_only(engine):
+    m = _switch_models()
+    m.Base.metadata.create_all(engine)
+    counter = m.Owner.item_count.property.columns[0].info["countercache"]
+    try:
+        with Session(engine) as s:
+            s.add(m.Owner(id=1, items=[m.Item(id=1)]))
+            s.commit()
+        countercache.configure(overrides={"SwOwner.item_count": "sharded_trigger"})
+        with Session(engine) as s:  # its own triggers missing (the trigger ones still there)
+            s.add(m.Item(id=2, owner_id=1))
+            with pytest.raises(CounterCacheError, match=r"SwOwner\.item_count: strategy 'sharded_trigger', but"):
+                s.commit()
+        with engine.begin() as c:  # made, but the old ones left behind: both would count
+            triggers.execute(c, triggers.create_statements(counter, c.dialect))
+        with Session(engine) as s:
+            s.add(m.Item(id=2, owner_id=1))
+            with pytest.raises(CounterCacheError, match=r"SwOwner\.item_count: the database .* also has countercache"):
+                s.commit()
+    finally:
+        countercache.configure()
+        m.Base.metadata.drop_all(engine)
+
+
+def test_create_all_after_only_the_counted_table_was_dropped(engine):
+    m = _switch_models()
+    m.Base.metadata.create_all(engine)
+    try:
+        m.Item.__table__.drop(engine)  # (the parent table's triggers stay)
+        m.Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add(m.Owner(id=1, items=[m.Item(id=1), m.Item(id=2)]))
+            s.commit()
+            assert s.get(m.Owner, 1).item_count == 2
+    finally:
+        m.Base.metadata.drop_all(engine)
+
+
+@pytest.mark.parametrize("action", ["CASCADE", "SET NULL"])
+def test_on_update_actions_are_refused_for_sharded_trigger(action):
+    from sqlalchemy.dialects import postgresql, sqlite
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(DeclarativeBase):
+        pass
+
+    class UpOwner(Base):
+        __tablename__ = "up_owners"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        items: Mapped[list["UpItem"]] = relationship()
+        item_count: Mapped[int] = counter_cache("items", strategy="sharded_trigger")
+
+    class UpItem(Base):
+        __tablename__ = "up_items"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        owner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("up_owners.id", onupdate=action))
+
+    configure_mappers()
+    counter = UpOwner.item_count.property.columns[0].info["countercache"]
+    for dialect in (postgresql.dialect(), sqlite.dialect()):
+        message = triggers.refusal(counter, dialect)
+        assert message is not None and message.startswith(
+            f"UpOwner.item_count: its foreign key to up_owners has ON UPDATE {action}"), message
+        assert "'trigger'" in message

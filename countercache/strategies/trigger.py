@@ -39,8 +39,9 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
     from .. import triggers
 
     engine = connection.engine
+    base = triggers.trigger_name(counter)  # (its definition and strategy: a change is asked again)
     found = _verified.get(engine)
-    if found is not None and counter.name in found:
+    if found is not None and base in found:
         return
     refused = triggers.refusal(counter, connection.dialect)
     if refused is not None:
@@ -50,7 +51,15 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
             f"{counter.name}: strategy {counter.strategy()!r}, but the database ({connection.dialect.name}) has no "
             f"countercache trigger for it: create it with the migration "
             f"(op.create_counter_trigger) or metadata.create_all(), or choose an ORM strategy such as 'bulk'")
-    _verified.setdefault(engine, set()).add(counter.name)
+    prefix = base.rsplit("_", 1)[0] + "_"
+    others = sorted(b for b in triggers.installed_bases(connection, counter.column.table.schema)  # type: ignore[union-attr]
+                    if b.startswith(prefix) and b != base)
+    if others:
+        raise CounterCacheError(
+            f"{counter.name}: the database ({connection.dialect.name}) also has countercache triggers "
+            f"{', '.join(others)} of another definition or strategy, and both would count: drop them "
+            "(op.drop_counter_trigger(..., name=...))")
+    _verified.setdefault(engine, set()).add(base)
 
 
 def forget_verified() -> None:
