@@ -212,3 +212,16 @@ def _bare_type(type_: Any, dialect: Any) -> str:
         type_ = type_.copy()
         type_.collation = None
     return str(type_.compile(dialect=dialect))
+
+
+#: The transition tables each statement-level trigger names.
+_REFERENCING = {"INSERT": "NEW TABLE AS cc_new", "DELETE": "OLD TABLE AS cc_old",
+                "UPDATE": "OLD TABLE AS cc_old NEW TABLE AS cc_new"}
+
+
+def _statement_triggers(names: dict[str, str], child: str, fn: str, quote: Any) -> list[str]:
+    """The counted table's four statement-level triggers, calling ``fn``."""
+    return [*(f"CREATE TRIGGER {quote(names[event])} AFTER {event} ON {child} REFERENCING "
+              f"{_REFERENCING[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
+            f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
+            f"EXECUTE FUNCTION {fn}()"]

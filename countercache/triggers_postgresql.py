@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .trigger_sql import (EVENTS, PARENT_FUNCTION_SUFFIX, _bare_type, _counts, _key_changed, _names, _recount, _Shape,
-                          _weight, function_name, trigger_names)
+from .trigger_sql import (PARENT_FUNCTION_SUFFIX, _bare_type, _counts, _key_changed, _names, _recount, _Shape,
+                          _statement_triggers, _weight, function_name, trigger_names)
 
 __all__ = ["create_statements"]
 
@@ -94,12 +94,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
         f"AS x({aliases}, d) WHERE " + " AND ".join(f"{p} = x.k{i}" for i, p in enumerate(pk)) + ";\n"
         "RETURN NULL;\nEND $countercache$"
     )
-    referencing = {"INSERT": "NEW TABLE AS cc_new", "DELETE": "OLD TABLE AS cc_old",
-                   "UPDATE": "OLD TABLE AS cc_old NEW TABLE AS cc_new"}
-    return [function, *(f"CREATE TRIGGER {quote(names[event])} AFTER {event} ON {child} REFERENCING "
-                        f"{referencing[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
-            f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
-            f"EXECUTE FUNCTION {fn}()"]
+    return [function, *_statement_triggers(names, child, fn, quote)]
 
 
 def _postgresql_one_statement(counter: Any, dialect: Any, shape: _Shape, parent: str, child: str, column: str,
@@ -149,11 +144,6 @@ def _postgresql_one_statement(counter: Any, dialect: Any, shape: _Shape, parent:
         f"FOR NO KEY UPDATE;\nUPDATE {parent} AS p SET {column} = 0 WHERE p.{column} <> 0;\nEND IF;\n"
         "RETURN NULL;\nEND $countercache$"
     )
-    referencing = {"INSERT": "NEW TABLE AS cc_new", "DELETE": "OLD TABLE AS cc_old",
-                   "UPDATE": "OLD TABLE AS cc_old NEW TABLE AS cc_new"}
-    return [function, *(f"CREATE TRIGGER {quote(names[event])} AFTER {event} ON {child} REFERENCING "
-                        f"{referencing[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
-            f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
-            f"EXECUTE FUNCTION {fn}()"]
+    return [function, *_statement_triggers(names, child, fn, quote)]
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import String
 
 from .sidetable import TABLE_NAME, counter_name
-from .trigger_sql import EVENTS, FUNCTION_SUFFIX, PARENT_FUNCTION_SUFFIX, _counts, _names, _Shape, _weight, \
+from .trigger_sql import EVENTS, FUNCTION_SUFFIX, _statement_triggers, PARENT_FUNCTION_SUFFIX, _counts, _names, _Shape, _weight, \
     function_name, trigger_name
 
 __all__ = ["create_statements", "trigger_names", "PARENT_DELETE"]
@@ -194,12 +194,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
         f"BEGIN\nDELETE FROM {side} WHERE counter = {name} AND parent_key IN "
         f"(SELECT {_key_text('o.' + quote(pk.name), dialect)} FROM cc_old AS o);\nRETURN NULL;\nEND $countercache$"
     )
-    referencing = {"INSERT": "NEW TABLE AS cc_new", "DELETE": "OLD TABLE AS cc_old",
-                   "UPDATE": "OLD TABLE AS cc_old NEW TABLE AS cc_new"}
-    return [function, *(f"CREATE TRIGGER {quote(names[event])} AFTER {event} ON {child} REFERENCING "
-                        f"{referencing[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
-            f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
-            f"EXECUTE FUNCTION {fn}()",
+    return [function, *_statement_triggers(names, child, fn, quote),
             parent_function,
             f"CREATE TRIGGER {quote(names['PARENT_DELETE'])} AFTER DELETE ON {parent} REFERENCING OLD TABLE AS "
             f"cc_old FOR EACH STATEMENT EXECUTE FUNCTION {pfn}()"]
