@@ -126,6 +126,7 @@ def _bind_counters(mapper: Mapper[Any], class_: type) -> None:
         if definition.cls is None:
             definition._bind(mapper, column)
             trigger_events.watch(column.table.metadata)
+            database_kept.forget()  # (not resolved yet: the ORM's until it is)
             if definition.declared_strategy is not None \
                     and STRATEGY_CLASSES[definition.declared_strategy].uses_shard_table:
                 shard_table(column.table.metadata)
