@@ -805,6 +805,25 @@ def test_switch_to_sharded_trigger_and_back(env: Env, engine: sa.Engine) -> None
     assert bases(engine) == {}
     assert exact(engine) == {1: 4, 2: 4, 3: 6}
 
+    env.upgrade()  # and again, switched back by autogenerate (the definition from the 0003 migration)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM questions WHERE id = 301")
+    User, _, env.metadata = models("bulk")
+    source = env.revision("0004")
+    up, down = body(source), body(source, "downgrade")
+    drop = SHARDED.replace("create_", "drop_")
+    assert up.index(drop) < up.index("op.drop_table('countercache_shards')")
+    assert down.index("op.create_table('countercache_shards'") < down.index(SHARDED[:-1] + ", backfill=True)")
+    env.upgrade()
+    assert bases(engine) == {} and exact(engine) == {1: 3, 2: 4, 3: 6}
+    env.downgrade("0003")
+    User, _, env.metadata = models("sharded_trigger", shards=4)
+    assert installed(engine, User) and shard_rows(engine) == [] and exact(engine) == {1: 3, 2: 4, 3: 6}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (400, 'x', 2)")
+        conn.exec_driver_sql("UPDATE questions SET user_id = 1 WHERE id = 300")
+    assert folded_exact(engine, User) == {1: 4, 2: 5, 3: 5}
+
 
 def test_sharded_trigger_after_sharded_drops_the_pending_rows(env: Env, engine: sa.Engine) -> None:
     env.metadata = schema_v1()
@@ -892,3 +911,13 @@ def test_sharded_trigger_needs_its_shards_and_side_table(env: Env, engine: sa.En
     with pytest.raises(CounterCacheError, match="shards must be an integer"):
         env.upgrade()
     assert bases(engine) == {}
+
+
+def test_sharded_trigger_offline_sql(env: Env, engine: sa.Engine) -> None:
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "parent_key='id', strategy='sharded_trigger', shards=4, backfill=True)\n    "
+              "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id', "
+              "strategy='sharded_trigger', shards=4)")
+    sql = env.offline_sql("base:0001")
+    assert sql.count("CREATE TRIGGER") >= 4 and "countercache_shards" in sql and "_pdl" in sql
+    assert sql.count("DELETE FROM countercache_shards WHERE countercache_shards.counter = 'users.question_count'") == 2
