@@ -136,10 +136,10 @@ def _recorded(autogen_context: AutogenContext) -> dict[str, DropCounterTriggerOp
     for call in recorded_calls(autogen_context, "create_counter_trigger", _KEYWORDS):
         if not call.literal or UNKNOWN in call.args:
             continue
-        drop = DropCounterTriggerOp(*call.args, **call.kwargs)
         try:
+            drop = DropCounterTriggerOp(*call.args, **call.kwargs)
             found.setdefault(drop.base(), drop)
-        except CounterCacheError:  # no parent_key: not named from the migration alone
+        except CounterCacheError:  # no parent_key (or shards=): not named from the migration alone
             continue
     return found
 
