@@ -126,11 +126,13 @@ class TextCounter:
     """A counter as a migration records it: ``parent.c[column]`` counts the rows
     of ``child`` whose ``fks`` equal the parent's ``keys`` (in that order),
     matching ``where`` and weighing ``sum`` (SQL text), like a resolved
-    :class:`~countercache.declaration.CounterCache` for the trigger generator."""
+    :class:`~countercache.declaration.CounterCache` for the trigger generator;
+    kept by ``strategy`` (``"trigger"``, or ``"sharded_trigger"`` over ``shards``
+    shard rows, whose side table must then be in ``parent``'s metadata)."""
 
     def __init__(self, parent: Table, column: str, child: Table, fks: tuple[str, ...], keys: tuple[str, ...],
                  where: str | None = None, sum: str | None = None, backslashes: bool = False,
-                 add_missing: bool = False) -> None:
+                 add_missing: bool = False, strategy: str = "trigger", shards: int | None = None) -> None:
         missing = [f"{t.name}.{n}" for t, names in ((parent, (column, *keys)), (child, fks))
                    for n in names if n not in t.c]
         if missing:
@@ -143,3 +145,12 @@ class TextCounter:
         value = literal(1) if sum is None else expression(sum, child, backslashes, add_missing)
         self.kind = _Kind([child.c[n] for n in fks], condition, value)
         self.mapper = _Mapper([parent.c[n] for n in keys])
+        self._strategy, self._shards = strategy, shards
+
+    def strategy(self) -> str:
+        """``"trigger"`` or ``"sharded_trigger"`` (what the migration says)."""
+        return self._strategy
+
+    def shards(self) -> int | None:
+        """``sharded_trigger``'s shard count (part of the trigger names)."""
+        return self._shards

@@ -19,6 +19,7 @@ from alembic.config import Config
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache.alembic  # noqa: F401 (registers the operations and the comparator)
+import countercache
 from countercache import _registry, counter_cache, triggers
 from countercache._compat import alembic_plugins
 from countercache.errors import CounterCacheError
@@ -106,7 +107,7 @@ def schema_v1() -> sa.MetaData:
     return md
 
 
-def models(strategy: str, where: Any = None) -> tuple[type, type, sa.MetaData]:
+def models(strategy: str, where: Any = None, shards: int | None = None) -> tuple[type, type, sa.MetaData]:
     class Base(DeclarativeBase):
         pass
 
@@ -116,7 +117,8 @@ def models(strategy: str, where: Any = None) -> tuple[type, type, sa.MetaData]:
         name: Mapped[str | None] = mapped_column(sa.String(50))
         questions: Mapped[list[Question]] = relationship()
         question_count: Mapped[int] = counter_cache("questions", strategy=strategy,
-                                                    where=where and (lambda: where(Question)))
+                                                    where=where and (lambda: where(Question)),
+                                                    **({} if shards is None else {"shards": shards}))
 
     class Question(Base):
         __tablename__ = "questions"
@@ -742,3 +744,180 @@ def test_sqlite_batch_copy_around_a_trigger_counter(env: Env, engine: sa.Engine)
         assert "name" not in {c["name"] for c in sa.inspect(conn).get_columns("users")}
     raw_writes(engine)
     exact(engine)
+
+
+# -- sharded_trigger ----------------------------------------------------------------
+
+
+def shard_rows(engine: sa.Engine) -> list[tuple[str, int]]:
+    with engine.connect() as conn:
+        return [(r[0], int(r[1])) for r in conn.exec_driver_sql(
+            "SELECT parent_key, delta FROM countercache_shards WHERE counter = 'users.question_count' "
+            "ORDER BY parent_key, shard")]
+
+
+def folded_exact(engine: sa.Engine, User: type) -> dict[int, int]:
+    """exact() and check() see the pending deltas; once folded, the columns are the recounts."""
+    real = {1: 0, 2: 0, 3: 0}
+    with engine.connect() as conn:
+        for i, n in conn.exec_driver_sql("SELECT u.id, (SELECT count(*) FROM questions q WHERE q.user_id = u.id) "
+                                         "FROM users u"):
+            real[i] = n
+    with Session(engine) as session:
+        assert {u.id: countercache.exact(session, u, "question_count") for u in session.query(User)} == real
+    assert countercache.check(engine, User.question_count) == []
+    countercache.fold(engine, User.question_count)
+    assert shard_rows(engine) == []
+    return exact(engine)
+
+
+SHARDED = ("op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id', "
+           "strategy='sharded_trigger', shards=4)")
+
+
+def test_switch_to_sharded_trigger_and_back(env: Env, engine: sa.Engine) -> None:
+    start(env, engine, "bulk")
+    with engine.begin() as conn:  # a row the bulk strategy never counted: the backfill does
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (90, 'open', 1)")
+
+    User, _, env.metadata = models("sharded_trigger", shards=4)
+    source = env.revision("0003")
+    up = body(source)
+    assert "op.create_table('countercache_shards'" in up
+    assert up.index("op.create_table(") < up.index(SHARDED) < up.index(
+        "op.backfill_counter('users', 'question_count', 'questions', 'user_id', parent_key='id', shards=True)")
+    assert SHARDED.replace("create_", "drop_") in body(source, "downgrade")
+    env.upgrade()
+    assert installed(engine, User) and list(bases(engine)) == [
+        triggers.trigger_name(_registry.lookup(User.question_count))]
+    assert exact(engine) == {1: 4, 2: 3, 3: 3} and shard_rows(engine) == []
+    raw_writes(engine)
+    assert shard_rows(engine) != []
+    assert folded_exact(engine, User) == {1: 3, 2: 4, 3: 5}
+    raw_writes_more = "INSERT INTO questions (id, state, user_id) VALUES (300, 'x', 3), (301, 'x', 1)"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(raw_writes_more)
+    assert "create_counter_trigger" not in body(env.revision("0004a"))  # nothing left to do
+    (env.root / "versions").joinpath(next(p.name for p in (env.root / "versions").iterdir()
+                                          if p.name.startswith("0004a"))).unlink()
+
+    env.downgrade("0002")  # the pending deltas are recounted as the triggers go
+    assert bases(engine) == {}
+    assert exact(engine) == {1: 4, 2: 4, 3: 6}
+
+    env.upgrade()  # and again, switched back by autogenerate (the definition from the 0003 migration)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM questions WHERE id = 301")
+    User, _, env.metadata = models("bulk")
+    source = env.revision("0004")
+    up, down = body(source), body(source, "downgrade")
+    drop = SHARDED.replace("create_", "drop_")
+    assert up.index(drop) < up.index("op.drop_table('countercache_shards')")
+    assert down.index("op.create_table('countercache_shards'") < down.index(SHARDED[:-1] + ", backfill=True)")
+    env.upgrade()
+    assert bases(engine) == {} and exact(engine) == {1: 3, 2: 4, 3: 6}
+    env.downgrade("0003")
+    User, _, env.metadata = models("sharded_trigger", shards=4)
+    assert installed(engine, User) and shard_rows(engine) == [] and exact(engine) == {1: 3, 2: 4, 3: 6}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (400, 'x', 2)")
+        conn.exec_driver_sql("UPDATE questions SET user_id = 1 WHERE id = 300")
+    assert folded_exact(engine, User) == {1: 4, 2: 5, 3: 5}
+
+
+def test_sharded_trigger_after_sharded_drops_the_pending_rows(env: Env, engine: sa.Engine) -> None:
+    env.metadata = schema_v1()
+    env.revision("0001")
+    env.upgrade()
+    seed(engine)
+    User, Question, env.metadata = models("sharded", shards=4)
+    env.revision("0002")
+    env.upgrade()
+    with Session(engine) as session:  # pending deltas of the ORM's sharded strategy
+        session.add_all([Question(id=50, state="open", user_id=1), Question(id=51, state="open", user_id=2)])
+        session.commit()
+    assert shard_rows(engine) == [("1", 1), ("2", 1)]
+
+    User, _, env.metadata = models("sharded_trigger", shards=4)
+    up = body(env.revision("0003"))
+    assert SHARDED in up and "shards=True" in up and "create_table" not in up
+    env.upgrade()
+    assert shard_rows(engine) == []  # folded into the recount, not counted twice
+    assert exact(engine) == {1: 4, 2: 4, 3: 3}
+    raw_writes(engine)
+    folded_exact(engine, User)
+
+
+def test_sharded_trigger_shard_count_change_recreates(env: Env, engine: sa.Engine) -> None:
+    start(env, engine, "bulk")
+    User4, _, env.metadata = models("sharded_trigger", shards=4)
+    env.revision("0003")
+    env.upgrade()
+    old = set(bases(engine))
+    raw_writes(engine)  # pending rows of the 4-shard triggers
+
+    User, _, env.metadata = models("sharded_trigger", shards=8)
+    source = env.revision("0004")
+    up = body(source)
+    assert up.index(SHARDED.replace("create_", "drop_")) < up.index(SHARDED.replace("=4", "=8")) < up.index(
+        "op.backfill_counter(")
+    assert SHARDED.replace("create_", "drop_").replace("=4", "=8") in body(source, "downgrade")
+    env.upgrade()
+    new = set(bases(engine))
+    assert len(new) == 1 and new.isdisjoint(old) and installed(engine, User)
+    assert list(new) == [triggers.trigger_name(_registry.lookup(User.question_count))]
+    assert shard_rows(engine) == [] and exact(engine) == {1: 2, 2: 4, 3: 5}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO questions (id, state, user_id) VALUES (300, 'x', 3), (301, 'x', 1)")
+    assert folded_exact(engine, User) == {1: 3, 2: 4, 3: 6}
+
+    env.downgrade("0003")
+    assert set(bases(engine)) == old
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM questions WHERE id = 300")
+    assert folded_exact(engine, User4) == {1: 3, 2: 4, 3: 5}
+
+
+def test_sharded_trigger_migration_and_declaration_give_the_same_triggers(env: Env, engine: sa.Engine) -> None:
+    User, _, metadata = models("sharded_trigger", tricky, shards=8)
+    counter = _registry.lookup(User.question_count)
+    metadata.create_all(engine)
+    declared = bases(engine)
+    assert list(declared) == [triggers.trigger_name(counter)]
+    with engine.begin() as conn:
+        triggers.execute(conn, triggers.drop_statements(counter, engine.dialect))
+    assert bases(engine) == {}
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              f"where={counter.where_sql!r}, parent_key='id', strategy='sharded_trigger', shards=8)")
+    env.upgrade()
+    assert bases(engine) == declared and installed(engine, User)
+    seed(engine)
+    raw_writes(engine)
+    with Session(engine) as session:
+        assert countercache.check(session, User.question_count) == []
+    metadata.drop_all(engine)
+
+
+def test_sharded_trigger_needs_its_shards_and_side_table(env: Env, engine: sa.Engine) -> None:
+    schema_v1().create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE users ADD COLUMN question_count INTEGER NOT NULL DEFAULT 0")
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "parent_key='id', strategy='sharded_trigger', shards=4)")
+    with pytest.raises(CounterCacheError, match="needs the side table countercache_shards"):
+        env.upgrade()
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "parent_key='id', strategy='sharded_trigger')")
+    with pytest.raises(CounterCacheError, match="shards must be an integer"):
+        env.upgrade()
+    assert bases(engine) == {}
+
+
+def test_sharded_trigger_offline_sql(env: Env, engine: sa.Engine) -> None:
+    env.write("0001", None, "op.create_counter_trigger('users', 'question_count', 'questions', 'user_id', "
+              "parent_key='id', strategy='sharded_trigger', shards=4, backfill=True)\n    "
+              "op.drop_counter_trigger('users', 'question_count', 'questions', 'user_id', parent_key='id', "
+              "strategy='sharded_trigger', shards=4)")
+    sql = env.offline_sql("base:0001")
+    assert sql.count("CREATE TRIGGER") >= 4 and "countercache_shards" in sql and "_pdl" in sql
+    assert sql.count("DELETE FROM countercache_shards WHERE countercache_shards.counter = 'users.question_count'") == 2

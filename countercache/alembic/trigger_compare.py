@@ -1,6 +1,8 @@
-"""Autogenerate: the triggers of ``trigger`` counters (called by :mod:`.autogenerate`).
+"""Autogenerate: the triggers of ``trigger`` and ``sharded_trigger`` counters (called by :mod:`.autogenerate`).
 
-* A counter whose strategy is ``trigger`` and whose triggers are not in the
+* A counter whose strategy is ``trigger`` or ``sharded_trigger`` (its
+  ``create_counter_trigger`` then says ``strategy='sharded_trigger',
+  shards=N``, and its backfill ``shards=True``) and whose triggers are not in the
   database gets ``op.create_counter_trigger(...)`` followed by
   ``op.backfill_counter(...)`` (an ORM strategy switched to ``trigger`` loses
   no count: the backfill recounts once the triggers count the new rows). A
@@ -11,7 +13,8 @@
   target metadata) that no ``trigger`` counter wants under that name (the
   counter switched to another strategy, no longer declared, or its
   definition changed: the names carry a hash of it) get
-  ``op.drop_counter_trigger(...)``, with the definition when it is known
+  ``op.drop_counter_trigger(...)`` (a changed shard count too: the names
+  carry it), with the definition when it is known
   (the counter is still declared, or a migration recorded its
   ``create_counter_trigger``), so that the downgrade creates them again;
   else by name (the downgrade cannot recreate them and says so).
@@ -38,21 +41,26 @@ if TYPE_CHECKING:
 
 __all__ = ["compare_triggers"]
 
-_KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None}
+_KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None, "strategy": "trigger", "shards": None}
+#: The strategies kept by triggers that a migration creates.
+_DATABASE = ("trigger", "sharded_trigger")
 
 
 def _one(names: list[str]) -> str | tuple[str, ...]:
     return names[0] if len(names) == 1 else tuple(names)
 
 
-def create_for(counter: Any) -> CreateCounterTriggerOp:
-    """The ``create_counter_trigger`` of a resolved counter (its names and ``where_sql`` / ``sum_sql``)."""
+def create_for(counter: Any, strategy: str | None = None) -> CreateCounterTriggerOp:
+    """The ``create_counter_trigger`` of a resolved counter (its names and ``where_sql`` / ``sum_sql``),
+    under its strategy (``strategy``: under that one instead; ``trigger`` for an ORM strategy)."""
     fks = list(counter.kind.key_columns())
     table = counter.column.table
+    strategy = strategy or (counter.strategy() if counter.strategy() in _DATABASE else "trigger")
     return CreateCounterTriggerOp(
         table.name, counter.column.name, fks[0].table.name, _one([c.name for c in fks]),
         where=counter.where_sql, sum=counter.sum_sql,
-        parent_key=_one([c.name for c in counter.mapper.primary_key]), schema=table.schema)
+        parent_key=_one([c.name for c in counter.mapper.primary_key]), schema=table.schema,
+        strategy=strategy, shards=counter.shards() if strategy == "sharded_trigger" else None)
 
 
 def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, counters: list[Any],
@@ -68,33 +76,36 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     created = {(op.schema, op.table_name) for op in _walk(upgrade_ops) if isinstance(op, ops.CreateTableOp)}
     added = {(op.schema, op.table_name, op.column.name) for op in _walk(upgrade_ops) if isinstance(op, ops.AddColumnOp)}
     wanted: dict[str, tuple[Any, Any]] = {}
-    declared: dict[str, Any] = {}
-    aside: set[str] = set()
+    declared: dict[str, CreateCounterTriggerOp] = {}
     for col, counter in counters:
         if counter.kind is None or counter.column is None:
             continue
-        if counter.strategy() == "sharded_trigger":
-            # (not generated yet: its triggers, created by create_all() or by hand, are left alone)
-            aside.add(triggers.trigger_name(counter))
-            continue
-        trigger = counter.strategy() == "trigger"
+        trigger = counter.strategy() in _DATABASE
         refused = triggers.refusal(counter, dialect) if trigger else None
         if refused is not None:
             raise CounterCacheError(f"countercache autogenerate: {refused}")
+        # (the triggers of a previous strategy, ``trigger`` or ``sharded_trigger`` over as many
+        # shards, are dropped with their definition: the downgrade creates them again)
+        for strategy in _DATABASE:
+            try:
+                op = create_for(counter, strategy)
+            except CounterCacheError:  # (no shard count that sharded_trigger takes)
+                continue
+            declared[op.base()] = op
         base = triggers.trigger_name(counter)
-        declared[base] = counter
+        declared[base] = create_for(counter)
         if trigger:
             wanted[base] = (col, counter)
     tables = {t.name for md in _metadatas(autogen_context) for t in md.tables.values()}
     drops: list[Any] = []
     recorded: dict[str, DropCounterTriggerOp] | None = None
     for base, child in triggers.installed_bases(connection).items():
-        if base in wanted or base in aside or child not in tables:
+        if base in wanted or child not in tables:
             continue
         if recorded is None:
             recorded = _recorded(autogen_context)
         if base in declared:
-            drop = DropCounterTriggerOp(**create_for(declared[base]).definition())
+            drop = DropCounterTriggerOp(**declared[base].definition())
         else:
             drop = recorded.get(base) or DropCounterTriggerOp(child_table=child, name=base)
         if drop.to_diff_tuple() not in present:
@@ -125,10 +136,10 @@ def _recorded(autogen_context: AutogenContext) -> dict[str, DropCounterTriggerOp
     for call in recorded_calls(autogen_context, "create_counter_trigger", _KEYWORDS):
         if not call.literal or UNKNOWN in call.args:
             continue
-        drop = DropCounterTriggerOp(*call.args, **call.kwargs)
         try:
+            drop = DropCounterTriggerOp(*call.args, **call.kwargs)
             found.setdefault(drop.base(), drop)
-        except CounterCacheError:  # no parent_key: not named from the migration alone
+        except CounterCacheError:  # no parent_key (or shards=): not named from the migration alone
             continue
     return found
 

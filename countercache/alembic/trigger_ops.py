@@ -18,6 +18,15 @@ a hash of the definition (:func:`countercache.triggers.base_name`): a
 definition changed while staying ``trigger`` is a drop of the previous
 triggers and a create of the new ones.
 
+``strategy="sharded_trigger", shards=N`` (both ops; ``"trigger"`` by default)
+stands for a ``sharded_trigger`` counter: its triggers write the side table
+``countercache_shards``, which must exist, and are named after the shard
+count too (as ``create_all()`` names them). Its backfill (``backfill=True``)
+also deletes the counter's shard rows (``op.backfill_counter(...,
+shards=True)``: the recount holds what they were pending, e.g. the rows of a
+previous ``sharded`` strategy). Dropping them by definition then recounts the
+column the same way: the pending deltas would be folded by nothing else.
+
 ``op.drop_counter_trigger(child_table=..., name=...)`` drops by the recorded
 base name (what autogenerate writes for triggers whose counter is no longer
 declared and whose definition no migration recorded): its reverse cannot
@@ -37,9 +46,11 @@ from typing import TYPE_CHECKING, Any
 from alembic.autogenerate.render import renderers
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import Column, ForeignKeyConstraint, Integer, MetaData, Table, inspect
+from sqlalchemy.exc import NoSuchTableError
 
 from .. import triggers
 from ..errors import ConfigurationError, CounterCacheError
+from ..sidetable import TABLE_NAME, check_shards, shard_table
 from ..strategies.trigger import forget_verified
 from ..trigger_text import TextCounter
 from .operations import IMPORT, BackfillCounterOp
@@ -47,7 +58,10 @@ from .operations import IMPORT, BackfillCounterOp
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["CreateCounterTriggerOp", "DropCounterTriggerOp", "KeepDroppedTriggerOp"]
+__all__ = ["CreateCounterTriggerOp", "DropCounterTriggerOp", "KeepDroppedTriggerOp", "STRATEGIES"]
+
+#: The strategies whose triggers a migration creates and drops (``strategy=``).
+STRATEGIES = ("trigger", "sharded_trigger")
 
 
 
@@ -59,9 +73,18 @@ class _TriggerOp(MigrateOperation):
     def __init__(self, table_name: str | None = None, column_name: str | None = None,
                  child_table: str | None = None, child_fk: str | Sequence[str] | None = None, *,
                  where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
-                 schema: str | None = None, name: str | None = None) -> None:
+                 schema: str | None = None, name: str | None = None, strategy: str = "trigger",
+                 shards: int | None = None) -> None:
         self.table_name, self.column_name, self.child_table, self.child_fk = table_name, column_name, child_table, child_fk
         self.where, self.sum, self.parent_key, self.schema, self.name = where, sum, parent_key, schema, name
+        if strategy not in STRATEGIES:
+            raise CounterCacheError(f"{self.what}: strategy= is one of {', '.join(map(repr, STRATEGIES))}, "
+                                    f"not {strategy!r}")
+        if strategy == "sharded_trigger":
+            check_shards(shards, f"{self.what} (sharded_trigger)")
+        elif shards is not None:
+            raise CounterCacheError(f"{self.what}: shards= goes with strategy='sharded_trigger'")
+        self.strategy, self.shards = strategy, shards
 
     @property
     def what(self) -> str:
@@ -70,7 +93,17 @@ class _TriggerOp(MigrateOperation):
     def definition(self) -> dict[str, Any]:
         return dict(table_name=self.table_name, column_name=self.column_name, child_table=self.child_table,
                     child_fk=self.child_fk, where=self.where, sum=self.sum, parent_key=self.parent_key,
-                    schema=self.schema)
+                    schema=self.schema, strategy=self.strategy, shards=self.shards)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "sharded_trigger"
+
+    def backfill_op(self) -> BackfillCounterOp:
+        """The recount of the column (``sharded_trigger``: deleting the counter's shard rows first)."""
+        return BackfillCounterOp(self.table_name or "", self.column_name or "", self.child_table or "",
+                                 self.child_fk or "", where=self.where, sum=self.sum, parent_key=self.parent_key,
+                                 schema=self.schema, shards=self.sharded)
 
     def base(self) -> str:
         """The triggers' base name (from the definition, unless recorded)."""
@@ -80,7 +113,8 @@ class _TriggerOp(MigrateOperation):
         if not keys:
             raise CounterCacheError(f"{self.what}: parent_key= is needed to name its triggers")
         return triggers.base_name(self.schema, self.table_name or "", self.column_name or "", self.child_table or "",
-                                  _names(self.child_fk), keys, self.where, self.sum)
+                                  _names(self.child_fk), keys, self.where, self.sum,
+                                  f"sharded_trigger:{self.shards}" if self.sharded else None)
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         try:
@@ -97,9 +131,10 @@ class CreateCounterTriggerOp(_TriggerOp):
 
     def __init__(self, table_name: str, column_name: str, child_table: str, child_fk: str | Sequence[str], *,
                  where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
-                 schema: str | None = None, backfill: bool = False) -> None:
+                 schema: str | None = None, backfill: bool = False, strategy: str = "trigger",
+                 shards: int | None = None) -> None:
         super().__init__(table_name, column_name, child_table, child_fk, where=where, sum=sum,
-                         parent_key=parent_key, schema=schema)
+                         parent_key=parent_key, schema=schema, strategy=strategy, shards=shards)
         #: recount the column once the triggers exist (the reverse of a drop: the
         #: counter was kept otherwise meanwhile, by an ORM strategy or sharded)
         self.backfill = backfill
@@ -108,11 +143,14 @@ class CreateCounterTriggerOp(_TriggerOp):
     def create_counter_trigger(cls, operations: Operations, table_name: str, column_name: str, child_table: str,
                                child_fk: str | Sequence[str], *, where: str | None = None, sum: str | None = None,
                                parent_key: str | Sequence[str] | None = None, schema: str | None = None,
-                               backfill: bool = False) -> Any:
-        """Create the triggers of a ``trigger`` counter (see :mod:`countercache.alembic.trigger_ops`);
-        ``backfill=True``: then recount the column, as ``op.backfill_counter`` with the same arguments."""
+                               backfill: bool = False, strategy: str = "trigger", shards: int | None = None) -> Any:
+        """Create the triggers of a ``trigger`` counter, or of a ``sharded_trigger`` one
+        (``strategy="sharded_trigger", shards=N``; see :mod:`countercache.alembic.trigger_ops`);
+        ``backfill=True``: then recount the column, as ``op.backfill_counter`` with the same arguments
+        (``sharded_trigger``: and ``shards=True``, deleting the counter's shard rows)."""
         return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
-                                     parent_key=parent_key, schema=schema, backfill=backfill))
+                                     parent_key=parent_key, schema=schema, backfill=backfill, strategy=strategy,
+                                     shards=shards))
 
     def reverse(self) -> DropCounterTriggerOp:
         return DropCounterTriggerOp(**self.definition())
@@ -128,10 +166,13 @@ class DropCounterTriggerOp(_TriggerOp):
                              column_name: str | None = None, child_table: str | None = None,
                              child_fk: str | Sequence[str] | None = None, *, where: str | None = None,
                              sum: str | None = None, parent_key: str | Sequence[str] | None = None,
-                             schema: str | None = None, name: str | None = None) -> Any:
-        """Drop the triggers of a counter (see :mod:`countercache.alembic.trigger_ops`)."""
+                             schema: str | None = None, name: str | None = None, strategy: str = "trigger",
+                             shards: int | None = None) -> Any:
+        """Drop the triggers of a counter (see :mod:`countercache.alembic.trigger_ops`;
+        ``sharded_trigger`` by its definition: then recount the column, deleting its shard rows)."""
         return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
-                                     parent_key=parent_key, schema=schema, name=name))
+                                     parent_key=parent_key, schema=schema, name=name, strategy=strategy,
+                                     shards=shards))
 
     def reverse(self) -> CreateCounterTriggerOp | KeepDroppedTriggerOp:
         if self.name is not None or None in (self.table_name, self.column_name, self.child_table, self.child_fk):
@@ -186,8 +227,18 @@ def _counter(operations: Operations, op: _TriggerOp) -> TextCounter:
         raise CounterCacheError(f"create_counter_trigger({op.what}): child_fk {list(fks)} and parent_key "
                                 f"{list(keys)} differ in length")
     dialect = operations.migration_context.dialect
+    if op.sharded:  # the side table its triggers write (created by an earlier operation, or reflected)
+        if operations.migration_context.as_sql:
+            shard_table(parent.metadata)
+        else:
+            try:
+                Table(TABLE_NAME, parent.metadata, autoload_with=operations.get_bind())
+            except NoSuchTableError:
+                raise CounterCacheError(f"create_counter_trigger({op.what}): strategy 'sharded_trigger' needs the "
+                                        f"side table {TABLE_NAME}; create it first") from None
     return TextCounter(parent, op.column_name or "", child, fks, keys, op.where, op.sum,
-                       backslashes=dialect.name in ("mysql", "mariadb"), add_missing=operations.migration_context.as_sql)
+                       backslashes=dialect.name in ("mysql", "mariadb"), add_missing=operations.migration_context.as_sql,
+                       strategy=op.strategy, shards=op.shards)
 
 
 def _run(operations: Operations, statements: list[str]) -> None:
@@ -213,9 +264,7 @@ def create_counter_trigger(operations: Operations, op: CreateCounterTriggerOp) -
         raise CounterCacheError(f"create_counter_trigger: {exc}") from exc
     _run(operations, statements)
     if op.backfill:
-        operations.invoke(BackfillCounterOp(op.table_name or "", op.column_name or "", op.child_table or "",
-                                            op.child_fk or "", where=op.where, sum=op.sum, parent_key=op.parent_key,
-                                            schema=op.schema))
+        operations.invoke(op.backfill_op())
 
 
 @Operations.implementation_for(DropCounterTriggerOp)
@@ -229,6 +278,10 @@ def drop_counter_trigger(operations: Operations, op: DropCounterTriggerOp) -> No
     statements = triggers.drop_named_statements(op.base(), op.child_table, op.schema,
                                                 operations.migration_context.dialect, parent=op.table_name)
     _run(operations, statements)
+    if op.sharded and op.name is None:
+        # its pending deltas, which no trigger adds to now: the column takes its recount, and the
+        # counter's shard rows go (the lock of the recount holds the parents meanwhile)
+        operations.invoke(op.backfill_op())
 
 
 @Operations.implementation_for(KeepDroppedTriggerOp)
@@ -251,6 +304,8 @@ def _render(autogen_context: AutogenContext, name: str, op: _TriggerOp) -> str:
         value = getattr(op, key)
         if value is not None:
             args.append(f"{key}={value if isinstance(value, str) else tuple(value)!r}")
+    if op.sharded:
+        args.append(f"strategy='sharded_trigger', shards={op.shards!r}")
     if getattr(op, "backfill", False):
         args.append("backfill=True")
     return f"op.{name}({', '.join(args)})"
