@@ -27,6 +27,7 @@ from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper
 
 from . import _registry
+from .config import DATABASE_STRATEGIES
 from ._compat import PASSIVE_NO_INITIALIZE
 from .locking import for_update
 
@@ -137,7 +138,8 @@ def read_cascaded(fs: FlushState) -> None:
             continue  # (its row stays, and its links)
         for counter, side, key in _sides_of(state.mapper):
             rel = state.mapper.get_property(key)
-            if side != "child" or not rel.passive_deletes or key in state.dict or state.key is None:
+            if side != "child" or not rel.passive_deletes or key in state.dict or state.key is None \
+                    or counter.strategy() in DATABASE_STRATEGIES:
                 continue
             parent_cols = list(counter.kind.parent_cols)
             criteria = [dest == getattr(obj, state.mapper.get_property_by_column(src).key)
@@ -163,6 +165,8 @@ def collect(fs: FlushState) -> None:
         if not sides:
             continue
         for counter, side, key in sides:
+            if counter.strategy() in DATABASE_STRATEGIES:
+                continue  # (its triggers count the links)
             if side == "parent" and isdelete and not listonly:
                 continue  # a deleted parent needs no update (but one whose row a new object
                 # with its key took over, SQLAlchemy's row switch, flagged listonly: its links went)
@@ -209,8 +213,8 @@ def cascaded_links(mapper: Mapper[Any]) -> list[tuple[CounterCache, list[Any]]]:
     pk = list(mapper.primary_key)
     for counter in _counters:
         kind = counter.kind
-        if kind is None or not _registry.live(counter):
-            continue
+        if kind is None or not _registry.live(counter) or counter.strategy() in DATABASE_STRATEGIES:
+            continue  # (a database-kept counter's triggers count what the cascade removes)
         refs = {fk.column: fk.parent for fk in kind.secondary.foreign_keys
                 if fk.parent not in kind.parent_cols and fk.ondelete and fk.ondelete.upper() == "CASCADE"}
         if all(col in refs for col in pk):
