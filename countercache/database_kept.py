@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import _registry, config, memory
-from .kinds import ManyToMany
+from .kinds import ManyToMany, MultiLevel
 from .errors import CounterCacheError
 from .strategies import trigger as trigger_strategy
 from .strategies.trigger import verify_installed
@@ -67,12 +67,13 @@ def forget() -> None:
 
 def fed_by(mappers: Any) -> list[CounterCache]:
     """The database-kept counters whose counted rows ``mappers`` write (a many-to-many
-    counter's association rows: either side's class)."""
+    counter's association rows: either side's class; a multi-level counter's middle rows too)."""
     kept = counters()
     if not kept:
         return []
     return [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
                                    or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
+                                   or (isinstance(c.kind, MultiLevel) and m.isa(c.kind.middle_mapper))
                                    for m in mappers)]
 
 

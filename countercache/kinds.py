@@ -193,8 +193,16 @@ class MultiLevel(Kind):
     def row_value(self) -> Any:
         return self.leaf.row_value()
 
+    def middle_key(self) -> list[Any]:
+        """The middle table's key columns (what the leaves' foreign key refers to)."""
+        return list(self.middle_mapper.primary_key)
+
+    def middle_condition(self) -> Any:
+        """Which middle rows count (a single-table subclass's discriminator; None: all)."""
+        return rows_of_class(self.middle_mapper, self.key_columns()[0].table)
+
     def condition(self) -> Any:
-        middle = rows_of_class(self.middle_mapper, self.key_columns()[0].table)
+        middle = self.middle_condition()
         found = [c for c in (self.leaf.condition(), middle) if c is not None]
         return and_(*found) if len(found) > 1 else found[0] if found else None
 

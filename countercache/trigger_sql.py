@@ -23,9 +23,14 @@ TRUNCATE = {"TRUNCATE": "_trn"}
 #: Triggers on the parent table: a new row, or a row whose key changes, gets
 #: its real count (children inserted before it, or moved to its new key after).
 PARENT = {"PARENT_INSERT": "_pin", "PARENT_UPDATE": "_pup"}
+#: A multi-level counter's triggers on its middle table (``questions`` of
+#: ``counter_cache("questions.answers")``): a middle row carries its leaves.
+MIDDLE = {"MIDDLE_INSERT": "_min", "MIDDLE_DELETE": "_mdl", "MIDDLE_UPDATE": "_mup", "MIDDLE_TRUNCATE": "_mtr"}
 FUNCTION_SUFFIX = "_fn"
 #: PostgreSQL: the function of the parent-table triggers.
 PARENT_FUNCTION_SUFFIX = "_pfn"
+#: PostgreSQL: the function of a multi-level counter's middle-table triggers.
+MIDDLE_FUNCTION_SUFFIX = "_mfn"
 
 
 def trigger_name(counter: Any) -> str:
@@ -57,8 +62,33 @@ def _trigger_name(counter: Any) -> str:
         child, fks, keys = None, [], []
     # (sharded_trigger: other triggers, whose SQL holds the shard count)
     variant = f"sharded_trigger:{counter.shards()}" if is_sharded(counter) else None
+    if is_through(counter):  # (a multi-level counter: the leaves it counts through the middle rows)
+        variant = through_variant(*through_names(counter))
     return base_name(table.schema, table.name, counter.column.name, getattr(child, "name", ""), fks, keys,
                      counter.where_sql, counter.sum_sql, variant)
+
+
+def is_through(counter: Any) -> bool:
+    """Is ``counter`` multi-level (it counts the leaves of its middle rows)?"""
+    return hasattr(getattr(counter, "kind", None), "leaf")
+
+
+def through_names(counter: Any) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(leaf table, its foreign key columns, the middle table's key columns they refer to):
+    what names a multi-level counter's triggers besides its middle table and parent."""
+    kind = counter.kind
+    return (kind.leaf.key_columns()[0].table.name, tuple(c.name for c in kind.leaf.key_columns()),
+            tuple(c.name for c in kind.middle_key()))
+
+
+def through_variant(leaf: str, leaf_fks: Any, middle_key: Any) -> str:
+    return f"through:{leaf}:{','.join(leaf_fks)}:{','.join(middle_key)}"
+
+
+def counted_table(counter: Any) -> Any:
+    """The table whose rows feed the counter (a multi-level counter's leaf table)."""
+    kind = counter.kind
+    return (kind.leaf if is_through(counter) else kind).key_columns()[0].table
 
 
 def is_sharded(counter: Any) -> bool:
@@ -76,7 +106,8 @@ def base_name(schema: str | None, table: str, column: str, child: str, fks: Any,
                           + ([] if variant is None else [variant]))
     digest = hashlib.sha1(definition.encode("utf-8")).hexdigest()[:8]
     body = re.sub(r"[^a-z0-9_]+", "_", f"{table}_{column}".lower()).strip("_")
-    suffixes = (*EVENTS.values(), *TRUNCATE.values(), *PARENT.values(), FUNCTION_SUFFIX, PARENT_FUNCTION_SUFFIX)
+    suffixes = (*EVENTS.values(), *TRUNCATE.values(), *PARENT.values(), *MIDDLE.values(), FUNCTION_SUFFIX,
+                PARENT_FUNCTION_SUFFIX, MIDDLE_FUNCTION_SUFFIX)
     room = MAX_NAME - max(len(s) for s in suffixes) - len("cc__") - len(digest)
     return f"cc_{body[:room].rstrip('_')}_{digest}"
 
@@ -85,11 +116,15 @@ def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
     """``{"INSERT": name, "DELETE": name, "UPDATE": name}`` on the counted table
     (and ``"TRUNCATE"`` on PostgreSQL), then ``"PARENT_INSERT"`` and (unless a
     MariaDB/MySQL ``ON UPDATE CASCADE`` moves the count with its row)
-    ``"PARENT_UPDATE"`` on the parent table."""
+    ``"PARENT_UPDATE"`` on the parent table. A multi-level counter's are on
+    its leaf table, then ``"MIDDLE_*"`` on its middle table."""
     base = trigger_name(counter)
     events = dict(EVENTS)
     if dialect is not None and dialect.name == "postgresql":
         events.update(TRUNCATE)
+    if is_through(counter):
+        events.update({k: v for k, v in MIDDLE.items()
+                       if k != "MIDDLE_TRUNCATE" or (dialect is not None and dialect.name == "postgresql")})
     events["PARENT_INSERT"] = PARENT["PARENT_INSERT"]
     if not (dialect is not None and dialect.name in ("mysql", "mariadb") and _moves_with_parent(_Shape(counter))):
         events["PARENT_UPDATE"] = PARENT["PARENT_UPDATE"]
@@ -122,18 +157,42 @@ class _Shape:
         self.child = self.fk[0].table
         self.condition = kind.condition()
         self.value = None if _is_one(kind.row_value()) else kind.row_value()  # None: a count
+        #: A multi-level counter: its leaves (this shape's child is then the middle table,
+        #: its condition which middle rows count, and the leaves are what they weigh).
+        self.through: _Leaf | None = None
+        if is_through(counter):
+            self.through = _Leaf(kind.leaf, kind.middle_key())
+            self.condition, self.value = kind.middle_condition(), None
         self.self_referential = self.child is self.parent
-        seen: list[Any] = []
-        self.foreign: list[Any] = []  # columns of other tables (a joined subclass's condition)
-        for expr in (*self.fk, self.condition, self.value):
-            for elem in ([] if expr is None else iterate(expr)):
-                if isinstance(elem, ColumnClause) and getattr(elem, "table", None) is not None:
-                    if elem.table is not self.child:
-                        self.foreign.append(elem)
-                    elif all(c.name != elem.name for c in seen):
-                        seen.append(self.child.c[elem.name])
-        #: The child columns whose values decide the counter (foreign key first).
-        self.columns = seen
+        self.foreign, self.columns = _columns(self.child, (*self.fk, self.condition, self.value))
+
+
+class _Leaf:
+    """A multi-level counter's leaf rows, as :class:`_Shape` describes a child table's."""
+
+    def __init__(self, leaf: Any, middle_key: list[Any]) -> None:
+        self.fk = leaf.key_columns()
+        self.child = self.fk[0].table
+        self.key = middle_key  # (what the foreign key refers to, in its order)
+        self.middle = middle_key[0].table
+        self.condition = leaf.condition()
+        self.value = None if _is_one(leaf.row_value()) else leaf.row_value()
+        self.foreign, self.columns = _columns(self.child, (*self.fk, self.condition, self.value))
+
+
+def _columns(table: Any, expressions: Any) -> tuple[list[Any], list[Any]]:
+    """(the columns of other tables that ``expressions`` read (a joined subclass's condition),
+    the columns of ``table`` they read, foreign key first: whose values decide the counter)."""
+    seen: list[Any] = []
+    foreign: list[Any] = []
+    for expr in expressions:
+        for elem in ([] if expr is None else iterate(expr)):
+            if isinstance(elem, ColumnClause) and getattr(elem, "table", None) is not None:
+                if elem.table is not table:
+                    foreign.append(elem)
+                elif all(c.name != elem.name for c in seen):
+                    seen.append(table.c[elem.name])
+    return foreign, seen
 
 
 def _is_one(expr: Any) -> bool:
@@ -181,9 +240,26 @@ def _targets(shape: _Shape, row: str, dialect: Any) -> str:
     keys = " AND ".join(f"{quote(pk.name)} = {row}.{quote(fk.name)}" for pk, fk in zip(shape.parent_key, shape.fk))
     return f"({keys} AND {_counts(shape, row, dialect)})"
 
+def table_sql(table: Any, dialect: Any) -> str:
+    """``table`` as the dialect's trigger bodies name it (SQLite's: unqualified)."""
+    prep = dialect.identifier_preparer
+    return prep.quote(table.name) if dialect.name == "sqlite" else prep.format_table(table)
+
+
 def _recount(shape: _Shape, row: str, dialect: Any, child: str) -> str:
-    """SQL: the real count (or sum) of the parent ``row`` refers to, read from ``child``."""
+    """SQL: the real count (or sum) of the parent ``row`` refers to, read from ``child``
+    (a multi-level counter's: its leaves joined to the middle rows of ``child``)."""
     quote = dialect.identifier_preparer.quote
+    leaf = shape.through
+    if leaf is not None:
+        joined = " AND ".join(f"cc_l.{quote(fk.name)} = cc_c.{quote(key.name)}" for fk, key in zip(leaf.fk, leaf.key))
+        keys = " AND ".join(f"cc_c.{quote(fk.name)} = {row}.{quote(pk.name)}"
+                            for pk, fk in zip(shape.parent_key, shape.fk))
+        conditions = "".join(f" AND {_counts(part, alias, dialect)}" for part, alias in ((shape, "cc_c"), (leaf, "cc_l"))
+                             if part.condition is not None)
+        total = "count(*)" if leaf.value is None else f"coalesce(sum({_weight(leaf, 'cc_l', dialect)}), 0)"
+        return (f"(SELECT {total} FROM {table_sql(leaf.child, dialect)} AS cc_l JOIN {child} AS cc_c ON {joined} "
+                f"WHERE {keys}{conditions})")
     keys = " AND ".join(f"cc_c.{quote(fk.name)} = {row}.{quote(pk.name)}"
                         for pk, fk in zip(shape.parent_key, shape.fk))
     condition = "" if shape.condition is None else f" AND {_counts(shape, 'cc_c', dialect)}"
@@ -225,3 +301,28 @@ def _statement_triggers(names: dict[str, str], child: str, fn: str, quote: Any) 
               f"{_REFERENCING[event]} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()" for event in EVENTS),
             f"CREATE TRIGGER {quote(names['TRUNCATE'])} AFTER TRUNCATE ON {child} FOR EACH STATEMENT "
             f"EXECUTE FUNCTION {fn}()"]
+
+
+def parent_statements(shape: _Shape, names: dict[str, str], parent: str, child: str, column: str,
+                      dialect: Any) -> list[str]:
+    """SQLite and MariaDB/MySQL: the parent table's triggers (``names`` quoted). A new
+    parent row, or one whose key changed, holds the count of the rows under its key now."""
+    quote = dialect.identifier_preparer.quote
+    recount = _recount(shape, "NEW", dialect, child)
+    if dialect.name == "sqlite":
+        own_row = " AND ".join(f"{quote(pk.name)} = NEW.{quote(pk.name)}" for pk in shape.parent_key)
+        keys = ", ".join(quote(pk.name) for pk in shape.parent_key)
+        return [
+            f"CREATE TRIGGER {names['PARENT_INSERT']} AFTER INSERT ON {parent} FOR EACH ROW "
+            f"BEGIN UPDATE {parent} SET {column} = {recount} WHERE {own_row}; END",
+            f"CREATE TRIGGER {names['PARENT_UPDATE']} AFTER UPDATE OF {keys} ON {parent} FOR EACH ROW "
+            f"WHEN {_key_changed(shape, 'IS', dialect)} BEGIN UPDATE {parent} SET {column} = {recount} "
+            f"WHERE {own_row}; END",
+        ]
+    statements = [f"CREATE TRIGGER {names['PARENT_INSERT']} BEFORE INSERT ON {parent} FOR EACH ROW "
+                  f"SET NEW.{column} = {recount}"]
+    if "PARENT_UPDATE" in names:  # (not with ON UPDATE CASCADE: the count moves with the row, no trigger fires)
+        statements.append(f"CREATE TRIGGER {names['PARENT_UPDATE']} BEFORE UPDATE ON {parent} FOR EACH ROW "
+                          f"BEGIN IF {_key_changed(shape, '<=>', dialect)} THEN SET NEW.{column} = {recount}; "
+                          "END IF; END")
+    return statements

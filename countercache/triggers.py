@@ -50,12 +50,13 @@ from typing import Any
 
 from sqlalchemy import text
 
-from . import triggers_postgresql, triggers_sharded
+from . import triggers_postgresql, triggers_sharded, triggers_through
 from .errors import ConfigurationError
 from .kinds import MultiLevel
-from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, PARENT, PARENT_FUNCTION_SUFFIX, TRUNCATE, _key_changed,
-                          _names, _own_constraint, _recount, _Shape, _targets, _weight, base_name, function_name,
-                          is_sharded, trigger_name, trigger_names)
+from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, MIDDLE, MIDDLE_FUNCTION_SUFFIX, PARENT,
+                          PARENT_FUNCTION_SUFFIX, TRUNCATE, _names, _own_constraint, _Shape, _targets, _weight, base_name,
+                          counted_table, function_name, is_sharded, parent_statements, table_sql, trigger_name,
+                          trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
            "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
@@ -79,8 +80,12 @@ def refusal(counter: Any, dialect: Any) -> str | None:
     if dialect.name not in _DATABASES:
         return f"{name}: the {label} strategy does not support {database} yet; use strategy {alternative}"
     if isinstance(kind, MultiLevel):
-        return (f"{name}: a multi-level counter ({counter.relationship!r}) is not supported by the "
-                f"{label} strategy yet (on {database}); use strategy {alternative}")
+        if sharded:
+            return (f"{name}: a multi-level counter ({counter.relationship!r}) is not supported by the "
+                    f"{label} strategy yet (on {database}); use strategy 'sharded', or 'trigger'")
+        found = _through_refusal(counter, dialect, database)
+        if found is not None:
+            return found
     shape = _Shape(counter)
     if sharded:
         found = _sharded_refusal(counter, shape, database)
@@ -136,6 +141,43 @@ def _sharded_refusal(counter: Any, shape: _Shape, database: str) -> str | None:
     return None
 
 
+def _through_refusal(counter: Any, dialect: Any, database: str) -> str | None:
+    """Why the trigger strategy cannot keep the multi-level ``counter``, else None."""
+    name = counter.name
+    shape = _Shape(counter)
+    leaf = shape.through
+    assert leaf is not None
+    parent, middle = shape.parent.name, shape.child.name
+    if len({id(shape.parent), id(shape.child), id(leaf.child)}) < 3:
+        return (f"{name}: a multi-level counter over its own tables ({parent}, {middle}, {leaf.child.name}: not "
+                f"three different ones) is not supported by the trigger strategy (on {database}); use strategy 'bulk'")
+    if shape.condition is not None or leaf.foreign:
+        which = middle if shape.condition is not None else leaf.foreign[0].table
+        return (f"{name}: which rows count depends on {which} (an inheriting class), which the trigger strategy "
+                f"does not support yet for a multi-level counter (on {database}); use strategy 'bulk'")
+    own = _own_constraint(_Link(leaf))
+    action = (own.onupdate or "").upper() if own is not None else ""
+    if action and action not in ("NO ACTION", "RESTRICT"):
+        # (the moved leaves would be added under their middle row's new key, which carries them too)
+        return (f"{name}: {leaf.child.name}'s foreign key to {middle} has ON UPDATE {action}, which the trigger "
+                f"strategy would count twice when a {middle} key changes (on {database}); declare it without "
+                "ON UPDATE, or use strategy 'bulk'")
+    if dialect.name in ("mysql", "mariadb"):
+        for table, link in ((leaf.child.name, _Link(leaf)), (middle, shape)):
+            silent = _silent_action(link)
+            if silent is not None:
+                return (f"{name}: {table}'s foreign key to {silent} changes counted rows by a foreign key "
+                        "action, which fires no trigger on MariaDB/MySQL; use strategy 'bulk'")
+    return None
+
+
+class _Link:
+    """A multi-level counter's leaves as :func:`_own_constraint` / :func:`_silent_action` read a shape."""
+
+    def __init__(self, leaf: Any) -> None:
+        self.child, self.fk, self.parent, self.columns = leaf.child, leaf.fk, leaf.middle, leaf.columns
+
+
 def _silent_action(shape: _Shape) -> str | None:
     """A foreign key of the child table whose action deletes or changes counted rows
     (other than the counted key's own ON DELETE/ON UPDATE, which go with the parent)."""
@@ -170,54 +212,49 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
     shape, parent, child, column = _names(counter, dialect)
     quote = dialect.identifier_preparer.quote
     names = {event: quote(name) for event, name in trigger_names(counter, dialect).items()}
-    add = f"UPDATE {parent} SET {column} = {column} + {_weight(shape, 'NEW', dialect)} " \
-          f"WHERE {_targets(shape, 'NEW', dialect)}"
-    subtract = f"UPDATE {parent} SET {column} = {column} - {_weight(shape, 'OLD', dialect)} " \
-               f"WHERE {_targets(shape, 'OLD', dialect)}"
+    # (a multi-level counter: the rows counted are its leaves, their parent the one of their middle row)
+    rows, counted = (shape, child) if shape.through is None else (shape.through, table_sql(shape.through.child, dialect))
+
+    def targets(row: str) -> str:
+        if shape.through is None:
+            return _targets(shape, row, dialect)
+        return triggers_through.leaf_targets(shape, row, dialect)
+
+    add = f"UPDATE {parent} SET {column} = {column} + {_weight(rows, 'NEW', dialect)} WHERE {targets('NEW')}"
+    subtract = f"UPDATE {parent} SET {column} = {column} - {_weight(rows, 'OLD', dialect)} WHERE {targets('OLD')}"
     both = (f"UPDATE {parent} SET {column} = {column}"
-            f" + CASE WHEN {_targets(shape, 'NEW', dialect)} THEN {_weight(shape, 'NEW', dialect)} ELSE 0 END"
-            f" - CASE WHEN {_targets(shape, 'OLD', dialect)} THEN {_weight(shape, 'OLD', dialect)} ELSE 0 END"
-            f" WHERE {_targets(shape, 'NEW', dialect)} OR {_targets(shape, 'OLD', dialect)}")
+            f" + CASE WHEN {targets('NEW')} THEN {_weight(rows, 'NEW', dialect)} ELSE 0 END"
+            f" - CASE WHEN {targets('OLD')} THEN {_weight(rows, 'OLD', dialect)} ELSE 0 END"
+            f" WHERE {targets('NEW')} OR {targets('OLD')}")
     same = "<=>" if dialect.name != "sqlite" else "IS"
-    changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in shape.columns) + ")"
-    recount = _recount(shape, "NEW", dialect, child)
-    own_row = " AND ".join(f"{quote(pk.name)} = NEW.{quote(pk.name)}" for pk in shape.parent_key)
+    changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in rows.columns) + ")"
+    parents = parent_statements(shape, names, parent, child, column, dialect)
+    if shape.through is not None:
+        parents = [*triggers_through.middle_statements(counter, dialect, names), *parents]
     if dialect.name == "sqlite":
-        of = ", ".join(quote(c.name) for c in shape.columns)
-        keys = ", ".join(quote(pk.name) for pk in shape.parent_key)
+        of = ", ".join(quote(c.name) for c in rows.columns)
         return [
-            f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {child} FOR EACH ROW BEGIN {add}; END",
-            f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {child} FOR EACH ROW BEGIN {subtract}; END",
-            f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE OF {of} ON {child} FOR EACH ROW "
+            f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {counted} FOR EACH ROW BEGIN {add}; END",
+            f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {counted} FOR EACH ROW BEGIN {subtract}; END",
+            f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE OF {of} ON {counted} FOR EACH ROW "
             f"WHEN {changed} BEGIN {both}; END",
-            # a new parent row, or one whose key changed, holds the count of the rows under its key now
-            f"CREATE TRIGGER {names['PARENT_INSERT']} AFTER INSERT ON {parent} FOR EACH ROW "
-            f"BEGIN UPDATE {parent} SET {column} = {recount} WHERE {own_row}; END",
-            f"CREATE TRIGGER {names['PARENT_UPDATE']} AFTER UPDATE OF {keys} ON {parent} FOR EACH ROW "
-            f"WHEN {_key_changed(shape, 'IS', dialect)} BEGIN UPDATE {parent} SET {column} = {recount} "
-            f"WHERE {own_row}; END",
+            *parents,
         ]
     # MariaDB/MySQL: the UPDATE touches the two parents in key order (ORDER BY)
     order = ", ".join(quote(pk.name) for pk in shape.parent_key)
-    statements = [
-        f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {child} FOR EACH ROW {add}",
-        f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {child} FOR EACH ROW {subtract}",
-        f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE ON {child} FOR EACH ROW "
+    return [
+        f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {counted} FOR EACH ROW {add}",
+        f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {counted} FOR EACH ROW {subtract}",
+        f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE ON {counted} FOR EACH ROW "
         f"BEGIN IF {changed} THEN {both} ORDER BY {order}; END IF; END",
-        f"CREATE TRIGGER {names['PARENT_INSERT']} BEFORE INSERT ON {parent} FOR EACH ROW "
-        f"SET NEW.{column} = {recount}",
+        *parents,
     ]
-    if "PARENT_UPDATE" in names:  # (not with ON UPDATE CASCADE: the count moves with the row, no trigger fires)
-        statements.append(f"CREATE TRIGGER {names['PARENT_UPDATE']} BEFORE UPDATE ON {parent} FOR EACH ROW "
-                          f"BEGIN IF {_key_changed(shape, '<=>', dialect)} THEN SET NEW.{column} = {recount}; "
-                          "END IF; END")
-    return statements
 
 
 
 def drop_statements(counter: Any, dialect: Any) -> list[str]:
     """The statements dropping the counter's triggers (and functions) if they exist."""
-    child = counter.kind.key_columns()[0].table
+    child = counted_table(counter)
     return drop_named_statements(trigger_name(counter), child.name, child.schema, dialect,
                                  parent=counter.column.table.name)
 
@@ -229,7 +266,9 @@ def drop_named_statements(base: str, child: str, schema: str | None, dialect: An
     prep = dialect.identifier_preparer
     events = {**EVENTS, **TRUNCATE} if dialect.name == "postgresql" else dict(EVENTS)
     names = [base + suffix for suffix in events.values()]
+    # (and a multi-level counter's on its middle table; on PostgreSQL, its function's CASCADE drops them)
     parent_names = [base + suffix for suffix in {**PARENT, **triggers_sharded.PARENT_DELETE}.values()]
+    middle_names = [base + suffix for suffix in MIDDLE.values()]
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
     if dialect.name == "postgresql":
         on_parent = [] if parent is None else [
@@ -238,8 +277,10 @@ def drop_named_statements(base: str, child: str, schema: str | None, dialect: An
         return [*(f"DROP TRIGGER IF EXISTS {prep.quote(n)} ON {prefix}{prep.quote(child)}" for n in names),
                 *on_parent,
                 f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + FUNCTION_SUFFIX)}() CASCADE",
-                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + PARENT_FUNCTION_SUFFIX)}() CASCADE"]
-    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}" for n in (*names, *parent_names)]
+                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + PARENT_FUNCTION_SUFFIX)}() CASCADE",
+                f"DROP FUNCTION IF EXISTS {prefix}{prep.quote(base + MIDDLE_FUNCTION_SUFFIX)}() CASCADE"]
+    return [f"DROP TRIGGER IF EXISTS {prefix}{prep.quote(n)}"
+            for n in (*names, *parent_names, *middle_names)]
 
 
 def execute(connection: Any, statements: list[str]) -> None:
@@ -259,14 +300,15 @@ def installed(connection: Any, counter: Any) -> bool:
     """Do all of the counter's triggers exist in ``connection``'s database? (one catalog query)"""
     dialect = connection.dialect
     names = list(_names_of(counter, dialect).values())
-    table = counter.kind.key_columns()[0].table
+    table = counted_table(counter)
     params: dict[str, Any] = {f"n{i}": n for i, n in enumerate(names)}
     listed = ", ".join(f":n{i}" for i in range(len(names)))
     if dialect.name == "postgresql":
         params["t"] = dialect.identifier_preparer.format_table(table)
         params["p"] = dialect.identifier_preparer.format_table(counter.column.table)
-        query = ("SELECT count(*) FROM pg_trigger WHERE tgrelid IN (to_regclass(:t), to_regclass(:p)) "
-                 f"AND tgname IN ({listed})")
+        params["m"] = dialect.identifier_preparer.format_table(counter.kind.key_columns()[0].table)
+        query = ("SELECT count(*) FROM pg_trigger WHERE tgrelid IN (to_regclass(:t), to_regclass(:p), "
+                 f"to_regclass(:m)) AND tgname IN ({listed})")
     elif dialect.name == "sqlite":
         query = f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({listed})"
     else:

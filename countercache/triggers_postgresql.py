@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .trigger_sql import (PARENT_FUNCTION_SUFFIX, _bare_type, _counts, _key_changed, _names, _recount, _Shape,
+from . import triggers_through
+from .trigger_sql import (PARENT_FUNCTION_SUFFIX, is_through, _bare_type, _counts, _key_changed, _names, _recount, _Shape,
                           _statement_triggers, _weight, function_name, trigger_names)
 
 __all__ = ["create_statements"]
@@ -29,6 +30,8 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
     real count under its key (rows inserted before it under a deferred
     foreign key; rows a key change's ``ON UPDATE`` action or the ORM moves
     to it next, which the child triggers then add)."""
+    if is_through(counter):
+        return [*triggers_through.postgresql_statements(counter, dialect), *_parent(counter, dialect)]
     return [*_postgresql(counter, dialect), *_parent(counter, dialect)]
 
 

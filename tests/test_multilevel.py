@@ -24,9 +24,10 @@ from countercache import ConfigurationError, counter_cache
 from countercache.config import STRATEGIES
 
 
-@pytest.fixture(params=STRATEGIES, ids=list(STRATEGIES))
+@pytest.fixture(params=[*STRATEGIES, "trigger"], ids=[*STRATEGIES, "trigger"])
 def strategy(request: pytest.FixtureRequest) -> str:
-    """The ORM strategies: the trigger strategy refuses multi-level counters (test_trigger_ddl)."""
+    """The ORM strategies and ``trigger`` (``sharded_trigger`` refuses multi-level counters:
+    test_trigger_multilevel)."""
     return request.param
 
 
@@ -171,7 +172,10 @@ def test_check_and_reconcile_join_through_the_middle(engine, m):
     with engine.begin() as conn:  # behind the ORM's back
         conn.execute(text("UPDATE questions SET user_id = 2 WHERE id = 10"))
     drifted = {(d.name, d.pk, d.actual) for d in countercache.check(engine)}
-    assert ("User.answer_count", 1, 0) in drifted and ("User.answer_count", 2, 2) in drifted
+    if m.strategy == "trigger":  # the database moved the question's answers with it
+        assert drifted == set()
+    else:
+        assert ("User.answer_count", 1, 0) in drifted and ("User.answer_count", 2, 2) in drifted
     countercache.reconcile(engine)
     assert countercache.check(engine) == []
     assert assert_exact(engine, m.strategy) == {1: (0, 0, 0), 2: (2, 0, 2)}

@@ -484,37 +484,6 @@ def test_trigger_names_are_short_distinct_identifiers():
         assert all(isinstance(s, str) for s in triggers.create_statements(counters[0], dialect))
 
 
-def test_multi_level_counters_are_refused_everywhere():
-    class Base(DeclarativeBase):
-        pass
-
-    class Org(Base):
-        __tablename__ = "orgs"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        users: Mapped[list["Member"]] = relationship()
-        question_count: Mapped[int] = counter_cache("users.questions")
-
-    class Member(Base):
-        __tablename__ = "members"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        org_id: Mapped[int] = mapped_column(ForeignKey(Org.id))
-        questions: Mapped[list["Ask"]] = relationship()
-
-    class Ask(Base):
-        __tablename__ = "asks"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        member_id: Mapped[int] = mapped_column(ForeignKey(Member.id))
-
-    counter = counter_of(Org.question_count)
-    for name, dialect in DIALECTS.items():
-        message = triggers.refusal(counter, dialect)
-        assert message is not None and message.startswith("Org.question_count: a multi-level counter")
-        assert "not supported by the trigger strategy yet" in message and "'bulk'" in message
-        assert {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mariadb": "MariaDB/MySQL"}[name] in message
-        with pytest.raises(ConfigurationError, match="multi-level"):
-            triggers.create_statements(counter, dialect)
-
-
 # -- concurrency (PostgreSQL) ----------------------------------------------------------
 
 
