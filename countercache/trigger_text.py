@@ -117,6 +117,28 @@ class _Kind:
         return self._value
 
 
+class _Through:
+    """A multi-level counter's kind: the leaves (``leaf``) of the middle rows whose ``fk`` holds the parent's key."""
+
+    def __init__(self, fk: Any, leaf: _Kind, middle_key: Any) -> None:
+        self._fk, self.leaf, self._middle_key = fk, leaf, middle_key
+
+    def key_columns(self) -> list[Any]:
+        return [self._fk]
+
+    def middle_key(self) -> list[Any]:
+        return [self._middle_key]
+
+    def middle_condition(self) -> Any:
+        return None
+
+    def condition(self) -> Any:
+        return self.leaf.condition()
+
+    def row_value(self) -> Any:
+        return self.leaf.row_value()
+
+
 class _Mapper:
     def __init__(self, primary_key: list[Any]) -> None:
         self.primary_key = primary_key
@@ -132,8 +154,10 @@ class TextCounter:
 
     def __init__(self, parent: Table, column: str, child: Table, fks: tuple[str, ...], keys: tuple[str, ...],
                  where: str | None = None, sum: str | None = None, backslashes: bool = False,
-                 add_missing: bool = False, strategy: str = "trigger", shards: int | None = None) -> None:
-        missing = [f"{t.name}.{n}" for t, names in ((parent, (column, *keys)), (child, fks))
+                 add_missing: bool = False, strategy: str = "trigger", shards: int | None = None,
+                 through: tuple[Table, str, str] | None = None) -> None:
+        missing = [f"{t.name}.{n}" for t, names in ((parent, (column, *keys)), (child, fks),
+                                                     *(((through[0], through[1:]),) if through else ()))
                    for n in names if n not in t.c]
         if missing:
             raise ConfigurationError(f"{parent.name}.{column}: no column {', '.join(missing)} in the database")
@@ -143,7 +167,11 @@ class TextCounter:
         self.where_sql, self.sum_sql = where, sum
         condition = None if where is None else expression(where, child, backslashes, add_missing)
         value = literal(1) if sum is None else expression(sum, child, backslashes, add_missing)
-        self.kind = _Kind([child.c[n] for n in fks], condition, value)
+        self.kind: Any = _Kind([child.c[n] for n in fks], condition, value)
+        if through is not None:  # (a multi-level counter: ``child`` holds the leaves of ``through``'s table)
+            middle, middle_key, middle_fk = through
+            self.kind = _Through(middle.c[middle_fk], self.kind, middle.c[middle_key])
+            self.relationship = f"{middle.name}.{child.name}"
         self.mapper = _Mapper([parent.c[n] for n in keys])
         self._strategy, self._shards = strategy, shards
 

@@ -52,10 +52,9 @@ from sqlalchemy import text
 
 from . import triggers_postgresql, triggers_sharded, triggers_through
 from .errors import ConfigurationError
-from .kinds import MultiLevel
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, MIDDLE, MIDDLE_FUNCTION_SUFFIX, PARENT,
                           PARENT_FUNCTION_SUFFIX, TRUNCATE, _names, _own_constraint, _Shape, _targets, _weight, base_name,
-                          counted_table, function_name, is_sharded, parent_statements, table_sql, trigger_name,
+                          counted_table, function_name, is_sharded, is_through, parent_statements, table_sql, trigger_name,
                           trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
@@ -79,7 +78,7 @@ def refusal(counter: Any, dialect: Any) -> str | None:
         return f"{name}: it is not resolved yet (configure the mappers first)"
     if dialect.name not in _DATABASES:
         return f"{name}: the {label} strategy does not support {database} yet; use strategy {alternative}"
-    if isinstance(kind, MultiLevel):
+    if is_through(counter):
         if sharded:
             return (f"{name}: a multi-level counter ({counter.relationship!r}) is not supported by the "
                     f"{label} strategy yet (on {database}); use strategy 'sharded', or 'trigger'")

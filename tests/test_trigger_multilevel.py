@@ -323,3 +323,61 @@ def test_a_silent_foreign_key_action_on_answers_is_refused_on_mariadb():
     message = triggers.refusal(counter, DIALECTS["mariadb"])
     assert message == ("User.answer_count: answers's foreign key to authors changes counted rows by a foreign key "
                        "action, which fires no trigger on MariaDB/MySQL; use strategy 'bulk'")
+
+
+# -- migrations ------------------------------------------------------------------------
+
+
+def test_alembic_switches_a_multi_level_counter_to_trigger_and_back(tmp_path, engine):
+    """bulk -> trigger: autogenerate creates the triggers (``through=``) and recounts; the
+    migration's triggers are the declaration's; trigger -> bulk drops them, and the
+    downgrade creates them again with a recount."""
+    from test_alembic_triggers import Env, body
+
+    env = Env(tmp_path / "migrations", engine)
+    foreign_keys_on(engine)
+    Base, *_ = models(strategy="bulk")
+    env.metadata = Base.metadata
+    env.revision("0001")
+    env.upgrade()
+    with engine.begin() as conn:  # rows behind the ORM's back, which no bulk counter counted
+        conn.execute(text("INSERT INTO users (id) VALUES (1), (2)"))
+        conn.execute(text("INSERT INTO questions (id, user_id) VALUES (10, 1), (20, 2)"))
+        conn.execute(text("INSERT INTO answers (id, question_id, accepted, score) VALUES (1, 10, :t, 4), (2, 20, :f, 1)"),
+                     {"t": True, "f": False})
+
+    Base, User, *_ , counters = models()
+    env.metadata = Base.metadata
+    up = body(env.revision("0002"))
+    assert ("op.create_counter_trigger('users', 'answer_count', 'answers', 'question_id', parent_key='id', "
+            "through=('questions', 'id', 'user_id'))") in up
+    assert up.index("create_counter_trigger('users', 'answer_count'") < up.index("backfill_counter('users', 'answer_count'")
+    env.upgrade()
+    with engine.connect() as conn:
+        assert all(triggers.installed(conn, c) for c in counters)
+        bases = triggers.installed_bases(conn)
+    assert set(bases) == {triggers.trigger_name(c) for c in counters} and set(bases.values()) == {"answers"}
+    assert exact(engine) == {1: (1, 1, 4), 2: (1, 0, 1)}
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE questions SET user_id = 2 WHERE id = 10"))
+    assert exact(engine) == {1: (0, 0, 0), 2: (2, 1, 5)}
+    assert "create_counter_trigger" not in body(env.revision("0003a"))  # nothing left to do
+    next(p for p in (env.root / "versions").iterdir() if p.name.startswith("0003a")).unlink()
+
+    Base, *_ = models(strategy="bulk")
+    env.metadata = Base.metadata
+    source = env.revision("0003")
+    assert "op.drop_counter_trigger('users', 'answer_count', 'answers', 'question_id'" in body(source)
+    assert "through=('questions', 'id', 'user_id'), backfill=True" in body(source, "downgrade")
+    env.upgrade()
+    with engine.connect() as conn:
+        assert triggers.installed_bases(conn) == {}
+    with engine.begin() as conn:  # uncounted once the triggers are gone: the downgrade recounts it
+        conn.execute(text("INSERT INTO answers (id, question_id) VALUES (3, 20)"))
+    env.downgrade("0002")
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM answers WHERE id = 1"))
+    assert exact(engine) == {1: (0, 0, 0), 2: (2, 0, 2)}
+
+    sql = env.offline_sql("0001:0002")
+    assert "cc_users_answer_count_" in sql and "questions" in sql and sql.count("CREATE TRIGGER") >= 6

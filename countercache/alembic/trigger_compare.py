@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect
 
 from .. import triggers
+from ..trigger_sql import is_through
 from ..errors import CounterCacheError
 from .history import UNKNOWN, recorded_calls
 from .operations import BackfillCounterOp, RestoreCounterOp
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["compare_triggers"]
 
-_KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None, "strategy": "trigger", "shards": None}
+_KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None, "strategy": "trigger", "shards": None,
+             "through": None}
 #: The strategies kept by triggers that a migration creates.
 _DATABASE = ("trigger", "sharded_trigger")
 
@@ -56,11 +58,19 @@ def create_for(counter: Any, strategy: str | None = None) -> CreateCounterTrigge
     fks = list(counter.kind.key_columns())
     table = counter.column.table
     strategy = strategy or (counter.strategy() if counter.strategy() in _DATABASE else "trigger")
+    through = None
+    if is_through(counter):  # (recorded as op.backfill_counter records it: the leaves, through the middle rows)
+        middle, middle_fks = fks[0].table, fks
+        fks = list(counter.kind.leaf.key_columns())
+        through = (middle.name, _one([c.name for c in counter.kind.middle_key()]), _one([c.name for c in middle_fks]))
+        if strategy == "sharded_trigger" or not all(isinstance(n, str) for n in through):
+            raise CounterCacheError(f"{counter.name}: a multi-level counter with strategy {strategy!r} "
+                                    "or composite keys cannot be recorded in a migration yet; use strategy 'bulk'")
     return CreateCounterTriggerOp(
         table.name, counter.column.name, fks[0].table.name, _one([c.name for c in fks]),
         where=counter.where_sql, sum=counter.sum_sql,
         parent_key=_one([c.name for c in counter.mapper.primary_key]), schema=table.schema,
-        strategy=strategy, shards=counter.shards() if strategy == "sharded_trigger" else None)
+        strategy=strategy, shards=counter.shards() if strategy == "sharded_trigger" else None, through=through)
 
 
 def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, counters: list[Any],
@@ -93,7 +103,12 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
                 continue
             declared[op.base()] = op
         base = triggers.trigger_name(counter)
-        declared[base] = create_for(counter)
+        try:
+            declared[base] = create_for(counter)
+        except CounterCacheError as exc:  # (a multi-level counter no migration records: fine unless trigger)
+            if trigger:
+                raise CounterCacheError(f"countercache autogenerate: {exc}") from None
+            continue
         if trigger:
             wanted[base] = (col, counter)
     tables = {t.name for md in _metadatas(autogen_context) for t in md.tables.values()}

@@ -52,6 +52,7 @@ from .. import triggers
 from ..errors import ConfigurationError, CounterCacheError
 from ..sidetable import TABLE_NAME, check_shards, shard_table
 from ..strategies.trigger import forget_verified
+from ..trigger_sql import through_variant
 from ..trigger_text import TextCounter
 from .operations import IMPORT, BackfillCounterOp
 
@@ -74,8 +75,16 @@ class _TriggerOp(MigrateOperation):
                  child_table: str | None = None, child_fk: str | Sequence[str] | None = None, *,
                  where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
                  schema: str | None = None, name: str | None = None, strategy: str = "trigger",
-                 shards: int | None = None) -> None:
+                 shards: int | None = None, through: Sequence[str] | None = None) -> None:
         self.table_name, self.column_name, self.child_table, self.child_fk = table_name, column_name, child_table, child_fk
+        self.through = None if through is None else tuple(through)
+        if self.through is not None and (len(self.through) != 3 or len(_names(child_fk)) > 1
+                                         or len(_names(parent_key)) > 1):
+            raise CounterCacheError(f"{self.what}: through= is (middle_table, middle_key, middle_fk), with "
+                                    "one-column keys")
+        if self.through is not None and strategy == "sharded_trigger":
+            raise CounterCacheError(f"{self.what}: a multi-level counter (through=) takes no strategy "
+                                    "'sharded_trigger'")
         self.where, self.sum, self.parent_key, self.schema, self.name = where, sum, parent_key, schema, name
         if strategy not in STRATEGIES:
             raise CounterCacheError(f"{self.what}: strategy= is one of {', '.join(map(repr, STRATEGIES))}, "
@@ -93,7 +102,7 @@ class _TriggerOp(MigrateOperation):
     def definition(self) -> dict[str, Any]:
         return dict(table_name=self.table_name, column_name=self.column_name, child_table=self.child_table,
                     child_fk=self.child_fk, where=self.where, sum=self.sum, parent_key=self.parent_key,
-                    schema=self.schema, strategy=self.strategy, shards=self.shards)
+                    schema=self.schema, strategy=self.strategy, shards=self.shards, through=self.through)
 
     @property
     def sharded(self) -> bool:
@@ -103,7 +112,7 @@ class _TriggerOp(MigrateOperation):
         """The recount of the column (``sharded_trigger``: deleting the counter's shard rows first)."""
         return BackfillCounterOp(self.table_name or "", self.column_name or "", self.child_table or "",
                                  self.child_fk or "", where=self.where, sum=self.sum, parent_key=self.parent_key,
-                                 schema=self.schema, shards=self.sharded)
+                                 schema=self.schema, shards=self.sharded, through=self.through)
 
     def base(self) -> str:
         """The triggers' base name (from the definition, unless recorded)."""
@@ -112,6 +121,11 @@ class _TriggerOp(MigrateOperation):
         keys = _names(self.parent_key)
         if not keys:
             raise CounterCacheError(f"{self.what}: parent_key= is needed to name its triggers")
+        if self.through is not None:  # (named after the middle table, as a declared multi-level counter)
+            middle, middle_key, middle_fk = self.through
+            return triggers.base_name(self.schema, self.table_name or "", self.column_name or "", middle,
+                                      (middle_fk,), keys, self.where, self.sum,
+                                      through_variant(self.child_table or "", _names(self.child_fk), (middle_key,)))
         return triggers.base_name(self.schema, self.table_name or "", self.column_name or "", self.child_table or "",
                                   _names(self.child_fk), keys, self.where, self.sum,
                                   f"sharded_trigger:{self.shards}" if self.sharded else None)
@@ -132,9 +146,9 @@ class CreateCounterTriggerOp(_TriggerOp):
     def __init__(self, table_name: str, column_name: str, child_table: str, child_fk: str | Sequence[str], *,
                  where: str | None = None, sum: str | None = None, parent_key: str | Sequence[str] | None = None,
                  schema: str | None = None, backfill: bool = False, strategy: str = "trigger",
-                 shards: int | None = None) -> None:
+                 shards: int | None = None, through: Sequence[str] | None = None) -> None:
         super().__init__(table_name, column_name, child_table, child_fk, where=where, sum=sum,
-                         parent_key=parent_key, schema=schema, strategy=strategy, shards=shards)
+                         parent_key=parent_key, schema=schema, strategy=strategy, shards=shards, through=through)
         #: recount the column once the triggers exist (the reverse of a drop: the
         #: counter was kept otherwise meanwhile, by an ORM strategy or sharded)
         self.backfill = backfill
@@ -143,14 +157,16 @@ class CreateCounterTriggerOp(_TriggerOp):
     def create_counter_trigger(cls, operations: Operations, table_name: str, column_name: str, child_table: str,
                                child_fk: str | Sequence[str], *, where: str | None = None, sum: str | None = None,
                                parent_key: str | Sequence[str] | None = None, schema: str | None = None,
-                               backfill: bool = False, strategy: str = "trigger", shards: int | None = None) -> Any:
+                               backfill: bool = False, strategy: str = "trigger", shards: int | None = None,
+                               through: Sequence[str] | None = None) -> Any:
         """Create the triggers of a ``trigger`` counter, or of a ``sharded_trigger`` one
         (``strategy="sharded_trigger", shards=N``; see :mod:`countercache.alembic.trigger_ops`);
         ``backfill=True``: then recount the column, as ``op.backfill_counter`` with the same arguments
-        (``sharded_trigger``: and ``shards=True``, deleting the counter's shard rows)."""
+        (``sharded_trigger``: and ``shards=True``, deleting the counter's shard rows); ``through=``:
+        a multi-level counter, as ``op.backfill_counter``'s."""
         return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
                                      parent_key=parent_key, schema=schema, backfill=backfill, strategy=strategy,
-                                     shards=shards))
+                                     shards=shards, through=through))
 
     def reverse(self) -> DropCounterTriggerOp:
         return DropCounterTriggerOp(**self.definition())
@@ -167,12 +183,12 @@ class DropCounterTriggerOp(_TriggerOp):
                              child_fk: str | Sequence[str] | None = None, *, where: str | None = None,
                              sum: str | None = None, parent_key: str | Sequence[str] | None = None,
                              schema: str | None = None, name: str | None = None, strategy: str = "trigger",
-                             shards: int | None = None) -> Any:
+                             shards: int | None = None, through: Sequence[str] | None = None) -> Any:
         """Drop the triggers of a counter (see :mod:`countercache.alembic.trigger_ops`;
         ``sharded_trigger`` by its definition: then recount the column, deleting its shard rows)."""
         return operations.invoke(cls(table_name, column_name, child_table, child_fk, where=where, sum=sum,
                                      parent_key=parent_key, schema=schema, name=name, strategy=strategy,
-                                     shards=shards))
+                                     shards=shards, through=through))
 
     def reverse(self) -> CreateCounterTriggerOp | KeepDroppedTriggerOp:
         if self.name is not None or None in (self.table_name, self.column_name, self.child_table, self.child_fk):
@@ -196,8 +212,9 @@ class KeepDroppedTriggerOp(MigrateOperation):
 # -- Implementations -------------------------------------------------------
 
 
-def _tables(operations: Operations, op: _TriggerOp) -> tuple[Table, Table]:
-    """(parent, child): reflected online; offline, built from the names (integer columns)."""
+def _tables(operations: Operations, op: _TriggerOp) -> tuple[Table, Table, Table | None]:
+    """(parent, child, the middle table of ``through=`` or None): reflected online;
+    offline, built from the names (integer columns)."""
     md = MetaData()
     fks, keys = _names(op.child_fk), _names(op.parent_key)
     if operations.migration_context.as_sql:
@@ -206,24 +223,34 @@ def _tables(operations: Operations, op: _TriggerOp) -> tuple[Table, Table]:
         own = op.child_table == op.table_name  # self-referential: one table
         parent = Table(op.table_name, md, *(Column(n, Integer) for n in dict.fromkeys(
             (op.column_name, *keys, *(fks if own else ())))), schema=op.schema)
+        referred, refs = parent, keys
+        middle = None
+        if op.through is not None:
+            middle_name, middle_key, middle_fk = op.through
+            middle = Table(middle_name, md, Column(middle_key, Integer), Column(middle_fk, Integer), schema=op.schema)
+            middle.append_constraint(ForeignKeyConstraint([middle_fk], [f"{parent.fullname}.{keys[0]}"]))
+            referred, refs = middle, (middle_key,)
         child = parent if own else Table(op.child_table, md, *(Column(n, Integer) for n in fks), schema=op.schema)
-        child.append_constraint(ForeignKeyConstraint(list(fks), [f"{parent.fullname}.{k}" for k in keys]))
-        return parent, child
+        child.append_constraint(ForeignKeyConstraint(list(fks), [f"{referred.fullname}.{k}" for k in refs]))
+        return parent, child, middle
     bind = operations.get_bind()
-    parent = Table(op.table_name, md, schema=op.schema, autoload_with=bind)
-    child = parent if op.child_table == op.table_name else Table(op.child_table, md, schema=op.schema,
-                                                                  autoload_with=bind)
-    return parent, child
+
+    def reflected(name: str | None) -> Table:
+        known = md.tables.get(f"{op.schema}.{name}" if op.schema else name or "")
+        return known if known is not None else Table(name, md, schema=op.schema, autoload_with=bind)
+
+    parent = reflected(op.table_name)
+    return parent, reflected(op.child_table), None if op.through is None else reflected(op.through[0])
 
 
 def _counter(operations: Operations, op: _TriggerOp) -> TextCounter:
-    parent, child = _tables(operations, op)
+    parent, child, middle = _tables(operations, op)
     keys = _names(op.parent_key)
     if not keys:
         keys = tuple(inspect(operations.get_bind()).get_pk_constraint(op.table_name, schema=op.schema)
                      .get("constrained_columns") or ())
     fks = _names(op.child_fk)
-    if not fks or len(fks) != len(keys):
+    if not fks or (len(fks) != len(keys) and op.through is None):
         raise CounterCacheError(f"create_counter_trigger({op.what}): child_fk {list(fks)} and parent_key "
                                 f"{list(keys)} differ in length")
     dialect = operations.migration_context.dialect
@@ -238,7 +265,8 @@ def _counter(operations: Operations, op: _TriggerOp) -> TextCounter:
                                         f"side table {TABLE_NAME}; create it first") from None
     return TextCounter(parent, op.column_name or "", child, fks, keys, op.where, op.sum,
                        backslashes=dialect.name in ("mysql", "mariadb"), add_missing=operations.migration_context.as_sql,
-                       strategy=op.strategy, shards=op.shards)
+                       strategy=op.strategy, shards=op.shards,
+                       through=None if middle is None or op.through is None else (middle, *op.through[1:]))
 
 
 def _run(operations: Operations, statements: list[str]) -> None:
@@ -300,7 +328,7 @@ def _render(autogen_context: AutogenContext, name: str, op: _TriggerOp) -> str:
             for a in ("table_name", "column_name", "child_table", "child_fk")]
     if op.name is not None and op.table_name is None:
         args = [f"child_table={op.child_table!r}"]
-    for key in ("where", "sum", "parent_key", "schema", "name"):
+    for key in ("where", "sum", "parent_key", "schema", "name", "through"):
         value = getattr(op, key)
         if value is not None:
             args.append(f"{key}={value if isinstance(value, str) else tuple(value)!r}")
