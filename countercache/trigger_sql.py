@@ -326,3 +326,28 @@ def parent_statements(shape: _Shape, names: dict[str, str], parent: str, child: 
                           f"BEGIN IF {_key_changed(shape, '<=>', dialect)} THEN SET NEW.{column} = {recount}; "
                           "END IF; END")
     return statements
+
+
+def row_triggers(names: tuple[str, str, str], table: str, add: str, subtract: str, both: str, columns: list[Any],
+                 order: list[Any], dialect: Any, delete: str = "AFTER") -> list[str]:
+    """SQLite and MariaDB/MySQL: the three row triggers of ``table`` (``names``: quoted,
+    INSERT, DELETE, UPDATE): ``add`` after an INSERT, ``subtract`` ``delete`` (AFTER, or
+    BEFORE) a DELETE, ``both`` after an UPDATE that changed one of ``columns`` (on
+    MariaDB/MySQL touching the parents in the key order of ``order``)."""
+    quote = dialect.identifier_preparer.quote
+    same = "<=>" if dialect.name != "sqlite" else "IS"
+    changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in columns) + ")"
+    inserted, deleted, updated = names
+    if dialect.name == "sqlite":
+        return [
+            f"CREATE TRIGGER {inserted} AFTER INSERT ON {table} FOR EACH ROW BEGIN {add}; END",
+            f"CREATE TRIGGER {deleted} {delete} DELETE ON {table} FOR EACH ROW BEGIN {subtract}; END",
+            f"CREATE TRIGGER {updated} AFTER UPDATE OF {', '.join(quote(c.name) for c in columns)} ON {table} "
+            f"FOR EACH ROW WHEN {changed} BEGIN {both}; END",
+        ]
+    return [
+        f"CREATE TRIGGER {inserted} AFTER INSERT ON {table} FOR EACH ROW {add}",
+        f"CREATE TRIGGER {deleted} {delete} DELETE ON {table} FOR EACH ROW {subtract}",
+        f"CREATE TRIGGER {updated} AFTER UPDATE ON {table} FOR EACH ROW BEGIN IF {changed} THEN {both} "
+        f"ORDER BY {', '.join(quote(c.name) for c in order)}; END IF; END",
+    ]

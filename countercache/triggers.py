@@ -22,7 +22,10 @@ PostgreSQL and SQLite) the deletes of an ``ON DELETE CASCADE``.
   its own table there), and a child table with a foreign key action that
   changes counted rows (foreign key actions fire no trigger there).
 
-Refused everywhere: multi-level counters, a condition reading another table
+Multi-level counters (``counter_cache("questions.answers")``) get triggers
+on the leaf and the middle table too: :mod:`countercache.triggers_through`.
+
+Refused everywhere: a condition reading another table
 (a joined subclass), a counter column outside the parent key's table, and an
 ``ON UPDATE`` action on the counted key that the triggers would count twice
 (CASCADE, on PostgreSQL and SQLite: the count already moved with its parent)
@@ -54,8 +57,8 @@ from . import triggers_postgresql, triggers_sharded, triggers_through
 from .errors import ConfigurationError
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, MIDDLE, MIDDLE_FUNCTION_SUFFIX, PARENT,
                           PARENT_FUNCTION_SUFFIX, TRUNCATE, _names, _own_constraint, _Shape, _targets, _weight, base_name,
-                          counted_table, function_name, is_sharded, is_through, parent_statements, table_sql, trigger_name,
-                          trigger_names)
+                          counted_table, function_name, is_sharded, is_through, parent_statements, row_triggers,
+                          table_sql, trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
            "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
@@ -225,30 +228,12 @@ def create_statements(counter: Any, dialect: Any) -> list[str]:
             f" + CASE WHEN {targets('NEW')} THEN {_weight(rows, 'NEW', dialect)} ELSE 0 END"
             f" - CASE WHEN {targets('OLD')} THEN {_weight(rows, 'OLD', dialect)} ELSE 0 END"
             f" WHERE {targets('NEW')} OR {targets('OLD')}")
-    same = "<=>" if dialect.name != "sqlite" else "IS"
-    changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in rows.columns) + ")"
     parents = parent_statements(shape, names, parent, child, column, dialect)
     if shape.through is not None:
         parents = [*triggers_through.middle_statements(counter, dialect, names), *parents]
-    if dialect.name == "sqlite":
-        of = ", ".join(quote(c.name) for c in rows.columns)
-        return [
-            f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {counted} FOR EACH ROW BEGIN {add}; END",
-            f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {counted} FOR EACH ROW BEGIN {subtract}; END",
-            f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE OF {of} ON {counted} FOR EACH ROW "
-            f"WHEN {changed} BEGIN {both}; END",
-            *parents,
-        ]
-    # MariaDB/MySQL: the UPDATE touches the two parents in key order (ORDER BY)
-    order = ", ".join(quote(pk.name) for pk in shape.parent_key)
-    return [
-        f"CREATE TRIGGER {names['INSERT']} AFTER INSERT ON {counted} FOR EACH ROW {add}",
-        f"CREATE TRIGGER {names['DELETE']} AFTER DELETE ON {counted} FOR EACH ROW {subtract}",
-        f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE ON {counted} FOR EACH ROW "
-        f"BEGIN IF {changed} THEN {both} ORDER BY {order}; END IF; END",
-        *parents,
-    ]
-
+    # (MariaDB/MySQL: the UPDATE touches the two parents in key order)
+    return [*row_triggers((names["INSERT"], names["DELETE"], names["UPDATE"]), counted, add, subtract, both,
+                          rows.columns, shape.parent_key, dialect), *parents]
 
 
 def drop_statements(counter: Any, dialect: Any) -> list[str]:

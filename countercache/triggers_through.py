@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 from .trigger_sql import (MIDDLE_FUNCTION_SUFFIX, _counts, _names, _Shape, _statement_triggers, _targets, _weight,
-                          function_name, table_sql, trigger_names)
+                          function_name, row_triggers, table_sql, trigger_names)
 
 __all__ = ["leaf_targets", "weight", "middle_statements", "postgresql_statements"]
 
@@ -87,7 +87,6 @@ def weight(shape: _Shape, row: str, dialect: Any) -> str:
 def middle_statements(counter: Any, dialect: Any, names: dict[str, str]) -> list[str]:
     """SQLite and MariaDB/MySQL: the middle table's row triggers (``names`` quoted)."""
     shape, parent, middle, column = _names(counter, dialect)
-    quote = dialect.identifier_preparer.quote
     leaf = shape.through
     assert leaf is not None
     new, old = weight(shape, "NEW", dialect), weight(shape, "OLD", dialect)
@@ -100,24 +99,8 @@ def middle_statements(counter: Any, dialect: Any, names: dict[str, str]) -> list
             f" - CASE WHEN {_targets(shape, 'OLD', dialect)} THEN {old} ELSE 0 END"
             f" WHERE ({_targets(shape, 'NEW', dialect)} OR {_targets(shape, 'OLD', dialect)})"
             f" AND ({new} <> 0 OR {old} <> 0)")
-    columns = _middle_columns(shape)
-    same = "<=>" if dialect.name != "sqlite" else "IS"
-    changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in columns) + ")"
-    if dialect.name == "sqlite":
-        of = ", ".join(quote(c.name) for c in columns)
-        return [
-            f"CREATE TRIGGER {names['MIDDLE_INSERT']} AFTER INSERT ON {middle} FOR EACH ROW BEGIN {add}; END",
-            f"CREATE TRIGGER {names['MIDDLE_DELETE']} BEFORE DELETE ON {middle} FOR EACH ROW BEGIN {subtract}; END",
-            f"CREATE TRIGGER {names['MIDDLE_UPDATE']} AFTER UPDATE OF {of} ON {middle} FOR EACH ROW "
-            f"WHEN {changed} BEGIN {both}; END",
-        ]
-    order = ", ".join(quote(pk.name) for pk in shape.parent_key)
-    return [
-        f"CREATE TRIGGER {names['MIDDLE_INSERT']} AFTER INSERT ON {middle} FOR EACH ROW {add}",
-        f"CREATE TRIGGER {names['MIDDLE_DELETE']} BEFORE DELETE ON {middle} FOR EACH ROW {subtract}",
-        f"CREATE TRIGGER {names['MIDDLE_UPDATE']} AFTER UPDATE ON {middle} FOR EACH ROW "
-        f"BEGIN IF {changed} THEN {both} ORDER BY {order}; END IF; END",
-    ]
+    return row_triggers((names["MIDDLE_INSERT"], names["MIDDLE_DELETE"], names["MIDDLE_UPDATE"]), middle, add,
+                        subtract, both, _middle_columns(shape), shape.parent_key, dialect, delete="BEFORE")
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------
