@@ -1,22 +1,23 @@
-"""Every use of psycopg 3's private API, in one place (private).
+"""Every use of psycopg 3 beyond the DBAPI, in one place (private).
 
-Pipeline mode lets statements whose answers are not needed at once travel
-with the next statement that waits (:mod:`countercache.riding`: the
-commit-time write with the COMMIT; :func:`send_together`: a lock and the
-UPDATE it precedes). Entering it through ``Connection.pipeline()`` is public,
-but leaving it that way always sends a sync and waits for it (a round
-trip); after the COMMIT's own sync nothing is in flight, and libpq can leave
-at once. So this module uses ``Connection._pipeline``, ``Pipeline(conn)``,
-``Pipeline._exit()`` and ``Pipeline.command_queue`` / ``result_queue``.
-Run against psycopg 3.3.9 (the tests); read against the source of 3.1, the
-floor in ``setup.cfg`` (``_exit()`` takes no argument there, the rest is
-the same). Where pipeline mode cannot be entered, nothing is pipelined and
-the statements go one by one, as before.
+* :func:`send_with_commit`: the commit-time write and the COMMIT in one
+  simple-protocol message (:mod:`countercache.riding`). The statements are
+  first executed through SQLAlchemy as usual (events see them), on a cursor
+  that records them with their values inline (psycopg's ``ClientCursor``
+  quoting) instead of sending them: :func:`recording`.
+* :func:`send_together`: statements whose answers are not needed at once (a
+  lock and the UPDATE it precedes) in pipeline mode, answered together.
+
+Private API used: ``Connection._pipeline`` (is the application's pipeline
+open?). Run against psycopg 3.3.9 (the tests); read against the source of
+3.1, the floor in ``setup.cfg``. Where pipeline mode cannot be entered, the
+statements go one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import exc
@@ -25,6 +26,17 @@ from ._compat import raise_dbapi_error
 
 
 _pipeline_support: list[bool] = []
+
+
+def can_ride(connection: Any) -> bool:
+    """Is ``connection`` a sync psycopg 3 connection in a transaction of its own,
+    outside any pipeline of the application's (:func:`send_with_commit` can end it)?"""
+    dialect = connection.dialect
+    if dialect.driver != "psycopg" or getattr(dialect, "is_async", False):
+        return False
+    dbapi_connection = connection.connection.dbapi_connection
+    return (getattr(dbapi_connection, "_pipeline", False) is None
+            and not getattr(dbapi_connection, "autocommit", True))
 
 
 def can_pipeline(connection: Any) -> bool:
@@ -46,73 +58,74 @@ def can_pipeline(connection: Any) -> bool:
             and not getattr(dbapi_connection, "autocommit", True))
 
 
-def enter_pipeline(connection: Any) -> Any:
-    """Put the connection's psycopg connection in pipeline mode (no round
-    trip): statements are queued until the next sync (the COMMIT's). Returns
-    the DBAPI connection, or None where it cannot be done."""
-    dbapi_connection = connection.connection.dbapi_connection
-    if getattr(dbapi_connection, "_pipeline", False) is not None:
-        return None
-    from psycopg import Pipeline
+_recording: list[Any] = []
 
-    pipeline = Pipeline(dbapi_connection)
-    dbapi_connection._pipeline = pipeline
+
+def _recording_cursor() -> Any:
+    """A psycopg ``ClientCursor`` that records each statement with its values
+    inline (psycopg's own quoting, for the connection's encoding) instead of
+    sending it: nothing is answered, as in pipeline mode."""
+    if not _recording:
+        from psycopg import ClientCursor
+
+        class RecordingCursor(ClientCursor):  # type: ignore[type-arg,misc]
+            def execute(self, query: Any, params: Any = None, **_: Any) -> Any:
+                self.connection._countercache_recorded.append(self.mogrify(query, params))
+                return self
+
+            def executemany(self, query: Any, params_seq: Any, **_: Any) -> None:
+                for params in params_seq:
+                    self.connection._countercache_recorded.append(self.mogrify(query, params))
+
+        _recording.append(RecordingCursor)
+    return _recording[0]
+
+
+@contextmanager
+def recording(dbapi_connection: Any) -> Iterator[list[str]]:
+    """While open, the statements SQLAlchemy executes on ``dbapi_connection`` are
+    recorded (the list yielded: SQL text with the values inline), not sent."""
+    recorded: list[str] = []
+    factory = dbapi_connection.cursor_factory
+    dbapi_connection._countercache_recorded = recorded
+    dbapi_connection.cursor_factory = _recording_cursor()
     try:
-        pipeline.__enter__()
-    except Exception:  # noqa: BLE001 - not possible now: write as plain statements
-        dbapi_connection._pipeline = None
-        return None
-    return dbapi_connection
+        yield recorded
+    finally:
+        dbapi_connection.cursor_factory = factory
+        del dbapi_connection._countercache_recorded
 
 
-def leave_pipeline(dbapi_connection: Any, end_transaction: bool = False) -> None:
-    """Leave pipeline mode: at once where the last sync left nothing in flight
-    (after the COMMIT), else through a sync (one round trip; a failure path,
-    where the pending error is dropped: it was raised already). With
-    ``end_transaction``, a transaction left open (a write that failed before
-    its COMMIT ran, which PostgreSQL then skipped) is rolled back: SQLAlchemy
-    takes a failed commit for an ended transaction and returns the connection
-    to the pool without a rollback. A connection that cannot be brought back
-    to normal is closed (the pool replaces it)."""
+def send_with_commit(dbapi_connection: Any, statements: list[str]) -> None:
+    """``statements``, then COMMIT, in one simple-protocol message: one round trip.
+    A failed statement raises the driver's error; PostgreSQL skips the rest of
+    the message, COMMIT included (the transaction is left open, aborted)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(";\n".join([*statements, "COMMIT"]))
+
+
+def end_transaction(dbapi_connection: Any) -> None:
+    """Roll back a transaction left open (a write that failed before its COMMIT
+    ran): SQLAlchemy takes a failed commit for an ended transaction and returns
+    the connection to the pool without a rollback. A connection that cannot be
+    brought back to normal is closed (the pool replaces it)."""
     try:
-        _leave(dbapi_connection, end_transaction)
-    except Exception:  # noqa: BLE001 - a connection already gone (closed, invalidated): nothing to leave
-        pass
-
-
-def _leave(dbapi_connection: Any, end_transaction: bool) -> None:
-    if dbapi_connection is None:  # (invalidated: SQLAlchemy let go of it)
-        return
-    pipeline = getattr(dbapi_connection, "_pipeline", None)
-    if pipeline is not None:
-        idle = (not pipeline.command_queue and not pipeline.result_queue
-                and dbapi_connection.pgconn.pipeline_status == 1)  # (1: PQ_PIPELINE_ON, not aborted)
-        try:
-            if idle:
-                try:
-                    pipeline._exit(None)  # (psycopg 3.2 and later)
-                except TypeError:
-                    pipeline._exit()  # (psycopg 3.1)
-            else:
-                pipeline.__exit__(None, None, None)
-        except Exception:  # noqa: BLE001 - the error of the write, raised already
-            pass
-        dbapi_connection._pipeline = None
-        if dbapi_connection.pgconn.pipeline_status != 0:  # (still in libpq's pipeline mode)
-            dbapi_connection.close()
-            return
-    if end_transaction and not dbapi_connection.closed and dbapi_connection.pgconn.transaction_status != 0:
-        try:
+        if dbapi_connection is not None and not dbapi_connection.closed \
+                and dbapi_connection.pgconn.transaction_status != 0:
             dbapi_connection.rollback()
-        except Exception:  # noqa: BLE001 - unusable: let the pool replace it
+    except Exception:  # noqa: BLE001 - unusable: let the pool replace it
+        try:
             dbapi_connection.close()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def send_together(connection: Any, statements: Sequence[tuple[Any, dict[str, Any]]]) -> None:
     """Execute statements whose answers are not read, in one round trip where
     psycopg can (else one by one). A failure raises as SQLAlchemy's
     ``DBAPIError`` subclass of the driver's error, as an execute would."""
-    if len(statements) < 2 or not can_pipeline(connection):
+    if len(statements) < 2 or not can_pipeline(connection) or \
+            hasattr(connection.connection.dbapi_connection, "_countercache_recorded"):  # (recorded: sent later)
         for statement, params in statements:
             connection.execute(statement, params)
         return

@@ -81,7 +81,7 @@ def write_deferred(session: Session, connection_for: Any = None, values: bool = 
 
     ``connection_for(mapper or parent table)`` gives the connection (by
     default the session's for it); ``values=False``: ask nothing back (the
-    writes are queued in a pipeline, answered with the COMMIT), expire the
+    writes are sent with the COMMIT, answered with it), expire the
     counters of loaded parents instead."""
     transactions.stop_riding(session)
     _translate_kept(session, transactions.take_leaves(session), connection_for)

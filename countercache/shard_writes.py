@@ -139,9 +139,9 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
     key must not inherit them; what the transaction held for the deleted row
     was taken back when it was deleted: transactions.take_back).
 
-    ``queued``: the connection is in pipeline mode (:mod:`countercache.riding`),
-    where psycopg's executemany is a pipeline of its own that waits for its
-    answers: one multi-row ``INSERT ... VALUES`` instead, only queued.
+    ``queued``: the statements go with the COMMIT (:mod:`countercache.riding`),
+    unanswered: one multi-row ``INSERT ... VALUES`` (one statement in the
+    COMMIT's message, where an executemany would be one per row).
     """
     deleted = deleted or {}
     for parent, keys in deleted.items():

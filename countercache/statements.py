@@ -248,7 +248,7 @@ class StatementForms:
         # type first (a TypeDecorator storing a UUID as bytes, say)
         params: dict[str, Any] = {f"k{j}": [p(k[j]) for k in keys] if p else [k[j] for k in keys]
                                   for j, p in enumerate(self._key_processors(connection))}
-        if not values:  # (no parent in memory, or the answers cannot be waited for: a pipeline)
+        if not values:  # (no parent in memory, or no answers: sent with the COMMIT)
             # nothing read: the lock and the UPDATE go together, in one round trip (psycopg)
             send_together(connection, [(lock, params), (update, {
                 **params, **{f"d{i}": _uniform([deltas[k][i] for k in keys]) for i in slots}})])

@@ -1,4 +1,4 @@
-"""The commit-time write riding with the COMMIT (psycopg 3 pipeline mode, PostgreSQL).
+"""The commit-time write riding with the COMMIT (psycopg 3, PostgreSQL): one message, ``<writes>; COMMIT``.
 
 Round trips are counted by the benchmark's loopback proxy (``bench/latency.py``,
 no delay): what the database saw, not what the library thinks it sent.
@@ -6,7 +6,9 @@ no delay): what the database saw, not what the library thinks it sent.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from countercache import counter_cache
 
 STRATEGIES = ("deferred", "sharded", "bulk")
 
-pytestmark = pytest.mark.postgresql_only  # (psycopg 3's pipeline mode)
+pytestmark = pytest.mark.postgresql_only  # (psycopg 3)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,14 @@ def through_proxy(proxy: LatencyProxy) -> Iterator[sa.Engine]:
     engine = sa.create_engine(proxy.url(PG_URL))
     yield engine
     engine.dispose()
+
+
+def normal(dbapi_connection: Any) -> bool:
+    """Not recording, outside any pipeline, with psycopg's own cursors."""
+    import psycopg
+
+    return (dbapi_connection._pipeline is None and dbapi_connection.cursor_factory is psycopg.Cursor
+            and not hasattr(dbapi_connection, "_countercache_recorded"))
 
 
 def declare(strategy: str | None) -> Any:
@@ -171,7 +181,8 @@ def test_delete_and_move_cost_at_most_one_more(proxy, through_proxy, models, str
 
 @pytest.mark.parametrize("strategy", ["deferred", "sharded"])
 def test_write_is_still_one_statement_and_seen_by_events(through_proxy, models, strategy):
-    """In pipeline mode the statements go through SQLAlchemy as before: events see them."""
+    """The statements go through SQLAlchemy as before (recorded there, then sent with the
+    COMMIT): events see each once, with its parameters."""
     _, _, Like = models(strategy)
     seen: list[str] = []
 
@@ -189,7 +200,7 @@ def test_write_is_still_one_statement_and_seen_by_events(through_proxy, models, 
 
 
 def test_failed_write_fails_the_commit_and_keeps_nothing(through_proxy, models):
-    """The counter's CHECK fails inside the pipeline: the COMMIT fails with it,
+    """The counter's CHECK fails in the COMMIT's message: the COMMIT fails with it,
     the child row is not kept, and the connection goes back to normal."""
     _, Post, Like = models("deferred")
     with through_proxy.begin() as connection:  # a counter already wrong: a delete takes it below 0
@@ -201,7 +212,7 @@ def test_failed_write_fails_the_commit_and_keeps_nothing(through_proxy, models):
             session.commit()
         session.rollback()
     with through_proxy.connect() as connection:
-        assert connection.connection.dbapi_connection._pipeline is None
+        assert normal(connection.connection.dbapi_connection)
         assert connection.execute(sa.text("SELECT count(*) FROM ride_likes")).scalar_one() == 1
         assert connection.execute(sa.text("SELECT likes FROM ride_posts WHERE id = 2")).scalar_one() == 0
     insert_one(through_proxy, Like)()  # and the next transaction rides again
@@ -239,18 +250,18 @@ def test_loaded_parent_is_fresh_after_the_commit(through_proxy, models, expire_o
         assert after[0] in (2, "expired")  # never the stale 0
 
 
-def test_connections_never_return_to_the_pool_in_pipeline_mode(through_proxy, models):
+def test_connections_return_to_the_pool_as_they_were(through_proxy, models):
     _, Post, Like = models("sharded")
     for _ in range(3):
         insert_one(through_proxy, Like)()
         with through_proxy.connect() as connection:
-            assert connection.connection.dbapi_connection._pipeline is None
+            assert normal(connection.connection.dbapi_connection)
     with Session(through_proxy) as session:  # a rollback after the writes were held
         session.add(Like(post_id=1))
         session.flush()
         session.rollback()
     with through_proxy.connect() as connection:
-        assert connection.connection.dbapi_connection._pipeline is None
+        assert normal(connection.connection.dbapi_connection)
     assert counted(through_proxy) == (3, 3)
 
 
@@ -315,7 +326,7 @@ def test_failed_write_leaves_the_pooled_connection_usable(proxy, models, strateg
             connection.exec_driver_sql(f"DROP TRIGGER ride_refuse ON {target}")
         insert_one(engine, Like)()
         with engine.connect() as connection:
-            assert connection.connection.dbapi_connection._pipeline is None
+            assert normal(connection.connection.dbapi_connection)
         assert counted(engine) == (1, 1)
     finally:
         engine.dispose()
@@ -413,3 +424,52 @@ def test_bulk_write_sent_together_tells_handle_error_listeners(through_proxy, mo
         with pytest.raises(IntegrityError, match="ride_likes_not_negative"):
             session.flush()
     assert heard == ["CheckViolation"]
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded"])
+def test_values_written_inline_keep_their_types(proxy, through_proxy, _pg_engine, strategy):
+    """The write's values travel inline in the COMMIT's message: UUID keys and Numeric sums
+    with fractions (deferred; sharded takes integer ones), negative deltas arrive as the
+    statements' parameters would."""
+    key = sa.Uuid() if strategy == "deferred" else sa.Integer()
+    money = sa.Numeric(12, 2) if strategy == "deferred" else sa.Integer()
+    cents = (Decimal("10.25"), Decimal("-3.50")) if strategy == "deferred" else (10, -3)
+    class Base(DeclarativeBase):
+        pass
+
+    if strategy == "sharded":
+        countercache.shard_table(Base.metadata)
+
+    class Wallet(Base):
+        __tablename__ = "ride_wallets"
+        id: Mapped[Any] = mapped_column(key, primary_key=True)
+        total: Mapped[Any] = counter_cache("entries", sum="amount", strategy=strategy, type_=money)
+        entries: Mapped[list[Entry]] = relationship()
+
+    class Entry(Base):
+        __tablename__ = "ride_entries"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        wallet_id: Mapped[Any] = mapped_column(key, ForeignKey("ride_wallets.id"))
+        amount: Mapped[Any] = mapped_column(money)
+
+    sa.orm.configure_mappers()
+    ids = [uuid.uuid4(), uuid.uuid4()] if strategy == "deferred" else [7, 8]
+    with _pg_engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+        Base.metadata.create_all(connection)
+        connection.execute(Wallet.__table__.insert(), [{"id": i, "total": 0} for i in ids])
+    try:
+        def add() -> None:
+            with Session(through_proxy) as session:
+                session.add_all([Entry(wallet_id=ids[0], amount=cents[0]), Entry(wallet_id=ids[1], amount=cents[1])])
+                session.commit()
+
+        assert round_trips(proxy, through_proxy, add, times=2, warm=2) == 3  # BEGIN, INSERT, the write + COMMIT
+        countercache.fold(through_proxy)
+        with through_proxy.connect() as connection:
+            totals = dict(connection.execute(sa.text("SELECT id, total FROM ride_wallets")).all())
+        assert totals == {ids[0]: cents[0] * 4, ids[1]: cents[1] * 4}
+        assert countercache.check(through_proxy) == []
+    finally:
+        with _pg_engine.begin() as connection:
+            Base.metadata.drop_all(connection)
