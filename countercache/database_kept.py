@@ -15,7 +15,9 @@ it out: no pre-read, no lock, no delta). What is left is memory and safety:
 * an ORM ``update()`` / ``delete()`` / ``insert()`` statement on the child
   class refreshes the loaded parents the same way (a statement that only
   such counters watch is run here, and the parents refreshed after it;
-  next to ORM-kept counters, their loaded values are expired before it).
+  next to ORM-kept counters, their loaded values are expired before it);
+  so does a legacy bulk method (``bulk_save_objects()``...), which the
+  database counts: the loaded values are expired before it writes.
 
 Many-to-many counters keep going through their collection tracking, whose
 ``trigger`` strategy object only notes the parents to refresh
@@ -181,8 +183,14 @@ def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -
         result = state.invoke_statement()
         refresh(session, kept)
         return result
+    expire(session, kept)
+    return None
+
+
+def expire(session: Session, kept: list[CounterCache]) -> None:
+    """Expire the counters ``kept`` of every loaded parent (read again on next access, after
+    the statement about to run: an ORM statement next to ORM-kept counters, a legacy bulk call)."""
     for counter in kept:
         cls = counter.mapper.class_  # type: ignore[union-attr]
         for obj in [o for o in session.identity_map.values() if isinstance(o, cls)]:
             session.expire(obj, [str(counter.key)])
-    return None

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
 
+from . import database_kept
 from ._compat import legacy_bulk_call
 from .children import _child_for, _family
 from .declaration import MiddleView
@@ -61,6 +62,8 @@ def _after_transaction_create(session: Session, transaction: SessionTransaction)
     except CounterCacheError:
         transaction.close()  # the call's own subtransaction: the session is as before the call
         raise
+    # (rows the database counts: the loaded parents read their counters again after the call)
+    database_kept.expire(session, database_kept.fed_by([call["mapper"]]))
 
 
 def _check(session: Session, call: dict[str, Any]) -> None:

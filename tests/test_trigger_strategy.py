@@ -406,3 +406,31 @@ def test_configuring_away_from_trigger_while_its_triggers_exist_fails_the_flush(
         s.add(Question(id=2, user_id=1))
         s.commit()
     assert kept(engine)[1][0] == 2
+
+
+@pytest.mark.parametrize("method", ["bulk_insert_mappings", "bulk_save_objects", "bulk_update_mappings"])
+def test_legacy_bulk_methods_leave_no_stale_counter_in_memory(engine, method):
+    """The database counts the rows of the legacy bulk methods (no ORM event): the
+    loaded users read their counters again after the call."""
+    Base, Forum, User, Question = models()
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([User(id=1), User(id=2), Question(id=10, user_id=1, score=2)])
+            s.commit()
+            one, two = s.get(User, 1), s.get(User, 2)
+            assert (one.question_count, two.question_count) == (1, 0)
+            if method == "bulk_insert_mappings":
+                s.bulk_insert_mappings(Question, [{"id": 11, "user_id": 2, "score": 3}, {"id": 12, "user_id": 2}])
+                expected = ((1, 2), (2, 3))
+            elif method == "bulk_save_objects":
+                s.bulk_save_objects([Question(id=11, user_id=2, score=3)])
+                expected = ((1, 1), (2, 3))
+            else:
+                s.bulk_update_mappings(Question, [{"id": 10, "user_id": 2}])
+                expected = ((0, 1), (0, 2))
+            assert ((one.question_count, two.question_count), (one.score_total, two.score_total)) == expected
+            s.commit()
+        assert_exact(engine)
+    finally:
+        Base.metadata.drop_all(engine)
