@@ -118,19 +118,37 @@ def refuse_failed(session: Any, *args: Any) -> None:
     configuration, and then takes the mapper for configured)."""
     if not failed:
         return
-    from .errors import ConfigurationError
-
     for counter, error in list(failed):
         if not live(counter):
             continue
         classes: set[Any] = {counter.cls}
-        prop = counter.mapper.relationships.get(counter.relationship.split(".")[0])  # type: ignore[union-attr]
-        if prop is not None:
-            classes.add(prop.mapper.class_)
+        mapper = counter.mapper
+        for step in counter.relationship.split("."):  # (each class on the path: a multi-level counter's leaves too)
+            prop = mapper.relationships.get(step) if mapper is not None else None  # type: ignore[union-attr]
+            mapper = prop.mapper if prop is not None else None
+            if mapper is not None:
+                classes.add(mapper.class_)
         for obj in (*session.new, *session.dirty, *session.deleted):
             if isinstance(obj, tuple(classes)):
-                raise ConfigurationError(f"{error} (raised when the mappers were configured: "
-                                         f"{counter.name} is not kept until the model is fixed)")
+                raise failure(counter, error)
+
+
+def failure(counter: CounterCache, error: BaseException) -> Exception:
+    """The error a counter that could not be resolved raises again (flush, check(), create_all())."""
+    from .errors import ConfigurationError
+
+    return ConfigurationError(f"{error} (raised when the mappers were configured: "
+                              f"{counter.name} is not kept until the model is fixed)")
+
+
+def failed_in(tables: Any = None) -> tuple[CounterCache, BaseException] | None:
+    """A live counter that could not be resolved, whose parent table is one of ``tables``
+    (None: any), else None."""
+    for counter, error in failed:
+        table = getattr(counter.column, "table", None)
+        if live(counter) and (tables is None or any(table is t for t in tables)):
+            return counter, error
+    return None
 
 
 def restore(state: tuple[list[CounterCache], dict[str, list[CounterCache]], set[str]]) -> None:

@@ -59,6 +59,10 @@ def counters_for(bind: Any, counters: tuple[Any, ...], metadata: Any = None, *,
     which reads no child row): the parent table decides, wherever the children live."""
     configure_mappers()
     wanted = metadatas(metadata)
+    broken = _registry.failed_in(None if wanted is None else [t for md in wanted for t in md.tables.values()]) \
+        if not counters and _registry.failed else None
+    if broken is not None:  # (a counter refused at mapper configuration is not kept: say so, not "no drift")
+        raise _registry.failure(*broken)
     found = [_registry.lookup(c) for c in counters] if counters else [
         c for c in _registry.all_counters() if c.parent is not None]
     for counter in found:

@@ -55,8 +55,10 @@ def uninstall() -> None:
 
 
 def counted_table(counter: CounterCache) -> Any:
-    """The table whose rows fire the counter's triggers."""
-    return counter.kind.key_columns()[0].table  # type: ignore[union-attr]
+    """The table whose rows fire the counter's triggers (a multi-level counter's leaves)."""
+    from .trigger_sql import counted_table as counted
+
+    return counted(counter)
 
 
 def trigger_counters(metadata: MetaData, tables: Any = None) -> list[CounterCache]:
@@ -107,7 +109,14 @@ def _before_create(metadata: MetaData, connection: Connection, tables: Any = Non
     from . import triggers
     from .errors import CounterCacheError
 
-    for counter in trigger_counters(metadata, tables):
+    try:
+        found = trigger_counters(metadata, tables)
+    finally:  # (a counter refused at mapper configuration, now or before: refused here too, every time)
+        broken = _registry.failed_in(list(metadata.tables.values()) if tables is None else tables) \
+            if _registry.failed else None
+        if broken is not None:
+            raise _registry.failure(*broken)
+    for counter in found:
         refused = triggers.refusal(counter, connection.dialect)
         if refused is not None:
             raise CounterCacheError(refused)

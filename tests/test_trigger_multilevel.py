@@ -381,3 +381,47 @@ def test_alembic_switches_a_multi_level_counter_to_trigger_and_back(tmp_path, en
 
     sql = env.offline_sql("0001:0002")
     assert "cc_users_answer_count_" in sql and "questions" in sql and sql.count("CREATE TRIGGER") >= 6
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "trigger"])
+def test_a_counter_refused_at_configuration_stays_refused(engine, strategy):
+    """SQLAlchemy raises a mapper configuration error once, then takes the mappers for
+    configured: a refused counter is not kept, so create_all(), check() and a flush of any
+    class on its path raise the refusal again instead of drifting quietly."""
+    from sqlalchemy import ForeignKeyConstraint
+    from sqlalchemy.orm import configure_mappers
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tenant(Base):
+        __tablename__ = "tenants"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        site: Mapped[int] = mapped_column(primary_key=True)
+        questions: Mapped[list["Ask"]] = relationship()
+        answer_count: Mapped[int] = counter_cache("questions.answers", strategy=strategy)
+
+    class Ask(Base):
+        __tablename__ = "asks"
+        __table_args__ = (ForeignKeyConstraint(["tenant_id", "site"], ["tenants.id", "tenants.site"]),)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tenant_id: Mapped[Optional[int]]
+        site: Mapped[Optional[int]]
+        answers: Mapped[list["Reply"]] = relationship()
+
+    class Reply(Base):
+        __tablename__ = "replies"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        ask_id: Mapped[Optional[int]] = mapped_column(ForeignKey("asks.id"))
+
+    with pytest.raises(ConfigurationError, match="Tenant.answer_count: a multi-level counter needs one-column"):
+        configure_mappers()
+    configure_mappers()  # (SQLAlchemy's: once)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="Tenant.answer_count: .*is not kept until the model is fixed"):
+            Base.metadata.create_all(engine)
+    with pytest.raises(ConfigurationError, match="Tenant.answer_count: .*is not kept"):
+        countercache.check(engine)
+    with Session(engine) as s, pytest.raises(ConfigurationError, match="Tenant.answer_count"):
+        s.add(Reply(id=1))
+        s.flush()
