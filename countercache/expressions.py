@@ -179,6 +179,15 @@ def columns_read(expression: ColumnElement[Any], child: Mapper[Any]) -> list[str
     return found
 
 
+def _other_table(expression: ColumnElement[Any], child: Mapper[Any]) -> str | None:
+    """``table.column`` of a column ``expression`` reads from a table ``child`` is not mapped to, if any."""
+    for element in iterate(expression):
+        table = getattr(element, "table", None) if isinstance(element, ColumnClause) else None
+        if table is not None and getattr(table, "name", None) and all(table is not t for t in child.tables):
+            return f"{table.name}.{element.name}"
+    return None
+
+
 def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: str,
                       name: str) -> tuple[Evaluator, list[str]]:
     """A Python function of a values dict, and the attribute keys it reads."""
@@ -188,6 +197,11 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
     except UnevaluatableError as exc:
         # (SQLAlchemy names an operator by its function's repr: "<function like_op at 0x...>")
         why = re.sub(r"<function (\w+?)(?:_op)? at 0x[0-9a-f]+>", lambda m: m.group(1).upper(), str(exc))
+        other = _other_table(expression, child)
+        if other is not None:  # (the trigger strategy refuses another table's column too)
+            raise ConfigurationError(
+                f"{name}: {what}= reads {other}, a column of another table than {child.class_.__name__}'s, "
+                f"which no strategy keeps yet; write it over {child.class_.__name__}'s own columns") from None
         raise Unevaluable(
             f"{name}: {what}= cannot be evaluated in Python during a flush ({why}); "
             "use plain comparisons and arithmetic over the child's own columns, or strategy 'trigger' "

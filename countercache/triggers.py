@@ -153,6 +153,11 @@ def _through_refusal(counter: Any, dialect: Any, database: str) -> str | None:
     if len({id(shape.parent), id(shape.child), id(leaf.child)}) < 3:
         return (f"{name}: a multi-level counter over its own tables ({parent}, {middle}, {leaf.child.name}: not "
                 f"three different ones) is not supported by the trigger strategy (on {database}); use strategy 'bulk'")
+    other = next((c for c in leaf.foreign if c.table is shape.child or c.table is shape.parent), None)
+    if other is not None:  # (where= over the middle row: the ORM strategies cannot evaluate it either)
+        return (f"{name}: its where=/sum= reads {other.table.name}.{other.name}, a column of another table than "
+                f"the counted {leaf.child.name} rows, which no strategy keeps yet (on {database}); write it over "
+                f"{leaf.child.name}'s own columns")
     if shape.condition is not None or leaf.foreign:
         which = middle if shape.condition is not None else leaf.foreign[0].table
         return (f"{name}: which rows count depends on {which} (an inheriting class), which the trigger strategy "
