@@ -20,8 +20,8 @@ tables feed it, each through triggers of its own:
   orphaned, each is counted out exactly once.
 
 PostgreSQL: the leaf triggers are statement-level (transition tables): the
-deltas summed per question, the questions share-locked in key order, the
-users locked in key order when there are several, one ``UPDATE``. The middle
+deltas summed per question, the questions share-locked in key order, then
+each user's delta added by one ``UPDATE`` by key, in key order. The middle
 table's INSERT and UPDATE triggers are statement-level too (an UPDATE weighs
 only the rows whose key or parent changed); its DELETE trigger is per row (a
 statement deleting questions of several users locks them in row order, as
@@ -107,17 +107,14 @@ def middle_statements(counter: Any, dialect: Any, names: dict[str, str]) -> list
 
 
 def _apply(shape: _Shape, parent: str, column: str, deltas: str, quote: Any, *before: str) -> str:
-    """One statement adding ``deltas`` (a query of ``k0.., d``: per parent key) to the parents,
-    locked in key order first when there are several (after the CTEs ``before``)."""
-    aliases = [f"k{i}" for i in range(len(shape.parent_key))]
-    pk = [f"p.{quote(col.name)}" for col in shape.parent_key]
-    order = ", ".join(f"l.{quote(col.name)}" for col in shape.parent_key)
-    lock = (f"((SELECT count(*) FROM cc_d) < 2 OR (SELECT count(*) FROM (SELECT 1 FROM {parent} AS l "
-            f"WHERE ({order}) IN (SELECT {', '.join(aliases)} FROM cc_d) ORDER BY {order} "
-            "FOR NO KEY UPDATE) AS cc_l) >= 0)")
-    match = " AND ".join(f"{p} = cc_d.{a}" for p, a in zip(pk, aliases))
-    ctes = ", ".join([*before, f"cc_d({', '.join(aliases)}, d) AS MATERIALIZED ({deltas})"])
-    return f"WITH {ctes} UPDATE {parent} AS p SET {column} = p.{column} + cc_d.d FROM cc_d WHERE {match} AND {lock};"
+    """Add ``deltas`` (a query of ``k0.., d``: per parent key, after the CTEs ``before``)
+    to the parents, one ``UPDATE`` by key each, in key order: the parents are locked
+    one at a time in key order (as :mod:`countercache.triggers_postgresql` does)."""
+    aliases = ", ".join(f"k{i}" for i in range(len(shape.parent_key)))
+    match = " AND ".join(f"p.{quote(col.name)} = cc_row.k{i}" for i, col in enumerate(shape.parent_key))
+    ctes = f"WITH {', '.join(before)} " if before else ""
+    return (f"FOR cc_row IN {ctes}SELECT * FROM ({deltas}) AS cc_d({aliases}, d) ORDER BY {aliases} "
+            f"LOOP UPDATE {parent} AS p SET {column} = p.{column} + cc_row.d WHERE {match}; END LOOP;")
 
 
 def postgresql_statements(counter: Any, dialect: Any) -> list[str]:
@@ -161,7 +158,7 @@ def postgresql_statements(counter: Any, dialect: Any) -> list[str]:
             f"UPDATE {parent} AS p SET {column} = 0 WHERE p.{column} <> 0;")
     leaf_function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"#variable_conflict use_column\nBEGIN\n"
+        f"#variable_conflict use_column\nDECLARE cc_row record;\nBEGIN\n"
         f"IF TG_OP = 'INSERT' THEN {leaves(one_table('cc_new', ''))}\n"
         f"ELSIF TG_OP = 'DELETE' THEN {leaves(one_table('cc_old', '-'))}\n"
         f"ELSIF TG_OP = 'UPDATE' THEN {leaves(one_table('cc_new', ''), one_table('cc_old', '-'))}\n"
@@ -189,7 +186,7 @@ def postgresql_statements(counter: Any, dialect: Any) -> list[str]:
     old_key = " AND ".join(f"p.{quote(pk.name)} = OLD.{quote(fk.name)}" for pk, fk in zip(shape.parent_key, shape.fk))
     middle_function = (
         f"CREATE OR REPLACE FUNCTION {mfn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"#variable_conflict use_column\nBEGIN\n"
+        f"#variable_conflict use_column\nDECLARE cc_row record;\nBEGIN\n"
         # (a row about to be deleted: the weight of the leaves still there)
         f"IF TG_LEVEL = 'ROW' THEN UPDATE {parent} AS p SET {column} = p.{column} - cc_w.d "
         f"FROM (SELECT {weight(shape, 'OLD', dialect)} AS d) AS cc_w WHERE {old_key} AND cc_w.d <> 0; RETURN OLD;\n"
