@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from .declaration import CounterCache
 
 _cache: list[Any] = [-1, [], True]  # (configuration generation, counters, whether the ORM keeps any)
+#: written mappers -> the counters they feed (:func:`fed_by`), emptied with ``_cache``
+_fed: dict[tuple[Any, ...], list[Any]] = {}
+FED_MAX = 256
 
 
 def counters() -> list[CounterCache]:
@@ -50,6 +53,7 @@ def counters() -> list[CounterCache]:
         # (a counter not resolved yet counts as the ORM's: its flush configures the mappers)
         _cache[2] = any(c.parent is None or c.strategy() not in config.DATABASE_STRATEGIES for c in known)
         _cache[0] = generation
+        _fed.clear()
     return _cache[1]  # type: ignore[no-any-return]
 
 
@@ -63,17 +67,26 @@ def orm_kept() -> bool:
 def forget() -> None:
     """Ask again (a counter was just resolved, or the listeners removed)."""
     _cache[0] = -1
+    _fed.clear()
 
 
 def fed_by(mappers: Any) -> list[CounterCache]:
     """The database-kept counters whose counted rows ``mappers`` write (a many-to-many
-    counter's association rows: either side's class)."""
+    counter's association rows: either side's class); remembered per set of mappers
+    (a flush asks it twice, and the next flushes mostly write the same classes)."""
     kept = counters()
     if not kept:
         return []
-    return [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
-                                   or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
-                                   for m in mappers)]
+    key = tuple(mappers)
+    found = _fed.get(key)
+    if found is None:
+        found = [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
+                                        or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
+                                        for m in key)]
+        if len(_fed) >= FED_MAX:
+            _fed.clear()
+        _fed[key] = found
+    return found
 
 
 def _written(uow: Any) -> list[Mapper[Any]]:
