@@ -77,7 +77,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
 
     pk = [f"p.{quote(col.name)}" for col in shape.parent_key]
     if not shape.self_referential:
-        return _postgresql_one_statement(counter, dialect, shape, parent, child, column, rows, pk)
+        return _postgresql_other_table(counter, dialect, shape, parent, child, column, rows, pk)
     declare = " ".join(f"{k} {_bare_type(col.type, dialect)}[];" for k, col in zip(keys, shape.parent_key))
     declare += f" cc_deltas {counter.column.type.compile(dialect=dialect)}[];"
     function = (
@@ -100,8 +100,8 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     return [function, *_statement_triggers(names, child, fn, quote)]
 
 
-def _postgresql_one_statement(counter: Any, dialect: Any, shape: _Shape, parent: str, child: str, column: str,
-                              rows: Any, pk: list[str]) -> list[str]:
+def _postgresql_other_table(counter: Any, dialect: Any, shape: _Shape, parent: str, child: str, column: str,
+                            rows: Any, pk: list[str]) -> list[str]:
     """The function of a counter over another table: per event, one query sums
     the statement's deltas per parent (straight from the one transition table
     of an INSERT or DELETE), in key order, and a loop adds each to its parent
