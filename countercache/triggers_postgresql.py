@@ -10,7 +10,7 @@ two statements never deadlock on them, and zero nets and NULL keys write
 nothing. Measured: an ORM flush fires them once per row of its executemany,
 so what one run costs counts as much as what it costs per row; the loop
 costs less per run than the former design, one ``UPDATE ... FROM`` a
-materialized CTE behind a locking pass (20 / 19 / 37 µs over no trigger per
+materialized CTE behind a locking pass (18 / 18 / 35 µs over no trigger per
 one-row INSERT / DELETE / re-parenting UPDATE, instead of 32 / 31 / 55), and
 as much for one statement over 100,000 parents. A self-referential counter (the
 counted rows are in the parent's own table, whose UPDATE fires the
@@ -116,22 +116,27 @@ def _postgresql_other_table(counter: Any, dialect: Any, shape: _Shape, parent: s
                          + ([] if shape.condition is None else [_counts(shape, "r", dialect)]))
     total = "count(*)" if shape.value is None else f"sum({_weight(shape, 'r', dialect)})"
     nonzero = "" if shape.value is None else f" HAVING {total} <> 0"  # (a count per parent is never 0)
-    # (a record: the keys and deltas keep the query's types, as the parent's columns meet them)
-    match = " AND ".join(f"{p} = cc_row.k{i}" for i, p in enumerate(pk))
-    add = f"LOOP UPDATE {parent} AS p SET {column} = p.{column} + cc_row.d WHERE {match}; END LOOP;"
+    if shape.value is None:  # a count (bigint): variables of the child's key types (a run ~1 µs cheaper)
+        declare = " ".join(f"cc_k{i} {child}.{quote(fk.name)}%TYPE;" for i, fk in enumerate(shape.fk))
+        declare, row, keys, delta = f"{declare} cc_d bigint;", "", [f"cc_k{i}" for i in range(len(pk))], "cc_d"
+    else:  # a sum: a record, whose delta keeps the sum's own type (numeric, float...)
+        declare, row, keys, delta = "cc_row record;", "cc_row", [f"cc_row.k{i}" for i in range(len(pk))], "cc_row.d"
+    target = row or ", ".join([*keys, delta])
+    match = " AND ".join(f"{p} = {k}" for p, k in zip(pk, keys))
+    add = f"LOOP UPDATE {parent} AS p SET {column} = p.{column} + {delta} WHERE {match}; END LOOP;"
 
     def one_table(transition: str, sign: str) -> str:
         """The deltas of an INSERT's (or a DELETE's) rows, summed straight from its one transition table."""
         keyed = ", ".join(f"r.{quote(fk.name)} AS k{i}" for i, fk in enumerate(shape.fk))
-        return (f"FOR cc_row IN SELECT {keyed}, {sign}{total} AS d FROM {transition} AS r "
+        return (f"FOR {target} IN SELECT {keyed}, {sign}{total} AS d FROM {transition} AS r "
                 f"WHERE {where} GROUP BY {fks}{nonzero} ORDER BY {fks} {add}")
 
-    both = (f"FOR cc_row IN SELECT {aliases}, sum(u.d) AS d FROM "
+    both = (f"FOR {target} IN SELECT {aliases}, sum(u.d) AS d FROM "
             f"({rows('cc_new', '+')} UNION ALL {rows('cc_old', '-')}) AS u({aliases}, d) "
             f"GROUP BY {aliases} HAVING sum(u.d) <> 0 ORDER BY {aliases} {add}")
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"#variable_conflict use_variable\nDECLARE cc_row record;\nBEGIN\n"
+        f"#variable_conflict use_variable\nDECLARE {declare}\nBEGIN\n"
         f"IF TG_OP = 'INSERT' THEN {one_table('cc_new', '')}\n"
         f"ELSIF TG_OP = 'DELETE' THEN {one_table('cc_old', '-')}\n"
         f"ELSIF TG_OP = 'UPDATE' THEN {both}\n"
