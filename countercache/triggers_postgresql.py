@@ -11,7 +11,7 @@ nothing. Measured: an ORM flush fires them once per row of its executemany,
 so what one run costs counts as much as what it costs per row; the loop
 costs less per run than the former design, one ``UPDATE ... FROM`` a
 materialized CTE behind a locking pass (18 / 18 / 35 µs over no trigger per
-one-row INSERT / DELETE / re-parenting UPDATE, instead of 32 / 31 / 55), and
+one-row INSERT / DELETE / re-parenting UPDATE, instead of 31 / 31 / 54), and
 as much for one statement over 100,000 parents. A self-referential counter (the
 counted rows are in the parent's own table, whose UPDATE fires the
 function again) first collects the deltas and returns when there are none."""
