@@ -204,6 +204,33 @@ def test_on_delete_cascade(engine, schema):
     assert_folded(engine)
 
 
+@pytest.mark.postgresql_only
+def test_a_deferred_foreign_keys_gone_parent_gets_no_shard_rows(engine, schema):
+    """Children deleted or moved away after their parent in the same transaction (a deferred
+    foreign key, no referential action: the child's triggers run at depth 1) write nothing
+    for the gone parent; the next transaction's one-row statements write again."""
+    Base, User, Question = schema
+    with Session(engine) as s:
+        s.add_all([Question(id=i, user_id=1 + i % 3, score=i) for i in range(1, 13)])
+        s.commit()
+    countercache.fold(engine)
+    with engine.begin() as c:
+        c.execute(text("ALTER TABLE questions DROP CONSTRAINT questions_user_id_fkey"))
+        c.execute(text("ALTER TABLE questions ADD CONSTRAINT questions_user_id_fkey FOREIGN KEY (user_id) "
+                       "REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED"))
+    with engine.begin() as c:
+        c.execute(text("DELETE FROM users WHERE id = 1"))
+        c.execute(text("DELETE FROM questions WHERE id = 3"))  # user 1's
+        c.execute(text("UPDATE questions SET user_id = 2 WHERE user_id = 1"))
+    assert {k for k, _, _ in shard_rows(engine)} == {"2"}
+    assert pending(engine)[2] == (3, 3, 6 + 9 + 12)
+    with engine.begin() as c:  # a new transaction: user 2 exists, its rows are written
+        c.execute(text("DELETE FROM questions WHERE id = 12"))
+    assert pending(engine)[2] == (2, 2, 6 + 9)
+    assert_exact(engine, User)
+    assert_folded(engine)
+
+
 def test_create_all_creates_the_triggers(engine, schema):
     Base, User, Question = schema
     with engine.connect() as c:
