@@ -164,6 +164,7 @@ def run_measured(
         _drop_everything(engine, contender, models)
         with engine.begin() as connection:
             models.metadata.create_all(connection)
+            contender.after_create(connection)
         timed, cleanup = work.prepare(engine, models, sizes, contender.install, trips)
         gc.collect()
         trips_before = trips() if trips is not None else 0

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from .declaration import CounterCache
 
 _cache: list[Any] = [-1, [], True]  # (configuration generation, counters, whether the ORM keeps any)
+#: written mappers -> the counters they feed (:func:`fed_by`), emptied with ``_cache``
+_fed: dict[tuple[Any, ...], list[Any]] = {}
+FED_MAX = 256
 
 
 def counters() -> list[CounterCache]:
@@ -52,6 +55,7 @@ def counters() -> list[CounterCache]:
         # (a counter not resolved yet counts as the ORM's: its flush configures the mappers)
         _cache[2] = any(c.parent is None or c.strategy() not in config.DATABASE_STRATEGIES for c in known)
         _cache[0] = generation
+        _fed.clear()
     return _cache[1]  # type: ignore[no-any-return]
 
 
@@ -65,18 +69,28 @@ def orm_kept() -> bool:
 def forget() -> None:
     """Ask again (a counter was just resolved, or the listeners removed)."""
     _cache[0] = -1
+    _fed.clear()
 
 
 def fed_by(mappers: Any) -> list[CounterCache]:
     """The database-kept counters whose counted rows ``mappers`` write (a many-to-many
-    counter's association rows: either side's class; a multi-level counter's middle rows too)."""
+    counter's association rows: either side's class; a multi-level counter's middle rows
+    too); remembered per set of mappers (a flush asks it twice, and the next flushes
+    mostly write the same classes)."""
     kept = counters()
     if not kept:
         return []
-    return [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
-                                   or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
-                                   or (isinstance(c.kind, MultiLevel) and m.isa(c.kind.middle_mapper))
-                                   for m in mappers)]
+    key = tuple(mappers)
+    found = _fed.get(key)
+    if found is None:
+        found = [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
+                                        or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
+                                        or (isinstance(c.kind, MultiLevel) and m.isa(c.kind.middle_mapper))
+                                        for m in key)]
+        if len(_fed) >= FED_MAX:
+            _fed.clear()
+        _fed[key] = found
+    return found
 
 
 def _written(uow: Any) -> list[Mapper[Any]]:

@@ -15,6 +15,8 @@ from sqlalchemy import literal_column
 from sqlalchemy.sql.elements import BindParameter, ColumnClause
 from sqlalchemy.sql.visitors import iterate, replacement_traverse
 
+from .config import _config
+
 MAX_NAME = 63
 #: Per-event suffixes of the trigger names, and the PostgreSQL function's.
 EVENTS = {"INSERT": "_ins", "DELETE": "_del", "UPDATE": "_upd"}
@@ -35,8 +37,6 @@ MIDDLE_FUNCTION_SUFFIX = "_mfn"
 
 def trigger_name(counter: Any) -> str:
     """:func:`_trigger_name`, remembered per configuration (it asks for the strategy)."""
-    from .config import _config
-
     cached = counter.__dict__.get("_trigger_name")
     if cached is not None and cached[0] == _config.generation and cached[2] is counter.kind:
         return cached[1]  # type: ignore[no-any-return]

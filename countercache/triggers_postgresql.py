@@ -2,16 +2,19 @@
 
 Statement-level triggers with transition tables, one per event, calling one
 plpgsql function per counter. For a counter over another table the function
-is one statement per event: the deltas per parent summed once (a
-materialized CTE; a plain count or sum straight from the one transition
-table of an INSERT or DELETE), the parents locked in key order by an
-uncorrelated condition that runs before the UPDATE takes any row (skipped
-when one parent changes), then one ``UPDATE ... FROM``. Measured: an ORM
-flush fires them once per row of its executemany, so what one run costs
-counts as much as what it costs per row. A self-referential counter (the
+runs, per event, one query summing the statement's deltas per parent (a
+plain count or sum straight from the one transition table of an INSERT or
+DELETE), ordered by key, and adds each to its parent with one ``UPDATE`` by
+primary key in a loop: parents are locked one at a time, in key order, so
+two statements never deadlock on them, and zero nets and NULL keys write
+nothing. Measured: an ORM flush fires them once per row of its executemany,
+so what one run costs counts as much as what it costs per row; the loop
+costs less per run than the former design, one ``UPDATE ... FROM`` a
+materialized CTE behind a locking pass (18 / 18 / 35 µs over no trigger per
+one-row INSERT / DELETE / re-parenting UPDATE, instead of 31 / 31 / 54), and
+as much for one statement over 100,000 parents. A self-referential counter (the
 counted rows are in the parent's own table, whose UPDATE fires the
-function again) first collects the deltas and returns when there are none.
-"""
+function again) first collects the deltas and returns when there are none."""
 
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
 
     pk = [f"p.{quote(col.name)}" for col in shape.parent_key]
     if not shape.self_referential:
-        return _postgresql_one_statement(counter, dialect, shape, parent, child, column, rows, pk)
+        return _postgresql_other_table(counter, dialect, shape, parent, child, column, rows, pk)
     declare = " ".join(f"{k} {_bare_type(col.type, dialect)}[];" for k, col in zip(keys, shape.parent_key))
     declare += f" cc_deltas {counter.column.type.compile(dialect=dialect)}[];"
     function = (
@@ -100,53 +103,48 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     return [function, *_statement_triggers(names, child, fn, quote)]
 
 
-def _postgresql_one_statement(counter: Any, dialect: Any, shape: _Shape, parent: str, child: str, column: str,
-                              rows: Any, pk: list[str]) -> list[str]:
-    """The function of a counter over another table: one statement per event
-    (measured: an ORM flush fires the triggers once per row of an executemany,
-    so what each run costs counts). The deltas per parent are summed once (a
-    materialized CTE); an uncorrelated condition (run once, before the UPDATE
-    takes any row) locks their parents in key order first."""
+def _postgresql_other_table(counter: Any, dialect: Any, shape: _Shape, parent: str, child: str, column: str,
+                            rows: Any, pk: list[str]) -> list[str]:
+    """The function of a counter over another table: per event, one query sums
+    the statement's deltas per parent (straight from the one transition table
+    of an INSERT or DELETE), in key order, and a loop adds each to its parent
+    with one ``UPDATE`` by primary key: the parents are locked one by one, in
+    key order (measured: cheaper than one ``UPDATE ... FROM`` behind a locking
+    pass, per run and for 100,000 parents alike)."""
     quote = dialect.identifier_preparer.quote
     fn, names = function_name(counter, dialect), trigger_names(counter, dialect)
-    aliases = [f"k{i}" for i in range(len(shape.fk))]
-    order = ", ".join(f"l.{quote(col.name)}" for col in shape.parent_key)
-
+    aliases = ", ".join(f"k{i}" for i in range(len(shape.fk)))
     fks = ", ".join(f"r.{quote(fk.name)}" for fk in shape.fk)
     where = " AND ".join([f"r.{quote(fk.name)} IS NOT NULL" for fk in shape.fk]
                          + ([] if shape.condition is None else [_counts(shape, "r", dialect)]))
     total = "count(*)" if shape.value is None else f"sum({_weight(shape, 'r', dialect)})"
+    nonzero = "" if shape.value is None else f" HAVING {total} <> 0"  # (a count per parent is never 0)
+    if shape.value is None:  # a count (bigint): variables of the child's key types (a run ~1 µs cheaper)
+        declare = " ".join(f"cc_k{i} {child}.{quote(fk.name)}%TYPE;" for i, fk in enumerate(shape.fk))
+        declare, row, keys, delta = f"{declare} cc_d bigint;", "", [f"cc_k{i}" for i in range(len(pk))], "cc_d"
+    else:  # a sum: a record, whose delta keeps the sum's own type (numeric, float...)
+        declare, row, keys, delta = "cc_row record;", "cc_row", [f"cc_row.k{i}" for i in range(len(pk))], "cc_row.d"
+    target = row or ", ".join([*keys, delta])
+    match = " AND ".join(f"{p} = {k}" for p, k in zip(pk, keys))
+    add = f"LOOP UPDATE {parent} AS p SET {column} = p.{column} + {delta} WHERE {match}; END LOOP;"
 
     def one_table(transition: str, sign: str) -> str:
         """The deltas of an INSERT's (or a DELETE's) rows, summed straight from its one transition table."""
-        return (f"SELECT {fks}, {sign}{total} FROM {transition} AS r WHERE {where} GROUP BY {fks} "
-                f"HAVING {total} <> 0")
+        keyed = ", ".join(f"r.{quote(fk.name)} AS k{i}" for i, fk in enumerate(shape.fk))
+        return (f"FOR {target} IN SELECT {keyed}, {sign}{total} AS d FROM {transition} AS r "
+                f"WHERE {where} GROUP BY {fks}{nonzero} ORDER BY {fks} {add}")
 
-    def update(*parts: str) -> str:
-        if len(parts) == 1:
-            deltas = parts[0]
-            aliased = f"cc_d({', '.join(aliases)}, d)"
-        else:
-            deltas = (f"SELECT {', '.join(aliases)}, sum(u.d) AS d FROM ({' UNION ALL '.join(parts)}) "
-                      f"AS u({', '.join(aliases)}, d) GROUP BY {', '.join(aliases)} HAVING sum(u.d) <> 0")
-            aliased = "cc_d"
-        lock = (f"((SELECT count(*) FROM cc_d) < 2 OR (SELECT count(*) FROM (SELECT 1 FROM {parent} AS l "
-                f"WHERE ({order}) IN (SELECT {', '.join(aliases)} FROM cc_d) ORDER BY {order} "
-                "FOR NO KEY UPDATE) AS cc_l) >= 0)")
-        match = " AND ".join(f"{p} = cc_d.{a}" for p, a in zip(pk, aliases))
-        return (f"WITH {aliased} AS MATERIALIZED ({deltas}) UPDATE {parent} AS p SET {column} = p.{column} + cc_d.d "
-                f"FROM cc_d WHERE {match} AND {lock};")
-
+    both = (f"FOR {target} IN SELECT {aliases}, sum(u.d) AS d FROM "
+            f"({rows('cc_new', '+')} UNION ALL {rows('cc_old', '-')}) AS u({aliases}, d) "
+            f"GROUP BY {aliases} HAVING sum(u.d) <> 0 ORDER BY {aliases} {add}")
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"#variable_conflict use_column\nBEGIN\n"
-        f"IF TG_OP = 'INSERT' THEN {update(one_table('cc_new', ''))}\n"
-        f"ELSIF TG_OP = 'DELETE' THEN {update(one_table('cc_old', '-'))}\n"
-        f"ELSIF TG_OP = 'UPDATE' THEN {update(rows('cc_new', '+'), rows('cc_old', '-'))}\n"
+        f"#variable_conflict use_variable\nDECLARE {declare}\nBEGIN\n"
+        f"IF TG_OP = 'INSERT' THEN {one_table('cc_new', '')}\n"
+        f"ELSIF TG_OP = 'DELETE' THEN {one_table('cc_old', '-')}\n"
+        f"ELSIF TG_OP = 'UPDATE' THEN {both}\n"
         f"ELSE PERFORM 1 FROM {parent} AS p WHERE p.{column} <> 0 ORDER BY {', '.join(pk)} "  # (TRUNCATE)
         f"FOR NO KEY UPDATE;\nUPDATE {parent} AS p SET {column} = 0 WHERE p.{column} <> 0;\nEND IF;\n"
         "RETURN NULL;\nEND $countercache$"
     )
     return [function, *_statement_triggers(names, child, fn, quote)]
-
-

@@ -526,6 +526,58 @@ def test_concurrent_statements_over_the_same_parents(engine):
     exact(engine, "users", "points", "questions", "c.user_id = p.id", "coalesce(sum(c.points), 0)")
 
 
+@pytest.mark.postgresql_only
+def test_a_statement_locks_its_parents_in_key_order(engine):
+    """A statement whose rows name parents 3, 2, 1 (in that order) locks them in
+    key order: waiting for parent 2, it holds 1 and not yet 3."""
+    import threading
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    m = forum(cascade=False)
+    counter = counter_of(m.User.n_all)
+    m.Base.metadata.create_all(engine)
+    install(engine, counter)
+    run(engine, (m.User.__table__.insert(), [{"id": i} for i in (1, 2, 3)]))
+    errors: list[BaseException] = []
+    with engine.connect() as holder, engine.connect() as writer, engine.connect() as probe:
+        holder.exec_driver_sql("SELECT 1 FROM users WHERE id = 2 FOR NO KEY UPDATE")  # (not the foreign key's lock)
+        pid = writer.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        writer.commit()
+
+        def write() -> None:
+            try:
+                writer.exec_driver_sql("INSERT INTO questions (id, user_id, qtype) VALUES "
+                                       "(1, 3, 'q'), (2, 2, 'q'), (3, 1, 'q'), (4, 3, 'q')")
+                writer.commit()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            for _ in range(500):  # the writer waits for parent 2
+                waiting = probe.exec_driver_sql(
+                    f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {pid}").scalar()
+                probe.rollback()
+                if waiting == "Lock":
+                    break
+                time.sleep(0.01)
+            assert waiting == "Lock"
+            with pytest.raises(OperationalError, match="could not obtain lock"):
+                probe.exec_driver_sql("SELECT 1 FROM users WHERE id = 1 FOR NO KEY UPDATE NOWAIT")
+            probe.rollback()
+            assert probe.exec_driver_sql("SELECT id FROM users WHERE id = 3 FOR NO KEY UPDATE NOWAIT").scalar() == 3
+            probe.rollback()
+        finally:
+            probe.rollback()
+            holder.rollback()
+            thread.join()
+    assert errors == []
+    assert exact(engine, "users", "n_all", "questions", "c.user_id = p.id") == {1: 1, 2: 1, 3: 2}
+
+
 @pytest.mark.parametrize("action", ["CASCADE", "SET NULL"])
 def test_on_update_actions_of_the_counted_key_are_refused_only_where_no_trigger_fires(action):
     class Base(DeclarativeBase):
