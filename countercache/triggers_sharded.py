@@ -173,41 +173,47 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     where = " AND ".join([f"{key} IS NOT NULL"] + ([] if shape.condition is None else [_counts(shape, "r", dialect)]))
     total = "count(*)" if shape.value is None else f"sum({_weight(shape, 'r', dialect)})"
 
-    def one_table(transition: str, sign: str) -> str:
-        return (f"SELECT {key}, {sign}{total} FROM {transition} AS r WHERE {where} GROUP BY {key} "
-                f"HAVING {total} <> 0")
+    def write(select: str) -> str:
+        return (f"INSERT INTO {side} AS cc_s (counter, parent_key, shard, delta) {select} "
+                "ON CONFLICT (counter, parent_key, shard) DO UPDATE SET delta = cc_s.delta + excluded.delta;")
 
-    def rows(transition: str, sign: str) -> str:
-        return f"SELECT {key}, {sign}{_weight(shape, 'r', dialect)} FROM {transition} AS r WHERE {where}"
+    def grouped(source: str, k: str, delta: str) -> str:
+        """The deltas of ``source`` per parent key as the side table spells it, in its order
+        (grouped by that text: one sort, measured ~2 µs per run cheaper than grouping by
+        the key and sorting the groups by their text after)."""
+        text = _key_text(k, dialect)
+        return write(f"SELECT {name}, {text}, {shard}, {delta} FROM {source} GROUP BY {text} "
+                     f"HAVING {delta} <> 0 ORDER BY 2")
 
-    def upsert(*parts: str, existing: bool = True) -> str:
-        if len(parts) == 1:
-            deltas = parts[0]
-        else:
-            deltas = (f"SELECT u.k0, sum(u.d) FROM ({' UNION ALL '.join(parts)}) AS u(k0, d) GROUP BY u.k0 "
-                      "HAVING sum(u.d) <> 0")
-        # (the deletes of an ON DELETE CASCADE fire after the parent's own triggers:
-        # nothing is written for a parent that is gone)
-        alive = (f" WHERE EXISTS (SELECT 1 FROM {parent} AS cc_p WHERE cc_p.{quote(pk.name)} = cc_d.k0)"
-                 if existing else "")
-        return (f"INSERT INTO {side} AS cc_s (counter, parent_key, shard, delta) "
-                f"SELECT {name}, {_key_text('cc_d.k0', dialect)}, {shard}, cc_d.d FROM ({deltas}) AS cc_d(k0, d)"
-                f"{alive} ORDER BY 2 ON CONFLICT (counter, parent_key, shard) DO UPDATE SET delta = cc_s.delta + excluded.delta;")
+    def alive(deltas: str) -> str:
+        """The deltas per parent key (``deltas``: key, delta) of the parents that exist."""
+        return write(f"SELECT {name}, {_key_text('cc_d.k0', dialect)}, {shard}, cc_d.d FROM ({deltas}) AS cc_d(k0, d) "
+                     f"WHERE EXISTS (SELECT 1 FROM {parent} AS cc_p WHERE cc_p.{quote(pk.name)} = cc_d.k0) ORDER BY 2")
 
-    def checked(*parts: str) -> str:
-        """The upsert checking that the parents exist only where one may be gone: from a
-        referential action (run by the parent's trigger, after its row is gone) or after
-        a parent was deleted in this transaction (a deferred foreign key); elsewhere the
+    def checked(existing: str, unchecked: str) -> str:
+        """``existing`` (the parents checked) only where a parent may be gone: in a
+        referential action (run by the parent's trigger, after its row is gone) or after a
+        parent was deleted in this transaction (a deferred foreign key); elsewhere the
         foreign key holds them (measured: the check is a third of a one-row DELETE's cost)."""
         return (f"IF pg_trigger_depth() > 1 OR current_setting('{PARENTS_DELETED}', true) = 'on' THEN "
-                f"{upsert(*parts)} ELSE {upsert(*parts, existing=False)} END IF;")
+                f"{existing} ELSE {unchecked} END IF;")
 
+    def one_table(transition: str, sign: str) -> str:
+        """A DELETE's rows: one transition table."""
+        return checked(alive(f"SELECT {key}, {sign}{total} FROM {transition} AS r WHERE {where} GROUP BY {key} "
+                             f"HAVING {total} <> 0"),
+                       grouped(f"{transition} AS r WHERE {where}", key, f"{sign}{total}"))
+
+    weight = _weight(shape, "r", dialect)
+    both = f"SELECT {key}, {weight} FROM cc_new AS r WHERE {where} UNION ALL SELECT {key}, -{weight} FROM cc_old AS r WHERE {where}"
+    update = checked(alive(f"SELECT u.k0, sum(u.d) FROM ({both}) AS u(k0, d) GROUP BY u.k0 HAVING sum(u.d) <> 0"),
+                     grouped(f"({both}) AS u(k0, d)", "u.k0", "sum(u.d)"))
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
         f"#variable_conflict use_column\nBEGIN\n"
-        f"IF TG_OP = 'INSERT' THEN {upsert(one_table('cc_new', ''), existing=False)}\n"
-        f"ELSIF TG_OP = 'DELETE' THEN {checked(one_table('cc_old', '-'))}\n"
-        f"ELSIF TG_OP = 'UPDATE' THEN {checked(rows('cc_new', ''), rows('cc_old', '-'))}\n"
+        f"IF TG_OP = 'INSERT' THEN {grouped(f'cc_new AS r WHERE {where}', key, total)}\n"
+        f"ELSIF TG_OP = 'DELETE' THEN {one_table('cc_old', '-')}\n"
+        f"ELSIF TG_OP = 'UPDATE' THEN {update}\n"
         # TRUNCATE: every child row is gone
         f"ELSE DELETE FROM {side} WHERE counter = {name};\n"
         f"UPDATE {parent} SET {column} = 0 WHERE {column} <> 0;\nEND IF;\n"
