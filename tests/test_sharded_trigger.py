@@ -204,6 +204,102 @@ def test_on_delete_cascade(engine, schema):
     assert_folded(engine)
 
 
+@pytest.mark.postgresql_only
+def test_a_deferred_foreign_keys_gone_parent_gets_no_shard_rows(engine, schema):
+    """Children deleted or moved away after their parent in the same transaction (a deferred
+    foreign key, no referential action: the child's triggers run at depth 1) write nothing
+    for the gone parent; the next transaction's one-row statements write again."""
+    Base, User, Question = schema
+    with Session(engine) as s:
+        s.add_all([Question(id=i, user_id=1 + i % 3, score=i) for i in range(1, 13)])
+        s.commit()
+    countercache.fold(engine)
+    with engine.begin() as c:
+        c.execute(text("ALTER TABLE questions DROP CONSTRAINT questions_user_id_fkey"))
+        c.execute(text("ALTER TABLE questions ADD CONSTRAINT questions_user_id_fkey FOREIGN KEY (user_id) "
+                       "REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED"))
+    with engine.begin() as c:
+        c.execute(text("DELETE FROM users WHERE id = 1"))
+        c.execute(text("DELETE FROM questions WHERE id = 3"))  # user 1's
+        c.execute(text("UPDATE questions SET user_id = 2 WHERE user_id = 1"))
+    assert {k for k, _, _ in shard_rows(engine)} == {"2"}
+    assert pending(engine)[2] == (3, 3, 6 + 9 + 12)
+    with engine.begin() as c:  # a new transaction: user 2 exists, its rows are written
+        c.execute(text("DELETE FROM questions WHERE id = 12"))
+    assert pending(engine)[2] == (2, 2, 6 + 9)
+    assert_exact(engine, User)
+    assert_folded(engine)
+
+
+@pytest.mark.postgresql_only
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO questions (id, user_id, state, score) VALUES (101, 9, 'open', 0), (102, 2, 'open', 0), "
+    "(103, 10, 'open', 0)",
+    "DELETE FROM questions WHERE id IN (1, 2, 3)",
+    "UPDATE questions SET user_id = user_id + 100 WHERE id IN (1, 2, 3)",
+])
+def test_a_statement_locks_its_shard_rows_in_the_side_tables_key_order(engine, schema, statement):
+    """Parents 9, 2, 10 are written in the order of their keys' text ('10' < '2' < '9'):
+    waiting for '2', the statement holds '10' and not '9'."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    Base, User, Question = schema
+    with Session(engine) as s:
+        s.add_all([User(id=i) for i in (9, 10, 102, 109, 110)])
+        s.add_all([Question(id=1, user_id=9), Question(id=2, user_id=2), Question(id=3, user_id=10)])
+        s.commit()
+    moved = ["102", "109", "110"] if statement.startswith("UPDATE") else []  # (the moved-to parents)
+    keys = ["10", *moved, "2", "9"]
+    writer, holder = engine.connect(), engine.connect()
+    try:
+        shard = writer.execute(text("SELECT pg_backend_pid() % :n"), {"n": SHARDS}).scalar_one()
+        writer.commit()
+        with engine.begin() as c:  # the writer's shard rows exist
+            for key in keys:
+                c.execute(text("INSERT INTO countercache_shards VALUES ('users.question_count', :k, :s, 0) "
+                               "ON CONFLICT DO NOTHING"), {"k": key, "s": shard})
+        holder.execute(text("SELECT 1 FROM countercache_shards WHERE counter = 'users.question_count' "
+                            "AND parent_key = '2' AND shard = :s FOR UPDATE"), {"s": shard})
+        done = threading.Event()
+
+        def write() -> None:
+            writer.execute(text(statement))
+            done.set()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        with engine.connect() as probe:
+            for _ in range(100):
+                waiting = probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                             "AND query = :q"), {"q": statement}).scalar_one()
+                if waiting:
+                    break
+                done.wait(0.05)
+            assert waiting and not done.is_set()
+            probe.execute(text("SET lock_timeout = '100ms'"))
+            held = []
+            for key in keys:
+                if key == "2":
+                    continue
+                try:
+                    with probe.begin_nested() if probe.in_transaction() else probe.begin():
+                        probe.execute(text("SELECT 1 FROM countercache_shards WHERE counter = 'users.question_count' "
+                                           "AND parent_key = :k AND shard = :s FOR UPDATE NOWAIT"), {"k": key, "s": shard})
+                except OperationalError:
+                    held.append(key)
+            probe.rollback()
+        assert held == ["10", *moved]
+        holder.rollback()
+        thread.join(10)
+        writer.commit()
+    finally:
+        holder.close()
+        writer.close()
+    assert_exact(engine, User)
+
+
 def test_create_all_creates_the_triggers(engine, schema):
     Base, User, Question = schema
     with engine.connect() as c:
