@@ -272,8 +272,10 @@ def test_a_statement_locks_its_shard_rows_in_the_side_tables_key_order(engine, s
         thread.start()
         with engine.connect() as probe:
             for _ in range(100):
+                # (a row lock's wait is on the holder's transaction; not a relation extension, say)
                 waiting = probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                             "AND query = :q"), {"q": statement}).scalar_one()
+                                             "AND wait_event = 'transactionid' AND query = :q"),
+                                        {"q": statement}).scalar_one()
                 if waiting:
                     break
                 done.wait(0.05)

@@ -558,13 +558,13 @@ def test_a_statement_locks_its_parents_in_key_order(engine):
         thread.start()
         try:
             for _ in range(500):  # the writer waits for parent 2
-                waiting = probe.exec_driver_sql(
-                    f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {pid}").scalar()
+                waiting = probe.exec_driver_sql(  # (a row lock's wait: on the holder's transaction)
+                    f"SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE pid = {pid}").scalar()
                 probe.rollback()
-                if waiting == "Lock":
+                if waiting == "Lock:transactionid":
                     break
                 time.sleep(0.01)
-            assert waiting == "Lock"
+            assert waiting == "Lock:transactionid"
             with pytest.raises(OperationalError, match="could not obtain lock"):
                 probe.exec_driver_sql("SELECT 1 FROM users WHERE id = 1 FOR NO KEY UPDATE NOWAIT")
             probe.rollback()
