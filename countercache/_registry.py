@@ -142,11 +142,11 @@ def failure(counter: CounterCache, error: BaseException) -> Exception:
 
 
 def failed_in(tables: Any = None) -> tuple[CounterCache, BaseException] | None:
-    """A live counter that could not be resolved, whose parent table is one of ``tables``
-    (None: any), else None."""
+    """A live counter that could not be resolved (and was not since), whose parent table
+    is one of ``tables`` (None: any), else None."""
     for counter, error in failed:
         table = getattr(counter.column, "table", None)
-        if live(counter) and (tables is None or any(table is t for t in tables)):
+        if live(counter) and counter.parent is None and (tables is None or any(table is t for t in tables)):
             return counter, error
     return None
 
