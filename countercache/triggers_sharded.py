@@ -13,34 +13,17 @@ ORM's ``sharded`` strategy does (``counter_name``, the key as text), so that
 * PostgreSQL: statement-level triggers with transition tables; the deltas
   summed per parent key, one ``INSERT ... ON CONFLICT ... DO UPDATE`` per
   statement, its rows in key order (two statements sharing a shard lock
-  their rows in the same order): grouped by the key's text, the side table's
-  ``parent_key``, and sorted by it (one sort). A DELETE's or UPDATE's rows
-  whose parent is gone write nothing (``WHERE EXISTS`` the parent), checked
-  only where a parent may be gone: in a referential action (``ON DELETE
-  CASCADE`` runs the child's triggers from the parent's, after its row is
-  gone: ``pg_trigger_depth() > 1``) or after a parent was deleted in the
-  same transaction (a deferred foreign key: the parent-table trigger turns
-  on the transaction-local setting ``countercache.parents_deleted``);
-  elsewhere the foreign key holds the parents. Measured: an ORM flush fires
-  the triggers once per row of its executemany; over no trigger, per one-row
-  INSERT / DELETE / re-parenting UPDATE, 14 / 13 / 21 µs, instead of
-  15 / 23 / 31 with the check always run (a join scanning a small parent table) and
-  the deltas grouped by key then sorted by text (the bench's hand-written
-  row trigger: 7 / 7 / 13). ``TRUNCATE`` of the child table zeroes the
+  their rows in the same order). ``TRUNCATE`` of the child table zeroes the
   columns and deletes the counter's shard rows.
 * SQLite, MariaDB/MySQL: row-level triggers, one upsert per counted row
   (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``).
 * The parent table: deleting a parent deletes its shard rows (as ``sharded``
-  does), so that a new parent with the same key starts from its own rows
-  (PostgreSQL: and turns on ``countercache.parents_deleted``). A new parent
-  row gets nothing (rows inserted before it under its key, a deferred
-  foreign key, have their shard rows already).
+  does), so that a new parent with the same key starts from its own rows. A
+  new parent row gets nothing (rows inserted before it under its key, a
+  deferred foreign key, have their shard rows already).
 
 Not kept: a parent whose primary key changes (its shard rows stay under the
-old key); on PostgreSQL without a foreign key constraint in the database, the
-rows of a parent deleted by an earlier transaction (written, as an INSERT's
-under a key no parent has); what :mod:`countercache.triggers` lists for
-``trigger``.
+old key); what :mod:`countercache.triggers` lists for ``trigger``.
 """
 
 from __future__ import annotations
@@ -57,9 +40,6 @@ __all__ = ["create_statements", "trigger_names", "PARENT_DELETE"]
 
 #: The parent-table trigger of a ``sharded_trigger`` counter: its shard rows go with a deleted parent.
 PARENT_DELETE = {"PARENT_DELETE": "_pdl"}
-#: PostgreSQL: the setting (transaction-local) that a parent-table trigger turns on: the
-#: child tables' triggers check that their parents exist until the transaction ends.
-PARENTS_DELETED = "countercache.parents_deleted"
 
 
 def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
@@ -177,47 +157,33 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     where = " AND ".join([f"{key} IS NOT NULL"] + ([] if shape.condition is None else [_counts(shape, "r", dialect)]))
     total = "count(*)" if shape.value is None else f"sum({_weight(shape, 'r', dialect)})"
 
-    def write(select: str) -> str:
-        return (f"INSERT INTO {side} AS cc_s (counter, parent_key, shard, delta) {select} "
-                "ON CONFLICT (counter, parent_key, shard) DO UPDATE SET delta = cc_s.delta + excluded.delta;")
-
-    def grouped(source: str, k: str, delta: str) -> str:
-        """The deltas of ``source`` per parent key as the side table spells it, in its order
-        (grouped by that text: one sort, measured ~2 µs per run cheaper than grouping by
-        the key and sorting the groups by their text after)."""
-        text = _key_text(k, dialect)
-        return write(f"SELECT {name}, {text}, {shard}, {delta} FROM {source} GROUP BY {text} "
-                     f"HAVING {delta} <> 0 ORDER BY 2")
-
-    def alive(deltas: str) -> str:
-        """The deltas per parent key (``deltas``: key, delta) of the parents that exist."""
-        return write(f"SELECT {name}, {_key_text('cc_d.k0', dialect)}, {shard}, cc_d.d FROM ({deltas}) AS cc_d(k0, d) "
-                     f"WHERE EXISTS (SELECT 1 FROM {parent} AS cc_p WHERE cc_p.{quote(pk.name)} = cc_d.k0) ORDER BY 2")
-
-    def checked(existing: str, unchecked: str) -> str:
-        """``existing`` (the parents checked) only where a parent may be gone: in a
-        referential action (run by the parent's trigger, after its row is gone) or after a
-        parent was deleted in this transaction (a deferred foreign key); elsewhere the
-        foreign key holds them (measured: the check is a third of a one-row DELETE's cost)."""
-        return (f"IF pg_trigger_depth() > 1 OR current_setting('{PARENTS_DELETED}', true) = 'on' THEN "
-                f"{existing} ELSE {unchecked} END IF;")
-
     def one_table(transition: str, sign: str) -> str:
-        """A DELETE's rows: one transition table."""
-        return checked(alive(f"SELECT {key}, {sign}{total} FROM {transition} AS r WHERE {where} GROUP BY {key} "
-                             f"HAVING {total} <> 0"),
-                       grouped(f"{transition} AS r WHERE {where}", key, f"{sign}{total}"))
+        return (f"SELECT {key}, {sign}{total} FROM {transition} AS r WHERE {where} GROUP BY {key} "
+                f"HAVING {total} <> 0")
 
-    weight = _weight(shape, "r", dialect)
-    both = f"SELECT {key}, {weight} FROM cc_new AS r WHERE {where} UNION ALL SELECT {key}, -{weight} FROM cc_old AS r WHERE {where}"
-    update = checked(alive(f"SELECT u.k0, sum(u.d) FROM ({both}) AS u(k0, d) GROUP BY u.k0 HAVING sum(u.d) <> 0"),
-                     grouped(f"({both}) AS u(k0, d)", "u.k0", "sum(u.d)"))
+    def rows(transition: str, sign: str) -> str:
+        return f"SELECT {key}, {sign}{_weight(shape, 'r', dialect)} FROM {transition} AS r WHERE {where}"
+
+    def upsert(*parts: str, existing: bool = True) -> str:
+        if len(parts) == 1:
+            deltas = parts[0]
+        else:
+            deltas = (f"SELECT u.k0, sum(u.d) FROM ({' UNION ALL '.join(parts)}) AS u(k0, d) GROUP BY u.k0 "
+                      "HAVING sum(u.d) <> 0")
+        # (the deletes of an ON DELETE CASCADE fire after the parent's own triggers:
+        # nothing is written for a parent that is gone)
+        alive = (f" WHERE EXISTS (SELECT 1 FROM {parent} AS cc_p WHERE cc_p.{quote(pk.name)} = cc_d.k0)"
+                 if existing else "")
+        return (f"INSERT INTO {side} AS cc_s (counter, parent_key, shard, delta) "
+                f"SELECT {name}, {_key_text('cc_d.k0', dialect)}, {shard}, cc_d.d FROM ({deltas}) AS cc_d(k0, d)"
+                f"{alive} ORDER BY 2 ON CONFLICT (counter, parent_key, shard) DO UPDATE SET delta = cc_s.delta + excluded.delta;")
+
     function = (
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
         f"#variable_conflict use_column\nBEGIN\n"
-        f"IF TG_OP = 'INSERT' THEN {grouped(f'cc_new AS r WHERE {where}', key, total)}\n"
-        f"ELSIF TG_OP = 'DELETE' THEN {one_table('cc_old', '-')}\n"
-        f"ELSIF TG_OP = 'UPDATE' THEN {update}\n"
+        f"IF TG_OP = 'INSERT' THEN {upsert(one_table('cc_new', ''), existing=False)}\n"
+        f"ELSIF TG_OP = 'DELETE' THEN {upsert(one_table('cc_old', '-'))}\n"
+        f"ELSIF TG_OP = 'UPDATE' THEN {upsert(rows('cc_new', ''), rows('cc_old', '-'))}\n"
         # TRUNCATE: every child row is gone
         f"ELSE DELETE FROM {side} WHERE counter = {name};\n"
         f"UPDATE {parent} SET {column} = 0 WHERE {column} <> 0;\nEND IF;\n"
@@ -225,8 +191,7 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     )
     parent_function = (
         f"CREATE OR REPLACE FUNCTION {pfn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"BEGIN\nPERFORM set_config('{PARENTS_DELETED}', 'on', true);\n"
-        f"DELETE FROM {side} WHERE counter = {name} AND parent_key IN "
+        f"BEGIN\nDELETE FROM {side} WHERE counter = {name} AND parent_key IN "
         f"(SELECT {_key_text('o.' + quote(pk.name), dialect)} FROM cc_old AS o);\nRETURN NULL;\nEND $countercache$"
     )
     return [function, *_statement_triggers(names, child, fn, quote),
