@@ -9,7 +9,8 @@
   lock and the UPDATE it precedes) in pipeline mode, answered together.
 
 Private API used: ``Connection._pipeline`` (is the application's pipeline
-open?). Run against psycopg 3.3.9 (the tests); read against the source of
+open?); ``Connection.lock``, ``Connection.wait`` and ``psycopg.generators.execute``
+(what psycopg's own ``commit()`` runs) to send the write with the COMMIT. Run against psycopg 3.3.9 (the tests); read against the source of
 3.1, the floor in ``setup.cfg``. Where pipeline mode cannot be entered, the
 statements go one by one.
 """
@@ -100,8 +101,16 @@ def send_with_commit(dbapi_connection: Any, statements: list[str]) -> None:
     """``statements``, then COMMIT, in one simple-protocol message: one round trip.
     A failed statement raises the driver's error; PostgreSQL skips the rest of
     the message, COMMIT included (the transaction is left open, aborted)."""
-    with dbapi_connection.cursor() as cursor:
-        cursor.execute(";\n".join([*statements, "COMMIT"]))
+    from psycopg import errors, generators, pq
+
+    pgconn = dbapi_connection.pgconn
+    message = ";\n".join([*statements, "COMMIT"]).encode(dbapi_connection.info.encoding)
+    with dbapi_connection.lock:  # (what a cursor's execute does, without its result objects)
+        pgconn.send_query(message)
+        results = dbapi_connection.wait(generators.execute(pgconn))
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise errors.error_from_result(result, encoding=dbapi_connection.info.encoding)
 
 
 def end_transaction(dbapi_connection: Any) -> None:

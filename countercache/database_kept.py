@@ -145,18 +145,8 @@ def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     """A rolled-back savepoint (or transaction) took the triggers' writes back:
     the counters read after them are expired (read again on next access)."""
     kept = counters()
-    if not kept or not session.identity_map:
-        return
-    keys: dict[type, list[str]] = {}
-    for counter in kept:
-        keys.setdefault(counter.mapper.class_, []).append(str(counter.key))  # type: ignore[union-attr]
-    for state in list(session.identity_map.all_states()):
-        obj = state.obj()
-        if obj is None:
-            continue
-        for cls, names in keys.items():
-            if isinstance(obj, cls):
-                session.expire(obj, names)
+    if kept and session.identity_map:
+        expire(session, kept)
 
 
 def refresh(session: Session, kept: list[CounterCache]) -> None:
@@ -203,8 +193,12 @@ def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -
 
 def expire(session: Session, kept: list[CounterCache]) -> None:
     """Expire the counters ``kept`` of every loaded parent (read again on next access, after
-    the statement about to run: an ORM statement next to ORM-kept counters, a legacy bulk call)."""
+    the statement about to run: an ORM statement next to ORM-kept counters, a legacy bulk call;
+    or after a rollback took the triggers' writes back)."""
+    keys: dict[type, list[str]] = {}
     for counter in kept:
-        cls = counter.mapper.class_  # type: ignore[union-attr]
-        for obj in [o for o in session.identity_map.values() if isinstance(o, cls)]:
-            session.expire(obj, [str(counter.key)])
+        keys.setdefault(counter.mapper.class_, []).append(str(counter.key))  # type: ignore[union-attr]
+    for obj in list(session.identity_map.values()):
+        for cls, names in keys.items():
+            if isinstance(obj, cls):
+                session.expire(obj, names)

@@ -147,7 +147,10 @@ def _needs_answers(session: Session) -> bool:
         if parent.string_keys:
             return True
         if identity_map and not session.expire_on_commit:
-            key_from_pk = parent.mapper.identity_key_from_primary_key
-            if any(key_from_pk(tuple(k)) in identity_map for k in deltas):
+            # (any loaded parent of the class, not only those under the keys held:
+            # a key given in another form than its type loads, a text UUID, say,
+            # finds no identity, and only RETURNING brings back the loaded form)
+            cls = parent.mapper.class_
+            if any(isinstance(obj, cls) for obj in identity_map.values()):
                 return True
     return False

@@ -160,15 +160,20 @@ class _Tables:
         if known is None:
             known = self._known[database] = (inspect(self._connection(database, counter)), {}, {})
         inspector, listed, exists = known
+        where = self._connection(database, counter)
+        # (a schema_translate_map moves the tables: looked for where the statements go)
+        translate = (where.get_execution_options().get("schema_translate_map") or {}) \
+            if hasattr(where, "get_execution_options") else {}
         missing = []
         for table in tables:
-            key = (table.schema, table.name)
+            schema = translate.get(table.schema, table.schema)
+            key = (schema, table.name)
             found = exists.get(key)
             if found is None:
-                names = listed.get(table.schema)
+                names = listed.get(schema)
                 if names is None:
-                    names = listed[table.schema] = set(inspector.get_table_names(schema=table.schema))
-                found = exists[key] = table.name in names or inspector.has_table(table.name, schema=table.schema)
+                    names = listed[schema] = set(inspector.get_table_names(schema=schema))
+                found = exists[key] = table.name in names or inspector.has_table(table.name, schema=schema)
             if not found:
                 missing.append(table.fullname)
         return missing

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table, event
 from sqlalchemy.engine import Connection
 
+from . import _execute
 from .errors import CounterCacheError
-from .sidetable import MAX_SHARDS, check_shardable, counter_name, table_for
+from .sidetable import MAX_SHARDS, check_shardable, check_translation, counter_name, table_for
 
 if TYPE_CHECKING:
     from .writer import Deltas, ParentTable
@@ -164,6 +165,7 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
                     table = table_for(counter)
                     if table is None:
                         check_shardable(counter, counter.name, need_table=True)
+                    check_translation(counter, connection)
                     rows = by_table.setdefault((table, connection), [])  # type: ignore[arg-type]
                     target = targets[index] = (rows, counter_name(counter), slot % counter.shards())
                 rows, name, shard = target
@@ -173,8 +175,10 @@ def write(connection_for: Callable[[ParentTable], Connection], pending: dict[Par
         stmt = _upsert(table, connection.dialect.name)
         if queued and len(rows) > 1:  # (one statement, its rows in its VALUES)
             connection.execute(stmt.values(rows))
+        elif len(rows) == 1:
+            _execute.execute(connection, stmt, rows[0])
         else:
-            connection.execute(stmt, rows[0] if len(rows) == 1 else rows)
+            connection.execute(stmt, rows)
 
 
 def rekey(connection: Connection, parent: ParentTable, old: tuple[Any, ...], new: tuple[Any, ...]) -> None:

@@ -49,7 +49,7 @@ from .repair import _connection
 from .scope import counters_for
 from .sessions import bind_of, session_of
 from .sidetable import TABLE_NAME as TABLE_NAME
-from .sidetable import counter_name, pending_expression, shard_table as shard_table, table_for
+from .sidetable import check_translation, counter_name, pending_expression, shard_table as shard_table, table_for
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -113,7 +113,10 @@ def exact(session: Any, instance: Any, counter: str) -> int:
     key = tuple(state.key[1])
     statement = select(exact_expression(getattr(definition.cls, definition.key))).where(  # type: ignore[arg-type]
         *(col == value for col, value in zip(parent.pk_cols, key)))
-    value = sync.connection(bind_arguments={"mapper": parent.mapper}).scalar(statement)
+    connection = sync.connection(bind_arguments={"mapper": parent.mapper})
+    if table_for(definition) is not None:
+        check_translation(definition, connection)
+    value = connection.scalar(statement)
     if value is None:
         raise CounterCacheError(f"{definition.name}: no parent row with key {key!r}")
     return value + commit.held_delta(sync, parent, key, definition.slot)
@@ -161,6 +164,7 @@ def fold(bind: Engine | Connection | Session | scoped_session[Any], *counters: A
                 for attempt in range(DEADLOCK_RETRIES + 1):
                     try:
                         with batch() as conn:
+                            check_translation(counter, conn)
                             keys, rows, after_batch = _fold_batch(conn, table, counter, name, after, batch_size)
                         break
                     except DBAPIError as exc:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.expression import ColumnElement
 
 from ._compat import InternalTraversal
-from .errors import ConfigurationError
+from .errors import ConfigurationError, CounterCacheError
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -90,6 +90,25 @@ def table_for(counter: CounterCache) -> Table | None:
     """The side table in the counter's metadata, if it has one."""
     assert counter.column is not None
     return counter.column.table.metadata.tables.get(TABLE_NAME)
+
+
+def check_translation(counter: CounterCache, connection: Any) -> None:
+    """Refuse a ``schema_translate_map`` that moves the parent's table to another
+    schema but leaves the side table where it is: every tenant's shard rows
+    would share one table under one counter name, and each tenant would read
+    and fold the others' deltas."""
+    translate = connection.get_execution_options().get("schema_translate_map")
+    if not translate:
+        return
+    assert counter.column is not None
+    side = table_for(counter)
+    parent_schema, side_schema = counter.column.table.schema, side.schema if side is not None else None
+    if translate.get(parent_schema, parent_schema) != parent_schema \
+            and translate.get(side_schema, side_schema) == side_schema:
+        raise CounterCacheError(
+            f"{counter.name}: the connection's schema_translate_map moves {counter.column.table.name} "
+            f"(schema {parent_schema!r}) but not {TABLE_NAME} (schema {side_schema!r}), so every tenant's "
+            f"shard rows would share one table; map {side_schema!r} too, or use strategy 'deferred'")
 
 
 def counter_name(counter: CounterCache) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, column, text
 from sqlalchemy.engine import Connection
 
+from . import _execute
 from ._compat import bind_processor
 from ._psycopg import send_together
 
@@ -47,6 +48,13 @@ def _uniform(values: list[Any]) -> list[Any]:
     return values
 
 
+def _schema(connection: Connection, table: Table) -> str | None:
+    translate = connection._execution_options.get("schema_translate_map")
+    if translate and table.schema in translate:
+        return translate[table.schema]  # type: ignore[no-any-return]
+    return table.schema
+
+
 class StatementForms:
     """The statement forms of one parent table (the base of :class:`~countercache.writer.ParentTable`)."""
 
@@ -60,7 +68,18 @@ class StatementForms:
         return connection.dialect.identifier_preparer.quote(name)
 
     def _table_name(self, connection: Connection) -> str:
-        return connection.dialect.identifier_preparer.format_table(self.table)
+        """The table's name as SQL, in the schema the connection's
+        ``schema_translate_map`` puts it (statements here are ``text()``,
+        which SQLAlchemy does not translate)."""
+        schema = _schema(connection, self.table)
+        preparer = connection.dialect.identifier_preparer
+        if schema is None:
+            return preparer.quote(self.table.name)
+        return f"{preparer.quote_schema(schema)}.{preparer.quote(self.table.name)}"
+
+    def _place(self, connection: Connection) -> tuple[str, str | None]:
+        """What a cached statement depends on besides its form: the dialect and the schema."""
+        return connection.dialect.name, _schema(connection, self.table)
 
     def _results(self, rows: Sequence[Any], slots: tuple[int, ...]) -> Results:
         n = len(self.pk_cols)
@@ -100,7 +119,7 @@ class StatementForms:
         return stmt.columns(*cols)
 
     def _cached(self, connection: Connection, kind: str, slots: tuple[int, ...], build: Any) -> Any:
-        key = (connection.dialect.name, kind, slots)
+        key = (self._place(connection), kind, slots)
         stmt = self._statements.get(key)
         if stmt is None:
             stmt = self._statements[key] = build()
@@ -124,9 +143,10 @@ class StatementForms:
         dialect = connection.dialect
         returning = values and bool(dialect.update_returning)
         # (statement, key parameter names, (delta parameter name, slot))
-        form = self._statements.get((dialect.name, returning, slots))
+        place = self._place(connection)
+        form = self._statements.get((place, returning, slots))
         if form is None:
-            form = self._statements[(dialect.name, returning, slots)] = self._one_form(connection, slots, returning)
+            form = self._statements[(place, returning, slots)] = self._one_form(connection, slots, returning)
         result = self._run_one(connection, form, key, vector)
         if returning:
             return self._results(result.fetchall(), slots)
@@ -138,9 +158,10 @@ class StatementForms:
         (dialects with ``UPDATE ... RETURNING``): the new values, and the row's
         ``extra`` columns as the UPDATE left them (None: no such row). One
         statement locks the row for writing and reads it."""
-        form = self._statements.get((connection.dialect.name, "returning", slots, extra))
+        place = self._place(connection)
+        form = self._statements.get((place, "returning", slots, extra))
         if form is None:
-            form = self._statements[(connection.dialect.name, "returning", slots, extra)] = self._one_form(
+            form = self._statements[(place, "returning", slots, extra)] = self._one_form(
                 connection, slots, True, extra)
         rows = self._run_one(connection, form, key, vector).fetchall()
         if not rows:
@@ -155,7 +176,7 @@ class StatementForms:
         params = dict(zip(key_names, key))
         for name, i in delta_names:
             params[name] = vector[i]
-        return connection.execute(stmt, params)
+        return _execute.execute(connection, stmt, params)
 
     def _one_form(self, connection: Connection, slots: tuple[int, ...],
                   returning: bool, extra: tuple[Column[Any], ...] = ()) -> tuple[Any, list[str], list[tuple[str, int]]]:
@@ -201,7 +222,7 @@ class StatementForms:
                 params[f"k{m}_{j}"] = v
             for i in slots:
                 params[f"d{m}_{i}"] = deltas[k][i]
-        result = connection.execute(stmt, params)
+        result = _execute.execute(connection, stmt, params)
         return self._results(result.fetchall(), slots) if values else []
 
     def _apply_postgresql(

@@ -82,7 +82,7 @@ def create(connection: Connection, counter: CounterCache) -> None:
     from .errors import CounterCacheError
     from .strategies.trigger import forget_verified
 
-    refused = triggers.refusal(counter, connection.dialect)
+    refused = triggers.refusal(counter, connection.dialect) or triggers.translated(connection, counter)
     if refused is not None:
         raise CounterCacheError(refused)
     # (dropped first if there: a parent table's triggers outlive a dropped counted table)
@@ -95,8 +95,8 @@ def drop(connection: Connection, counter: CounterCache) -> None:
     from . import triggers
     from .strategies.trigger import forget_verified
 
-    if triggers.refusal(counter, connection.dialect) is not None:
-        return
+    if triggers.refusal(counter, connection.dialect) is not None or triggers.translated(connection, counter):
+        return  # (under a schema_translate_map: never the untranslated tables' triggers)
     triggers.execute(connection, triggers.drop_statements(counter, connection.dialect))
     forget_verified()
 
@@ -117,7 +117,7 @@ def _before_create(metadata: MetaData, connection: Connection, tables: Any = Non
         if broken is not None:
             raise _registry.failure(*broken)
     for counter in found:
-        refused = triggers.refusal(counter, connection.dialect)
+        refused = triggers.refusal(counter, connection.dialect) or triggers.translated(connection, counter)
         if refused is not None:
             raise CounterCacheError(refused)
         parent = counter.column.table  # type: ignore[union-attr]

@@ -285,6 +285,33 @@ def _names_of(counter: Any, dialect: Any) -> dict[str, str]:
     return trigger_names(counter, dialect)
 
 
+def translated(connection: Any, counter: Any) -> str | None:
+    """None unless ``connection`` has a ``schema_translate_map`` that moves one of the
+    counter's tables to another schema: the trigger DDL names its tables as
+    declared, so it would be made for (and would write) the untranslated tables."""
+    translate = schema_translation(connection)
+    if not translate or counter.column is None or counter.kind is None:
+        return None
+    tables = [counter.column.table, counted_table(counter), counter.kind.key_columns()[0].table]
+    if is_sharded(counter):
+        tables.append(None)  # (countercache_shards, in the default schema)
+    moved = sorted({t.name if t is not None else "countercache_shards" for t in tables
+                    if translate.get(None if t is None else t.schema, None if t is None else t.schema)
+                    != (None if t is None else t.schema)})
+    if not moved:
+        return None
+    return (f"{counter.name}: the connection's schema_translate_map moves {', '.join(moved)} to another schema, "
+            f"which the {counter.strategy()} strategy does not support yet (its triggers name the tables as "
+            f"declared); use strategy {'sharded' if is_sharded(counter) else 'bulk'!r}, or declare the schema "
+            "on the tables")
+
+
+def schema_translation(connection: Any) -> dict[Any, Any]:
+    """The ``schema_translate_map`` in effect on ``connection`` (empty if none)."""
+    options = connection.get_execution_options() if hasattr(connection, "get_execution_options") else {}
+    return dict(options.get("schema_translate_map") or {})
+
+
 def installed(connection: Any, counter: Any) -> bool:
     """Do all of the counter's triggers exist in ``connection``'s database? (one catalog query)"""
     dialect = connection.dialect

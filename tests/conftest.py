@@ -394,7 +394,11 @@ def engine(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[E
         eng = sa.create_engine(f"sqlite:///{tmp_path / 'countercache_test.db'}")
         shared = False
     else:
+        # a per-test view of the shared engine (its pool): the listeners a test
+        # adds stay on it, so the next test's engine has none (countercache
+        # takes a shorter way for its own statements where nothing listens)
         eng = request.getfixturevalue("_pg_engine" if backend == "postgresql" else "_mariadb_engine")
+        eng = eng.execution_options()
         shared = True
 
     yield eng

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Optional
 
 import pytest
-from sqlalchemy import ForeignKey, String, insert, literal, select, text, update
+from sqlalchemy import BINARY, ForeignKey, LargeBinary, String, TypeDecorator, insert, literal, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
@@ -344,3 +345,59 @@ def test_child_moved_to_a_parent_inserted_by_a_flush_ordered_row_by_row(engine, 
             assert all(r[1] == r[2] for r in rows), (round_, rows)
         assert rows[0][1] == 1
     Base.metadata.drop_all(engine)
+
+
+class _BinaryUuid(TypeDecorator):
+    """A UUID kept as 16 bytes; a key may be given as its text."""
+
+    impl = LargeBinary(16)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        return dialect.type_descriptor(BINARY(16) if dialect.name in ("mysql", "mariadb") else LargeBinary(16))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        return (uuid.UUID(value) if isinstance(value, str) else value).bytes
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else uuid.UUID(bytes=bytes(value))
+
+
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred"])
+def test_loaded_parent_fresh_when_the_key_is_given_as_text(engine, strategy):
+    """Outside tester: ``user_id=str(uuid)`` (a TypeDecorator key), ``expire_on_commit=False``,
+    the parent loaded: ``deferred`` on PostgreSQL left its counter at the old value
+    (the text key found no identity in the session, so the new value was not asked for)."""
+    import uuid
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "tk_users"
+        id: Mapped[uuid.UUID] = mapped_column(_BinaryUuid, primary_key=True)
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+
+    class Question(Base):
+        __tablename__ = "tk_questions"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        user_id: Mapped[Optional[uuid.UUID]] = mapped_column(_BinaryUuid, ForeignKey("tk_users.id"))
+
+    configure_mappers()
+    Base.metadata.create_all(engine)
+    k1 = uuid.UUID(int=1)
+    with Session(engine) as session:
+        session.add(User(id=k1))
+        session.commit()
+    with Session(engine, expire_on_commit=False) as session:
+        user = session.get(User, k1)
+        session.add(Question(user_id=k1))
+        session.commit()
+        session.add(Question(user_id=str(k1)))
+        session.commit()
+        assert user.question_count == 2
+    with engine.connect() as connection:
+        assert connection.execute(select(User.question_count)).scalar_one() == 2

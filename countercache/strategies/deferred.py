@@ -75,9 +75,14 @@ class DeferredStrategy(Strategy):
 
 
 def _in_memory(session: Session, parent: Any, keys: Any) -> bool:
-    """Is any of these parents in the session?"""
+    """Is any of these parents in the session? (Any parent of the class where a key
+    is not found: a key given in another form than its type loads, a text UUID
+    for a UUID column, finds no identity, and RETURNING brings the loaded form.)"""
     identity_map = session.identity_map
     if not identity_map:
         return False
     key_from_pk = parent.mapper.identity_key_from_primary_key
-    return any(key_from_pk(tuple(k)) in identity_map for k in keys)
+    if any(key_from_pk(tuple(k)) in identity_map for k in keys):
+        return True
+    cls = parent.mapper.class_
+    return any(isinstance(obj, cls) for obj in identity_map.values())

@@ -43,7 +43,7 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
     found = _verified.get(engine)
     if found is not None and base in found:
         return
-    refused = triggers.refusal(counter, connection.dialect)
+    refused = triggers.refusal(counter, connection.dialect) or triggers.translated(connection, counter)
     if refused is not None:
         raise CounterCacheError(refused)
     if not triggers.installed(connection, counter):
