@@ -69,11 +69,14 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
     if not usable:
         return connection.execute(stmt, params)
     dbapi_connection = connection.connection.dbapi_connection
+    parameters: Any = params if order is None else tuple(params[name] for name in order)
     recorded = getattr(dbapi_connection, "_countercache_recorded", None)
     if recorded is not None:  # (psycopg, sent later with the COMMIT)
-        recorded.append(_recorder(dbapi_connection).mogrify(sql, params))
+        if order is None and all(type(value) is int for value in params.values()):  # (an integer's literal: its digits)
+            recorded.append(sql % {name: str(value) if value >= 0 else f"({value})" for name, value in params.items()})
+        else:
+            recorded.append(_recorder(dbapi_connection).mogrify(sql, parameters))
         return _Rows([], -1)
-    parameters: Any = params if order is None else tuple(params[name] for name in order)
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(sql, parameters)

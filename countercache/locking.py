@@ -57,6 +57,37 @@ def child_primary_key(child: _Child) -> list[Any]:
     return list(table.primary_key.columns)
 
 
+def _int_array(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None) -> str | None:
+    """PostgreSQL, one integer primary key, integer keys: the keys as one array
+    literal (``{1,2,3}``), the parameter of a statement built once per child
+    (:func:`_cached`); else None."""
+    if keys is None or connection.dialect.name != "postgresql":
+        return None
+    pk = child_primary_key(child)
+    if len(pk) != 1 or not isinstance(pk[0].type, Integer):
+        return None
+    values = [k for (k,) in keys]
+    if any(type(v) is not int for v in values):
+        return None
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _by_int_array(child: _Child) -> Any:
+    pk = child_primary_key(child)
+    return pk[0] == any_(cast(bindparam("countercache_keys", type_=Text), ARRAY(pk[0].type)))
+
+
+def _cached(child: _Child, form: tuple[Any, ...], build: Any) -> Any:
+    """A statement built once per child and form (the pre-read runs once per
+    flush that deletes or moves: building and keying a new SELECT each time
+    cost more than the database takes to answer it)."""
+    statements = child.__dict__.setdefault("_locking_statements", {})
+    stmt = statements.get(form)
+    if stmt is None:
+        stmt = statements[form] = build()
+    return stmt
+
+
 def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]) -> Iterator[Any]:
     """WHERE clauses picking the child rows with these primary keys: one on
     PostgreSQL (an array), key-ordered chunks of an IN list elsewhere."""
@@ -122,9 +153,17 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     value_keys = child.keys
     n = len(child_primary_key(child))
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
-    criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
-    for criterion in criteria:
-        rows = connection.execute(_locking_select(child, criterion, lock, dialect=connection.dialect)).all()  # one fetchall, not a fetchone per row
+    array = _int_array(connection, child, keys)
+    if array is not None:
+        dialect = connection.dialect
+        stmt = _cached(child, ("read", dialect.name, lock), lambda: _locking_select(
+            child, _by_int_array(child), lock, dialect=dialect))
+        selects = [(stmt, {"countercache_keys": array})]
+    else:
+        criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
+        selects = [(_locking_select(child, criterion, lock, dialect=connection.dialect), {}) for criterion in criteria]
+    for stmt, params in selects:
+        rows = connection.execute(stmt, params).all()  # one fetchall, not a fetchone per row
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
@@ -147,6 +186,17 @@ def count_deleted(connection: Connection, child: _Child,
     """
     value_keys = child.keys
     counts: dict[tuple[Any, ...], int] = {}
+    array = _int_array(connection, child, keys)
+    if array is not None:  # (PostgreSQL: grouped by the server)
+        def build() -> Any:
+            locked = _locking_select(child, _by_int_array(child), "update", with_key=False,
+                                     dialect=connection.dialect).subquery()
+            cols = list(locked.c)
+            return select(*cols, func.count()).group_by(*cols)
+
+        stmt = _cached(child, ("count", "postgresql"), build)
+        rows = connection.execute(stmt, {"countercache_keys": array}).all()
+        return [(dict(zip(value_keys, values)), n) for *values, n in rows]
     for criterion in _criteria(connection, child, keys):
         stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect)
         if connection.dialect.name == "postgresql":
