@@ -72,6 +72,20 @@ def _int_array(connection: Connection, child: _Child, keys: list[tuple[Any, ...]
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def _key_chunks(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None) -> list[Any] | None:
+    """One-column keys elsewhere than in an array: key-ordered chunks of them, each
+    the parameter of an expanding ``IN`` in a statement built once per child; else None."""
+    if keys is None or len(child_primary_key(child)) != 1 or connection.dialect.name == "postgresql":
+        return None  # (PostgreSQL: one array, built per flush where not integers)
+    ordered = sorted(k for (k,) in keys)
+    size = chunk_size(connection)
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
+def _by_key_list(child: _Child) -> Any:
+    return child_primary_key(child)[0].in_(bindparam("countercache_keys", expanding=True))
+
+
 def _by_int_array(child: _Child) -> Any:
     pk = child_primary_key(child)
     return pk[0] == any_(cast(bindparam("countercache_keys", type_=Text), ARRAY(pk[0].type)))
@@ -159,6 +173,11 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         stmt = _cached(child, ("read", dialect.name, lock), lambda: _locking_select(
             child, _by_int_array(child), lock, dialect=dialect))
         selects = [(stmt, {"countercache_keys": array})]
+    elif (chunks := _key_chunks(connection, child, keys)) is not None:
+        dialect = connection.dialect
+        stmt = _cached(child, ("read-in", dialect.name, lock), lambda: _locking_select(
+            child, _by_key_list(child), lock, dialect=dialect))
+        selects = [(stmt, {"countercache_keys": chunk}) for chunk in chunks]
     else:
         criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
         selects = [(_locking_select(child, criterion, lock, dialect=connection.dialect), {}) for criterion in criteria]
@@ -197,6 +216,16 @@ def count_deleted(connection: Connection, child: _Child,
         stmt = _cached(child, ("count", "postgresql"), build)
         rows = connection.execute(stmt, {"countercache_keys": array}).all()
         return [(dict(zip(value_keys, values)), n) for *values, n in rows]
+    chunks = _key_chunks(connection, child, keys)
+    if chunks is not None:
+        dialect = connection.dialect
+        stmt = _cached(child, ("count-in", dialect.name), lambda: _locking_select(
+            child, _by_key_list(child), "update", with_key=False, dialect=dialect))
+        for chunk in chunks:
+            for values in connection.execute(stmt, {"countercache_keys": chunk}).all():
+                values = tuple(values)
+                counts[values] = counts.get(values, 0) + 1
+        return [(dict(zip(value_keys, values)), n) for values, n in counts.items()]
     for criterion in _criteria(connection, child, keys):
         stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect)
         if connection.dialect.name == "postgresql":
