@@ -190,7 +190,50 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         else:
             for row in rows:
                 found[tuple(row[:n])] = dict(zip(value_keys, row[n:]))
+    if keys is not None and found and any(k not in found for k in keys):
+        _match_given_keys(connection, child, keys, found)
     return found
+
+
+def _match_given_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]],
+                      found: dict[tuple[Any, ...], dict[str, Any]]) -> None:
+    """A key the application gave in another form than its type reads back
+    (``"7"`` for an integer column, a UUID's text): the row read back under
+    the database's form is also filed under the given one, so that the caller
+    finds it (the session knows the row by the given form)."""
+    pk = child_primary_key(child)
+    dialect = connection.dialect
+
+    def canonical(key: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(_canonical(column.type, value, dialect) for column, value in zip(pk, key))
+
+    by_form = {canonical(k): v for k, v in found.items()}
+    for key in keys:
+        if key not in found:
+            row = by_form.get(canonical(key))
+            if row is not None:
+                found[key] = row
+
+
+def _canonical(type_: Any, value: Any, dialect: Any) -> Any:
+    """``value`` as the database compares it: through the type's bind processor,
+    then into the type's Python type where it is not one already."""
+    processor = type_._cached_bind_processor(dialect)
+    if processor is not None:
+        try:
+            value = processor(value)
+        except Exception:  # noqa: BLE001 - a form the processor does not take: compared as given
+            return value
+    try:
+        python_type = getattr(type_, "impl_instance", type_).python_type
+    except NotImplementedError:
+        return value
+    if value is not None and not isinstance(value, python_type):
+        try:
+            value = python_type(value)
+        except Exception:  # noqa: BLE001 - not convertible: compared as given
+            pass
+    return value
 
 
 def count_deleted(connection: Connection, child: _Child,
