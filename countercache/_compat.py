@@ -40,7 +40,8 @@ import sys
 from types import FrameType, ModuleType
 from typing import Any
 
-from sqlalchemy import Boolean
+from sqlalchemy import Boolean, event
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm.base import NEVER_SET as NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE
@@ -366,3 +367,33 @@ def replace_transaction(transaction: Any, connection: Any, make: Any) -> None:
                 if same is entry:
                     connections[other] = replaced
             return
+
+
+#: base engines given a listener by :func:`listen_on_connection`: (engine, name, fn)
+_engine_listeners: list[tuple[Any, str, Any]] = []
+
+
+def listen_on_connection(connection: Any, name: str, fn: Any) -> bool:
+    """``event.listen(connection, name, fn)``; True if listened there. Older SQLAlchemy 2.0
+    refuses it on a connection of an ``engine.execution_options()`` engine ("No such
+    event"): ``fn`` is then listened to on the base engine, for good (it must pass
+    over the other connections' statements), and False is returned."""
+    try:
+        event.listen(connection, name, fn)
+        return True
+    except InvalidRequestError:
+        engine = connection.engine
+        while hasattr(engine, "_proxied"):
+            engine = engine._proxied
+        if not event.contains(engine, name, fn):
+            event.listen(engine, name, fn)
+            _engine_listeners.append((engine, name, fn))
+        return False
+
+
+def forget_engine_listeners() -> None:
+    """Remove what :func:`listen_on_connection` listened to on base engines (``uninstall()``)."""
+    while _engine_listeners:
+        engine, name, fn = _engine_listeners.pop()
+        if event.contains(engine, name, fn):
+            event.remove(engine, name, fn)

@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
 from . import collation, database_kept, many_to_many, memory, through, transactions
-from ._compat import drop_events_flag, has_own_events, held_connection
+from ._compat import drop_events_flag, has_own_events, held_connection, listen_on_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
 from .suspension import _suspended
@@ -312,11 +312,11 @@ _awaiting: weakref.WeakKeyDictionary[Connection, FlushState] = weakref.WeakKeyDi
 
 
 def watch(fs: FlushState, connection: Connection, listener: Any) -> None:
-    """Call ``listener`` before the connection's next statements (``before_execute``),
-    until ``release_watched(fs)``."""
+    """``listener`` before the connection's next statements (``before_execute``), until ``release_watched(fs)``."""
     if connection not in fs.watching:
         fs.watching[connection] = (listener, has_own_events(connection))
-        event.listen(connection, "before_execute", listener)
+        if not listen_on_connection(connection, "before_execute", listener):
+            del fs.watching[connection]  # (on its engine for good: nothing to release)
 
 
 def release_watched(fs: FlushState) -> None:

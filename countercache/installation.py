@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Integer, event
 from sqlalchemy.orm import Mapper, MappedColumn, Session, mapped_column
 
-from . import (_registry, commit, config, database_kept, legacy_bulk, many_to_many, memory, preread, skipping,
+from . import (_compat, _registry, commit, config, database_kept, legacy_bulk, many_to_many, memory, preread, skipping,
                transactions, trigger_events)
 from .bulk_dml import _do_orm_execute
 from .children import _child_cache, _children, add_counter
@@ -298,6 +298,7 @@ def _uninstall_session_hooks() -> None:
                 event.remove(mapper, name, fn)
     _parents_hooked.clear()
     preread.forget_watched()
+    _compat.forget_engine_listeners()
     _children.clear()
     _child_cache.clear()
     _locked.clear()
