@@ -90,6 +90,17 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
     return _Rows(rows, rowcount)
 
 
+def schema_translation(bind: Any) -> dict[Any, Any]:
+    """The ``schema_translate_map`` in effect on a Connection or an Engine (empty if none)."""
+    options = bind.get_execution_options() if hasattr(bind, "get_execution_options") else {}
+    return options.get("schema_translate_map") or {}
+
+
+def translated(bind: Any, schema: str | None) -> str | None:
+    """The schema a table declared in ``schema`` is in on ``bind``."""
+    return schema_translation(bind).get(schema, schema)  # type: ignore[no-any-return]
+
+
 def _plain_connection(connection: Any) -> bool:
     """Would ``Connection.execute`` do nothing here beyond compiling, sending and
     wrapping (no listener, no logging, no schema translation, a transaction
@@ -97,7 +108,7 @@ def _plain_connection(connection: Any) -> bool:
     return not (
         connection._has_events or connection.engine._has_events or connection.dialect._has_events
         or connection._echo or connection.dialect.is_async
-        or connection._execution_options.get("schema_translate_map")
+        or schema_translation(connection)
         or not connection.in_transaction()
         or connection.connection.dbapi_connection is None
     )

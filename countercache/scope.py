@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, configure_mappers
 from sqlalchemy.sql.util import find_tables
 
 from . import _registry
+from ._execute import translated
 from .errors import CounterCacheError
 from .sidetable import table_for
 
@@ -156,17 +157,14 @@ class _Tables:
         if not tables:
             return []
         database = self.database(counter)
+        where = self._connection(database, counter)
         known = self._known.get(database)
         if known is None:
-            known = self._known[database] = (inspect(self._connection(database, counter)), {}, {})
+            known = self._known[database] = (inspect(where), {}, {})
         inspector, listed, exists = known
-        where = self._connection(database, counter)
-        # (a schema_translate_map moves the tables: looked for where the statements go)
-        translate = (where.get_execution_options().get("schema_translate_map") or {}) \
-            if hasattr(where, "get_execution_options") else {}
         missing = []
         for table in tables:
-            schema = translate.get(table.schema, table.schema)
+            schema = translated(where, table.schema)  # (where a schema_translate_map puts it)
             key = (schema, table.name)
             found = exists.get(key)
             if found is None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.expression import ColumnElement
 
 from ._compat import InternalTraversal
+from ._execute import schema_translation
 from .errors import ConfigurationError, CounterCacheError
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def check_translation(counter: CounterCache, connection: Any) -> None:
     schema but leaves the side table where it is: every tenant's shard rows
     would share one table under one counter name, and each tenant would read
     and fold the others' deltas."""
-    translate = connection.get_execution_options().get("schema_translate_map")
+    translate = schema_translation(connection)
     if not translate:
         return
     assert counter.column is not None

@@ -48,13 +48,6 @@ def _uniform(values: list[Any]) -> list[Any]:
     return values
 
 
-def _schema(connection: Connection, table: Table) -> str | None:
-    translate = connection._execution_options.get("schema_translate_map")
-    if translate and table.schema in translate:
-        return translate[table.schema]  # type: ignore[no-any-return]
-    return table.schema
-
-
 class StatementForms:
     """The statement forms of one parent table (the base of :class:`~countercache.writer.ParentTable`)."""
 
@@ -71,7 +64,7 @@ class StatementForms:
         """The table's name as SQL, in the schema the connection's
         ``schema_translate_map`` puts it (statements here are ``text()``,
         which SQLAlchemy does not translate)."""
-        schema = _schema(connection, self.table)
+        schema = _execute.translated(connection, self.table.schema)
         preparer = connection.dialect.identifier_preparer
         if schema is None:
             return preparer.quote(self.table.name)
@@ -79,7 +72,7 @@ class StatementForms:
 
     def _place(self, connection: Connection) -> tuple[str, str | None]:
         """What a cached statement depends on besides its form: the dialect and the schema."""
-        return connection.dialect.name, _schema(connection, self.table)
+        return connection.dialect.name, _execute.translated(connection, self.table.schema)
 
     def _results(self, rows: Sequence[Any], slots: tuple[int, ...]) -> Results:
         n = len(self.pk_cols)

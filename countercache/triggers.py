@@ -54,6 +54,7 @@ from typing import Any
 from sqlalchemy import text
 
 from . import triggers_postgresql, triggers_sharded, triggers_through
+from ._execute import schema_translation
 from .errors import ConfigurationError
 from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, MIDDLE, MIDDLE_FUNCTION_SUFFIX, PARENT,
                           PARENT_FUNCTION_SUFFIX, TRUNCATE, _names, _own_constraint, _Shape, _targets, _weight, base_name,
@@ -304,12 +305,6 @@ def translated(connection: Any, counter: Any) -> str | None:
             f"which the {counter.strategy()} strategy does not support yet (its triggers name the tables as "
             f"declared); use strategy {'sharded' if is_sharded(counter) else 'bulk'!r}, or declare the schema "
             "on the tables")
-
-
-def schema_translation(connection: Any) -> dict[Any, Any]:
-    """The ``schema_translate_map`` in effect on ``connection`` (empty if none)."""
-    options = connection.get_execution_options() if hasattr(connection, "get_execution_options") else {}
-    return dict(options.get("schema_translate_map") or {})
 
 
 def installed(connection: Any, counter: Any) -> bool:

@@ -49,6 +49,7 @@ from sqlalchemy import Column, ForeignKeyConstraint, Integer, MetaData, Table, i
 from sqlalchemy.exc import NoSuchTableError
 
 from .. import triggers
+from .._execute import schema_translation
 from ..errors import ConfigurationError, CounterCacheError
 from ..sidetable import TABLE_NAME, check_shards, shard_table
 from ..strategies.trigger import forget_verified
@@ -276,7 +277,7 @@ def _run(operations: Operations, statements: list[str]) -> None:
             ctx.impl.static_output(statement + ctx.impl.command_terminator)
         return
     bind = operations.get_bind()
-    moved = {k: v for k, v in triggers.schema_translation(bind).items() if k != v}
+    moved = {k: v for k, v in schema_translation(bind).items() if k != v}
     if moved:
         raise CounterCacheError(
             f"the migration's connection has a schema_translate_map ({moved}), which counter triggers do "
