@@ -60,7 +60,8 @@ def child_primary_key(child: _Child) -> list[Any]:
 def _int_array(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None) -> str | None:
     """PostgreSQL, one integer primary key, integer keys: the keys as one array
     literal (``{1,2,3}``), the parameter of a statement built once per child
-    (:func:`_cached`); else None."""
+    (:func:`_cached`); else None. (The text, not a list: psycopg picks a type
+    per element of a list, 3.6 ms for 5,000 keys against 0.9 ms.)"""
     if keys is None or connection.dialect.name != "postgresql":
         return None
     pk = child_primary_key(child)
@@ -103,19 +104,13 @@ def _cached(child: _Child, form: tuple[Any, ...], build: Any) -> Any:
 
 
 def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]) -> Iterator[Any]:
-    """WHERE clauses picking the child rows with these primary keys: one on
-    PostgreSQL (an array), key-ordered chunks of an IN list elsewhere."""
+    """WHERE clauses picking the child rows with these primary keys where no
+    statement built once serves (:func:`_int_array`, :func:`_key_chunks`): one
+    array on PostgreSQL, key-ordered chunks of an IN list of composite keys elsewhere."""
     pk = child_primary_key(child)
     if len(pk) == 1 and connection.dialect.name == "postgresql":
         # one array parameter: psycopg parses a fixed text, not 5,000 placeholders
-        values = [k for (k,) in keys]
-        if isinstance(pk[0].type, Integer) and set(map(type, values)) == {int}:
-            # integers as one array literal: psycopg picks a type per element of
-            # a list (3.6 ms for 5,000 keys, against 0.9 ms for the text)
-            yield pk[0] == any_(cast(bindparam("countercache_keys", "{" + ",".join(map(str, values)) + "}",
-                                               type_=Text), ARRAY(pk[0].type)))
-        else:
-            yield pk[0] == any_(bindparam("countercache_keys", values, type_=ARRAY(pk[0].type)))
+        yield pk[0] == any_(bindparam("countercache_keys", [k for (k,) in keys], type_=ARRAY(pk[0].type)))
         return
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
     ordered = sorted(keys)
