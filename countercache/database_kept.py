@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm.attributes import instance_state
+
 from . import _registry, config, memory
 from .kinds import ManyToMany, MultiLevel
 from .errors import CounterCacheError
@@ -113,6 +115,16 @@ def after_flush(session: Session, uow: Any) -> None:
     kept = uow.countercache_kept = fed_by(_written(uow))
     for counter in kept:
         _verify(session, counter)
+    if session.new:
+        uow.countercache_new = _new_parents(session)
+
+
+def _new_parents(session: Session) -> list[tuple[Any, Any]]:
+    """``(parent table, instance)`` of the parents of a database-kept counter that the
+    flush inserts: the parent table's trigger starts their counter from the rows already
+    under their key (a deferred foreign key, children that outlived a former parent)."""
+    parents = {counter.mapper.class_: counter.parent for counter in counters()}  # type: ignore[union-attr]
+    return [(parent, obj) for obj in session.new for cls, parent in parents.items() if isinstance(obj, cls)]
 
 
 def _verify(session: Session, counter: CounterCache) -> None:
@@ -139,6 +151,13 @@ def after_flush_postexec(session: Session, uow: Any) -> None:
         return
     kept = getattr(uow, "countercache_kept", None)
     refresh(session, fed_by(_written(uow)) if kept is None else kept)
+    inserted: dict[Any, list[tuple[Any, None]]] = {}
+    for parent, obj in getattr(uow, "countercache_new", ()):
+        key = instance_state(obj).key
+        if key is not None:
+            inserted.setdefault(parent, []).append((tuple(key[1]), None))
+    for parent, results in inserted.items():
+        memory.apply(session, parent, results)
 
 
 def after_soft_rollback(session: Session, previous_transaction: Any) -> None:

@@ -257,7 +257,7 @@ def drop_named_statements(base: str, child: str, schema: str | None, dialect: An
     events = {**EVENTS, **TRUNCATE} if dialect.name == "postgresql" else dict(EVENTS)
     names = [base + suffix for suffix in events.values()]
     # (and a multi-level counter's on its middle table; on PostgreSQL, its function's CASCADE drops them)
-    parent_names = [base + suffix for suffix in {**PARENT, **triggers_sharded.PARENT_DELETE}.values()]
+    parent_names = [base + suffix for suffix in (*PARENT.values(), *triggers_sharded.PARENT_TRIGGERS.values())]
     middle_names = [base + suffix for suffix in MIDDLE.values()]
     prefix = f"{prep.quote_schema(schema)}." if schema and dialect.name != "sqlite" else ""
     if dialect.name == "postgresql":

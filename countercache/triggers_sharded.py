@@ -26,16 +26,13 @@ ORM's ``sharded`` strategy does (``counter_name``, the key as text), so that
 * SQLite, MariaDB/MySQL: row-level triggers, one upsert per counted row
   (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``).
 * The parent table: deleting a parent deletes its shard rows (as ``sharded``
-  does), so that a new parent with the same key starts from its own rows. A
-  new parent row gets nothing (rows inserted before it under its key, a
-  deferred foreign key, have their shard rows already).
+  does); a new parent row starts from the real count under its key less the
+  deltas pending there (rows inserted before it under a deferred foreign
+  key; children of a former parent with its key, written after it was gone),
+  so that column plus shard rows is its real count whatever came before.
 
 Not kept: a parent whose primary key changes (its shard rows stay under the
-old key); on SQLite and MariaDB/MySQL, the rows of a parent that is gone
-(no foreign key in the database, or SQLite's unenforced by default): a
-child row deleted afterwards writes under the key no parent has, which a
-new parent with that key would count; what :mod:`countercache.triggers`
-lists for ``trigger``.
+old key); what :mod:`countercache.triggers` lists for ``trigger``.
 """
 
 from __future__ import annotations
@@ -45,13 +42,14 @@ from typing import Any
 from sqlalchemy import String
 
 from .sidetable import TABLE_NAME, counter_name
-from .trigger_sql import EVENTS, FUNCTION_SUFFIX, _statement_triggers, PARENT_FUNCTION_SUFFIX, _counts, _names, _Shape, _weight, \
-    function_name, trigger_name
+from .trigger_sql import EVENTS, FUNCTION_SUFFIX, _statement_triggers, PARENT_FUNCTION_SUFFIX, _counts, _names, _recount, \
+    _Shape, _weight, function_name, trigger_name
 
-__all__ = ["create_statements", "trigger_names", "PARENT_DELETE"]
+__all__ = ["create_statements", "trigger_names", "PARENT_TRIGGERS"]
 
-#: The parent-table trigger of a ``sharded_trigger`` counter: its shard rows go with a deleted parent.
-PARENT_DELETE = {"PARENT_DELETE": "_pdl"}
+#: The parent-table triggers of a ``sharded_trigger`` counter: a deleted parent's shard rows go
+#: with it; a new parent starts from its real count less the deltas pending under its key.
+PARENT_TRIGGERS = {"PARENT_DELETE": "_pdl", "PARENT_INSERT": "_psi"}
 #: PostgreSQL: the transaction-local setting the parent-table trigger turns on. Until the
 #: transaction ends, the child table's triggers check that a row's parent still exists.
 PARENTS_DELETED = "countercache.parents_deleted"
@@ -68,12 +66,12 @@ def _held_by_foreign_key(shape: _Shape) -> bool:
 
 def trigger_names(counter: Any, dialect: Any = None) -> dict[str, str]:
     """``{"INSERT", "DELETE", "UPDATE"}`` (and ``"TRUNCATE"`` on PostgreSQL) on the
-    counted table, ``"PARENT_DELETE"`` on the parent table."""
+    counted table, ``"PARENT_DELETE"`` and ``"PARENT_INSERT"`` on the parent table."""
     base = trigger_name(counter)
     events = dict(EVENTS)
     if dialect is not None and dialect.name == "postgresql":
         events["TRUNCATE"] = "_trn"
-    events.update(PARENT_DELETE)
+    events.update(PARENT_TRIGGERS)
     return {event: base + suffix for event, suffix in events.items()}
 
 
@@ -126,8 +124,19 @@ def _stored_key(shape: _Shape, row: str, dialect: Any, parent: str) -> str:
     return f"coalesce((SELECT cc_p.{quote(pk.name)} FROM {parent} AS cc_p WHERE cc_p.{quote(pk.name)} = {given}), {given})"
 
 
+def _start(shape: _Shape, dialect: Any, child: str, side: str, name: str) -> str:
+    """SQL: what the column of a new parent row ``NEW`` starts from: the real count under
+    its key less the deltas already pending there (shard rows of children written before
+    it, under a deferred foreign key; or of a former parent with that key, whose children
+    outlived it), so that column plus shard rows is its real count."""
+    (pk,) = shape.parent_key
+    key = _key_text(f"NEW.{dialect.identifier_preparer.quote(pk.name)}", dialect)
+    return (f"{_recount(shape, 'NEW', dialect, child)} - (SELECT coalesce(sum(cc_s.delta), 0) FROM {side} AS cc_s "
+            f"WHERE cc_s.counter = {name} AND cc_s.parent_key = {key})")
+
+
 def _row_level(counter: Any, dialect: Any) -> list[str]:
-    shape, parent, child, _ = _names(counter, dialect)
+    shape, parent, child, column = _names(counter, dialect)
     quote = dialect.identifier_preparer.quote
     names = {event: quote(name) for event, name in trigger_names(counter, dialect).items()}
     side, name, shard = _side(counter, dialect), _literal(counter_name(counter), dialect), _shard(counter, dialect)
@@ -149,6 +158,7 @@ def _row_level(counter: Any, dialect: Any) -> list[str]:
     changed = "NOT (" + " AND ".join(f"NEW.{quote(c.name)} {same} OLD.{quote(c.name)}" for c in shape.columns) + ")"
     forget = (f"DELETE FROM {side} WHERE counter = {name} AND parent_key = "
               f"{_key_text('OLD.' + quote(pk.name), dialect)};")
+    start = _start(shape, dialect, child, side, name)
     if sqlite:
         of = ", ".join(quote(c.name) for c in shape.columns)
         return [
@@ -157,6 +167,8 @@ def _row_level(counter: Any, dialect: Any) -> list[str]:
             f"CREATE TRIGGER {names['UPDATE']} AFTER UPDATE OF {of} ON {child} FOR EACH ROW WHEN {changed} "
             f"BEGIN {upsert('OLD', '-')} {upsert('NEW', '')} END",
             f"CREATE TRIGGER {names['PARENT_DELETE']} AFTER DELETE ON {parent} FOR EACH ROW BEGIN {forget} END",
+            f"CREATE TRIGGER {names['PARENT_INSERT']} AFTER INSERT ON {parent} FOR EACH ROW BEGIN UPDATE {parent} "
+            f"SET {column} = {start} WHERE {quote(pk.name)} = NEW.{quote(pk.name)}; END",
         ]
     # MariaDB/MySQL: the UPDATE's two rows in key order
     old_first = f"{_key_text('OLD.' + quote(fk.name), dialect)} <= {_key_text('NEW.' + quote(fk.name), dialect)}"
@@ -167,6 +179,7 @@ def _row_level(counter: Any, dialect: Any) -> list[str]:
         f"IF {old_first} THEN {upsert('OLD', '-')} {upsert('NEW', '')} "
         f"ELSE {upsert('NEW', '')} {upsert('OLD', '-')} END IF; END IF; END",
         f"CREATE TRIGGER {names['PARENT_DELETE']} AFTER DELETE ON {parent} FOR EACH ROW BEGIN {forget} END",
+        f"CREATE TRIGGER {names['PARENT_INSERT']} BEFORE INSERT ON {parent} FOR EACH ROW SET NEW.{column} = {start}",
     ]
 
 
@@ -219,11 +232,14 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     )
     parent_function = (
         f"CREATE OR REPLACE FUNCTION {pfn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"BEGIN\nPERFORM set_config('{PARENTS_DELETED}', 'on', true);\n"
+        f"BEGIN\nIF TG_OP = 'INSERT' THEN NEW.{column} := {_start(shape, dialect, child, side, name)}; RETURN NEW; END IF;\n"
+        f"PERFORM set_config('{PARENTS_DELETED}', 'on', true);\n"
         f"DELETE FROM {side} WHERE counter = {name} AND parent_key IN "
         f"(SELECT {_key_text('o.' + quote(pk.name), dialect)} FROM cc_old AS o);\nRETURN NULL;\nEND $countercache$"
     )
     return [function, *_statement_triggers(names, child, fn, quote),
             parent_function,
             f"CREATE TRIGGER {quote(names['PARENT_DELETE'])} AFTER DELETE ON {parent} REFERENCING OLD TABLE AS "
-            f"cc_old FOR EACH STATEMENT EXECUTE FUNCTION {pfn}()"]
+            f"cc_old FOR EACH STATEMENT EXECUTE FUNCTION {pfn}()",
+            f"CREATE TRIGGER {quote(names['PARENT_INSERT'])} BEFORE INSERT ON {parent} FOR EACH ROW "
+            f"EXECUTE FUNCTION {pfn}()"]
