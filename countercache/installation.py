@@ -192,7 +192,7 @@ _HOOKS = (
 def _start(counter: CounterCache) -> None:
     """A counter just resolved: check it can run, give it its parent table, and start it."""
     if STRATEGY_CLASSES[counter.strategy()].uses_shard_table:
-        check_shardable(counter, counter.name, need_table=True)
+        check_shardable(counter, counter.name, need_table=True, strategy=counter.strategy())
     assert counter.mapper is not None and counter.column is not None
     counter.parent = ParentTable.for_column(counter.mapper, counter.column)
     counter.parent.add(counter)

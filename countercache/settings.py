@@ -109,7 +109,7 @@ def _check_sharded(default_strategy: str | None, overrides: dict[str, str]) -> N
         if strategy is not None and STRATEGY_CLASSES[strategy].uses_shard_table:
             where = f"override {counter.name}" if counter.name in overrides else (
                 counter.name if counter.declared_strategy else f"default_strategy for {counter.name}")
-            check_shardable(counter, where, need_table=True)
+            check_shardable(counter, where, need_table=True, strategy=strategy)
 
 
 def configure_from_file(path: str | os.PathLike[str]) -> None:

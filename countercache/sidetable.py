@@ -118,9 +118,12 @@ def counter_name(counter: CounterCache) -> str:
     return f"{counter.column.table.fullname}.{counter.column.name}"
 
 
-def check_shardable(counter: CounterCache, what: str, *, need_table: bool) -> None:
-    """Raise unless ``counter`` can be sharded (called at configuration)."""
+def check_shardable(counter: CounterCache, what: str, *, need_table: bool, strategy: str = "sharded") -> None:
+    """Raise unless ``counter`` can be sharded (called at configuration): the side
+    table's limits, the same on every database, named with ``strategy`` and its
+    alternative without a side table."""
     assert counter.column is not None and counter.mapper is not None
+    instead = "trigger" if strategy == "sharded_trigger" else "deferred"
     pk = list(counter.mapper.primary_key)
     key_type = pk[0].type if len(pk) == 1 else None
     if not (isinstance(key_type, Integer) or isinstance(key_type, String) and not isinstance(key_type, Uuid)
@@ -128,17 +131,18 @@ def check_shardable(counter: CounterCache, what: str, *, need_table: bool) -> No
         # the side table keeps the key as text; a UUID's text differs between
         # backends that store it natively and those that store 32 hex digits
         raise ConfigurationError(
-            f"{what}: the sharded strategy needs a parent with a one-column integer primary key, "
-            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH}))"
+            f"{what}: the {strategy} strategy needs a parent with a one-column integer primary key, "
+            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH})), on every database; "
+            f"use strategy {instead!r}"
         )
     if not isinstance(counter.column.type, Integer):
         raise ConfigurationError(
-            f"{what}: the sharded strategy keeps integer deltas; {counter.column.type} "
-            "counters (a decimal sum=) cannot be sharded"
+            f"{what}: the {strategy} strategy keeps integer deltas; {counter.column.type} "
+            f"counters (a decimal sum=) cannot be sharded, on any database; use strategy {instead!r}"
         )
     if need_table and table_for(counter) is None:
         raise ConfigurationError(
-            f"{what}: the sharded strategy needs the side table {TABLE_NAME} in "
+            f"{what}: the {strategy} strategy needs the side table {TABLE_NAME} in "
             f"{counter.cls.__name__}'s metadata; add it with "  # type: ignore[union-attr]
             "countercache.shard_table(Base.metadata) and create it in a migration"
         )

@@ -130,9 +130,9 @@ def _sharded_refusal(counter: Any, shape: _Shape, database: str) -> str | None:
     from .sidetable import check_shardable
 
     try:
-        check_shardable(counter, counter.name, need_table=True)
+        check_shardable(counter, counter.name, need_table=True, strategy="sharded_trigger")
     except ConfigurationError as error:
-        return f"{error} (strategy 'sharded_trigger', on {database}); use strategy 'trigger'"
+        return f"{error} (checked on {database})"
     own = _own_constraint(shape)
     on_update = (own.onupdate or "").upper() if own is not None else ""
     if on_update and on_update != "NO ACTION" and on_update != "RESTRICT":
