@@ -84,15 +84,16 @@ _of_mapper: weakref.WeakKeyDictionary[Any, list[ParentTable]] = weakref.WeakKeyD
 
 def key_converters(columns: Any) -> tuple[Any, ...] | None:
     """Per key column, ``(python type, conversion)`` where a value given as
-    another type (a string from a web form for an integer or UUID key) is
-    stored by the database as that type; None when no column needs one."""
+    another type (a string from a web form for an integer or UUID key, a
+    number for a string key) is stored by the database as that type; None
+    when no column needs one."""
     found = []
     for col in columns:
         try:
             python_type = col.type.python_type
         except NotImplementedError:  # (a TypeDecorator without one, say)
             python_type = None
-        found.append((python_type, python_type) if python_type in (int, uuid.UUID) else None)
+        found.append((python_type, python_type) if python_type in (int, uuid.UUID, str) else None)
     return tuple(found) if any(found) else None
 
 

@@ -342,3 +342,44 @@ def test_uuid_keys_parents_in_memory_show_their_counts(engine, strategy):
         s.add_all([m.Question(id=1, user_id=a), m.Question(id=2, user_id=a), m.Question(id=3, user_id=b)])
         s.commit()
         assert [u.question_count for u in users] == [2, 1]  # (no refresh)
+
+
+@pytest.mark.parametrize("path", ["flush", "statement"])
+def test_a_number_given_for_a_string_key(engine, strategy, path):
+    """A string-keyed parent whose children get the key as a number (JSON,
+    form data) next to strings: counted under the key the database stores
+    ("1"), as without a counter (outside tester: TypeError from sorting mixed
+    keys, after a bulk INSERT had run: its rows left uncounted)."""
+    from sqlalchemy import String
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        code: Mapped[str] = mapped_column(String(20), primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        post_count: Mapped[int] = countercache.counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tag_code: Mapped[Optional[str]] = mapped_column(ForeignKey("tags.code"))
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([Tag(code="1"), Tag(code="2")])
+            s.commit()
+        with Session(engine) as s:
+            rows = [{"tag_code": 1}, {"tag_code": "2"}, {"tag_code": 1}]
+            if path == "flush":
+                s.add_all([Post(**row) for row in rows])
+            else:
+                s.execute(insert(Post), rows)
+            s.commit()
+            got = {t.code: countercache.exact(s, t, "post_count") for t in s.query(Tag)}
+        assert got == {"1": 2, "2": 1}
+        assert countercache.check(engine) == []
+    finally:
+        Base.metadata.drop_all(engine)
