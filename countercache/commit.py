@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import riding, transactions
+from . import memory, riding, transactions
 from ._compat import calling_frame
 from .children import _child_for, _key
 from .kinds import MultiLevel
@@ -54,6 +54,8 @@ def _before_commit(session: Session) -> None:
         if transaction is None or transaction.parent is not None:
             return  # a savepoint release: its entry moves up when it ends
     # (no savepoint open: only the outermost transaction fires before_commit)
+    if memory._unread:  # (counters a savepoint's rollback expired, kept after the commit)
+        memory.read_back_unread(session)
     if not transactions.holds_any(session):
         # nothing deferred so far; a flush made now (the commit's final one)
         # still lands in the stack and is written by after_flush (or held

@@ -166,12 +166,22 @@ def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     kept = counters()
     if kept and session.identity_map:
         expire(session, kept)
+        if not session.expire_on_commit and previous_transaction.parent is not None:
+            # (a savepoint's, where the commit keeps objects: read back at the commit)
+            for parent, keys in _loaded(session, kept).items():
+                memory.read_back_at_commit(session, parent, keys)
 
 
 def refresh(session: Session, kept: list[CounterCache]) -> None:
     """The counters ``kept`` of every parent in ``session``: expired, or read back."""
     if not kept or not session.identity_map:
         return
+    for parent, keys in _loaded(session, kept).items():
+        memory.apply(session, parent, [(key, None) for key in keys])
+
+
+def _loaded(session: Session, kept: list[CounterCache]) -> dict[Any, list[tuple[Any, ...]]]:
+    """parent table -> the keys of its objects in ``session`` (those with some)."""
     by_parent: dict[Any, list[tuple[Any, ...]]] = {}
     for counter in kept:
         parent = counter.parent
@@ -180,9 +190,7 @@ def refresh(session: Session, kept: list[CounterCache]) -> None:
             continue
         by_parent[parent] = [tuple(state.key[1]) for state in session.identity_map.all_states()
                              if state.key is not None and isinstance(state.obj(), cls)]
-    for parent, keys in by_parent.items():
-        if keys:
-            memory.apply(session, parent, [(key, None) for key in keys])
+    return {parent: keys for parent, keys in by_parent.items() if keys}
 
 
 def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -> Any:

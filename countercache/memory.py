@@ -92,6 +92,37 @@ def _read_back(session: Session, parent: ParentTable, objects: dict[tuple[Any, .
                     set_committed_value(obj, key, value)
 
 
+def read_back(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
+    """Read the counters of these parents from the database now, where ``session`` holds them."""
+    identity_map = session.identity_map
+    key_from_pk = parent.mapper.identity_key_from_primary_key
+    objects = {pk: obj for pk in keys if (obj := identity_map.get(key_from_pk(pk))) is not None}
+    if objects:
+        _read_back(session, parent, objects)
+
+
+#: session -> (parent table, keys) whose counters a savepoint's rollback expired in a
+#: session that keeps objects at its commit (``expire_on_commit=False``): read back at the commit
+_unread: weakref.WeakKeyDictionary[Session, list[tuple[ParentTable, list[tuple[Any, ...]]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def read_back_at_commit(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
+    """These parents' counters were expired by a savepoint's rollback in a session that keeps
+    objects at its commit: they are read back at the commit (used after it, detached, they
+    could not load; async, not outside the event loop), unless read before."""
+    _unread.setdefault(session, []).append((parent, keys))
+
+
+def read_back_unread(session: Session) -> None:
+    """At the commit (``before_commit``, where a statement may run): read back what a
+    savepoint's rollback expired (:func:`read_back_at_commit`). Not at the rollback
+    itself: inside ``with session.begin_nested():`` nothing may run until it ends."""
+    unread = _unread.pop(session, None)
+    for parent, keys in unread or ():
+        read_back(session, parent, keys)
+
+
 def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
     """Expire the counters of these parents, where ``session`` holds them."""
     identity_map = session.identity_map

@@ -56,7 +56,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _psycopg, transactions
+from . import _compat, _psycopg, sidetable, transactions
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -128,6 +128,7 @@ def _write_with_commit(connection: Connection, session: Session, write_deferred:
             try:
                 _psycopg.send_with_commit(dbapi_connection, statements)
             except connection.dialect.loaded_dbapi.Error as error:
+                sidetable.raise_if_missing(transactions.shard_names(session), error)
                 _compat.raise_dbapi_error(connection, error, ";\n".join([*statements, "COMMIT"]), None)
     except BaseException:
         # the COMMIT did not run: end the transaction here (nothing of it is kept)

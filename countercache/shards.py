@@ -48,8 +48,9 @@ from .errors import CounterCacheError
 from .repair import _connection
 from .scope import counters_for
 from .sessions import bind_of, session_of
+from .strategies import STRATEGY_CLASSES
 from .sidetable import TABLE_NAME as TABLE_NAME
-from .sidetable import check_translation, counter_name, pending_expression, shard_table as shard_table, table_for
+from .sidetable import check_present, check_translation, counter_name, pending_expression, shard_table as shard_table, table_for
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -115,7 +116,10 @@ def exact(session: Any, instance: Any, counter: str) -> int:
         *(col == value for col, value in zip(parent.pk_cols, key)))
     connection = sync.connection(bind_arguments={"mapper": parent.mapper})
     if table_for(definition) is not None:
-        check_translation(definition, connection)
+        if STRATEGY_CLASSES[definition.strategy()].uses_shard_table:
+            check_present(definition, connection)
+        else:
+            check_translation(definition, connection)
     value = connection.scalar(statement)
     if value is None:
         raise CounterCacheError(f"{definition.name}: no parent row with key {key!r}")
@@ -164,7 +168,7 @@ def fold(bind: Engine | Connection | Session | scoped_session[Any], *counters: A
                 for attempt in range(DEADLOCK_RETRIES + 1):
                     try:
                         with batch() as conn:
-                            check_translation(counter, conn)
+                            check_present(counter, conn)
                             keys, rows, after_batch = _fold_batch(conn, table, counter, name, after, batch_size)
                         break
                     except DBAPIError as exc:

@@ -10,16 +10,18 @@ This module only describes the table: writing its rows is
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, inspect, \
+    select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.expression import ColumnElement
 
 from ._compat import InternalTraversal
-from ._execute import schema_translation
+from ._execute import schema_translation, translated
 from .errors import ConfigurationError, CounterCacheError
 
 if TYPE_CHECKING:
@@ -33,6 +35,9 @@ MAX_SHARDS = 1024
 
 #: Characters of a parent's key in the side table.
 KEY_LENGTH = 100
+
+#: engine -> the side tables (schema, name) found in its database: asked once each
+_present: weakref.WeakKeyDictionary[Any, set[tuple[str | None, str]]] = weakref.WeakKeyDictionary()
 
 def shard_table(metadata: MetaData) -> Table:
     """The side table of ``sharded`` counters in ``metadata`` (added when missing).
@@ -53,7 +58,13 @@ def shard_table(metadata: MetaData) -> Table:
         Column("shard", SmallInteger, primary_key=True, autoincrement=False),
         Column("delta", BigInteger, nullable=False),
         comment="countercache: pending deltas of sharded counters (countercache.fold moves them to the parents)",
+        listeners=[("after_drop", _dropped)],
     )
+
+
+def _dropped(table: Table, connection: Any, **kw: Any) -> None:
+    """The side table dropped through the metadata: ask for it again on that engine."""
+    _present.pop(connection.engine, None)
 
 
 #: The parent's key as text. On MariaDB/MySQL the column's collation is fixed
@@ -91,6 +102,41 @@ def table_for(counter: CounterCache) -> Table | None:
     """The side table in the counter's metadata, if it has one."""
     assert counter.column is not None
     return counter.column.table.metadata.tables.get(TABLE_NAME)
+
+
+def check_present(counter: CounterCache, connection: Any) -> None:
+    """Raise a :class:`CounterCacheError` naming the counter where ``connection``'s
+    database has no side table for it (the first flush that holds deltas for it, or
+    :func:`~countercache.exact`, :func:`~countercache.fold`, rather than the driver's
+    error at the commit). A table found is remembered per engine: one catalog
+    question per engine and schema."""
+    check_translation(counter, connection)
+    table = table_for(counter)
+    if table is None:
+        return
+    schema = translated(connection, table.schema)
+    found = _present.setdefault(connection.engine, set())
+    if (schema, table.name) in found:
+        return
+    if not inspect(connection).has_table(table.name, schema=schema):
+        raise CounterCacheError(
+            f"{counter.name}: strategy {counter.strategy()!r} keeps its pending deltas in the side table "
+            f"{table.name}, which the database ({connection.dialect.name}) does not have; create it "
+            "(metadata.create_all(), or the migration Alembic's autogenerate writes for it)")
+    found.add((schema, table.name))
+
+
+def raise_if_missing(names: list[str], error: BaseException) -> None:
+    """Raise a :class:`CounterCacheError` naming the counters ``names`` (from ``error``)
+    where ``error`` is the database's "no such table" for the side table: its deltas had
+    nowhere to go (and no question is asked of a database whose transaction failed)."""
+    message = str(getattr(error, "orig", None) or error).lower()
+    if names and TABLE_NAME in message and any(
+            words in message for words in ("does not exist", "doesn't exist", "no such table")):
+        raise CounterCacheError(
+            f"{', '.join(names)}: strategy 'sharded' keeps its pending deltas in the side table "
+            f"{TABLE_NAME}, which the database does not have; create it (metadata.create_all(), or the "
+            "migration Alembic's autogenerate writes for it)") from error
 
 
 def check_translation(counter: CounterCache, connection: Any) -> None:

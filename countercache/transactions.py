@@ -24,9 +24,10 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import memory, shard_writes
+from . import memory, shard_writes, sidetable
 from ._compat import commits_elsewhere
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class _Entry:
 
 
 class _SessionState:
-    __slots__ = ("stack", "committing", "riding", "decide")
+    __slots__ = ("stack", "committing", "riding", "decide", "shard_names")
 
     def __init__(self) -> None:
         self.stack: list[_Entry] = []
@@ -85,6 +86,8 @@ class _SessionState:
         self.riding: bool | None = None
         #: ``decide(session)``: can it (and, if so, mark it to)? None: it cannot
         self.decide: Any = None
+        #: the ``sharded`` counters of the last shard write (named where the side table is missing)
+        self.shard_names: list[str] = []
 
 
 _states: weakref.WeakKeyDictionary[Session, _SessionState] = weakref.WeakKeyDictionary()
@@ -256,7 +259,19 @@ def write_shards(session: Session, connection_for: Any = None, queued: bool = Fa
         if connection_for is None:
             def connection_for(parent: ParentTable) -> Any:
                 return session.connection(bind_arguments={"mapper": parent.mapper})
-        shard_writes.write(connection_for, sharded, deleted, queued)
+        state.shard_names = sorted({c.name for parent in (*sharded, *deleted) for c in parent.counters
+                                    if c.strategy() == "sharded"})
+        try:
+            shard_writes.write(connection_for, sharded, deleted, queued)
+        except DBAPIError as error:
+            sidetable.raise_if_missing(state.shard_names, error)
+            raise
+
+
+def shard_names(session: Session) -> list[str]:
+    """The ``sharded`` counters the session's last shard write was for."""
+    state = _states.get(session)
+    return [] if state is None else state.shard_names
 
 
 def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> None:
@@ -339,6 +354,8 @@ def _after_rollback(session: Session) -> None:
         if _within(entry.transaction, boundary):
             for parent, keys in entry.refreshed:
                 memory.expire(session, parent, keys)
+                if not session.expire_on_commit:  # (used after the commit, detached: read back)
+                    memory.read_back_at_commit(session, parent, keys)
         else:
             kept.append(entry)
     state.stack[:] = kept

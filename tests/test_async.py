@@ -129,3 +129,31 @@ def test_sharded_async(engine, backend):
     assert seen["folded"] >= 2
     assert seen["end"] == (0, 2)
     assert sorted(assert_counts(engine).values()) == [0, 2]
+
+
+def test_a_savepoint_rolled_back_inside_its_context_then_a_keeping_commit(engine, backend, strategy):
+    """``async with begin_nested()``, rolled back inside it, then the commit
+    with ``expire_on_commit=False``: the counter is read back at the commit, not
+    lazily after it (outside tester: MissingGreenlet), nor at the rollback
+    (where nothing may run inside the context)."""
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    seen = {}
+
+    async def body(async_engine):
+        async with AsyncSession(async_engine, expire_on_commit=False) as s:
+            a = m.User(name="a")
+            s.add(a)
+            await s.commit()
+            s.add(m.Question(user_id=a.id))
+            await s.flush()
+            async with s.begin_nested() as nested:
+                s.add(m.Question(user_id=a.id))
+                await s.flush()
+                await nested.rollback()
+            await s.commit()
+            seen["after commit"] = await counts(s, strategy, a)
+
+    run(engine, backend, body)
+    assert seen["after commit"] == (1,)
+    assert_counts(engine)
