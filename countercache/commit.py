@@ -86,7 +86,9 @@ def write_deferred(session: Session, connection_for: Any = None, values: bool = 
     writes are sent with the COMMIT, answered with it), expire the
     counters of loaded parents instead."""
     transactions.stop_riding(session)
-    _translate_kept(session, transactions.take_leaves(session), connection_for)
+    kept = transactions.take_leaves(session)
+    if kept:
+        _translate_kept(session, kept, connection_for)
     for strategy in STRATEGY_CLASSES.values():
         if strategy.held is not None:
             strategy.write_held(session, connection_for, values)

@@ -103,11 +103,10 @@ class FlushState:
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
-        try:
-            return self.children[mapper]
-        except KeyError:
+        found = self.children.get(mapper, _GONE)  # (not try/except: the first ask of every flush misses)
+        if found is _GONE:
             found = self.children[mapper] = _child_for(mapper)
-            return found
+        return found
 
     def inserted_yet(self, parent: ParentTable, key: tuple[Any, ...]) -> bool:
         """Is the parent row ``key`` in the database at this point of the flush?
@@ -159,10 +158,9 @@ class FlushState:
     def connection_for_mapper(self, mapper: Mapper[Any]) -> Connection:
         """The connection of ``mapper``'s bind (a session with several binds
         writes each parent on its own, not on the child row's)."""
-        try:
-            return self.connections[mapper]
-        except KeyError:
-            pass
+        found = self.connections.get(mapper)
+        if found is not None:
+            return found
         transaction = getattr(self.uow, "transaction", None)  # (not yet in before_flush)
         if transaction is not None:
             # (what transaction.connection(mapper) does, get_bind asked once:
@@ -263,10 +261,8 @@ class FlushState:
         count through one foreign key, summed per flush (not ``per_row``, not a
         multi-level side, no value an UPDATE sets by itself): the row hooks then
         add +1 / -1 directly, the common case of a large flush."""
-        try:
+        if child in self.singles:
             return self.singles[child]
-        except KeyError:
-            pass
         shape = child.single()  # (the child's layout says, resolved once: no plan() per flush)
         found = None
         if shape is not None:
@@ -337,7 +333,7 @@ def release_watched(fs: FlushState) -> None:
 
 
 def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None:
-    if memory._merged:
+    if memory._merged.data:  # (the weak dictionary's own dict: its len() is a Python call)
         memory.undo_merged(session)
     if (_suspended.data and _suspended.get(session)) or not database_kept.orm_kept():  # (suspension.is_suspended)
         _flushes.pop(session.hash_key, None)
