@@ -73,7 +73,7 @@ class _Entry:
 
 
 class _SessionState:
-    __slots__ = ("stack", "committing", "riding", "decide", "shard_names")
+    __slots__ = ("stack", "committing", "riding", "decide", "shard_parents")
 
     def __init__(self) -> None:
         self.stack: list[_Entry] = []
@@ -86,8 +86,8 @@ class _SessionState:
         self.riding: bool | None = None
         #: ``decide(session)``: can it (and, if so, mark it to)? None: it cannot
         self.decide: Any = None
-        #: the ``sharded`` counters of the last shard write (named where the side table is missing)
-        self.shard_names: list[str] = []
+        #: the parent tables of the last shard write (their counters named where the side table is missing)
+        self.shard_parents: tuple[ParentTable, ...] = ()
 
 
 _states: weakref.WeakKeyDictionary[Session, _SessionState] = weakref.WeakKeyDictionary()
@@ -259,19 +259,19 @@ def write_shards(session: Session, connection_for: Any = None, queued: bool = Fa
         if connection_for is None:
             def connection_for(parent: ParentTable) -> Any:
                 return session.connection(bind_arguments={"mapper": parent.mapper})
-        state.shard_names = sorted({c.name for parent in (*sharded, *deleted) for c in parent.counters
-                                    if c.strategy() == "sharded"})
+        state.shard_parents = (*sharded, *deleted)
         try:
             shard_writes.write(connection_for, sharded, deleted, queued)
         except DBAPIError as error:
-            sidetable.raise_if_missing(state.shard_names, error)
+            sidetable.raise_if_missing(shard_names(session), error)
             raise
 
 
 def shard_names(session: Session) -> list[str]:
-    """The ``sharded`` counters the session's last shard write was for."""
+    """The ``sharded`` counters the session's last shard write was for (asked on its error only)."""
     state = _states.get(session)
-    return [] if state is None else state.shard_names
+    parents = () if state is None else state.shard_parents
+    return sorted({c.name for parent in parents for c in parent.counters if c.strategy() == "sharded"})
 
 
 def parent_deleted(session: Session, parent: ParentTable, key: tuple[Any, ...]) -> None:
