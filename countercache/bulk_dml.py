@@ -37,8 +37,8 @@ from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import core_statement
 from .counter_writes import check_statement, refuse_rekey
 from .errors import CounterCacheError
-from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, refuse_unkeyed,
-                        where_of)
+from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, counted, invoke,
+                        refuse_unkeyed, where_of)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -49,7 +49,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     mapper = state.bind_mapper
     if mapper is None:  # a Core statement on a table: kept or refused there
-        return core_statement(state)
+        return counted(state, lambda: core_statement(state))
     check_statement(state, mapper)  # (a counter column is the library's, suspended or not)
     refuse_rekey(state, mapper.tables, params=False)
     if not is_suspended(state.session):
@@ -75,10 +75,15 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         autoflush(state.session)
     if not state.is_insert:
         forget_locked(state.session)  # rows may change behind the loaded objects
+    return counted(state, lambda: _count(state, mapper, child, family, cascading))
+
+
+def _count(state: ORMExecuteState, mapper: Mapper[Any], child: Any, family: Any, cascading: bool) -> Any:
+    """Run the statement and count its rows, as its kind and the mapper's children need."""
     if cascading:  # rows the database deletes with the statement's: read, locked and counted first
         keys = _cascade_first(state, mapper)
         if child is None and not family:
-            return state.invoke_statement(statement=_restricted(state.statement, mapper, None, keys))
+            return invoke(state, statement=_restricted(state.statement, mapper, None, keys))
     if family:  # rows of subclasses that count differently: each row as its class
         return _by_class(state, mapper, family)
     if state.is_insert:
@@ -114,7 +119,7 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     for batch in multi_values(statement):
         sources.extend(values for values in batch if isinstance(values, dict))
     new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
-    result = state.invoke_statement()
+    result = invoke(state)
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
     return result
 
@@ -167,7 +172,7 @@ def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if isinstance(state.parameters, list):  # bulk DELETE by primary key (executemany)
         return _by_primary_key(state, mapper, child, deleting=True)
     locked = _locked(state, mapper, child, deleting=True)
-    result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
+    result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     tracking.record_rows(state.session, mapper, _deleted(mapper, child, locked.values()))
     return result
 
@@ -193,7 +198,7 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if not _attribute_values(mapper, values, child.keys):
         return None  # no counted value changes: nothing to do, nothing extra
     locked = _locked(state, mapper, child, deleting=False)
-    result = state.invoke_statement(statement=_restricted(state.statement, mapper, child, list(locked)))
+    result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     after = read_foreign_keys(connection, child, list(locked), lock=None)
@@ -219,7 +224,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     locked = _with_leaves(connection, child, read_foreign_keys(
         connection, child, keys, lock="update" if deleting else "no key update"))
-    result = state.invoke_statement()
+    result = invoke(state)
     if deleting:
         rows = _deleted(mapper, child, locked.values())
     else:
@@ -274,7 +279,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
             if owner is not None:
                 child = children[owner]
                 new_rows.append((owner, _complete(owner, child, _attribute_values(owner, values, child.keys))))
-        result = state.invoke_statement()
+        result = invoke(state)
         for owner in children:
             tracking.record_rows(session, owner, [(None, row) for m, row in new_rows if m is owner])
         return result
@@ -297,7 +302,7 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}
     restrict = pk[0].in_([k[0] for k in before]) if len(pk) == 1 else tuple_(*pk).in_(list(before))
-    result = state.invoke_statement(statement=state.statement.where(OnlyInSQL(restrict)))
+    result = invoke(state, statement=state.statement.where(OnlyInSQL(restrict)))
     after: dict[Any, Any] = {}
     if state.is_update and before:
         after = {tuple(r[:len(pk)]): dict(zip(read, r))

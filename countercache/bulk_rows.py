@@ -11,7 +11,8 @@ refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 from sqlalchemy.sql.visitors import cloned_traverse
@@ -22,7 +23,33 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
 __all__ = ["_attribute_values", "_refuse", "_literal", "_parameter_rows", "_complete", "bound", "where_of",
-           "refuse_unkeyed"]
+           "refuse_unkeyed", "invoke", "counted"]
+
+#: Has the statement being counted run yet (:func:`counted`)?
+_ran: ContextVar[bool] = ContextVar("countercache_statement_ran", default=False)
+
+
+def invoke(state: ORMExecuteState, **kw: Any) -> Any:
+    """Run the application's statement (``state.invoke_statement(**kw)``), noting that it ran."""
+    result = state.invoke_statement(**kw)
+    _ran.set(True)
+    return result
+
+
+def counted(state: ORMExecuteState, count: Callable[[], Any]) -> Any:
+    """``count()``: run the statement (through :func:`invoke`) and count its rows. Where
+    counting fails after the statement ran, the session's transaction is rolled back
+    before the error goes on, as SQLAlchemy does for a failed flush: the statement's
+    rows are not counted, and a commit would keep them so."""
+    token = _ran.set(False)
+    try:
+        return count()
+    except BaseException:
+        if _ran.get():
+            state.session.rollback()
+        raise
+    finally:
+        _ran.reset(token)
 
 
 def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ._compat import has_post_values_clause, multi_values, statement_prefixes, statement_values
 from ._registry import all_counters
+from .bulk_rows import invoke
 from .counter_writes import refuse_rekey
 from .errors import AssignmentError, CounterCacheError
 from .flush import FlushState
@@ -70,7 +71,7 @@ def core_statement(state: ORMExecuteState) -> Any:
                else "change the relationship's collection (counted)")
         _refuse(links + others, f"a Core {kind} on {table.name} run through the session is not counted; {how}")
     rows = _link_rows(state, table, links)
-    result = state.invoke_statement()
+    result = invoke(state)
     fs = FlushState(state.session, None)
     for counter in links:
         strategy = fs.strategy(counter.strategy())
