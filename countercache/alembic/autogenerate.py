@@ -1,30 +1,26 @@
 """Autogenerate: a counter column added by a migration comes with its backfill.
 
-One comparator, run after Alembic's own (it reads the operations they
-produced):
+One comparator, run after Alembic's own (it reads the operations they produced):
 
 * for every ``add_column`` of a column whose ``info["countercache"]`` holds a
   :class:`~countercache.CounterCache`, it appends
   ``op.backfill_counter(...)`` with ``parent_key`` written out, so that the
   migration also runs offline (``--sql``);
-* for every counter whose column already exists, it compares the counter's
-  ``where_sql`` / ``sum_sql`` (SQL text, ``None`` for a plain count) with what
-  the latest migration that backfilled it recorded, i.e. the ``where=`` and
-  ``sum=`` of the last ``op.backfill_counter(table, column, ...)`` call found in
-  the ``upgrade()`` of the revisions from head down to base; when they differ
-  it appends a new backfill. A counter that was never backfilled by a
-  migration counts as recorded with neither. The migration's downgrade then
-  ends with a backfill using the recorded ``where=`` / ``sum=``;
+* for every counter whose column already exists, it compares its ``where_sql`` /
+  ``sum_sql`` (SQL text, ``None`` for a plain count) with the ``where=`` and ``sum=`` of
+  the last ``op.backfill_counter(table, column, ...)`` in the ``upgrade()`` of the
+  revisions from head down (never backfilled: neither); when they differ it appends a
+  new backfill, and the downgrade ends with one using the recorded ``where=`` / ``sum=``;
 * for every ``drop_column`` of a column that the latest recorded backfill
   filled (a counter removed from the models), the downgrade re-adds the
   column and then backfills it as that call did;
-* ``trigger`` counters: their triggers' creates and drops (:mod:`.trigger_compare`).
+* ``trigger`` counters: their triggers' creates and drops (:mod:`.trigger_compare`); the
+  side table's pending deltas, when a migration ends their use (:mod:`.shard_compare`).
 
-What earlier migrations recorded is read by :mod:`.history`; the downgrade's backfills come from
-a :class:`~.operations.RestoreCounterOp` first in the upgrade (the downgrade is it reversed: they come last).
-A counter on a table created in the same migration gets no backfill (the
-table is empty). The backfills go at the end of the upgrade, after every
-table they read has been created or altered (outside any ``batch_alter_table``).
+Earlier migrations are read by :mod:`.history`; the downgrade's backfills come from a
+:class:`~.operations.RestoreCounterOp` first in the upgrade (last in the downgrade). A
+counter on a table created in the same migration gets no backfill (it is empty). The
+backfills end the upgrade, after the tables they read (outside any ``batch_alter_table``).
 
 The comparator is switched on two ways, which may be combined:
 
@@ -97,9 +93,13 @@ def compare_counters(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
     history = _History(autogen_context)
     if counters:
         _added_or_changed(autogen_context, upgrade_ops, counters, history)
-    from .trigger_compare import compare_triggers  # (imports Alembic's operations: not at plugin load)
-    compare_triggers(autogen_context, upgrade_ops, counters,
-                     lambda col, d: _backfill_for(col, d, *_texts(d, autogen_context.dialect)))
+    from .shard_compare import compare_side_table  # (these import Alembic's operations: not at plugin load)
+    from .trigger_compare import compare_triggers
+
+    def backfill(col: Column[Any], d: CounterCache) -> BackfillCounterOp:
+        return _backfill_for(col, d, *_texts(d, autogen_context.dialect))
+    compare_triggers(autogen_context, upgrade_ops, counters, backfill)
+    compare_side_table(autogen_context, upgrade_ops, counters, backfill)
     _removed(upgrade_ops, {(c.table.schema, c.table.name, c.name) for c, _ in counters}, history)
     return _continue()
 
