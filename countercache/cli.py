@@ -133,6 +133,12 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
             importlib.import_module(_module_name(module))
         except ImportError as exc:
             raise CounterCacheError(f"--models {module}: cannot import it ({exc})") from None
+        except CounterCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the module's own error while importing: one line, exit 2
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CounterCacheError(f"--models {module}: importing it raised {type(exc).__name__}"
+                                    + (f": {first}" if first else "")) from None
     configure_mappers()
     for name in args.counter:  # (a --counter naming no counter fails before connecting)
         try:

@@ -95,17 +95,31 @@ def configured_strategy(counter: Any) -> str:
     return _registry.lookup(counter).strategy()
 
 
+def _override(found: dict[str, Any], counter: CounterCache) -> Any:
+    """The override for ``counter``: its own class's name, else the nearest base's (an
+    abstract base or a mixin that declares the counter for several classes)."""
+    if not found:
+        return None
+    value = found.get(counter.name)
+    if value is None and counter.cls is not None:
+        for base in counter.cls.__mro__[1:]:
+            value = found.get(f"{base.__name__}.{counter.key}")
+            if value is not None:
+                break
+    return value
+
+
 def resolve(counter: CounterCache) -> str:
     """The strategy in force for ``counter`` under the current configuration."""
-    override = _config.overrides.get(counter.name)
+    override = _override(_config.overrides, counter)
     if override is not None:
-        return override
+        return override  # type: ignore[no-any-return]
     return counter.declared_strategy or _config.default_strategy or DEFAULT_STRATEGY
 
 
 def resolve_shards(counter: CounterCache) -> int:
     """How many shards a ``sharded`` counter spreads over now."""
-    return (_config.shard_overrides.get(counter.name) or counter.declared_shards
+    return (_override(_config.shard_overrides, counter) or counter.declared_shards
             or _config.default_shards or DEFAULT_SHARDS)
 
 

@@ -53,6 +53,9 @@ def configure(
         config.check_strategy(default_strategy, "default_strategy")
     if default_shards is not None:
         check_shards(default_shards, "default_shards")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigurationError(f"overrides must be a mapping {{'Class.attribute': strategy}}, "
+                                 f"not {type(overrides).__name__}")
     checked: dict[str, str] = {}
     shard_counts: dict[str, int] = {}
     for key, value in (overrides or {}).items():
@@ -89,7 +92,7 @@ def _check_database_kept(default_strategy: str | None, overrides: dict[str, str]
     for counter in _registry.all_counters():
         if counter.parent is None:
             continue
-        strategy = (overrides.get(counter.name) or counter.declared_strategy or default_strategy
+        strategy = (config._override(overrides, counter) or counter.declared_strategy or default_strategy
                     or config.DEFAULT_STRATEGY)
         if strategy in config.DATABASE_STRATEGIES:
             continue
@@ -105,9 +108,10 @@ def _check_sharded(default_strategy: str | None, overrides: dict[str, str]) -> N
     for counter in _registry.all_counters():
         if counter.parent is None:
             continue
-        strategy = overrides.get(counter.name) or counter.declared_strategy or default_strategy
+        override = config._override(overrides, counter)
+        strategy = override or counter.declared_strategy or default_strategy
         if strategy is not None and STRATEGY_CLASSES[strategy].uses_shard_table:
-            where = f"override {counter.name}" if counter.name in overrides else (
+            where = f"override {counter.name}" if override else (
                 counter.name if counter.declared_strategy else f"default_strategy for {counter.name}")
             check_shardable(counter, where, need_table=True, strategy=strategy)
 
@@ -121,8 +125,11 @@ def configure_from_file(path: str | os.PathLike[str]) -> None:
     """
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep "User.question_count" as written
-    if not parser.read(path):
-        raise ConfigurationError(f"{os.fspath(path)}: cannot read the file")
+    try:
+        if not parser.read(path):
+            raise ConfigurationError(f"{os.fspath(path)}: cannot read the file")
+    except configparser.Error as exc:  # (no section header, a key given twice...): its first line
+        raise ConfigurationError(f"{os.fspath(path)}: {str(exc).splitlines()[0]}") from None
     if not parser.has_section(SECTION):
         raise ConfigurationError(f"{os.fspath(path)}: no [{SECTION}] section")
     items = dict(parser.items(SECTION))

@@ -149,3 +149,19 @@ def test_json_values_keep_their_precision():
 
     assert json.loads(json.dumps([Decimal("398"), Decimal("12.50"), Decimal("12345678901234567.99")],
                                  default=_json_value)) == [398, 12.5, "12345678901234567.99"]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("x = (\n", "importing it raised SyntaxError: '(' was never closed"),
+    ("raise RuntimeError('boom at import')\n", "importing it raised RuntimeError: boom at import"),
+])
+def test_models_that_fail_to_import_are_one_line_and_exit_2(url, tmp_path, source, message):
+    """A --models module whose import raises (a syntax error, its own exception) is a
+    usage error: one line, exit 2, not a traceback and 1, which means drift found
+    (outside tester)."""
+    (tmp_path / "broken_models.py").write_text(source)
+    done = countercache("check", "--url", url, "--models", "broken_models", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("countercache: error: --models broken_models: "), done.stderr
+    assert message in lines[0], done.stderr

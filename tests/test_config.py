@@ -116,3 +116,65 @@ def test_configured_strategy_of_non_counter():
     configure_mappers()
     with pytest.raises(CounterCacheError, match="not a counter"):
         configured_strategy(m.User.name)
+
+
+def test_an_override_on_the_abstract_base_or_mixin_that_declares_the_counter(engine):
+    """``Abstract.task_count`` / ``Owned.note_count`` apply to every class that
+    inherits the counter; a class's own override wins (outside tester: they were
+    accepted and did nothing)."""
+    from sqlalchemy import ForeignKey
+    from sqlalchemy.orm import relationship
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Task(Base):
+        __tablename__ = "cfg_tasks"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        project_id: Mapped[int | None] = mapped_column(ForeignKey("cfg_projects.id"))
+        team_id: Mapped[int | None] = mapped_column(ForeignKey("cfg_teams.id"))
+
+    class Abstract(Base):
+        __abstract__ = True
+        task_count: Mapped[int] = countercache.counter_cache("tasks")
+
+    class Project(Abstract):
+        __tablename__ = "cfg_projects"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tasks = relationship(Task, foreign_keys=[Task.project_id])
+
+    class Team(Abstract):
+        __tablename__ = "cfg_teams"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tasks = relationship(Task, foreign_keys=[Task.team_id])
+
+    configure_mappers()
+    configure(overrides={"Abstract.task_count": "per_row"})
+    assert configured_strategy(Project.task_count) == configured_strategy(Team.task_count) == "per_row"
+    configure(overrides={"Abstract.task_count": "per_row", "Team.task_count": "deferred"})
+    assert (configured_strategy(Project.task_count), configured_strategy(Team.task_count)) == ("per_row", "deferred")
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            p, t = Project(id=1), Team(id=1)
+            s.add_all([p, t, Task(project_id=1, team_id=1), Task(project_id=1)])
+            s.commit()
+            assert (p.task_count, t.task_count) == (2, 1)
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("this is not ini\n", "File contains no section headers"),
+    ("[countercache]\nUser.question_count = bulk\nUser.question_count = deferred\n", "already exists"),
+])
+def test_an_unreadable_ini_file_is_a_configuration_error(tmp_path, text, message):
+    path = tmp_path / "cc.ini"
+    path.write_text(text)
+    with pytest.raises(countercache.ConfigurationError, match=rf"cc\.ini: .*{message}"):
+        countercache.configure_from_file(path)
+
+
+def test_overrides_must_be_a_mapping():
+    with pytest.raises(countercache.ConfigurationError, match="overrides must be a mapping"):
+        configure(overrides=[("User.question_count", "bulk")])
