@@ -125,10 +125,20 @@ def resolve_shards(counter: CounterCache) -> int:
 
 def _check_override_names_counter(key: str) -> None:
     class_name, attr = key.split(".")
-    if class_name in _registry.class_names() and not _registry.by_name(key):
+    if class_name in _registry.class_names():
+        if not _registry.by_name(key):
+            raise ConfigurationError(
+                f"override {key}: class {class_name} has no counter {attr!r}; "
+                f"its counters are {', '.join(_registry.counter_names(class_name)) or 'none'}"
+            )
+        return
+    # a base class (abstract, a mixin) of mapped classes with counters: it must declare this one
+    inherited = {str(c.key) for c in _registry.all_counters() if c.cls is not None
+                 and any(base.__name__ == class_name for base in c.cls.__mro__[1:])}
+    if inherited and attr not in inherited:
         raise ConfigurationError(
-            f"override {key}: class {class_name} has no counter {attr!r}; "
-            f"its counters are {', '.join(_registry.counter_names(class_name)) or 'none'}"
+            f"override {key}: the classes that inherit from {class_name} have no counter {attr!r}; "
+            f"theirs are {', '.join(sorted(inherited))}"
         )
 
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Float, Integer, MetaData, Numeric, TypeDecorator, and_, func, select, tuple_
+from sqlalchemy import Float, Integer, MetaData, Numeric, TypeDecorator, and_, bindparam, func, inspect, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
@@ -43,7 +43,8 @@ from . import commit, memory, transactions
 from .errors import CounterCacheError
 from .scope import counters_for
 from .sessions import bind_of
-from .sidetable import pending_expression
+from ._execute import translated
+from .sidetable import TABLE_NAME, counter_name, key_text, pending_expression, table_for
 from .values import single_precision
 
 if TYPE_CHECKING:
@@ -178,6 +179,22 @@ class _Sql:
         pending = pending_expression(counter) if len(self.pk) == 1 else None
         self.stored = self.column if pending is None else self.column + pending
         self.target = self.actual if pending is None else self.actual - pending
+        # a counter no longer sharded: rows it left in the side table go with the repair (a
+        # switch back would add them again); the column alone is its value
+        side = table_for(counter) if pending is None and len(self.pk) == 1 else None
+        self.leftover = None if side is None else side.delete().where(
+            side.c.counter == counter_name(counter),
+            side.c.parent_key.in_(select(key_text(self.pk[0])).where(self.in_range(bindparam("lo"), bindparam("hi")))))
+        self._side_present: bool | None = None
+
+    def clear_leftover(self, conn: Connection, lo: Any, hi: Any) -> None:
+        """Delete the rows a formerly sharded counter left for the parents ``lo``..``hi``."""
+        if self.leftover is None:
+            return
+        if self._side_present is None:
+            self._side_present = inspect(conn).has_table(TABLE_NAME, schema=translated(conn, None))
+        if self._side_present:
+            conn.execute(self.leftover, {"lo": lo, "hi": hi})
 
     def key_value(self, row: Any) -> Any:
         return row[0] if len(self.pk) == 1 else tuple(row[: len(self.pk)])
@@ -296,4 +313,5 @@ def _repair_batch(sql: _Sql, conn: Connection, lo: Any, hi: Any) -> list[Drift]:
             .where(sql.in_range(lo, hi), sql.differs(conn))
             .values({sql.column: sql.target})
         )
+    sql.clear_leftover(conn, lo, hi)
     return drifts

@@ -36,6 +36,9 @@ MAX_SHARDS = 1024
 #: Characters of a parent's key in the side table.
 KEY_LENGTH = 100
 
+#: The strategies that keep pending deltas in the side table.
+SHARD_STRATEGIES = ("sharded", "sharded_trigger")
+
 #: engine -> the side tables (schema, name) found in its database: asked once each
 _present: weakref.WeakKeyDictionary[Any, set[tuple[str | None, str]]] = weakref.WeakKeyDictionary()
 
@@ -201,11 +204,17 @@ def check_shards(value: Any, what: str) -> int:
 
 
 
+def key_text(pk: Any) -> Any:
+    """SQL: the parent key column ``pk`` as the side table's ``parent_key`` spells it."""
+    return _KeyText(pk)
+
+
 def pending_expression(counter: CounterCache, parent_alias: Any = None) -> Any:
     """``coalesce(SELECT sum(delta) ... for this parent, 0)``, correlated to the parent table
-    (None when the counter's metadata has no side table)."""
+    (None when the counter's metadata has no side table, or its strategy keeps no deltas
+    there: rows left from when it did are not part of its value, which is the column)."""
     table = table_for(counter)
-    if table is None:
+    if table is None or counter.strategy() not in SHARD_STRATEGIES:
         return None
     if counter.parent is None:  # (its class not configured yet: as a query of it would)
         configure_mappers()

@@ -151,6 +151,10 @@ def test_an_override_on_the_abstract_base_or_mixin_that_declares_the_counter(eng
     configure_mappers()
     configure(overrides={"Abstract.task_count": "per_row"})
     assert configured_strategy(Project.task_count) == configured_strategy(Team.task_count) == "per_row"
+    with pytest.raises(countercache.ConfigurationError,
+                       match=r"override Abstract\.nope: the classes that inherit from Abstract have no counter 'nope'"):
+        configure(overrides={"Abstract.nope": "bulk"})
+    assert configured_strategy(Project.task_count) == "per_row"  # (nothing changed)
     configure(overrides={"Abstract.task_count": "per_row", "Team.task_count": "deferred"})
     assert (configured_strategy(Project.task_count), configured_strategy(Team.task_count)) == ("per_row", "deferred")
     Base.metadata.create_all(engine)
