@@ -348,6 +348,7 @@ def _after_rollback(session: Session) -> None:
     boundary = _boundary(session)
     if boundary is None or boundary.parent is None:
         _states.pop(session, None)  # SQLAlchemy expires every object itself
+        memory._unread.pop(session, None)  # (nothing to read back at a commit of this transaction)
         return
     kept = []
     for entry in state.stack:
