@@ -38,7 +38,7 @@ from .core_statements import core_statement
 from .counter_writes import check_statement, refuse_rekey
 from .errors import CounterCacheError
 from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, counted, invoke,
-                        refuse_unkeyed, where_of)
+                        refuse_key_change, refuse_unkeyed, where_of)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -197,6 +197,7 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
         values.update(state.parameters)  # update(Child).where(...), {"col": value}
     if not _attribute_values(mapper, values, child.keys):
         return None  # no counted value changes: nothing to do, nothing extra
+    refuse_key_change(mapper, ", ".join(c.name for c in child.counters), values)
     locked = _locked(state, mapper, child, deleting=False)
     result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)
@@ -295,6 +296,8 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
         m.get_property_by_column(col).key for m in children for col in watched if col in m.columns.values()}
     if state.is_update and not {getattr(k, "key", k) for k in values} & names_of:
         return None  # no counted value or class changes
+    if state.is_update:
+        refuse_key_change(mapper, names, values)
     pk = list(table.primary_key.columns)
     read = [*pk, discriminator, *sorted(needed - {discriminator}, key=lambda c: c.name)]
     where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
 __all__ = ["_attribute_values", "_refuse", "_literal", "_parameter_rows", "_complete", "bound", "where_of",
-           "refuse_unkeyed", "invoke", "counted"]
+           "refuse_unkeyed", "invoke", "counted", "refuse_key_change"]
 
 #: Has the statement being counted run yet (:func:`counted`)?
 _ran: ContextVar[bool] = ContextVar("countercache_statement_ran", default=False)
@@ -66,6 +66,19 @@ def _attribute_values(mapper: Mapper[Any], values: Any, keys: tuple[str, ...]) -
         elif name in by_column:
             found[by_column[name]] = value
     return found
+
+
+def refuse_key_change(mapper: Mapper[Any], names: str, values: Any) -> None:
+    """An UPDATE statement that sets the class's primary key as well as counted columns:
+    refused before it runs (its rows are found again by their key after it, to read
+    what they became; by then they have another)."""
+    keys = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+    if _attribute_values(mapper, values, keys):
+        raise CounterCacheError(
+            f"{names}: an UPDATE statement that sets {mapper.class_.__name__}'s primary key "
+            f"({', '.join(keys)}) and a counted column together cannot be counted; change the key "
+            "in a statement of its own, delete and insert the rows, or move them through the session"
+        )
 
 
 def _refuse(child: Any, why: str) -> None:

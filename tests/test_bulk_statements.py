@@ -301,3 +301,61 @@ def test_parameter_list_not_naming_rows_by_key_refused(engine, statements):
         assert not rec.updates_to("questions")
         s.rollback()
     assert assert_counts(engine) == {a: 3, b: 2, c: 0}
+
+
+@pytest.mark.parametrize("shape", ["composite key", "own key"])
+def test_an_update_setting_the_primary_key_and_a_counted_column(engine, strategy, shape):
+    """The rows of an UPDATE are read again by their key after it, to count what
+    they became: one that also sets the key cannot be, and is refused before it
+    runs (outside tester: the moved row was taken off its old parent and never
+    added to the new one, with any synchronize_session). The database's triggers
+    count it."""
+    from sqlalchemy import text
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Course(Base):
+        __tablename__ = "pk_courses"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        links: Mapped[list["Link"]] = relationship()
+        link_count: Mapped[int] = countercache.counter_cache("links", strategy=strategy)
+
+    if shape == "composite key":
+        class Link(Base):
+            __tablename__ = "pk_links"
+            student: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+            course_id: Mapped[int] = mapped_column(ForeignKey("pk_courses.id"), primary_key=True)
+
+        move = update(Link).where(Link.student == 1, Link.course_id == 1).values(course_id=2)
+    else:
+        class Link(Base):  # type: ignore[no-redef]
+            __tablename__ = "pk_links"
+            id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+            student: Mapped[int] = mapped_column()
+            course_id: Mapped[int] = mapped_column(ForeignKey("pk_courses.id"))
+
+        move = update(Link).where(Link.id == 1).values(id=Link.id + 10, course_id=2)
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([Course(id=1), Course(id=2)])
+            s.flush()
+            s.execute(insert(Link), [{"student": 1, "course_id": 1, **({} if shape == "composite key" else {"id": 1})}])
+            s.commit()
+        with Session(engine) as s:
+            if strategy == "trigger":
+                s.execute(move)
+                s.commit()
+            else:
+                with pytest.raises(countercache.CounterCacheError, match=r"Course\.link_count: an UPDATE statement "
+                                   r"that sets Link's primary key \(.*\) and a counted column together"):
+                    s.execute(move)
+                s.rollback()
+        with engine.connect() as c:
+            moved = c.execute(text("SELECT course_id FROM pk_links")).scalar_one()
+        assert moved == (2 if strategy == "trigger" else 1)  # (refused: nothing ran)
+        assert countercache.check(engine) == []
+    finally:
+        Base.metadata.drop_all(engine)
