@@ -54,7 +54,7 @@ def _before_commit(session: Session) -> None:
         if transaction is None or transaction.parent is not None:
             return  # a savepoint release: its entry moves up when it ends
     # (no savepoint open: only the outermost transaction fires before_commit)
-    if memory._unread.data:  # (counters a savepoint's rollback expired; the weak dictionary's own dict: no Python len() per commit)
+    if memory._unread.data:  # (read back what a savepoint's rollback expired; .data: no len() per commit)
         memory.read_back_unread(session)
     if not transactions.holds_any(session):
         # nothing deferred so far; a flush made now (the commit's final one)
