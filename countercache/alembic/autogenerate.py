@@ -18,9 +18,9 @@ One comparator, run after Alembic's own (it reads the operations they produced):
   side table's pending deltas, when a migration ends their use (:mod:`.shard_compare`).
 
 Earlier migrations are read by :mod:`.history`; the downgrade's backfills come from a
-:class:`~.operations.RestoreCounterOp` first in the upgrade (last in the downgrade). A
-counter on a table created in the same migration gets no backfill (it is empty). The
-backfills end the upgrade, after the tables they read (outside any ``batch_alter_table``).
+:class:`~.operations.RestoreCounterOp` first in the upgrade (last in the downgrade). A new
+table's plain count gets no backfill; its ``where=``/``sum=`` counters' record their
+definitions. The backfills end the upgrade (outside any ``batch_alter_table``).
 
 The comparator is switched on two ways, which may be combined:
 

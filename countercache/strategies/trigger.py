@@ -51,15 +51,39 @@ def verify_installed(connection: Connection, counter: CounterCache) -> None:
             f"{counter.name}: strategy {counter.strategy()!r}, but the database ({connection.dialect.name}) has no "
             f"countercache trigger for it: create it with the migration "
             f"(op.create_counter_trigger) or metadata.create_all(), or choose an ORM strategy such as 'bulk'")
-    prefix = base.rsplit("_", 1)[0] + "_"
-    others = sorted(b for b in triggers.installed_bases(connection, counter.column.table.schema)  # type: ignore[union-attr]
-                    if b.startswith(prefix) and b != base)
+    others = sorted(b for b in _stale_alike(connection, counter) if b != base)
     if others:
         raise CounterCacheError(
             f"{counter.name}: the database ({connection.dialect.name}) also has countercache triggers "
             f"{', '.join(others)} of another definition or strategy, and both would count: drop them "
             "(op.drop_counter_trigger(..., name=...))")
     _verified.setdefault(engine, set()).add(base)
+
+
+def _stale_alike(connection: Connection, counter: CounterCache) -> list[str]:
+    """The base names of installed countercache triggers that may be the counter's own,
+    of any definition or strategy: named as its names read before their hash (its parent
+    table and column, shortened), less those that are another declared counter's
+    triggers now (``n`` and ``n_open``; ``users.post_count`` and ``users_post.count``;
+    long table names cut alike; another declared definition of its own column is not)."""
+    from .. import _registry, triggers
+
+    body = triggers.trigger_name(counter).rsplit("_", 1)[0]
+    schema = counter.column.table.schema  # type: ignore[union-attr]
+    alike = [b for b in triggers.installed_bases(connection, schema) if b.rsplit("_", 1)[0] == body]
+    if not alike:
+        return alike
+    column = counter.column
+    where = (column.table.schema, column.table.name, column.name)  # type: ignore[union-attr]
+    current = set()
+    for other in _registry.all_counters():  # (another definition of this counter's column is stale)
+        if other.column is not None and other.kind is not None and \
+                (other.column.table.schema, other.column.table.name, other.column.name) != where:
+            try:
+                current.add(triggers.trigger_name(other))
+            except Exception:  # noqa: BLE001 - (not resolvable now: not one whose triggers these are)
+                continue
+    return [b for b in alike if b not in current]
 
 
 def forget_verified() -> None:
@@ -89,9 +113,7 @@ def verify_gone(connection: Connection, counter: CounterCache) -> None:
     if found is not None and counter.name in found:
         return
     # (by name, whatever they were made for: trigger's or sharded_trigger's, any definition)
-    prefix = triggers.trigger_name(counter).rsplit("_", 1)[0] + "_"
-    schema = counter.column.table.schema  # type: ignore[union-attr]
-    if any(base.startswith(prefix) for base in triggers.installed_bases(connection, schema)):
+    if _stale_alike(connection, counter):
         raise CounterCacheError(
             f"{counter.name}: strategy {counter.strategy()!r} now, but the database ({connection.dialect.name}) "
             "still has its countercache triggers, and both would count: drop them first "
