@@ -12,7 +12,8 @@ difference, and ``Connection.execute`` everywhere else:
   ``schema_translate_map``: these see or change every statement, so they get
   SQLAlchemy's own path;
 * a synchronous driver, inside a transaction SQLAlchemy already began;
-* a ``text()`` statement (with ``.columns()`` or not), or an ``INSERT`` (the shard rows' upsert) with no
+* a ``text()`` statement (with ``.columns()`` or not), a ``SELECT`` built once (the
+  pre-read's, :mod:`countercache.locking`), or an ``INSERT`` (the shard rows' upsert) with no
   Python-side default, run with one set of parameters;
 * every parameter an ``int`` or a ``str`` (``bool`` excluded) whose bind
   parameter has no type processor: what the driver receives is then what
@@ -35,7 +36,7 @@ from typing import Any
 from sqlalchemy import Integer
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.selectable import Select, TextualSelect
 
 #: per dialect (gone with it): ``(id(statement), parameter names) -> (statement, SQL, parameter order or None, usable)``
 _compiled: weakref.WeakKeyDictionary[Any, dict[tuple[int, Any], tuple[Any, str, tuple[str, ...] | None, bool]]] = \
@@ -53,8 +54,8 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
         if type(value) not in _PLAIN:
             return connection.execute(stmt, params)
     dialect = connection.dialect
-    if isinstance(stmt, (TextClause, TextualSelect)):  # (text(), with typed result columns or not)
-        names = None
+    if isinstance(stmt, (TextClause, TextualSelect, Select)):  # (text(), with typed result columns or not;
+        names = None  # a SELECT built once: the pre-read's)
     elif isinstance(stmt, Insert):  # (compiled for the columns given, as SQLAlchemy does)
         names = tuple(params)
     else:
@@ -128,6 +129,8 @@ def _compile(stmt: Any, dialect: Any,
                 and column[3]._cached_result_processor(dialect, None) is None for column in result_columns)
         and (not compiled.positional or compiled.positiontup is not None)
         and not getattr(compiled, "escaped_bind_names", None)
+        and not getattr(compiled, "post_compile_params", None)  # (an expanding IN: rendered per execution)
+        and not getattr(compiled, "literal_execute_params", None)
     )
     order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup is not None else None
     return stmt, compiled.string, order, usable  # (the statement kept alive: its id stays its own)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sqlalchemy import Double, Float, Integer, Numeric, Text, any_, bindparam, cast, func, select, text, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from . import _execute
 from ._compat import driver_in_transaction, single_table_criterion
 from .values import single_precision
 
@@ -167,7 +168,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         dialect = connection.dialect
         stmt = _cached(child, ("read", dialect.name, lock), lambda: _locking_select(
             child, _by_int_array(child), lock, dialect=dialect))
-        selects = [(stmt, {"countercache_keys": array})]
+        selects = [(stmt, {"countercache_keys": array})]  # (built once: run the short way)
     elif (chunks := _key_chunks(connection, child, keys)) is not None:
         dialect = connection.dialect
         stmt = _cached(child, ("read-in", dialect.name, lock), lambda: _locking_select(
@@ -177,7 +178,8 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
         selects = [(_locking_select(child, criterion, lock, dialect=connection.dialect), {}) for criterion in criteria]
     for stmt, params in selects:
-        rows = connection.execute(stmt, params).all()  # one fetchall, not a fetchone per row
+        # (one fetchall, not a fetchone per row; a statement built once the short way)
+        rows = (_execute.execute(connection, stmt, params) if array is not None else connection.execute(stmt, params)).all()
         if n == 1 and len(value_keys) == 1:  # one key, one value: the common case, per row
             (k,) = value_keys
             for key, value in rows:
@@ -252,7 +254,7 @@ def count_deleted(connection: Connection, child: _Child,
             return select(*cols, func.count()).group_by(*cols)
 
         stmt = _cached(child, ("count", "postgresql"), build)
-        rows = connection.execute(stmt, {"countercache_keys": array}).all()
+        rows = _execute.execute(connection, stmt, {"countercache_keys": array}).all()
         return [(dict(zip(value_keys, values)), n) for *values, n in rows]
     chunks = _key_chunks(connection, child, keys)
     if chunks is not None:

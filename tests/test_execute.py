@@ -115,6 +115,9 @@ def test_counts_exact_the_short_way(backend, fresh, strategy):
     # the short way was taken: the write's statement is compiled and kept by it
     assert any("exe_posts" in entry[1] or "countercache_shards" in entry[1]
                for entry in compiled(engine))
+    if backend == "postgresql":  # the delete's and the move's locking pre-read too (one array of keys)
+        reads = [entry for entry in compiled(engine) if "FOR UPDATE" in entry[1] and "exe_likes" in entry[1]]
+        assert reads and all(entry[3] for entry in reads)
 
 
 @pytest.mark.parametrize("strategy", ORM_STRATEGIES)
