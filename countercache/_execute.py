@@ -73,8 +73,9 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
     parameters: Any = params if order is None else tuple(params[name] for name in order)
     recorded = getattr(dbapi_connection, "_countercache_recorded", None)
     if recorded is not None:  # (psycopg, sent later with the COMMIT)
-        if order is None and all(type(value) is int for value in params.values()):  # (an integer's literal: its digits)
-            recorded.append(sql % {name: str(value) if value >= 0 else f"({value})" for name, value in params.items()})
+        literals = _literals(params) if order is None else None
+        if literals is not None:
+            recorded.append(sql % literals)
         else:
             recorded.append(_recorder(dbapi_connection).mogrify(sql, parameters))
         return _Rows([], -1)
@@ -89,6 +90,22 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
     finally:
         cursor.close()
     return _Rows(rows, rowcount)
+
+
+def _literals(params: dict[str, Any]) -> dict[str, str] | None:
+    """The parameters as SQL literals where writing them needs no quoting rule of the
+    driver's: an integer's digits; a text of printable ASCII without a quote or a
+    backslash, between quotes (the same under either ``standard_conforming_strings``).
+    None where another value needs psycopg's ``mogrify``."""
+    literals = {}
+    for name, value in params.items():
+        if type(value) is int:
+            literals[name] = str(value) if value >= 0 else f"({value})"
+        elif value.isascii() and value.isprintable() and "'" not in value and "\\" not in value:
+            literals[name] = f"'{value}'"
+        else:
+            return None
+    return literals
 
 
 def schema_translation(bind: Any) -> dict[Any, Any]:

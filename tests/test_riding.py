@@ -473,3 +473,47 @@ def test_values_written_inline_keep_their_types(proxy, through_proxy, _pg_engine
     finally:
         with _pg_engine.begin() as connection:
             Base.metadata.drop_all(connection)
+
+
+@pytest.mark.parametrize("table", ["ride_plain", "ride_o'quote", "ride_back\\slash", "ride_café"])
+def test_shard_rows_of_any_counter_name_ride_exact(proxy, through_proxy, _pg_engine, table):
+    """The shard rows' upsert rides with the COMMIT, its texts inline (the counter's
+    name holds its table's): plain ones written directly, a quote, a backslash or
+    another alphabet's letter quoted by psycopg; every form is counted as written."""
+    class Base(DeclarativeBase):
+        pass
+
+    countercache.shard_table(Base.metadata)
+
+    class Wallet(Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        n: Mapped[int] = counter_cache("entries", strategy="sharded")
+        entries: Mapped[list[Entry]] = relationship()
+
+    class Entry(Base):
+        __tablename__ = table + "_entries"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        wallet_id: Mapped[int] = mapped_column(ForeignKey(Wallet.id))
+
+    sa.orm.configure_mappers()
+    with _pg_engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+        Base.metadata.create_all(connection)
+        connection.execute(Wallet.__table__.insert(), [{"id": 1, "n": 0}])
+    try:
+        def add() -> None:
+            with Session(through_proxy) as session:
+                session.add_all([Entry(wallet_id=1), Entry(wallet_id=1)])
+                session.commit()
+
+        assert round_trips(proxy, through_proxy, add, times=2, warm=1) == 3  # BEGIN, INSERT, the write + COMMIT
+        with through_proxy.connect() as connection:
+            shards = connection.execute(sa.text("SELECT counter, sum(delta) FROM countercache_shards GROUP BY counter")).all()
+        assert [(name, int(total)) for name, total in shards] == [(f"{table}.n", 6)]
+        with Session(through_proxy) as session:
+            assert countercache.exact(session, session.get(Wallet, 1), "n") == 6
+        assert countercache.check(through_proxy) == []
+    finally:
+        with _pg_engine.begin() as connection:
+            Base.metadata.drop_all(connection)
