@@ -79,7 +79,12 @@ def _key_chunks(connection: Connection, child: _Child, keys: list[tuple[Any, ...
     the parameter of an expanding ``IN`` in a statement built once per child; else None."""
     if keys is None or len(child_primary_key(child)) != 1 or connection.dialect.name == "postgresql":
         return None  # (PostgreSQL: one array, built per flush where not integers)
-    ordered = sorted(k for (k,) in keys)
+    values = [k for (k,) in keys]
+    try:
+        ordered = sorted(values)
+    except TypeError:  # (given in several forms, "7" and 8 for an integer key: in the database's order)
+        key_type, dialect = child_primary_key(child)[0].type, connection.dialect
+        ordered = sorted(values, key=lambda v: _canonical(key_type, v, dialect))
     size = chunk_size(connection)
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
@@ -111,7 +116,10 @@ def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]
     pk = child_primary_key(child)
     if len(pk) == 1 and connection.dialect.name == "postgresql":
         # one array parameter: psycopg parses a fixed text, not 5,000 placeholders
-        yield pk[0] == any_(bindparam("countercache_keys", [k for (k,) in keys], type_=ARRAY(pk[0].type)))
+        values = [k for (k,) in keys]
+        if len({type(v) for v in values}) > 1:  # ("7" and 8 for an integer key: one array of one type)
+            values = [_canonical(pk[0].type, v, connection.dialect) for v in values]
+        yield pk[0] == any_(bindparam("countercache_keys", values, type_=ARRAY(pk[0].type)))
         return
     pk_expr = pk[0] if len(pk) == 1 else tuple_(*pk)
     ordered = sorted(keys)
@@ -156,10 +164,13 @@ def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key:
 
 
 def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
-                      *, where: Any = None, lock: str | None = "update") -> dict[tuple[Any, ...], dict[str, Any]]:
+                      *, where: Any = None, lock: str | None = "update",
+                      given_forms: bool = True) -> dict[tuple[Any, ...], dict[str, Any]]:
     """``{child primary key: {attribute: value}}`` (every counted value) of the rows with these keys
     (or matching ``where``), read in key order and, unless ``lock`` is None,
-    locked (``"update"`` or ``"no key update"``) until the transaction ends."""
+    locked (``"update"`` or ``"no key update"``) until the transaction ends.
+    ``given_forms``: a row is also found under a key given in another form than the
+    database's (``"7"`` for 7); False: each row once, under the database's form."""
     value_keys = child.keys
     n = len(child_primary_key(child))
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -187,7 +198,7 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         else:
             for row in rows:
                 found[tuple(row[:n])] = dict(zip(value_keys, row[n:]))
-    if keys is not None and found and any(k not in found for k in keys):
+    if given_forms and keys is not None and found and any(k not in found for k in keys):
         _match_given_keys(connection, child, keys, found)
     return found
 

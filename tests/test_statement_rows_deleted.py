@@ -1,0 +1,139 @@
+"""ORM DELETE and UPDATE statements count the rows they really changed (outside tester):
+
+* MariaDB/MySQL ``delete(...).with_dialect_options(mysql_limit=N)`` deletes N of the
+  rows its WHERE matches: counted were every matching row (a counter of 4 went to 0
+  with 3 rows left). Now the rows still there after it are not counted.
+* A PostgreSQL ``BEFORE DELETE`` trigger that keeps some rows (returns NULL): the same.
+* Such a LIMIT on a DELETE whose rows take counted rows along (ON DELETE CASCADE) is
+  refused before it runs: which rows it deletes is known only after it.
+* A bulk UPDATE by primary key given ``"2"`` for the integer key 2 (a web form's
+  text) crashed with mixed key types, or counted the row twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from sqlalchemy import ForeignKey, String, delete, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache
+from countercache import counter_cache
+
+from helpers import assert_counts, orm_kept_only
+
+
+def models(strategy: str):
+    class Base(DeclarativeBase):
+        pass
+
+    class Forum(Base):
+        __tablename__ = "forums"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        users: Mapped[list["User"]] = relationship(passive_deletes=True)
+        answer_count: Mapped[int] = counter_cache("users.questions", strategy=strategy) \
+            if strategy not in ("sharded_trigger",) else counter_cache("users", strategy=strategy)
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        forum_id: Mapped[Optional[int]] = mapped_column(ForeignKey("forums.id", ondelete="CASCADE"))
+        questions: Mapped[list["Question"]] = relationship()
+        question_count: Mapped[int] = counter_cache("questions", strategy=strategy)
+
+    class Question(Base):
+        __tablename__ = "questions"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+        title: Mapped[str] = mapped_column(String(20), default="")
+
+    return Base, Forum, User, Question
+
+
+@pytest.fixture
+def schema(engine, strategy):
+    Base, Forum, User, Question = models(strategy)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Forum(id=1))
+        s.flush()
+        s.add_all([User(id=1, forum_id=1), User(id=2, forum_id=1)])
+        s.flush()
+        s.add_all([Question(id=i, user_id=1) for i in range(1, 5)])
+        s.commit()
+    yield Base, Forum, User, Question
+    Base.metadata.drop_all(engine)
+
+
+def _rows(engine, sql: str) -> int:
+    with engine.connect() as c:
+        return int(c.execute(text(sql)).scalar_one())
+
+
+@pytest.mark.mariadb_only
+def test_a_delete_with_a_limit_counts_the_rows_it_deleted(engine, schema, strategy):
+    Base, Forum, User, Question = schema
+    with Session(engine) as s:
+        result = s.execute(delete(Question).where(Question.user_id == 1).with_dialect_options(mysql_limit=1))
+        assert result.rowcount == 1
+        s.commit()
+    assert _rows(engine, "SELECT count(*) FROM questions") == 3
+    assert assert_counts(engine) == {1: 3, 2: 0}
+    assert countercache.check(engine, metadata=Base.metadata) == []
+
+
+@pytest.mark.mariadb_only
+def test_a_delete_with_a_limit_that_cascades_into_counted_rows_is_refused_first(engine, schema, strategy):
+    orm_kept_only(strategy, "the database's triggers count what the cascade deletes")
+    Base, Forum, User, Question = schema
+    with Session(engine) as s:
+        with pytest.raises(countercache.CounterCacheError, match=r"with a LIMIT.*ON DELETE CASCADE"):
+            s.execute(delete(Forum).where(Forum.id == 1).with_dialect_options(mysql_limit=1))
+        s.rollback()
+    assert _rows(engine, "SELECT count(*) FROM users") == 2  # nothing ran
+
+
+@pytest.mark.postgresql_only
+def test_rows_a_before_delete_trigger_keeps_are_not_counted(engine, schema, strategy):
+    Base, Forum, User, Question = schema
+    with engine.begin() as c:
+        c.execute(text("CREATE FUNCTION keep_pinned() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                       "BEGIN IF OLD.title = 'pinned' THEN RETURN NULL; END IF; RETURN OLD; END $$"))
+        c.execute(text("CREATE TRIGGER keep_pinned BEFORE DELETE ON questions FOR EACH ROW "
+                       "EXECUTE FUNCTION keep_pinned()"))
+        c.execute(text("UPDATE questions SET title = 'pinned' WHERE id IN (1, 2)"))
+    try:
+        with Session(engine) as s:
+            result = s.execute(delete(Question).where(Question.user_id == 1))
+            assert result.rowcount == 2
+            s.commit()
+        assert _rows(engine, "SELECT count(*) FROM questions") == 2
+        assert assert_counts(engine) == {1: 2, 2: 0}
+    finally:
+        with engine.begin() as c:
+            c.execute(text("DROP TRIGGER IF EXISTS keep_pinned ON questions"))
+            c.execute(text("DROP FUNCTION IF EXISTS keep_pinned()"))
+
+
+def test_a_bulk_update_by_primary_key_given_text_keys_counts_each_row_once(engine, schema, strategy):
+    Base, Forum, User, Question = schema
+    with Session(engine) as s:
+        s.execute(update(Question), [{"id": "2", "user_id": 2}, {"id": 3, "user_id": 2}])
+        s.commit()
+    assert assert_counts(engine) == {1: 2, 2: 2}
+
+
+def test_a_flush_deleting_rows_keyed_in_several_forms(engine, schema, strategy):
+    """Rows whose keys the session holds as given (``"5"`` from a form) deleted with
+    rows it loaded (``1``): the flush's locking read takes both forms."""
+    Base, Forum, User, Question = schema
+    with Session(engine) as s:
+        given = Question(id="5", user_id=1)
+        s.add(given)
+        s.commit()
+        s.delete(given)
+        s.delete(s.get(Question, 1))
+        s.get(Question, 2).user_id = 2
+        s.commit()
+    assert assert_counts(engine) == {1: 2, 2: 1}
