@@ -35,6 +35,7 @@ from .children import _child_cache, _children, add_counter
 from .declaration import CounterCache, MiddleView
 from .errors import ConfigurationError
 from .kinds import ManyToMany, MultiLevel
+from .values import check_counter_column
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
                     _after_transaction_end, _before_flush, _locked)
 from .parents import parent_deleted, parent_inserting, parent_updated
@@ -78,6 +79,8 @@ def counter_cache(
         ``COUNT(*)`` (NULL adds 0). Give ``type_=Numeric(...)`` for decimals.
     :param column_kwargs: passed to :func:`~sqlalchemy.orm.mapped_column`
         (``name=``, ``type_=BigInteger``, ``index=True``, ``comment=``...).
+        ``type_`` must be a number type and the column is never NULL: another
+        type, or ``nullable=True``, raises :class:`~countercache.ConfigurationError` here.
 
     Returns the column: Integer, ``nullable=False``, ``default=0``,
     ``server_default="0"``. The column is the library's: assigning to it
@@ -96,6 +99,7 @@ def counter_cache(
     column_kwargs.setdefault("default", 0)
     column_kwargs.setdefault("server_default", "0")
     type_ = column_kwargs.pop("type_", Integer)
+    check_counter_column(relationship, type_, column_kwargs)
     _install()
     return mapped_column(type_, info=info, **column_kwargs)
 

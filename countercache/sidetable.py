@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, inspect, \
+from sqlalchemy import BigInteger, Column, Enum, Integer, MetaData, SmallInteger, String, Table, Uuid, cast, func, inspect, \
     select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
@@ -175,13 +175,15 @@ def check_shardable(counter: CounterCache, what: str, *, need_table: bool, strat
     instead = "trigger" if strategy == "sharded_trigger" else "deferred"
     pk = list(counter.mapper.primary_key)
     key_type = pk[0].type if len(pk) == 1 else None
-    if not (isinstance(key_type, Integer) or isinstance(key_type, String) and not isinstance(key_type, Uuid)
+    if not (isinstance(key_type, Integer) or isinstance(key_type, String) and not isinstance(key_type, (Uuid, Enum))
             and key_type.length is not None and key_type.length <= KEY_LENGTH):
         # the side table keeps the key as text; a UUID's text differs between
-        # backends that store it natively and those that store 32 hex digits
+        # backends that store it natively and those that store 32 hex digits;
+        # an Enum's member is not the text stored (its name, or its value)
         raise ConfigurationError(
             f"{what}: the {strategy} strategy needs a parent with a one-column integer primary key, "
-            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH})), on every database; "
+            f"or a string one of at most {KEY_LENGTH} characters (String({KEY_LENGTH}); not a Uuid or an Enum), "
+            "on every database; "
             f"use strategy {instead!r}"
         )
     if not isinstance(counter.column.type, Integer):

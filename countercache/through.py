@@ -35,7 +35,8 @@ from .children import _child_for, _key
 from .errors import CounterCacheError
 from .kinds import MultiLevel
 from .locking import chunk_size, read_foreign_keys
-from .writer import ParentTable, canonical_keys, key_converters, lock_order
+from .values import canonical_keys, key_converters
+from .writer import ParentTable, lock_order
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection

@@ -51,15 +51,15 @@ insert or delete) takes a plain ``UPDATE ... WHERE pk = :pk``.
 
 from __future__ import annotations
 
-import uuid
 import weakref
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, TypeDecorator, select
+from sqlalchemy import Enum, String, TypeDecorator, select
 from sqlalchemy.engine import Connection
 
 from . import _registry, collation
+from .values import canonical_keys, key_converters
 from .statements import MYSQL_CHUNK as MYSQL_CHUNK
 from .statements import Deltas as Deltas
 from .statements import Key as Key
@@ -80,53 +80,6 @@ FEW = 4
 
 #: mapper -> ParentTable.of_mapper(mapper), until the next counter is added
 _of_mapper: weakref.WeakKeyDictionary[Any, list[ParentTable]] = weakref.WeakKeyDictionary()
-
-
-def key_converters(columns: Any) -> tuple[Any, ...] | None:
-    """Per key column, ``(python type, conversion)`` where a value given as
-    another type (a string from a web form for an integer or UUID key, a
-    number for a string key) is stored by the database as that type; None
-    when no column needs one."""
-    found = []
-    for col in columns:
-        try:
-            python_type = col.type.python_type
-        except NotImplementedError:  # (a TypeDecorator without one, say)
-            python_type = None
-        found.append((python_type, python_type) if python_type in (int, uuid.UUID, str) else None)
-    return tuple(found) if any(found) else None
-
-
-def canonical_key(converters: tuple[Any, ...], key: Key) -> Key:
-    """The key as the database will store it (``"3"`` -> ``3`` for an integer key)."""
-    if all(c is None or type(v) is c[0] or v is None for c, v in zip(converters, key)):
-        return key
-    return tuple(v if c is None or v is None or type(v) is c[0] else c[1](v if c[0] is int else str(v))
-                 for c, v in zip(converters, key))
-
-
-def canonical_keys(converters: tuple[Any, ...], by_key: dict[Key, Any], add: Any) -> dict[Key, Any]:
-    """``by_key`` with its keys as the database stores them, the values of keys
-    that are then equal combined with ``add``; ``by_key`` itself (no copy) when
-    every key already is (the common case: this runs on every flush)."""
-    if len(converters) == 1:  # (a one-column key: checked without a call per key)
-        converter = converters[0]
-        if converter is None:
-            return by_key
-        python_type = converter[0]
-        for key in by_key:
-            value = key[0]
-            if type(value) is not python_type and value is not None:
-                break
-        else:
-            return by_key
-    elif all(canonical_key(converters, key) is key for key in by_key):
-        return by_key
-    found: dict[Key, Any] = {}
-    for key, value in by_key.items():
-        key = canonical_key(converters, key)
-        found[key] = add(found[key], value) if key in found else value
-    return found
 
 
 def _add_vectors(a: list[Any], b: list[Any]) -> list[Any]:
@@ -237,14 +190,32 @@ class ParentTable(StatementForms):
         are known equal only once processed as the database will store them."""
         return any(isinstance(c.type, TypeDecorator) for c in self.pk_cols)
 
+    @cached_property
+    def ordered_as_stored(self) -> bool:
+        """Are keys sorted as the database orders what it stores, not as Python orders them?
+        A user's type (``TypeDecorator``); an ``Enum`` (Python's enum members do not sort)."""
+        return any(isinstance(c.type, (TypeDecorator, Enum)) for c in self.pk_cols)
+
     def _stored_key(self, connection: Connection) -> Any:
-        """A sort key: the key as the database stores it (the order its index locks in)."""
+        """A sort key: the key as the database stores it (the order its index locks in;
+        a native ENUM's, PostgreSQL's and MariaDB's, is the order of its declaration)."""
         dialect = connection.dialect
-        decorated = [c.type if isinstance(c.type, TypeDecorator) else None for c in self.pk_cols]
+
+        def one(t: Any) -> Any:
+            if isinstance(t, TypeDecorator):
+                return lambda v: _plain(t.process_bind_param(v, dialect))
+            if isinstance(t, Enum):
+                to_stored = t._cached_bind_processor(dialect) or (lambda v: v)
+                if t.native_enum and dialect.supports_native_enum:
+                    order = {name: i for i, name in enumerate(t.enums)}
+                    return lambda v: order.get(to_stored(v), len(order))
+                return to_stored
+            return None
+
+        forms = [one(c.type) for c in self.pk_cols]
 
         def stored(key: Key) -> Key:
-            return tuple(v if t is None or v is None else _plain(t.process_bind_param(v, dialect))
-                         for t, v in zip(decorated, key))
+            return tuple(v if f is None or v is None else f(v) for f, v in zip(forms, key))
         return stored
 
     def _one_per_row(self, dialect: Any, deltas: Deltas) -> Deltas:
@@ -372,7 +343,7 @@ class ParentTable(StatementForms):
         if self.decorated_keys:
             changed = self._one_per_row(connection.dialect, changed)
         slots = tuple(i for i in range(len(self.counters)) if any(v[i] for v in changed.values()))
-        keys = sorted(changed, key=self._stored_key(connection)) if self.decorated_keys else sorted(changed)
+        keys = sorted(changed, key=self._stored_key(connection)) if self.ordered_as_stored else sorted(changed)
         dialect = connection.dialect.name
         if len(keys) == 1:
             return self._apply_one(connection, slots, keys[0], changed[keys[0]], values)

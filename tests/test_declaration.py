@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, Table, Column
+from sqlalchemy import BigInteger, Boolean, Column, Double, Float, ForeignKey, Integer, Numeric, SmallInteger, String, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, MappedAsDataclass, Session, configure_mappers, mapped_column, relationship
 
 import countercache
 from countercache import CounterCache, CounterCacheError, counter_cache
+from countercache.errors import ConfigurationError
 
 
 def make(counter_kwargs=None, relationship_name="questions", child=True, **user_extra):
@@ -272,3 +273,21 @@ def test_a_counter_refused_at_configuration_keeps_refusing_every_flush(engine, s
             assert c.execute(text("SELECT count(*) FROM things")).scalar() == 0  # nothing kept uncounted
     finally:
         Base.metadata.drop_all(engine)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"type_": String(5)}, r"type_ must be a number type .* not String\(length=5\)"),
+    ({"type_": Boolean}, r"type_ must be a number type .* not Boolean\(\)"),
+    ({"type_": "int"}, r"type_ must be a SQLAlchemy number type, not 'int'"),
+    ({"nullable": True}, r"a counter column is never NULL"),
+])
+def test_a_column_that_cannot_hold_a_count_is_refused_at_the_declaration(kwargs, message):
+    """(Outside tester: ``type_=String(5)`` was accepted, then PostgreSQL refused
+    ``varchar + varchar`` at the first commit and SQLite and MariaDB stored ``'1'``.)"""
+    with pytest.raises(ConfigurationError, match=r"counter_cache\('questions'\): " + message):
+        counter_cache("questions", **kwargs)
+
+
+@pytest.mark.parametrize("type_", [BigInteger, SmallInteger(), Numeric(12, 2), Float(), Double()])
+def test_number_columns_are_taken(type_):
+    assert counter_cache("questions", type_=type_).column.type is not None

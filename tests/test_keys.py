@@ -383,3 +383,67 @@ def test_a_number_given_for_a_string_key(engine, strategy, path):
         assert countercache.check(engine) == []
     finally:
         Base.metadata.drop_all(engine)
+
+
+class Shade(enum.Enum):  # (declared out of alphabetical order, names unlike values)
+    RED = "r"
+    BLUE = "b"
+    GREEN = "g"
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("strategy", ["bulk", "per_row", "deferred", "trigger"])  # (sharded: refused, test_sharded)
+def test_enum_keys(engine, strategy, native):
+    """A parent keyed by a Python ``Enum`` (outside tester): a flush touching several
+    parents sorted the members, which do not sort, and the commit raised. Keys are
+    ordered as the database orders what it stores (a native ENUM by its declaration)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    key = Enum(Shade, native_enum=native, name="shade_key")
+
+    class Palette(Base):
+        __tablename__ = "palettes"
+        shade = mapped_column(key, primary_key=True)
+        swatches: Mapped[list["Swatch"]] = relationship()
+        swatch_count: Mapped[int] = counter_cache("swatches", strategy=strategy)
+        dot_count: Mapped[int] = counter_cache("swatches.dots", strategy=strategy)
+
+    class Swatch(Base):
+        __tablename__ = "swatches"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        shade = mapped_column(key, ForeignKey("palettes.shade"), nullable=True)
+        dots: Mapped[list["Dot"]] = relationship()
+
+    class Dot(Base):
+        __tablename__ = "dots"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        swatch_id: Mapped[Optional[int]] = mapped_column(ForeignKey("swatches.id"))
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine, expire_on_commit=False) as s:
+            palettes = [Palette(shade=c) for c in Shade]
+            s.add_all(palettes)
+            s.flush()
+            s.add_all([Swatch(id=n, shade=list(Shade)[n % 3]) for n in range(7)])
+            s.flush()
+            s.add_all([Dot(swatch_id=n % 7) for n in range(10)])
+            s.commit()
+            s.get(Swatch, 0).shade = Shade.GREEN
+            s.get(Swatch, 1).shade = Shade.RED
+            s.delete(s.get(Swatch, 2))
+            s.execute(delete(Dot).where(Dot.swatch_id == 2))
+            s.commit()
+            s.expire_all()
+            got = {p.shade: (p.swatch_count, p.dot_count) for p in palettes}
+        assert countercache.check(engine) == []
+        with engine.connect() as conn:
+            swatches = dict(conn.execute(select(Swatch.shade, func.count()).group_by(Swatch.shade)).all())
+            dots = dict(conn.execute(select(Swatch.shade, func.count()).join(Dot, Dot.swatch_id == Swatch.id)
+                                     .group_by(Swatch.shade)).all())
+        assert got == {c: (swatches.get(c, 0), dots.get(c, 0)) for c in Shade}
+        assert sum(n for n, _ in got.values()) == 6
+    finally:
+        Base.metadata.drop_all(engine)

@@ -628,12 +628,17 @@ def test_reconcile_with_a_session_counts_what_the_transaction_holds(engine):
         clear_mappers()
 
 
-@pytest.mark.parametrize("key_type", ["uuid", "long string"])
+@pytest.mark.parametrize("key_type", ["uuid", "long string", "enum"])
 def test_keys_the_side_table_cannot_hold_are_refused(key_type):
+    """(An Enum: its member's text is not what the database stores, outside tester.)"""
+    import enum
     import uuid
 
-    from sqlalchemy import Uuid
+    from sqlalchemy import Enum, Uuid
     from sqlalchemy.orm import configure_mappers
+
+    class Color(enum.Enum):
+        red = "r"
 
     class Base(DeclarativeBase):
         pass
@@ -641,6 +646,7 @@ def test_keys_the_side_table_cannot_hold_are_refused(key_type):
     class Post(Base):
         __tablename__ = "posts"
         id = mapped_column(Uuid, primary_key=True, default=uuid.uuid4) if key_type == "uuid" else \
+            mapped_column(Enum(Color), primary_key=True) if key_type == "enum" else \
             mapped_column(String(200), primary_key=True)
         likes: Mapped[list["Like"]] = relationship()
         like_count: Mapped[int] = counter_cache("likes", strategy="sharded")
