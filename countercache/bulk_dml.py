@@ -148,9 +148,11 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
     session = state.session
     _translate_kept(session, mapper, child)
     connection = session.connection(bind_arguments={"mapper": mapper})
+    # (a joined subclass's statement names its own table: read its rows through the join)
+    joined = mapper.persist_selectable if mapper.persist_selectable is not mapper.local_table else None
     found = read_foreign_keys(
         connection, child, where=where_of(state),  # type: ignore[attr-defined]
-        lock="update" if deleting else "no key update",
+        lock="update" if deleting else "no key update", source=joined,
     )
     return _with_leaves(connection, child, found)
 
@@ -231,6 +233,10 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if not _attribute_values(mapper, values, child.keys):
         return None  # no counted value changes: nothing to do, nothing extra
     refuse_key_change(mapper, ", ".join(c.name for c in child.counters), values)
+    if mapper.persist_selectable is not mapper.local_table:
+        # a joined subclass's UPDATE setting a column of another of its tables: SQLAlchemy
+        # refuses most (CompileError) when it runs; raise that before reading anything
+        state.statement.compile(dialect=state.session.get_bind(mapper=mapper).dialect)
     locked = _locked(state, mapper, child, deleting=False)
     result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)

@@ -130,8 +130,9 @@ def _criteria(connection: Connection, child: _Child, keys: list[tuple[Any, ...]]
 
 
 def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key: bool = True,
-                    dialect: Any = None) -> Any:
-    """``SELECT [pk,] counted values WHERE criteria ORDER BY pk`` with its row lock."""
+                    dialect: Any = None, source: Any = None) -> Any:
+    """``SELECT [pk,] counted values WHERE criteria ORDER BY pk`` with its row lock
+    (``source``: the tables the criteria name, joined: a joined subclass's statement)."""
     mapper = child.mapper
     pk = child_primary_key(child)
     value_cols = [mapper.get_property(k).columns[0] for k in child.keys]  # type: ignore[attr-defined]
@@ -148,7 +149,9 @@ def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key:
         read = [cast(c, Double()) if isinstance(c.type, Float) and single_precision(c.type, dialect) else c
                 for c in value_cols]
     stmt = select(*pk, *read) if with_key else select(*read)
-    if len({col.table for col in value_cols}) > 1:
+    if source is not None:
+        stmt = stmt.select_from(source)
+    elif len({col.table for col in value_cols}) > 1:
         # values in more than one table of a joined-inheritance class: the
         # tables joined as the mapper joins them (not a cross product)
         stmt = stmt.select_from(mapper.persist_selectable)
@@ -165,7 +168,7 @@ def _locking_select(child: _Child, criteria: Any, lock: str | None, *, with_key:
 
 def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None = None,
                       *, where: Any = None, lock: str | None = "update",
-                      given_forms: bool = True) -> dict[tuple[Any, ...], dict[str, Any]]:
+                      given_forms: bool = True, source: Any = None) -> dict[tuple[Any, ...], dict[str, Any]]:
     """``{child primary key: {attribute: value}}`` (every counted value) of the rows with these keys
     (or matching ``where``), read in key order and, unless ``lock`` is None,
     locked (``"update"`` or ``"no key update"``) until the transaction ends.
@@ -187,7 +190,8 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
         selects = [(stmt, {"countercache_keys": chunk}) for chunk in chunks]
     else:
         criteria = [where if where is not None else true()] if keys is None else _criteria(connection, child, keys)
-        selects = [(_locking_select(child, criterion, lock, dialect=connection.dialect), {}) for criterion in criteria]
+        selects = [(_locking_select(child, criterion, lock, dialect=connection.dialect, source=source), {})
+                   for criterion in criteria]
     for stmt, params in selects:
         # (one fetchall, not a fetchone per row; a statement built once the short way)
         rows = (_execute.execute(connection, stmt, params) if array is not None else connection.execute(stmt, params)).all()

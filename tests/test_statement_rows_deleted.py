@@ -137,3 +137,72 @@ def test_a_flush_deleting_rows_keyed_in_several_forms(engine, schema, strategy):
         s.get(Question, 2).user_id = 2
         s.commit()
     assert assert_counts(engine) == {1: 2, 2: 1}
+
+
+def jti_models(strategy: str):
+    class Base(DeclarativeBase):
+        pass
+
+    class Person(Base):
+        __tablename__ = "people"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        items: Mapped[list["Item"]] = relationship()
+        item_count: Mapped[int] = counter_cache("items", strategy=strategy)
+
+    class Item(Base):
+        __tablename__ = "items"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(20))
+        owner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("people.id"))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}
+
+    class Book(Item):
+        __tablename__ = "books"
+        id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+        title: Mapped[str] = mapped_column(String(20), default="")
+        __mapper_args__ = {"polymorphic_identity": "book"}
+
+    return Base, Person, Item, Book
+
+
+def test_statements_on_a_joined_subclass_read_only_their_rows(engine, strategy):
+    """``update(Book)`` / ``delete(Book)`` name the subclass's table: the locking read
+    went over every row of the base table (a cross join, SQLAlchemy's cartesian-product
+    warning, every row locked); an UPDATE that SQLAlchemy refuses (a base table's
+    column in its SET) sent that read before the refusal (outside tester)."""
+    import warnings
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import CompileError
+
+    Base, Person, Item, Book = jti_models(strategy)
+    Base.metadata.create_all(engine)
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        sent.append(statement)
+
+    try:
+        with Session(engine) as s:
+            s.add_all([Person(id=1), Person(id=2)])
+            s.flush()
+            s.add_all([Item(id=1, owner_id=1), Book(id=2, owner_id=1), Book(id=3, owner_id=1)])
+            s.commit()
+        event.listen(engine, "before_cursor_execute", record)
+        with Session(engine) as s, warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no cartesian-product warning)
+            with pytest.raises(CompileError):
+                s.execute(update(Book).where(Book.id == 2).values(owner_id=2))
+            assert sent == []  # refused before anything was sent, as without countercache
+            s.rollback()
+            s.execute(delete(Book).where(Book.id == 2))
+            s.commit()
+        reads = [stmt for stmt in sent if "FOR UPDATE" in stmt]
+        assert all("JOIN" in stmt for stmt in reads)
+        with engine.connect() as c:  # books' rows go, items' stay: the owner keeps counting it
+            assert c.execute(text("SELECT count(*) FROM books")).scalar_one() == 1
+        assert assert_counts(engine, "people", "item_count", "items", "owner_id") == {1: 3, 2: 0}
+    finally:
+        if event.contains(engine, "before_cursor_execute", record):
+            event.remove(engine, "before_cursor_execute", record)
+        Base.metadata.drop_all(engine)
