@@ -343,6 +343,8 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = session.connection(bind_arguments={"mapper": mapper})
     stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
+    if mapper.persist_selectable is not table:  # (a joined subclass: its criteria may name its other tables)
+        stmt = stmt.select_from(mapper.persist_selectable)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}
     restrict = pk[0].in_([k[0] for k in before]) if len(pk) == 1 else tuple_(*pk).in_(list(before))
     result = invoke(state, statement=state.statement.where(OnlyInSQL(restrict)))
