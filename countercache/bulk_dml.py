@@ -342,7 +342,9 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     read = [*pk, discriminator, *sorted(needed - {discriminator}, key=lambda c: c.name)]
     where = [c for c in (where_of(state), single_table_criterion(mapper)) if c is not None]  # type: ignore[attr-defined]
     connection = session.connection(bind_arguments={"mapper": mapper})
-    stmt = select(*read).where(*where).order_by(*pk).with_for_update(key_share=not state.is_delete)
+    stmt = select(*read).where(*where).order_by(*pk)
+    stmt = stmt.with_for_update(key_share=not state.is_delete) if connection.dialect.name != "sqlite" \
+        else for_update(stmt, connection)  # (SQLite: the write lock, before the read)
     if mapper.persist_selectable is not table:  # (a joined subclass: its criteria may name its other tables)
         stmt = stmt.select_from(mapper.persist_selectable)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}

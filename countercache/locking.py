@@ -177,6 +177,8 @@ def read_foreign_keys(connection: Connection, child: _Child, keys: list[tuple[An
     value_keys = child.keys
     n = len(child_primary_key(child))
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if lock is not None and connection.dialect.name == "sqlite":
+        _begin_sqlite_write(connection)  # (no row locks: the write lock, before the read)
     array = _int_array(connection, child, keys)
     if array is not None:
         dialect = connection.dialect
@@ -260,6 +262,8 @@ def count_deleted(connection: Connection, child: _Child,
     """
     value_keys = child.keys
     counts: dict[tuple[Any, ...], int] = {}
+    if connection.dialect.name == "sqlite":
+        _begin_sqlite_write(connection)
     array = _int_array(connection, child, keys)
     if array is not None:  # (PostgreSQL: grouped by the server)
         def build() -> Any:
@@ -334,5 +338,8 @@ def enforced_foreign_key(connection: Connection, table: Any, columns: list[Any])
 
 
 def for_update(stmt: Any, connection: Connection) -> Any:
-    """``stmt ... FOR UPDATE`` where the database has row locks (not SQLite)."""
-    return stmt if connection.dialect.name == "sqlite" else stmt.with_for_update()
+    """``stmt ... FOR UPDATE`` where the database has row locks; SQLite: the write lock taken now."""
+    if connection.dialect.name == "sqlite":
+        _begin_sqlite_write(connection)
+        return stmt
+    return stmt.with_for_update()

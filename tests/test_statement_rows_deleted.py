@@ -206,3 +206,50 @@ def test_statements_on_a_joined_subclass_read_only_their_rows(engine, strategy):
         if event.contains(engine, "before_cursor_execute", record):
             event.remove(engine, "before_cursor_execute", record)
         Base.metadata.drop_all(engine)
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("how", ["update", "update_by_pk", "delete"])
+def test_sqlite_statements_take_the_write_lock_before_their_read(engine, strategy, how):
+    """SQLite has no row locks: the ORM statement's read ran outside the write
+    transaction, and another connection could move a row it read before its
+    UPDATE ran (counted from where it no longer was; outside tester). The read
+    now begins the write transaction, as a flush's does: the other writer waits."""
+    from sqlalchemy import create_engine, event
+
+    orm_kept_only(strategy, "the database's triggers count each statement as it runs")
+    Base, Forum, User, Question = models(strategy)
+    Base.metadata.create_all(engine)
+    other = create_engine(engine.url, connect_args={"timeout": 0.2})
+    outcome: list[str] = []
+
+    def move_meanwhile(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith(("UPDATE QUESTIONS", "DELETE FROM QUESTIONS")) and not outcome:
+            try:
+                with other.begin() as c:
+                    c.execute(text("UPDATE questions SET user_id = 2 WHERE id = 1"))
+                outcome.append("moved")
+            except Exception as exc:  # noqa: BLE001 - the write lock held: what is expected
+                outcome.append(type(exc).__name__)
+
+    try:
+        with Session(engine) as s:
+            s.add_all([User(id=1), User(id=2), User(id=3)])
+            s.flush()
+            s.add_all([Question(id=1, user_id=1), Question(id=2, user_id=1)])
+            s.commit()
+        event.listen(engine, "before_cursor_execute", move_meanwhile)
+        with Session(engine) as s:
+            if how == "update":
+                s.execute(update(Question).where(Question.user_id == 1).values(user_id=3))
+            elif how == "update_by_pk":
+                s.execute(update(Question), [{"id": 1, "user_id": 3}, {"id": 2, "user_id": 3}])
+            else:
+                s.execute(delete(Question).where(Question.user_id == 1))
+            s.commit()
+        assert outcome == ["OperationalError"]
+        assert assert_counts(engine) == ({1: 0, 2: 0, 3: 2} if how != "delete" else {1: 0, 2: 0, 3: 0})
+    finally:
+        event.remove(engine, "before_cursor_execute", move_meanwhile)
+        other.dispose()
+        Base.metadata.drop_all(engine)
