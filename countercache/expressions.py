@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Enum, Float, Integer, Numeric, String, TypeDecorator
+from sqlalchemy import Boolean, Enum, Float, Integer, Numeric, String, TypeDecorator
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import ColumnElement
@@ -209,6 +209,14 @@ def compile_evaluator(expression: ColumnElement[Any], child: Mapper[Any], what: 
         ) from None
     if not compiler.keys:
         raise ConfigurationError(f"{name}: {what}= uses none of {child.class_.__name__}'s columns")
+    affinity = getattr(expression.type, "_type_affinity", None)
+    if what == "where" and not (affinity is not None and issubclass(affinity, Boolean)):
+        # (a number or a string is true or false in Python, and in SQLite and MariaDB; PostgreSQL
+        # refuses it in a WHERE: the recount of check() and the triggers would fail there)
+        raise ConfigurationError(
+            f"{name}: where= must be a boolean expression, not {expression.type!r} "
+            f"({sql_text(expression)}); compare it, e.g. {sql_text(expression)} != 0 or ... IS NOT NULL"
+        )
     if what == "sum" and not is_number(expression.type):
         raise ConfigurationError(
             f"{name}: sum= must be a number, not {expression.type!r} "

@@ -291,3 +291,34 @@ def test_a_column_that_cannot_hold_a_count_is_refused_at_the_declaration(kwargs,
 @pytest.mark.parametrize("type_", [BigInteger, SmallInteger(), Numeric(12, 2), Float(), Double()])
 def test_number_columns_are_taken(type_):
     assert counter_cache("questions", type_=type_).column.type is not None
+
+
+@pytest.mark.parametrize("where", ["number", "boolean column", "comparison"])
+def test_where_must_be_a_boolean_expression(where):
+    """``where=lambda: Child.n`` (a number) was taken: the flush counted by Python's
+    truth, and PostgreSQL refused it in check()'s recount (outside tester)."""
+    from sqlalchemy import Boolean
+
+    class Base(DeclarativeBase):
+        pass
+
+    class P(Base):
+        __tablename__ = "p"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kids: Mapped[list["C"]] = relationship()
+        flagged: Mapped[int] = counter_cache("kids", where={
+            "number": lambda: C.n, "boolean column": lambda: C.on, "comparison": lambda: C.n > 0}[where])
+
+    class C(Base):
+        __tablename__ = "c"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        p_id: Mapped[Optional[int]] = mapped_column(ForeignKey("p.id"))
+        n: Mapped[Optional[int]]
+        on: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    if where == "number":
+        with pytest.raises(ConfigurationError, match=r"P\.flagged: where= must be a boolean expression, not Integer\(\) \(c\.n\)"):
+            configure_mappers()
+    else:
+        configure_mappers()
+        assert P.flagged.property.columns[0].info["countercache"].where_sql
