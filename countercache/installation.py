@@ -38,7 +38,7 @@ from .kinds import ManyToMany, MultiLevel
 from .values import check_counter_column
 from .flush import (_after_flush, _after_flush_postexec, _after_rollback, _after_soft_rollback,
                     _after_transaction_end, _before_flush, _locked)
-from .parents import parent_deleted, parent_inserting, parent_updated
+from .parents import parent_deleted, parent_inserted, parent_inserting, parent_updated
 from .preread import _before_delete, _before_insert, _before_write, _loaded, _refreshed
 from .shard_writes import forget_pools
 from .sidetable import check_shardable, check_shards, shard_table
@@ -374,7 +374,7 @@ _parents_hooked: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 #: A counter's parent mappers: a new row starts at 0 (parent_inserting), a
 #: deleted one takes its shard rows along (parent_deleted).
-_PARENT_HOOKS = (("before_insert", parent_inserting), ("after_delete", parent_deleted),
+_PARENT_HOOKS = (("before_insert", parent_inserting), ("after_insert", parent_inserted), ("after_delete", parent_deleted),
                  ("after_update", parent_updated))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import and_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -15,7 +16,50 @@ from .flush import _flushes
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
 
-__all__ = ["parent_inserting", "parent_deleted", "parent_updated"]
+__all__ = ["parent_inserting", "parent_inserted", "parent_deleted", "parent_updated"]
+
+#: Strategies that write the parent row and assume a new one has no children yet.
+_STARTS_AT_ZERO = ("bulk", "per_row", "deferred")
+
+
+def held_by_foreign_key(counter: Any) -> bool:
+    """Do the database's foreign keys keep every counted row's parent (the key columns
+    declare one referring to the parent's key)? Else rows may wait under a key no parent
+    has yet (no foreign key: an application that checks its keys itself, or deleted and
+    re-created a parent under the same key), and a new parent must start from them."""
+    pk = list(counter.mapper.primary_key)
+    try:
+        columns = counter.kind.key_columns()
+    except (AttributeError, IndexError, TypeError):
+        return True
+    return len(columns) == len(pk) and all(
+        any(fk.column is parent_col for fk in col.foreign_keys) for col, parent_col in zip(columns, pk))
+
+
+def _held(counter: Any) -> bool:
+    found = counter.__dict__.get("_held_by_foreign_key")
+    if found is None:
+        found = counter.__dict__["_held_by_foreign_key"] = held_by_foreign_key(counter)
+    return found  # type: ignore[no-any-return]
+
+
+def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
+    """Parent mapper ``after_insert``: where no foreign key keeps the counted rows'
+    parents, rows already under the new key are counted now (``bulk``, ``per_row``,
+    ``deferred``: their writes to a parent that was not there changed nothing), before
+    the flush's own rows of it are inserted (counted as usual, after)."""
+    for parent in ParentTable.of_mapper(mapper):
+        waiting = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not _held(c)]
+        if not waiting:
+            continue
+        key = mapper.primary_key_from_instance(state.obj())
+        where = and_(*(col == value for col, value in zip(parent.pk_cols, key)))
+        recounts = {c.column.name: c.kind.real_count(list(parent.pk_cols)).scalar_subquery()  # type: ignore[union-attr]
+                    for c in waiting}
+        connection.execute(update(parent.table).where(where).values(recounts))
+        row = connection.execute(select(*(parent.table.c[name] for name in recounts)).where(where)).one()
+        for counter, value in zip(waiting, row):
+            set_committed_value(state.obj(), counter.key, value)
 
 
 def parent_inserting(mapper: Any, connection: Connection, state: Any) -> None:

@@ -31,8 +31,9 @@ ORM's ``sharded`` strategy does (``counter_name``, the key as text), so that
   key; children of a former parent with its key, written after it was gone),
   so that column plus shard rows is its real count whatever came before.
 
-Not kept: a parent whose primary key changes (its shard rows stay under the
-old key); what :mod:`countercache.triggers` lists for ``trigger``.
+A parent whose primary key changes starts, under its new key, as a new parent does
+(the shard rows left under the old key are what a new parent with that key starts
+net of). Not kept: what :mod:`countercache.triggers` lists for ``trigger``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from .trigger_sql import EVENTS, FUNCTION_SUFFIX, _statement_triggers, PARENT_FU
 __all__ = ["create_statements", "trigger_names", "PARENT_TRIGGERS"]
 
 #: The parent-table triggers of a ``sharded_trigger`` counter: a deleted parent's shard rows go
-#: with it; a new parent starts from its real count less the deltas pending under its key.
-PARENT_TRIGGERS = {"PARENT_DELETE": "_pdl", "PARENT_INSERT": "_psi"}
+#: with it; a new parent, or one whose key changed, starts from its real count less the deltas
+#: pending under its (new) key.
+PARENT_TRIGGERS = {"PARENT_DELETE": "_pdl", "PARENT_INSERT": "_psi", "PARENT_UPDATE": "_psu"}
 #: PostgreSQL: the transaction-local setting the parent-table trigger turns on. Until the
 #: transaction ends, the child table's triggers check that a row's parent still exists.
 PARENTS_DELETED = "countercache.parents_deleted"
@@ -169,6 +171,9 @@ def _row_level(counter: Any, dialect: Any) -> list[str]:
             f"CREATE TRIGGER {names['PARENT_DELETE']} AFTER DELETE ON {parent} FOR EACH ROW BEGIN {forget} END",
             f"CREATE TRIGGER {names['PARENT_INSERT']} AFTER INSERT ON {parent} FOR EACH ROW BEGIN UPDATE {parent} "
             f"SET {column} = {start} WHERE {quote(pk.name)} = NEW.{quote(pk.name)}; END",
+            f"CREATE TRIGGER {names['PARENT_UPDATE']} AFTER UPDATE OF {quote(pk.name)} ON {parent} FOR EACH ROW "
+            f"WHEN NEW.{quote(pk.name)} IS NOT OLD.{quote(pk.name)} BEGIN UPDATE {parent} "
+            f"SET {column} = {start} WHERE {quote(pk.name)} = NEW.{quote(pk.name)}; END",
         ]
     # MariaDB/MySQL: the UPDATE's two rows in key order
     old_first = f"{_key_text('OLD.' + quote(fk.name), dialect)} <= {_key_text('NEW.' + quote(fk.name), dialect)}"
@@ -180,6 +185,8 @@ def _row_level(counter: Any, dialect: Any) -> list[str]:
         f"ELSE {upsert('NEW', '')} {upsert('OLD', '-')} END IF; END IF; END",
         f"CREATE TRIGGER {names['PARENT_DELETE']} AFTER DELETE ON {parent} FOR EACH ROW BEGIN {forget} END",
         f"CREATE TRIGGER {names['PARENT_INSERT']} BEFORE INSERT ON {parent} FOR EACH ROW SET NEW.{column} = {start}",
+        f"CREATE TRIGGER {names['PARENT_UPDATE']} BEFORE UPDATE ON {parent} FOR EACH ROW BEGIN IF NOT "
+        f"(NEW.{quote(pk.name)} <=> OLD.{quote(pk.name)}) THEN SET NEW.{column} = {start}; END IF; END",
     ]
 
 
@@ -232,7 +239,8 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
     )
     parent_function = (
         f"CREATE OR REPLACE FUNCTION {pfn}() RETURNS trigger LANGUAGE plpgsql AS $countercache$\n"
-        f"BEGIN\nIF TG_OP = 'INSERT' THEN NEW.{column} := {_start(shape, dialect, child, side, name)}; RETURN NEW; END IF;\n"
+        f"BEGIN\nIF TG_OP IN ('INSERT', 'UPDATE') THEN NEW.{column} := {_start(shape, dialect, child, side, name)}; "
+        "RETURN NEW; END IF;\n"
         f"PERFORM set_config('{PARENTS_DELETED}', 'on', true);\n"
         f"DELETE FROM {side} WHERE counter = {name} AND parent_key IN "
         f"(SELECT {_key_text('o.' + quote(pk.name), dialect)} FROM cc_old AS o);\nRETURN NULL;\nEND $countercache$"
@@ -242,4 +250,6 @@ def _postgresql(counter: Any, dialect: Any) -> list[str]:
             f"CREATE TRIGGER {quote(names['PARENT_DELETE'])} AFTER DELETE ON {parent} REFERENCING OLD TABLE AS "
             f"cc_old FOR EACH STATEMENT EXECUTE FUNCTION {pfn}()",
             f"CREATE TRIGGER {quote(names['PARENT_INSERT'])} BEFORE INSERT ON {parent} FOR EACH ROW "
-            f"EXECUTE FUNCTION {pfn}()"]
+            f"EXECUTE FUNCTION {pfn}()",
+            f"CREATE TRIGGER {quote(names['PARENT_UPDATE'])} BEFORE UPDATE OF {quote(pk.name)} ON {parent} FOR EACH ROW "
+            f"WHEN (OLD.{quote(pk.name)} IS DISTINCT FROM NEW.{quote(pk.name)}) EXECUTE FUNCTION {pfn}()"]

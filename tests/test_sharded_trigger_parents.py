@@ -296,3 +296,30 @@ def test_a_new_parent_shows_what_its_trigger_started_it_from(engine, expire_on_c
             assert c.execute(text("SELECT card_count FROM boards")).scalar_one() == 2
     finally:
         Base.metadata.drop_all(engine)
+
+
+@pytest.mark.parametrize("how", ["sql", "orm"])
+def test_a_parent_whose_key_changes_starts_from_its_count_under_the_new_key(engine, make, how):
+    """A parent's key changed with shard deltas pending under the old one (its column
+    folded at 3, its children deleted since: -3 pending): the column moved with the
+    row and kept 3 with no child under the new key (the deltas stayed under the old
+    key). It now starts as a new parent does: its real count less what is pending
+    under the new key."""
+    User, Question = make(foreign_key=False)
+    countercache.fold(engine)
+    with engine.begin() as c:
+        c.execute(text("DELETE FROM questions WHERE user_id = 1"))
+        c.execute(text("INSERT INTO questions (id, user_id) VALUES (20, 7), (21, 7)"))  # (children waiting for 7)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT question_count FROM users WHERE id = 1")).scalar_one() == 3
+    if how == "sql":
+        with engine.begin() as c:
+            c.execute(text("UPDATE users SET id = 7 WHERE id = 1"))
+    else:
+        with Session(engine) as s:
+            s.get(User, 1).id = 7
+            s.commit()
+    with Session(engine, expire_on_commit=False) as s:
+        user = s.get(User, 7)
+        assert countercache.exact(s, user, "question_count") == 2
+    assert_exact(engine, User)

@@ -1,0 +1,128 @@
+"""Parents whose children the database's foreign keys do not hold (no FOREIGN KEY
+declared: ``relationship(primaryjoin="Tag.code == foreign(Post.tag_code)")``, as
+applications that check keys themselves declare them). Rows may wait under a key
+no parent has yet, or outlive a parent deleted and created again under the same
+key. A new parent starts from them: ``bulk``, ``per_row`` and ``deferred`` wrote
+0 (their writes to a parent that was not there changed nothing) and drifted by
+every waiting row. Each test compares with an independent ``SELECT count(*)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from sqlalchemy import String, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+import countercache
+from countercache import counter_cache
+
+from helpers import exact_value
+
+
+def models(strategy: str):
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        code: Mapped[str] = mapped_column(String(20), primary_key=True)
+        posts = relationship("Post", primaryjoin="Tag.code == foreign(Post.tag_code)")
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+        open_count: Mapped[int] = counter_cache("posts", strategy=strategy, where=lambda: Post.state == "open")
+        score_total: Mapped[int] = counter_cache("posts", strategy=strategy, sum="score")
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        tag_code: Mapped[Optional[str]] = mapped_column(String(20))
+        state: Mapped[str] = mapped_column(String(10), default="open")
+        score: Mapped[int] = mapped_column(default=1)
+
+    return Base, Tag, Post
+
+
+REAL = ("SELECT t.code, (SELECT count(*) FROM posts p WHERE p.tag_code = t.code), "
+        "(SELECT count(*) FROM posts p WHERE p.tag_code = t.code AND p.state = 'open'), "
+        "(SELECT coalesce(sum(p.score), 0) FROM posts p WHERE p.tag_code = t.code) FROM tags t ORDER BY t.code")
+
+
+@pytest.fixture
+def schema(engine, strategy):
+    Base, Tag, Post = models(strategy)
+    Base.metadata.create_all(engine)
+    yield Tag, Post
+    Base.metadata.drop_all(engine)
+
+
+def assert_exact(engine, Tag) -> dict[str, tuple[int, int, int]]:
+    with engine.connect() as c:
+        want = {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in c.execute(text(REAL))}
+    with Session(engine) as s:
+        got = {t.code: tuple(exact_value(s, t, n) for n in ("post_count", "open_count", "score_total"))
+               for t in s.query(Tag)}
+    assert got == want
+    assert countercache.check(engine) == []
+    return want
+
+
+def test_a_new_parent_counts_the_rows_waiting_under_its_key(engine, schema):
+    Tag, Post = schema
+    with Session(engine) as s:
+        s.add_all([Post(id=1, tag_code="py", score=5), Post(id=2, tag_code="py", state="closed", score=2),
+                   Post(id=3, tag_code="rs")])
+        s.commit()
+    with Session(engine, expire_on_commit=False) as s:
+        py, go = Tag(code="py"), Tag(code="go")
+        s.add_all([py, go])
+        s.add_all([Post(id=4, tag_code="py", score=10), Post(id=5, tag_code="go")])  # (and new ones, same flush)
+        s.commit()
+    assert assert_exact(engine, Tag) == {"go": (1, 1, 1), "py": (3, 2, 17)}
+
+
+def test_a_parent_deleted_and_created_again_counts_the_rows_that_outlived_it(engine, schema):
+    Tag, Post = schema
+    with Session(engine) as s:
+        s.add(Tag(code="py"))
+        s.flush()
+        s.add_all([Post(id=i, tag_code="py") for i in range(1, 4)])
+        s.commit()
+    with engine.begin() as c:
+        c.execute(text("DELETE FROM tags"))  # (its posts stay: nothing cascades)
+    with Session(engine) as s:
+        s.add(Tag(code="py"))
+        s.commit()
+        s.delete(s.get(Post, 1))
+        s.commit()
+    assert assert_exact(engine, Tag) == {"py": (2, 2, 2)}
+
+
+def test_parents_whose_rows_a_foreign_key_holds_cost_nothing_more(engine, strategy, statements):
+    """A declared foreign key: a new parent has no rows yet, and nothing is read for it."""
+    from sqlalchemy import ForeignKey
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        code: Mapped[str] = mapped_column(String(20), primary_key=True)
+        posts: Mapped[list["Post"]] = relationship()
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        tag_code: Mapped[Optional[str]] = mapped_column(ForeignKey("tags.code"))
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            with statements.record() as rec:
+                s.add(Tag(code="py"))
+                s.flush()
+            assert [st for st, _, _ in rec if "posts" in st.lower()] == []
+            s.commit()
+    finally:
+        Base.metadata.drop_all(engine)
