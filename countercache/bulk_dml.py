@@ -27,8 +27,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
+from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import cascades, database_kept, skipping, through, tracking
+from . import cascades, database_kept, parents, skipping, through, tracking
 from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
 from .children import _child_for, _family
 from .flush import FlushState, forget_locked
@@ -62,6 +63,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         if result is not None:
             return result
     if child is None and not family and not cascading:
+        if state.is_insert and not is_suspended(state.session) and parents.waiting(mapper):
+            return counted(state, lambda: _insert_parents(state, mapper, invoke(state)))
         return None
     if is_suspended(state.session):
         if not state.is_insert:
@@ -129,6 +132,25 @@ def _insert(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     new_rows = [_complete(mapper, child, _attribute_values(mapper, values, child.keys)) for values in sources]
     result = invoke(state)
     tracking.record_rows(state.session, mapper, [(None, row) for row in new_rows])
+    return _insert_parents(state, mapper, result)
+
+
+def _insert_parents(state: ORMExecuteState, mapper: Mapper[Any], result: Any) -> Any:
+    """After an INSERT of parent rows: where no foreign key holds their counted rows,
+    those already under each new key given are counted (as the flush's new parents are)."""
+    found = parents.waiting(mapper)
+    if not found:
+        return result
+    names = tuple(mapper.get_property_by_column(col).key for col in mapper.primary_key)
+    inline = statement_values(state.statement)
+    connection = state.session.connection(bind_arguments={"mapper": mapper})
+    for values in [bound({**inline, **v}) for v in _parameter_rows(state, mapper)] or [bound(inline)]:
+        given = _attribute_values(mapper, values, names)
+        key = tuple(v.value if isinstance(v, BindParameter) else v for v in (given.get(n) for n in names))
+        if all(v is not None and not isinstance(v, ClauseElement) for v in key):
+            # (not a key the database gives, or computes: a new one, nothing waits under it)
+            for parent, counters in found:
+                parents.recount(connection, parent, counters, key)
     return result
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
 
-from . import database_kept
+from . import database_kept, parents
 from ._compat import legacy_bulk_call
 from .children import _child_for, _family
 from .declaration import MiddleView
@@ -129,6 +129,14 @@ def _check_rows(mapper: Mapper[Any], isupdate: bool, keys: set[str], method: str
             f"{_names(direct)}: {method} inserts {name} rows, which countercache cannot count (the legacy "
             f"bulk methods run no ORM event); run session.execute(insert({name}), [...]) instead (it is "
             "counted), or run it inside countercache.suspended(session) and repair with countercache.reconcile()"
+        )
+    starting = [c for _, found in parents.waiting(mapper) for c in found] if not isupdate else []
+    if starting:
+        raise CounterCacheError(
+            f"{_names(starting)}: {method} inserts {name} rows, whose counters start from the rows already "
+            "under their keys (no foreign key holds those rows), which the legacy bulk methods cannot count "
+            f"(they run no ORM event); run session.execute(insert({name}), [...]) instead (it is counted), "
+            "or run it inside countercache.suspended(session) and repair with countercache.reconcile()"
         )
     setting = sorted(keys & counted)
     if isupdate and setting:

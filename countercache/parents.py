@@ -43,22 +43,34 @@ def _held(counter: Any) -> bool:
     return found  # type: ignore[no-any-return]
 
 
+def waiting(mapper: Any) -> list[tuple[ParentTable, list[Any]]]:
+    """The parent tables of ``mapper`` with counters whose new rows start from the rows
+    already under their key (``bulk``, ``per_row``, ``deferred``, no foreign key)."""
+    found = []
+    for parent in ParentTable.of_mapper(mapper):
+        counters = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not _held(c)]
+        if counters:
+            found.append((parent, counters))
+    return found
+
+
+def recount(connection: Connection, parent: ParentTable, counters: list[Any], key: Any) -> Any:
+    """Set ``counters`` of the new parent row ``key`` to the rows under its key now; their values."""
+    where = and_(*(col == value for col, value in zip(parent.pk_cols, key)))
+    recounts = {c.column.name: c.kind.real_count(list(parent.pk_cols)).scalar_subquery() for c in counters}
+    connection.execute(update(parent.table).where(where).values(recounts))
+    return connection.execute(select(*(parent.table.c[name] for name in recounts)).where(where)).one()
+
+
 def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
     """Parent mapper ``after_insert``: where no foreign key keeps the counted rows'
     parents, rows already under the new key are counted now (``bulk``, ``per_row``,
     ``deferred``: their writes to a parent that was not there changed nothing), before
-    the flush's own rows of it are inserted (counted as usual, after)."""
-    for parent in ParentTable.of_mapper(mapper):
-        waiting = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not _held(c)]
-        if not waiting:
-            continue
-        key = mapper.primary_key_from_instance(state.obj())
-        where = and_(*(col == value for col, value in zip(parent.pk_cols, key)))
-        recounts = {c.column.name: c.kind.real_count(list(parent.pk_cols)).scalar_subquery()  # type: ignore[union-attr]
-                    for c in waiting}
-        connection.execute(update(parent.table).where(where).values(recounts))
-        row = connection.execute(select(*(parent.table.c[name] for name in recounts)).where(where)).one()
-        for counter, value in zip(waiting, row):
+    the flush's own rows of it are inserted (counted as usual, after). An ORM INSERT
+    statement: :func:`countercache.bulk_dml` calls :func:`recount`."""
+    for parent, counters in waiting(mapper):
+        row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
+        for counter, value in zip(counters, row):
             set_committed_value(state.obj(), counter.key, value)
 
 
