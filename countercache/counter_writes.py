@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ._compat import insert_select_names, multi_values, statement_values, upsert_set_keys
 from ._registry import all_counters
 from .errors import AssignmentError, CounterCacheError
+from .kinds import held_by_foreign_key
 from .strategies import STRATEGY_CLASSES
 
 if TYPE_CHECKING:
@@ -126,9 +127,20 @@ def refuse_rekey(state: ORMExecuteState, tables: Iterable[Any], *, params: bool)
     tables = set(tables)
     for counter in all_counters():
         column = counter.column
-        if column is None or column.table not in tables or STRATEGY_CLASSES[counter.strategy()].held is None:
+        if column is None or column.table not in tables:
+            continue
+        held = STRATEGY_CLASSES[counter.strategy()].held is not None
+        loose = counter.kind is not None and counter.strategy() in ("bulk", "per_row") \
+            and not held_by_foreign_key(counter)
+        if not held and not loose:
             continue
         pk = [c for c in column.table.primary_key.columns if c.key in names or c.name in names]
+        if pk and loose:  # (no foreign key: the rows stay under the old key, others may wait under the new one)
+            raise CounterCacheError(
+                f"{counter.name}: an UPDATE statement giving {column.table.name}.{pk[0].name} new values, where no "
+                "foreign key in the database holds the counted rows, is not counted (they stay under the old key; "
+                "others may wait under the new one); run it inside countercache.suspended(session) and "
+                "countercache.reconcile(), or declare the foreign key")
         if pk:
             raise CounterCacheError(
                 f"{counter.name}: an UPDATE statement giving {column.table.name}.{pk[0].name} new values is not "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import collation, database_kept, many_to_many, memory, through, transactions
+from . import collation, database_kept, many_to_many, memory, parent_keys, through, transactions
 from ._compat import drop_events_flag, has_own_events, held_connection, listen_on_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
@@ -339,6 +339,7 @@ def _before_flush(session: Session, uow: UOWTransaction, instances: Any) -> None
         _flushes.pop(session.hash_key, None)
     else:
         through.refuse_middle_rekey(session)
+        parent_keys.refuse_loose_rekey(session)
         fs = _flushes[session.hash_key] = FlushState(session, uow)
         many_to_many.read_cascaded(fs)
 

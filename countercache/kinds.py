@@ -208,3 +208,30 @@ class MultiLevel(Kind):
 
     def aggregate(self, values: Any = None) -> Any:
         return self.leaf.aggregate(values)
+
+
+def held_by_foreign_key(counter: Any) -> bool:
+    """Do the database's foreign keys keep every counted row's parent (the key columns
+    declare one referring to the parent's key)? Else rows may wait under a key no parent
+    has yet (no foreign key: an application that checks its keys itself, or deleted and
+    re-created a parent under the same key). Asked once per counter definition."""
+    found = counter.__dict__.get("_held_by_foreign_key")
+    if found is None:
+        pk = list(counter.mapper.primary_key)
+        try:
+            columns = counter.kind.key_columns()
+        except (AttributeError, IndexError, TypeError):
+            return True
+        found = counter.__dict__["_held_by_foreign_key"] = len(columns) == len(pk) and all(
+            any(fk.column is parent_col for fk in col.foreign_keys) for col, parent_col in zip(columns, pk))
+    return found  # type: ignore[no-any-return]
+
+
+def follows_key_changes(counter: Any) -> bool:
+    """Do the counted rows follow their parent's new key? Its foreign key moves them
+    (``ON UPDATE CASCADE``) or keeps the key from changing while it has any; else
+    SQLAlchemy re-points them (``passive_updates=False`` on the relationship)."""
+    if held_by_foreign_key(counter):
+        return True
+    rel = counter.mapper.relationships.get(counter.relationship.split(".")[0])
+    return rel is not None and not rel.passive_updates

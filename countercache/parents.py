@@ -13,6 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from . import shard_writes, transactions
 from .errors import CounterCacheError
 from .flush import _flushes
+from .kinds import held_by_foreign_key
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
 
@@ -22,33 +23,12 @@ __all__ = ["parent_inserting", "parent_inserted", "parent_deleted", "parent_upda
 _STARTS_AT_ZERO = ("bulk", "per_row", "deferred")
 
 
-def held_by_foreign_key(counter: Any) -> bool:
-    """Do the database's foreign keys keep every counted row's parent (the key columns
-    declare one referring to the parent's key)? Else rows may wait under a key no parent
-    has yet (no foreign key: an application that checks its keys itself, or deleted and
-    re-created a parent under the same key), and a new parent must start from them."""
-    pk = list(counter.mapper.primary_key)
-    try:
-        columns = counter.kind.key_columns()
-    except (AttributeError, IndexError, TypeError):
-        return True
-    return len(columns) == len(pk) and all(
-        any(fk.column is parent_col for fk in col.foreign_keys) for col, parent_col in zip(columns, pk))
-
-
-def _held(counter: Any) -> bool:
-    found = counter.__dict__.get("_held_by_foreign_key")
-    if found is None:
-        found = counter.__dict__["_held_by_foreign_key"] = held_by_foreign_key(counter)
-    return found  # type: ignore[no-any-return]
-
-
 def waiting(mapper: Any) -> list[tuple[ParentTable, list[Any]]]:
     """The parent tables of ``mapper`` with counters whose new rows start from the rows
     already under their key (``bulk``, ``per_row``, ``deferred``, no foreign key)."""
     found = []
     for parent in ParentTable.of_mapper(mapper):
-        counters = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not _held(c)]
+        counters = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not held_by_foreign_key(c)]
         if counters:
             found.append((parent, counters))
     return found
