@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from . import cascades, database_kept, parents, skipping, through, tracking
+from . import cascades, database_kept, memory, parents, skipping, through, tracking
 from ._compat import OnlyInSQL, autoflush, multi_values, single_table_criterion, statement_values
 from .children import _child_for, _family
 from .flush import FlushState, forget_locked
@@ -38,7 +38,7 @@ from .locking import child_primary_key, for_update, read_foreign_keys
 from .core_statements import core_statement
 from .counter_writes import check_statement, refuse_rekey
 from .errors import CounterCacheError
-from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, counted, invoke,
+from .bulk_rows import (_attribute_values, _complete, _parameter_rows, _refuse, bound, counted, gone, invoke,
                         refuse_key_change, refuse_unkeyed, where_of)
 
 if TYPE_CHECKING:
@@ -150,7 +150,9 @@ def _insert_parents(state: ORMExecuteState, mapper: Mapper[Any], result: Any) ->
         if all(v is not None and not isinstance(v, ClauseElement) for v in key):
             # (not a key the database gives, or computes: a new one, nothing waits under it)
             for parent, counters in found:
-                parents.recount(connection, parent, counters, key)
+                stored, _ = parents.recount(connection, parent, counters, key)
+                # (objects its RETURNING loads carry the INSERT's 0: read back at the commit)
+                memory.read_back_at_commit(state.session, parent, [stored])
     return result
 
 
@@ -170,10 +172,20 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
     session = state.session
     _translate_kept(session, mapper, child)
     connection = session.connection(bind_arguments={"mapper": mapper})
-    # (a joined subclass's statement names its own table: read its rows through the join)
-    joined = mapper.persist_selectable if mapper.persist_selectable is not mapper.local_table else None
+    where, joined = where_of(state), None
+    if mapper.persist_selectable is not mapper.local_table:
+        # a joined subclass's statement: what SQLAlchemy refuses to compile (a base table's column
+        # in an UPDATE's SET, a base table's criteria on SQLite) fails before anything is read
+        state.statement.compile(dialect=connection.dialect)
+    if mapper.persist_selectable is not mapper.local_table and where is not None:
+        # it changes rows of its own table, picked as its own FROM picks them (a criterion over
+        # a base table's column is a cross join there, as SQLAlchemy warns); their counted
+        # values are read through the subclass's join
+        own = list(mapper.local_table.primary_key.columns)
+        picked = select(*own).where(where).correlate(None)
+        where, joined = (own[0] if len(own) == 1 else tuple_(*own)).in_(picked), mapper.persist_selectable
     found = read_foreign_keys(
-        connection, child, where=where_of(state),  # type: ignore[attr-defined]
+        connection, child, where=where,  # type: ignore[attr-defined]
         lock="update" if deleting else "no key update", source=joined,
     )
     return _with_leaves(connection, child, found)
@@ -203,47 +215,42 @@ def _restricted(statement: Any, mapper: Mapper[Any], child: Any, keys: list[tupl
 def _delete(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if isinstance(state.parameters, list):  # bulk DELETE by primary key (executemany)
         return _by_primary_key(state, mapper, child, deleting=True)
+    _gone_keys(mapper, child)  # (refused, if it is, before anything is read)
     locked = _locked(state, mapper, child, deleting=True)
     result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     connection = state.session.connection(bind_arguments={"mapper": mapper})
     tracking.record_rows(state.session, mapper,
-                         _deleted(mapper, child, _gone(connection, mapper, locked, result).values()))
+                         _deleted(mapper, child, gone(connection, mapper, locked, result).values()))
     return result
-
-
-def _gone(connection: Any, mapper: Mapper[Any], locked: dict[tuple[Any, ...], Any], result: Any) -> dict[Any, Any]:
-    """The rows of ``locked`` (read and locked before) that the DELETE removed: all of
-    them where its row count says so; else those no longer in the table it deletes
-    from (a ``mysql_limit``, a PostgreSQL ``BEFORE DELETE`` trigger that skipped a row;
-    nobody else can have deleted a locked row)."""
-    if not locked:
-        return locked
-    try:
-        rowcount = result.rowcount
-    except Exception:  # noqa: BLE001 - (a result without one: read what is left)
-        rowcount = -1
-    if rowcount == len(locked):
-        return locked
-    pk = list(mapper.local_table.primary_key.columns)
-    keys = list(locked)
-    left: set[tuple[Any, ...]] = set()
-    for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
-        criterion = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
-        left.update(tuple(row) for row in connection.execute(select(*pk).where(criterion)))
-    return {key: row for key, row in locked.items() if key not in left}
 
 
 def _deleted(mapper: Mapper[Any], child: Any, rows: Any) -> list[tuple[Any, Any]]:
     """``(old, new)`` of rows a DELETE on ``mapper`` removed: gone, unless the
     statement deletes from a joined subclass's own table only (SQLAlchemy's
-    ``delete(Review)``): then the rows of the base table stay, and so do the
-    counts of the counters whose columns live there."""
-    table = mapper.local_table
-    gone = [k for k in child.keys if mapper.get_property(k).columns[0].table is table]  # type: ignore[attr-defined]
+    ``delete(Review)``) and the counter counts a base class's rows: then the rows
+    of the base table stay, and so do its counts over columns that live there."""
+    gone = _gone_keys(mapper, child)
     if len(gone) == len(child.keys):
         return [(old, None) for old in rows]
     return [(old, {**old, **{k: None for k in gone}}) for old in rows]
+
+
+def _gone_keys(mapper: Mapper[Any], child: Any) -> set[str]:
+    """The counted values a DELETE on ``mapper`` takes away: those in its own table, and all
+    those of counters of its own rows (a row without its subclass table's row is none of
+    them). Refused where a counter of a base class's rows, which stay, reads one of those."""
+    table = mapper.local_table
+    local = {k for k in child.keys if mapper.get_property(k).columns[0].table is table}  # type: ignore[attr-defined]
+    own: set[str] = set()
+    based: set[str] = set()
+    for c in child.counters:
+        keys = set(getattr(c.kind, "value_keys", ()) or child.keys)
+        (own if c.kind is not None and c.kind.child_mapper.isa(mapper) else based).update(keys)
+    if (own & based) - local:
+        _refuse(child, f"a DELETE of {mapper.class_.__name__} removes the rows of its own table, which some of "
+                       "these count, and leaves its base table's rows, which the others count by the same "
+                       "columns; delete the objects through the session")
+    return local | own
 
 
 def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
@@ -255,10 +262,6 @@ def _update(state: ORMExecuteState, mapper: Mapper[Any], child: Any) -> Any:
     if not _attribute_values(mapper, values, child.keys):
         return None  # no counted value changes: nothing to do, nothing extra
     refuse_key_change(mapper, ", ".join(c.name for c in child.counters), values)
-    if mapper.persist_selectable is not mapper.local_table:
-        # a joined subclass's UPDATE setting a column of another of its tables: SQLAlchemy
-        # refuses most (CompileError) when it runs; raise that before reading anything
-        state.statement.compile(dialect=state.session.get_bind(mapper=mapper).dialect)
     locked = _locked(state, mapper, child, deleting=False)
     result = invoke(state, statement=_restricted(state.statement, mapper, child, list(locked)))
     # the new keys may be expressions: read them back (the rows are ours, locked)
@@ -289,7 +292,7 @@ def _by_primary_key(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, 
         connection, child, keys, lock="update" if deleting else "no key update", given_forms=False))
     result = invoke(state)
     if deleting:
-        rows = _deleted(mapper, child, _gone(connection, mapper, locked, result).values())
+        rows = _deleted(mapper, child, gone(connection, mapper, locked, result).values())
     else:
         after = read_foreign_keys(connection, child, list(locked), lock=None, given_forms=False)
         rows = [(old, through.carry_counts(child, old, after.get(key))) for key, old in locked.items()]
@@ -367,13 +370,11 @@ def _by_class(state: ORMExecuteState, mapper: Mapper[Any], family: list[Mapper[A
     stmt = select(*read).where(*where).order_by(*pk)
     stmt = stmt.with_for_update(key_share=not state.is_delete) if connection.dialect.name != "sqlite" \
         else for_update(stmt, connection)  # (SQLite: the write lock, before the read)
-    if mapper.persist_selectable is not table:  # (a joined subclass: its criteria may name its other tables)
-        stmt = stmt.select_from(mapper.persist_selectable)
     before = {tuple(r[:len(pk)]): dict(zip(read, r)) for r in connection.execute(stmt).all()}
     restrict = pk[0].in_([k[0] for k in before]) if len(pk) == 1 else tuple_(*pk).in_(list(before))
     result = invoke(state, statement=state.statement.where(OnlyInSQL(restrict)))
     if state.is_delete:
-        before = _gone(connection, mapper, before, result)
+        before = gone(connection, mapper, before, result)
     after: dict[Any, Any] = {}
     if state.is_update and before:
         after = {tuple(r[:len(pk)]): dict(zip(read, r))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable
 
+from sqlalchemy import select, tuple_
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 from sqlalchemy.sql.visitors import cloned_traverse
 
@@ -161,3 +162,26 @@ def _complete(mapper: Mapper[Any], child: Any, row: dict[str, Any]) -> dict[str,
         else:
             row[key] = None
     return row
+
+
+def gone(connection: Any, mapper: Mapper[Any], locked: dict[tuple[Any, ...], Any], result: Any) -> dict[Any, Any]:
+    """The rows of ``locked`` (read and locked before) that the DELETE removed: all of
+    them where its row count says so; else those no longer in the table it deletes
+    from (a ``mysql_limit``, a PostgreSQL ``BEFORE DELETE`` trigger that skipped a row;
+    nobody else can have deleted a locked row)."""
+    if not locked:
+        return locked
+    try:
+        rowcount = result.rowcount
+    except Exception:  # noqa: BLE001 - (a result without one: read what is left)
+        rowcount = -1
+    if rowcount == len(locked):
+        return locked
+    pk = list(mapper.local_table.primary_key.columns)
+    keys = list(locked)
+    left: set[tuple[Any, ...]] = set()
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        criterion = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
+        left.update(tuple(row) for row in connection.execute(select(*pk).where(criterion)))
+    return {key: row for key, row in locked.items() if key not in left}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -14,6 +14,7 @@ from . import shard_writes, transactions
 from .errors import CounterCacheError
 from .flush import _flushes
 from .kinds import held_by_foreign_key
+from .values import canonical_key, key_converters
 from .strategies import STRATEGY_CLASSES
 from .writer import ParentTable
 
@@ -34,12 +35,16 @@ def waiting(mapper: Any) -> list[tuple[ParentTable, list[Any]]]:
     return found
 
 
-def recount(connection: Connection, parent: ParentTable, counters: list[Any], key: Any) -> Any:
-    """Set ``counters`` of the new parent row ``key`` to the rows under its key now; their values."""
-    where = and_(*(col == value for col, value in zip(parent.pk_cols, key)))
+def recount(connection: Connection, parent: ParentTable, counters: list[Any], key: Any) -> tuple[Any, Any]:
+    """Set ``counters`` of the new parent row ``key`` to the rows under its key now:
+    ``(the key as stored, their values)``."""
+    converters = key_converters(parent.pk_cols)
+    if converters is not None:  # (a key given as another type: "1" for an integer key, as stored)
+        key = canonical_key(converters, tuple(key))
+    where = and_(*(col == bindparam(None, value, type_=col.type) for col, value in zip(parent.pk_cols, key)))
     recounts = {c.column.name: c.kind.real_count(list(parent.pk_cols)).scalar_subquery() for c in counters}
     connection.execute(update(parent.table).where(where).values(recounts))
-    return connection.execute(select(*(parent.table.c[name] for name in recounts)).where(where)).one()
+    return key, connection.execute(select(*(parent.table.c[name] for name in recounts)).where(where)).one()
 
 
 def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
@@ -49,7 +54,7 @@ def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
     the flush's own rows of it are inserted (counted as usual, after). An ORM INSERT
     statement: :func:`countercache.bulk_dml` calls :func:`recount`."""
     for parent, counters in waiting(mapper):
-        row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
+        _, row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
         for counter, value in zip(counters, row):
             set_committed_value(state.obj(), counter.key, value)
 

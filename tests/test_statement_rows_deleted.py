@@ -253,3 +253,55 @@ def test_sqlite_statements_take_the_write_lock_before_their_read(engine, strateg
         event.remove(engine, "before_cursor_execute", move_meanwhile)
         other.dispose()
         Base.metadata.drop_all(engine)
+
+
+@pytest.mark.servers_only  # (SQLite: SQLAlchemy refuses a DELETE with another table's criteria itself)
+def test_a_joined_subclass_delete_over_a_base_table_column_deletes_what_sqlalchemy_does(engine, strategy):
+    """``delete(Book).where(Book.tag_code == "b")``, ``tag_code`` in the base table: SQLAlchemy's
+    statement is a cross join (it warns) and deletes every ``books`` row while any item has
+    ``b``. The locking read went through the subclass's join and picked only the books
+    under ``b``: the statement deleted 2 of 3 rows, not 3; and a counter of Books over the
+    base table's column kept the deleted ones (outside tester)."""
+    import warnings
+
+    orm_kept_only(strategy, "refused: a subclass counted by its base table's column (test_trigger_ddl)")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Tag(Base):
+        __tablename__ = "jtags"
+        code: Mapped[str] = mapped_column(String(20), primary_key=True)
+        books = relationship("Book", primaryjoin="Tag.code == foreign(Book.tag_code)")
+        book_count: Mapped[int] = counter_cache("books", strategy=strategy)
+
+    class Item(Base):
+        __tablename__ = "jitems"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        type: Mapped[str] = mapped_column(String(20))
+        tag_code: Mapped[Optional[str]] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "type", "polymorphic_identity": "item"}
+
+    class Book(Item):
+        __tablename__ = "jbooks"
+        id: Mapped[int] = mapped_column(ForeignKey("jitems.id"), primary_key=True)
+        __mapper_args__ = {"polymorphic_identity": "book"}
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add_all([Tag(code="a"), Tag(code="b")])
+            s.flush()
+            s.add_all([Book(id=1, tag_code="a"), Book(id=2, tag_code="b"), Book(id=3, tag_code="b")])
+            s.commit()
+        with Session(engine) as s, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (SQLAlchemy's cartesian-product warning, its own statement's)
+            result = s.execute(delete(Book).where(Book.tag_code == "b"),
+                               execution_options={"synchronize_session": False})
+            assert result.rowcount == 3
+            s.commit()
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM jbooks")).scalar_one() == 0
+        assert countercache.check(engine, metadata=Base.metadata) == []
+    finally:
+        Base.metadata.drop_all(engine)
