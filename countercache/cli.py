@@ -118,6 +118,24 @@ def _bench(argv: list[str]) -> int:
     return int(bench_main.main(argv, prog="countercache bench"))
 
 
+def _sync_url(url: str, *, existing: bool) -> Any:
+    """``--url``, refused in one line where the commands cannot use it: an async driver
+    (an application's settings often hold one), or (``existing``) a SQLite file that is
+    not there, which connecting would create empty."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if getattr(parsed.get_dialect(), "is_async", False):
+        raise CounterCacheError(
+            f"--url {parsed.render_as_string()}: {parsed.drivername} is an async driver; give the synchronous "
+            "one (postgresql+psycopg://, mysql+pymysql://, sqlite://)")
+    database = parsed.database or ""
+    if existing and parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") \
+            and not database.startswith("file:") and not os.path.exists(database):
+        raise CounterCacheError(f"--url {parsed.render_as_string()}: no SQLite database file {database}")
+    return parsed
+
+
 def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
     """Import ``--models``, resolve ``--counter``, connect: ``(counters, engine)``."""
     import importlib
@@ -149,7 +167,7 @@ def _load(args: argparse.Namespace) -> tuple[list[Any], Any]:
                                     f"{', '.join(known) or 'none'}") from None
     if not any(c.parent is not None for c in _registry.all_counters()):
         raise CounterCacheError(f"--models {', '.join(args.models)}: declares no counter")
-    engine = create_engine(args.url)
+    engine = create_engine(_sync_url(args.url, existing=True))
     try:
         with engine.connect() as conn:  # a bad URL or server: one line, exit 2
             conn.execute(text("SELECT 1"))
@@ -313,7 +331,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo  # (not at the top: importing it declares the demo's models)
 
     url = args.url or "sqlite:///" + os.path.join(tempfile.gettempdir(), "countercache_demo.sqlite")
-    engine = create_engine(url)
+    engine = create_engine(_sync_url(url, existing=False))
     console = Console()
     console.print(f"countercache demo on [bold]{engine.url.render_as_string()}[/bold]")
     runs = [demo.run(engine, s, migrate=args.migrate) for s in ([args.strategy] if args.strategy else STRATEGIES)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,13 @@ def test_demo_default_is_sqlite_and_one_strategy():
         (("demo", "--url", "postgresql+psycopg://nobody@127.0.0.1:1/none"), "connection"),
         (("demo", "--url", "nosuchdialect://x"), "error"),
         (("frobnicate",), "invalid choice"),
+        # (an application's settings often hold an async URL: one line, not SQLAlchemy's greenlet error)
+        (("demo", "--url", "postgresql+asyncpg://postgres@127.0.0.1/x"), "postgresql+asyncpg is an async driver"),
+        (("check", "--url", "sqlite+aiosqlite:////tmp/cc_cli_x.db", "--models", "tests/cli_models.py"),
+         "sqlite+aiosqlite is an async driver"),
+        # (a mistyped SQLite path: not created empty by a check)
+        (("check", "--url", "sqlite:////tmp/cc_cli_no_such_dir/typo.db", "--models", "tests/cli_models.py"),
+         "no SQLite database file /tmp/cc_cli_no_such_dir/typo.db"),
     ],
 )
 def test_errors_are_one_line_exit_2(args, message):
@@ -108,3 +116,4 @@ def test_errors_are_one_line_exit_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("countercache: error:"), done.stderr
     assert message in lines[0]
     assert "Traceback" not in done.stderr
+    assert not os.path.exists("/tmp/cc_cli_no_such_dir")

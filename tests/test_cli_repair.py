@@ -137,6 +137,7 @@ def test_without_counter_the_counters_of_the_database_at_url(url, tmp_path):
     done = countercache("reconcile", *both, "--counter", "Member.order_count")
     assert done.returncode == 2 and "Member.order_count: no tables cli_members, cli_orders" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty.db").touch()  # (an empty database: a file that is not there is refused as such)
     done = countercache("check", *common(f"sqlite:///{tmp_path / 'empty.db'}"))
     assert done.returncode == 2 and "no counter has its tables in the database" in done.stderr, done.stderr
 
