@@ -480,6 +480,11 @@ def run_pytest(python: Path, args: list[str], env: dict[str, str]) -> int:
 
 def main(argv: list[str]) -> int:
     os.chdir(REPO)
+    if argv and argv[0] in ("-h", "--help"):  # (before installing or starting anything)
+        print((__doc__ or "").strip())
+        print(f"\n--matrix: all, {', '.join(MATRIX)}. Other arguments go to pytest; its own, with the "
+              "project's (--backend sqlite|postgresql|mariadb, repeatable): .venv/bin/python -m pytest --help")
+        return 0
     names, argv = parse_matrix(argv)
     pythons = {name: ensure_venv(MATRIX[name]) for name in names}
     env = dict(os.environ)
