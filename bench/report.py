@@ -195,7 +195,8 @@ def print_hot_table(run: Run, console: Any, with_targets: bool = True) -> None:
     table.add_column("committed", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("x none (higher better)", justify="right")
-    table.add_column("round trips/txn", justify="right")
+    if run.latency_ms is not None:  # (measured through the proxy only)
+        table.add_column("round trips/txn", justify="right")
     table.add_column("drift", justify="right")
     table.add_column("notes")
     for contender in run.contenders:
@@ -210,8 +211,6 @@ def print_hot_table(run: Run, console: Any, with_targets: bool = True) -> None:
         if run.latency_ms is None:
             del columns[4]
         table.add_row(contender, *columns, drift, "; ".join(notes))
-    if run.latency_ms is None:
-        table.columns.pop(5)
     console.print(table)
     console.print(f"  [bold]hot[/bold]: {run.descriptions['hot']}")
     if with_targets and not _timed_workloads(run):  # else the timed table's targets include these

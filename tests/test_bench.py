@@ -425,3 +425,16 @@ def test_sharded_trigger_contender_folds_before_the_drift_check(tmp_path):
     for r in results:
         if r["contender"] == "sharded_trigger":
             assert r["status"] == "ok" and r["drift"] == 0, r
+
+
+def test_hot_table_without_latency_shows_the_drift(tmp_path):
+    """Without ``--latency-ms`` the hot table has no round-trip column: it was dropped
+    after the rows were added, and took the drift cells with it (a blank drift column)."""
+    url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
+    done = countercache("bench", "--url", url, "--workload", "hot", "--workers", "2", "--seconds", "0.3",
+                        "--repeat", "1", "--contender", "none", "--contender", "bulk")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in done.stdout.splitlines() if line.startswith("│")}
+    assert "round trips/txn" not in done.stdout
+    assert rows["none"][-2] == "not kept" and rows["bulk"][-2] == "0", done.stdout
