@@ -52,7 +52,10 @@ def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
     parents, rows already under the new key are counted now (``bulk``, ``per_row``,
     ``deferred``: their writes to a parent that was not there changed nothing), before
     the flush's own rows of it are inserted (counted as usual, after). An ORM INSERT
-    statement: :func:`countercache.bulk_dml` calls :func:`recount`."""
+    statement: :func:`countercache.bulk_dml` calls :func:`recount`. Not inside
+    ``suspended()`` (nothing is counted there; ``reconcile()`` repairs)."""
+    if _flushes.get(state.session_id) is None:
+        return
     for parent, counters in waiting(mapper):
         _, row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
         for counter, value in zip(counters, row):

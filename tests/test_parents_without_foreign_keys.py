@@ -194,3 +194,19 @@ def test_a_parent_key_change_is_refused_before_anything_is_written(engine, schem
                 s.execute(update(Tag).where(Tag.code == "py").values(code="python"))
         s.rollback()
     assert assert_exact(engine, Tag) == {"py": (1, 1, 1)}
+
+
+def test_inside_suspended_a_new_parent_is_not_recounted(engine, schema, strategy, statements):
+    """Nothing is counted inside ``suspended()`` (a bulk import, then one ``reconcile()``):
+    a new parent reads nothing for the rows under its key either."""
+    Tag, Post = schema
+    with Session(engine) as s:
+        s.add(Post(id=1, tag_code="py"))
+        s.commit()
+        with countercache.suspended(s), statements.record() as rec:
+            s.add(Tag(code="py"))
+            s.flush()
+        assert [st for st, _, _ in rec if "posts" in st.lower()] == []
+        s.commit()
+    countercache.reconcile(engine)
+    assert assert_exact(engine, Tag) == {"py": (1, 1, 1)}
