@@ -151,6 +151,7 @@ def _insert_parents(state: ORMExecuteState, mapper: Mapper[Any], result: Any) ->
             # (not a key the database gives, or computes: a new one, nothing waits under it)
             for parent, counters in found:
                 stored, _ = parents.recount(connection, parent, counters, key)
+                parents.forget_counted(state.session, parent, counters, stored)
                 # (objects its RETURNING loads carry the INSERT's 0: read back at the commit)
                 memory.read_back_at_commit(state.session, parent, [stored])
     return result
@@ -177,12 +178,12 @@ def _locked(state: ORMExecuteState, mapper: Mapper[Any], child: Any, *, deleting
         # a joined subclass's statement: what SQLAlchemy refuses to compile (a base table's column
         # in an UPDATE's SET, a base table's criteria on SQLite) fails before anything is read
         state.statement.compile(dialect=connection.dialect)
-    if mapper.persist_selectable is not mapper.local_table and where is not None:
-        # it changes rows of its own table, picked as its own FROM picks them (a criterion over
-        # a base table's column is a cross join there, as SQLAlchemy warns); their counted
-        # values are read through the subclass's join
+    if mapper.persist_selectable is not mapper.local_table:
+        # it changes rows of its own table (all of them without a WHERE), picked as its own FROM
+        # picks them (a criterion over a base table's column is a cross join there, as
+        # SQLAlchemy warns); their counted values are read through the subclass's join
         own = list(mapper.local_table.primary_key.columns)
-        picked = select(*own).where(where).correlate(None)
+        picked = select(*own).correlate(None) if where is None else select(*own).where(where).correlate(None)
         where, joined = (own[0] if len(own) == 1 else tuple_(*own)).in_(picked), mapper.persist_selectable
     found = read_foreign_keys(
         connection, child, where=where,  # type: ignore[attr-defined]

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
     from .declaration import CounterCache
 
-_cache: list[Any] = [-1, [], True]  # (configuration generation, counters, whether the ORM keeps any)
+#: (configuration generation, counters, whether the ORM keeps any, how many times computed)
+_cache: list[Any] = [-1, [], True, 0]
 #: written mappers -> the counters they feed (:func:`fed_by`), emptied with ``_cache``
 _fed: dict[tuple[Any, ...], list[Any]] = {}
 FED_MAX = 256
@@ -57,6 +58,7 @@ def counters() -> list[CounterCache]:
         # (a counter not resolved yet counts as the ORM's: its flush configures the mappers)
         _cache[2] = any(c.parent is None or c.strategy() not in config.DATABASE_STRATEGIES for c in known)
         _cache[0] = generation
+        _cache[3] += 1
         _fed.clear()
     return _cache[1]  # type: ignore[no-any-return]
 

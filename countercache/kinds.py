@@ -222,8 +222,18 @@ def held_by_foreign_key(counter: Any) -> bool:
             columns = counter.kind.key_columns()
         except (AttributeError, IndexError, TypeError):
             return True
+        mapper = counter.mapper
+
+        def names_key(column: Any, parent_col: Any) -> bool:  # (a joined subclass's own key column too)
+            if column is parent_col:
+                return True
+            try:
+                return mapper.get_property_by_column(column) is mapper.get_property_by_column(parent_col)
+            except Exception:  # noqa: BLE001 - not a column of the parent's tables
+                return False
+
         found = counter.__dict__["_held_by_foreign_key"] = len(columns) == len(pk) and all(
-            any(fk.column is parent_col for fk in col.foreign_keys) for col, parent_col in zip(columns, pk))
+            any(names_key(fk.column, parent_col) for fk in col.foreign_keys) for col, parent_col in zip(columns, pk))
     return found  # type: ignore[no-any-return]
 
 

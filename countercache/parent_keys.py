@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import inspect
 
-from . import _registry, config
+from . import _registry, config, database_kept
 from .errors import CounterCacheError
 from .kinds import follows_key_changes
 
@@ -26,9 +26,12 @@ _loose: list[Any] = [None, {}]
 
 
 def _loose_parents() -> dict[Any, list[Any]]:
-    counters = _registry.known()  # (before every flush: computed again only when counters change)
-    key = (config._config.generation, [(c, c.kind) for c in counters])
+    # (before every flush: computed again when the configuration changes or a counter is resolved,
+    # as database_kept's own list of counters is)
+    database_kept.counters()
+    key = (config._config.generation, database_kept._cache[3])
     if _loose[0] != key:
+        counters = _registry.known()
         found: dict[Any, list[Any]] = {}
         for c in counters:
             if c.mapper is not None and c.kind is not None and c.strategy() in _KEPT_WITH_THE_ROW \

@@ -10,7 +10,7 @@ from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import shard_writes, transactions
+from . import config, shard_writes, transactions
 from .errors import CounterCacheError
 from .flush import _flushes
 from .kinds import held_by_foreign_key
@@ -26,13 +26,34 @@ _STARTS_AT_ZERO = ("bulk", "per_row", "deferred")
 
 def waiting(mapper: Any) -> list[tuple[ParentTable, list[Any]]]:
     """The parent tables of ``mapper`` with counters whose new rows start from the rows
-    already under their key (``bulk``, ``per_row``, ``deferred``, no foreign key)."""
+    already under their key (``bulk``, ``per_row``, ``deferred``, no foreign key);
+    asked at every parent insert: kept per parent table and configuration."""
     found = []
+    generation = config._config.generation
     for parent in ParentTable.of_mapper(mapper):
-        counters = [c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not held_by_foreign_key(c)]
-        if counters:
-            found.append((parent, counters))
+        cached = parent.__dict__.get("_waiting")
+        if cached is None or cached[0] != generation:
+            cached = parent.__dict__["_waiting"] = (generation, [
+                c for c in parent.counters if c.strategy() in _STARTS_AT_ZERO and not held_by_foreign_key(c)])
+        if cached[1]:
+            found.append((parent, cached[1]))
     return found
+
+
+def forget_counted(session: Any, parent: ParentTable, counters: list[Any], key: Any) -> None:
+    """A new parent was recounted: what this flush and the transaction hold for its key
+    (rows flushed before it) is in the count already, and must not be added again."""
+    slots = {i for i, c in enumerate(parent.counters) if c in counters}
+    transactions.take_back(session, "deferred", parent, key, slots=slots)
+    fs = _flushes.get(session.hash_key)
+    for strategy in (fs.strategies.values() if fs is not None else ()):
+        pending = strategy.pending.get(parent)
+        if not pending:
+            continue
+        pending = strategy.pending[parent] = parent.canonical(pending)
+        vector = pending.get(key)
+        if vector is not None:
+            pending[key] = [0 if i in slots else d for i, d in enumerate(vector)]
 
 
 def recount(connection: Connection, parent: ParentTable, counters: list[Any], key: Any) -> tuple[Any, Any]:
@@ -57,7 +78,8 @@ def parent_inserted(mapper: Any, connection: Connection, state: Any) -> None:
     if _flushes.get(state.session_id) is None:
         return
     for parent, counters in waiting(mapper):
-        _, row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
+        key, row = recount(connection, parent, counters, mapper.primary_key_from_instance(state.obj()))
+        forget_counted(state.session, parent, counters, key)
         for counter, value in zip(counters, row):
             set_committed_value(state.obj(), counter.key, value)
 

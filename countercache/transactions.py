@@ -311,12 +311,12 @@ def _held_total(session: Session, attribute: str, parent: ParentTable, key: tupl
     return total
 
 
-def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...]) -> None:
-    """A parent row is deleted: what the transaction holds for it must not
-    reach a row that a later flush inserts with the same key (it starts at
-    0). The innermost boundary holds the opposite: a savepoint rolled back
-    takes the delete and this back together."""
-    total = _held_total(session, attribute, parent, key)
+def take_back(session: Session, attribute: str, parent: ParentTable, key: tuple[Any, ...],
+              slots: Any = None) -> None:
+    """A parent row is deleted (or recounted; ``slots``: those counters only): what the transaction
+    holds for it must not reach a row that a later flush inserts with the same key. The innermost
+    boundary holds the opposite: a savepoint rolled back takes the delete and this back together."""
+    total = [d if slots is None or i in slots else 0 for i, d in enumerate(_held_total(session, attribute, parent, key))]
     if any(total):
         hold(session, attribute, {parent: {key: [-d for d in total]}})
 

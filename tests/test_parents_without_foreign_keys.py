@@ -210,3 +210,70 @@ def test_inside_suspended_a_new_parent_is_not_recounted(engine, schema, strategy
         s.commit()
     countercache.reconcile(engine)
     assert assert_exact(engine, Tag) == {"py": (1, 1, 1)}
+
+
+@pytest.mark.parametrize("how", ["flush", "statement"])
+def test_rows_flushed_before_their_parent_in_one_transaction_count_once(engine, schema, strategy, how):
+    """A child flushed before its parent, in the parent's transaction: the recount
+    of the new parent has it, and what ``deferred`` held for it was added again at
+    the commit (second reading: 2 for 1)."""
+    from sqlalchemy import insert
+
+    Tag, Post = schema
+    with Session(engine) as s:
+        s.add(Post(id=1, tag_code="py", score=3))
+        s.flush()  # (its delta held for the commit, or written to no row)
+        if how == "flush":
+            s.add_all([Tag(code="py"), Post(id=2, tag_code="py")])  # (and one of the parent's own flush)
+        else:
+            s.execute(insert(Tag), [{"code": "py"}])
+            s.add(Post(id=2, tag_code="py"))
+        s.commit()
+    assert assert_exact(engine, Tag) == {"py": (2, 2, 4)}
+
+
+def test_a_joined_subclass_parent_whose_rows_its_own_key_holds(engine, strategy, statements):
+    """The children's foreign key names the subclass table's key (``admins.id``), the
+    mapper's primary key is the base table's (``users.id``): held, so a new parent reads
+    nothing, its key may change, and the legacy bulk insert goes through (second reading)."""
+    from sqlalchemy import ForeignKey
+
+    from helpers import orm_kept_only
+
+    orm_kept_only(strategy, "refused: a joined subclass's counter column (test_trigger_ddl)")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(10))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "user"}
+
+    class Admin(User):
+        __tablename__ = "admins"
+        id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+        posts = relationship("Post")
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+        __mapper_args__ = {"polymorphic_identity": "admin"}
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        admin_id: Mapped[Optional[int]] = mapped_column(ForeignKey("admins.id"))
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            with statements.record() as rec:
+                s.add(Admin(id=1))
+                s.flush()
+            assert [st for st, _, _ in rec if "posts" in st.lower()] == []
+            s.add(Post(id=1, admin_id=1))
+            s.commit()
+            s.bulk_insert_mappings(Admin, [{"id": 2, "kind": "admin"}])
+            s.commit()
+        assert countercache.check(engine) == []
+    finally:
+        Base.metadata.drop_all(engine)

@@ -305,3 +305,47 @@ def test_a_joined_subclass_delete_over_a_base_table_column_deletes_what_sqlalche
         assert countercache.check(engine, metadata=Base.metadata) == []
     finally:
         Base.metadata.drop_all(engine)
+
+
+def test_a_joined_subclass_delete_without_a_where_counts_its_own_rows_only(engine, strategy):
+    """``delete(Book)`` with no WHERE deletes every ``books`` row; the base table's
+    plain items stay. The read took every base-table row for a deleted Book: a
+    counter of Books went to -2 with 1 book deleted (second reading)."""
+    orm_kept_only(strategy, "refused: a subclass counted by its base table's column (test_trigger_ddl)")
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "jusers"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        books = relationship("Book")
+        book_count: Mapped[int] = counter_cache("books", strategy=strategy)
+
+    class Item(Base):
+        __tablename__ = "jitems"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(10))
+        owner_id: Mapped[int] = mapped_column(ForeignKey("jusers.id"))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}
+
+    class Book(Item):
+        __tablename__ = "jbooks"
+        id: Mapped[int] = mapped_column(ForeignKey("jitems.id"), primary_key=True)
+        __mapper_args__ = {"polymorphic_identity": "book"}
+
+    Base.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            s.add(User(id=1))
+            s.flush()
+            s.add_all([Book(id=1, owner_id=1), Item(id=2, owner_id=1), Item(id=3, owner_id=1)])
+            s.commit()
+            s.execute(delete(Book))
+            s.commit()
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM jbooks")).scalar_one() == 0
+            assert c.execute(text("SELECT count(*) FROM jitems")).scalar_one() == 3
+        assert countercache.check(engine, metadata=Base.metadata) == []
+    finally:
+        Base.metadata.drop_all(engine)
