@@ -245,8 +245,9 @@ def _gone_keys(mapper: Mapper[Any], child: Any) -> set[str]:
     own: set[str] = set()
     based: set[str] = set()
     for c in child.counters:
-        keys = set(getattr(c.kind, "value_keys", ()) or child.keys)
-        (own if c.kind is not None and c.kind.child_mapper.isa(mapper) else based).update(keys)
+        kind = getattr(c, "kind", None)  # (a multi-level counter's middle rows: by their table, as before)
+        if kind is not None:
+            (own if kind.child_mapper.isa(mapper) else based).update(getattr(kind, "value_keys", ()) or child.keys)
     if (own & based) - local:
         _refuse(child, f"a DELETE of {mapper.class_.__name__} removes the rows of its own table, which some of "
                        "these count, and leaves its base table's rows, which the others count by the same "
