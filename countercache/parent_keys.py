@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import inspect
-
 from . import _registry, config, database_kept
 from .errors import CounterCacheError
 from .kinds import follows_key_changes
+from .through import rekeyed
 
 #: strategies whose counters stay with a re-keyed parent row
 _KEPT_WITH_THE_ROW = ("bulk", "per_row", "deferred", "sharded")
@@ -46,18 +45,10 @@ def refuse_loose_rekey(session: Any) -> None:
     loose = _loose_parents()
     if not loose:
         return
-    for obj in session.dirty:
-        state = inspect(obj)
-        if state.key is None:
-            continue
+    for state, attr in rekeyed(session, loose):
         counters = [c for m, cs in loose.items() if state.mapper.isa(m) for c in cs]
-        if not counters:
-            continue
-        for column in state.mapper.primary_key:
-            attr = state.mapper.get_property_by_column(column)
-            if state.attrs[attr.key].history.has_changes():
-                raise CounterCacheError(
-                    f"{', '.join(c.name for c in counters)}: {state.mapper.class_.__name__}.{attr.key} changed, "
-                    "and no foreign key in the database holds the counted rows (they stay under the old key; "
-                    "others may wait under the new one): the counters cannot follow; change it inside "
-                    "countercache.suspended(session) and run countercache.reconcile(), or declare the foreign key")
+        raise CounterCacheError(
+            f"{', '.join(c.name for c in counters)}: {state.mapper.class_.__name__}.{attr} changed, "
+            "and no foreign key in the database holds the counted rows (they stay under the old key; "
+            "others may wait under the new one): the counters cannot follow; change it inside "
+            "countercache.suspended(session) and run countercache.reconcile(), or declare the foreign key")

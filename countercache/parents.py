@@ -47,13 +47,23 @@ def forget_counted(session: Any, parent: ParentTable, counters: list[Any], key: 
     transactions.take_back(session, "deferred", parent, key, slots=slots)
     fs = _flushes.get(session.hash_key)
     for strategy in (fs.strategies.values() if fs is not None else ()):
-        pending = strategy.pending.get(parent)
-        if not pending:
-            continue
+        _drop_pending(fs, strategy, parent, key, slots)
+
+
+def _drop_pending(fs: Any, strategy: Any, parent: ParentTable, key: Any, slots: Any = None) -> None:
+    """Drop the flush's own deltas for a parent key, not held yet (``slots``: those counters'
+    only). Keys are made canonical once while no delta is added: a flush deleting many
+    parents does not canonicalize per parent."""
+    pending = strategy.pending.get(parent)
+    if not pending:
+        return
+    if fs.canonical.get(id(pending)) != len(pending):
         pending = strategy.pending[parent] = parent.canonical(pending)
-        vector = pending.get(key)
-        if vector is not None:
-            pending[key] = [0 if i in slots else d for i, d in enumerate(vector)]
+    if slots is None:
+        pending.pop(key, None)
+    elif key in pending:
+        pending[key] = [0 if i in slots else d for i, d in enumerate(pending[key])]
+    fs.canonical[id(pending)] = len(pending)
 
 
 def recount(connection: Connection, parent: ParentTable, counters: list[Any], key: Any) -> tuple[Any, Any]:
@@ -115,15 +125,8 @@ def parent_deleted(mapper: Any, connection: Connection, state: Any) -> None:
             transactions.parent_deleted(session, parent, key)
         for attribute in held:
             strategy = fs.strategies.get(attribute)
-            if strategy is not None and strategy.pending.get(parent):
-                # the flush's own deltas for the row, not held yet: gone with it (keys
-                # made canonical once while no delta is added: a flush deleting many
-                # parents does not canonicalize per parent)
-                pending = strategy.pending[parent]
-                if fs.canonical.get(id(pending)) != len(pending):
-                    pending = strategy.pending[parent] = parent.canonical(pending)
-                pending.pop(key, None)
-                fs.canonical[id(pending)] = len(pending)
+            if strategy is not None:  # (the flush's own deltas for the row: gone with it)
+                _drop_pending(fs, strategy, parent, key)
             transactions.take_back(session, attribute, parent, key)  # type: ignore[arg-type]
 
 

@@ -25,7 +25,7 @@ counter is fed from two sides, both through :mod:`countercache.tracking`:
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import and_, inspect, select
 
@@ -168,18 +168,26 @@ def refuse_middle_rekey(session: Any) -> None:
     middles = _middle_mappers()
     if not middles:
         return
+    for state, attr in rekeyed(session, middles):
+        names = ", ".join(sorted(c.name for c in middles[next(m for m in middles if state.mapper.isa(m))]))
+        raise CounterCacheError(
+            f"{names}: {state.mapper.class_.__name__}.{attr} changed; the primary key of a middle row "
+            "of a multi-level counter cannot change (create the row with its new key and move its "
+            "children to it instead)")
+
+
+def rekeyed(session: Any, mappers: Any) -> Iterator[tuple[Any, str]]:
+    """``before_flush``: ``(state, attribute)`` of the session's loaded objects of ``mappers``
+    (or their subclasses) whose primary-key attribute changed."""
     for obj in session.dirty:
         state = inspect(obj)
-        if state.key is None or not any(state.mapper.isa(m) for m in middles):
+        if state.key is None or not any(state.mapper.isa(m) for m in mappers):
             continue
-        for prop in state.mapper.primary_key:
-            attr = state.mapper.get_property_by_column(prop)
+        for column in state.mapper.primary_key:
+            attr = state.mapper.get_property_by_column(column)
             if state.attrs[attr.key].history.has_changes():
-                names = ", ".join(sorted(c.name for c in middles[next(m for m in middles if state.mapper.isa(m))]))
-                raise CounterCacheError(
-                    f"{names}: {state.mapper.class_.__name__}.{attr.key} changed; the primary key of a middle row "
-                    "of a multi-level counter cannot change (create the row with its new key and move its "
-                    "children to it instead)")
+                yield state, attr.key
+                break
 
 
 #: (the registered counters and their kinds when computed, middle mapper -> its multi-level counters)
