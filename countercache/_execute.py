@@ -60,13 +60,7 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
         names = tuple(params)
     else:
         return connection.execute(stmt, params)
-    forms = _compiled.get(dialect)
-    if forms is None:
-        forms = _compiled[dialect] = {}
-    entry = forms.get((id(stmt), names))
-    if entry is None:
-        entry = forms[(id(stmt), names)] = _compile(stmt, dialect, names)
-    _, sql, order, usable = entry
+    _, sql, order, usable = _entry(dialect, stmt, names)
     if not usable:
         return connection.execute(stmt, params)
     dbapi_connection = connection.connection.dbapi_connection
@@ -90,6 +84,33 @@ def execute(connection: Any, stmt: Any, params: dict[str, Any]) -> Any:
     finally:
         cursor.close()
     return _Rows(rows, rowcount)
+
+
+def carry(connection: Any, stmt: Any, params: dict[str, Any], done: Any) -> bool:
+    """``done(rows)`` of the SELECT ``stmt``, sent with the connection's next statement
+    (psycopg's pipeline mode: one round trip for both; see :func:`countercache._psycopg.carry`)
+    where the short way applies (see the module); False: nothing done, execute it."""
+    if not _plain_connection(connection) or not isinstance(stmt, (TextClause, TextualSelect, Select)) \
+            or type(params) is not dict or any(type(value) not in _PLAIN for value in params.values()):
+        return False
+    from . import _psycopg
+
+    if not _psycopg.can_pipeline(connection):
+        return False
+    _, sql, order, usable = _entry(connection.dialect, stmt, None)
+    if not usable or order is not None:
+        return False
+    return _psycopg.carry(connection.connection.dbapi_connection, sql, params, done)
+
+
+def _entry(dialect: Any, stmt: Any, names: tuple[str, ...] | None) -> tuple[Any, str, tuple[str, ...] | None, bool]:
+    forms = _compiled.get(dialect)
+    if forms is None:
+        forms = _compiled[dialect] = {}
+    entry = forms.get((id(stmt), names))
+    if entry is None:
+        entry = forms[(id(stmt), names)] = _compile(stmt, dialect, names)
+    return entry
 
 
 def _literals(params: dict[str, Any]) -> dict[str, str] | None:

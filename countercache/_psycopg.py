@@ -7,6 +7,11 @@
   quoting) instead of sending them: :func:`recording`.
 * :func:`send_together`: statements whose answers are not needed at once (a
   lock and the UPDATE it precedes) in pipeline mode, answered together.
+* :func:`carry`: a read whose answer is needed only after the connection's
+  next statement (the flush's locking pre-read of the rows its DELETE
+  removes) sent in pipeline mode with that statement, whatever it is: both
+  run in order, in one round trip. The connection's ``cursor_factory`` is
+  swapped for a subclass of it until then (:func:`take_carried`).
 
 Private API used: ``Connection._pipeline`` (is the application's pipeline
 open?); ``Connection.lock``, ``Connection.wait`` and ``psycopg.generators.execute``
@@ -95,6 +100,107 @@ def recording(dbapi_connection: Any) -> Iterator[list[str]]:
     finally:
         dbapi_connection.cursor_factory = factory
         del dbapi_connection._countercache_recorded
+
+
+_carrying: dict[Any, Any] = {}
+
+
+def carry(dbapi_connection: Any, sql: str, parameters: Any, done: Any) -> bool:
+    """Run ``sql`` with the connection's next statement (in pipeline mode, before
+    it, one round trip for both) and call ``done(rows)`` right after them; False
+    (nothing done) where the connection's cursors are not psycopg's plain ones
+    or its statements are being recorded. The caller has checked
+    :func:`can_pipeline`."""
+    from psycopg import Cursor
+
+    pending = getattr(dbapi_connection, "_countercache_carried", None)
+    if pending is None:
+        factory = dbapi_connection.cursor_factory
+        if factory is not Cursor or hasattr(dbapi_connection, "_countercache_recorded"):
+            return False
+        pending = dbapi_connection._countercache_carried = (factory, [])
+        dbapi_connection.cursor_factory = _carrying_cursor(factory)
+    pending[1].append((sql, parameters, done))
+    return True
+
+
+def take_carried(dbapi_connection: Any) -> list[tuple[str, Any, Any]]:
+    """The reads waiting for the connection's next statement, no longer waiting
+    (its own cursor factory back)."""
+    pending = getattr(dbapi_connection, "_countercache_carried", None)
+    if pending is None:
+        return []
+    del dbapi_connection._countercache_carried
+    dbapi_connection.cursor_factory = pending[0]
+    return pending[1]  # type: ignore[no-any-return]
+
+
+def run_carried(connections: list[Any]) -> None:
+    """Run now, one by one, the reads still waiting on these (SQLAlchemy)
+    connections for a next statement; the list is emptied."""
+    if not connections:
+        return
+    waiting = list(connections)
+    connections.clear()
+    for connection in waiting:
+        dbapi_connection = connection.connection.dbapi_connection
+        for sql, parameters, done in take_carried(dbapi_connection):
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(sql, parameters)
+                done(cursor.fetchall())
+            except connection.dialect.loaded_dbapi.Error as error:
+                raise_dbapi_error(connection, error, sql, parameters)
+            finally:
+                cursor.close()
+
+
+def drop_carried(connections: list[Any]) -> None:
+    """Forget the reads waiting on these connections (their flush failed); the list is emptied."""
+    for connection in connections:
+        try:
+            dbapi_connection = connection.connection.dbapi_connection
+        except Exception:  # noqa: BLE001 - closed or invalidated: nothing waits there any more
+            continue
+        if dbapi_connection is not None:
+            take_carried(dbapi_connection)
+    connections.clear()
+
+
+def _carrying_cursor(factory: Any) -> Any:
+    """A subclass of the cursor class ``factory`` whose first statement takes the
+    connection's waiting reads along (see :func:`carry`)."""
+    carrying = _carrying.get(factory)
+    if carrying is not None:
+        return carrying
+
+    def with_reads(cursor: Any, send: Any) -> None:
+        reads = take_carried(cursor.connection)
+        if not reads:
+            send()
+            return
+        readers = [factory(cursor.connection) for _ in reads]
+        try:
+            with cursor.connection.pipeline():  # (an error: raised here, for the statement sent)
+                for reader, (sql, parameters, _) in zip(readers, reads):
+                    reader.execute(sql, parameters)
+                send()
+            for reader, (_, _, done) in zip(readers, reads):
+                done(reader.fetchall())
+        finally:
+            for reader in readers:
+                reader.close()
+
+    class CarryingCursor(factory):  # type: ignore[misc,valid-type]
+        def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+            with_reads(self, lambda: factory.execute(self, query, params, **kw))
+            return self
+
+        def executemany(self, query: Any, params_seq: Any, **kw: Any) -> None:
+            with_reads(self, lambda: factory.executemany(self, query, params_seq, **kw))
+
+    carrying = _carrying[factory] = CarryingCursor
+    return carrying
 
 
 def send_with_commit(dbapi_connection: Any, statements: list[str]) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import collation, database_kept, many_to_many, memory, parent_keys, through, transactions
+from . import _psycopg, collation, database_kept, many_to_many, memory, parent_keys, through, transactions
 from ._compat import drop_events_flag, has_own_events, held_connection, listen_on_connection
 from .children import _Child, _child_for
 from .strategies import STRATEGY_CLASSES
@@ -45,7 +45,7 @@ class FlushState:
 
     __slots__ = ("session", "uow", "old", "unread", "watching", "strategies", "results", "plans", "saved", "sinks",
                  "deletes_counted", "children", "ready_update", "ready_delete", "singles", "collations", "ready_insert", "uninserted", "cascaded",
-                 "early", "early_counters", "connections", "deleted", "renamed", "canonical",
+                 "early", "early_counters", "connections", "deleted", "renamed", "canonical", "carried",
                  "__weakref__")
 
     def __init__(self, session: Session, uow: UOWTransaction | None) -> None:
@@ -100,6 +100,7 @@ class FlushState:
         self.renamed: dict[ParentTable, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
         #: id of a strategy's pending deltas made canonical -> their length then (parents.py)
         self.canonical: dict[int, int] = {}
+        self.carried: list[Connection] = []  # connections with a read waiting for their next statement (locking.py)
         collation.activate(self)  # where= compares strings on this flush's connection
 
     def child(self, mapper: Mapper[Any]) -> _Child | None:
@@ -217,6 +218,7 @@ class FlushState:
 
     def write(self) -> None:
         """Let every strategy write what it holds for now (``after_flush``)."""
+        _psycopg.run_carried(self.carried)  # (a read no statement took along: now)
         if self.watching:  # every statement of the flush has run: no read is due any more
             for connection in self.watching:
                 _awaiting.pop(connection, None)
@@ -365,6 +367,7 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
 
 
 def _forget_watched(fs: FlushState) -> None:
+    _psycopg.drop_carried(fs.carried)  # (the flush failed: its reads are not needed)
     if fs.watching:
         for connection in fs.watching:
             _awaiting.pop(connection, None)

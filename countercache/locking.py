@@ -9,7 +9,7 @@ counted values per row) and :func:`count_deleted` (rows grouped by them).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sqlalchemy import Double, Float, Integer, Numeric, Text, any_, bindparam, cast, func, select, text, true, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -250,15 +250,18 @@ def _canonical(type_: Any, value: Any, dialect: Any) -> Any:
     return value
 
 
-def count_deleted(connection: Connection, child: _Child,
-                  keys: list[tuple[Any, ...]]) -> list[tuple[dict[str, Any], int]]:
+def count_deleted(connection: Connection, child: _Child, keys: list[tuple[Any, ...]],
+                  then: Callable[[list[tuple[dict[str, Any], int]]], None], carried: list[Any] | None = None) -> None:
     """Lock (``FOR UPDATE``, key order) the rows with these keys, which this
-    flush deletes: ``[({attribute: value}, number of rows with those values)]``.
+    flush deletes, and call ``then([({attribute: value}, number of rows with those values)])``.
 
     A row found is locked until the transaction ends, so the flush's DELETE
     removes it as read; a row not found is gone already (its delete counted
     it). On PostgreSQL the rows are grouped by the server: a few rows back,
-    not one per child.
+    not one per child. Given ``carried``, the read may wait for the
+    connection's next statement (the flush's DELETE) and go with it, in one
+    round trip (psycopg's pipeline mode; ``then`` is called right after
+    both): the connection is appended to ``carried``.
     """
     value_keys = child.keys
     counts: dict[tuple[Any, ...], int] = {}
@@ -273,8 +276,16 @@ def count_deleted(connection: Connection, child: _Child,
             return select(*cols, func.count()).group_by(*cols)
 
         stmt = _cached(child, ("count", "postgresql"), build)
-        rows = _execute.execute(connection, stmt, {"countercache_keys": array}).all()
-        return [(dict(zip(value_keys, values)), n) for *values, n in rows]
+        params = {"countercache_keys": array}
+
+        def grouped(rows: Any) -> None:
+            then([(dict(zip(value_keys, values)), n) for *values, n in rows])
+
+        if carried is not None and _execute.carry(connection, stmt, params, grouped):
+            carried.append(connection)
+        else:
+            grouped(_execute.execute(connection, stmt, params).all())
+        return
     chunks = _key_chunks(connection, child, keys)
     if chunks is not None:
         dialect = connection.dialect
@@ -284,7 +295,8 @@ def count_deleted(connection: Connection, child: _Child,
             for values in connection.execute(stmt, {"countercache_keys": chunk}).all():
                 values = tuple(values)
                 counts[values] = counts.get(values, 0) + 1
-        return [(dict(zip(value_keys, values)), n) for values, n in counts.items()]
+        then([(dict(zip(value_keys, values)), n) for values, n in counts.items()])
+        return
     for criterion in _criteria(connection, child, keys):
         stmt = _locking_select(child, criterion, "update", with_key=False, dialect=connection.dialect)
         if connection.dialect.name == "postgresql":
@@ -297,7 +309,7 @@ def count_deleted(connection: Connection, child: _Child,
             for values in connection.execute(stmt).all():
                 values = tuple(values)
                 counts[values] = counts.get(values, 0) + 1
-    return [(dict(zip(value_keys, values)), n) for values, n in counts.items()]
+    then([(dict(zip(value_keys, values)), n) for values, n in counts.items()])
 
 
 def lock_rows(connection: Connection, table: Any, keys: list[tuple[Any, ...]]) -> None:

@@ -257,8 +257,13 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
         # ordered row by row counts its leaves still in the database, and
         # takes what the flush holds for them as already written)
         if not per_row and not any(isinstance(strategy, through.Sink) for _, strategy, _, _ in pairs):
-            for values, n in count_deleted(connection, child, list(wanted)):
-                _add_removed(pairs, values, n)
+            def counted(found: list[tuple[dict[str, Any], int]]) -> None:
+                for values, n in found:
+                    _add_removed(pairs, values, n)
+
+            # (PostgreSQL, psycopg: the read goes with the DELETE, one round trip; flush.py runs
+            # it before the after_flush writes if no statement took it)
+            count_deleted(connection, child, list(wanted), counted, fs.carried)
             for state in wanted.values():
                 fs.old[state] = _GONE  # counted (or deleted by someone else first)
             return

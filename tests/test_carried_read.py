@@ -1,0 +1,137 @@
+"""The locking pre-read of a flush's DELETE sent with the DELETE (psycopg 3, PostgreSQL).
+
+A flush that deletes loaded rows must read and lock them first: another
+transaction may have moved them since they were loaded. On psycopg 3 that
+read waits for the connection's next statement (the DELETE) and goes in
+pipeline mode with it: both run in order, in one round trip. These tests
+check the round trips (the benchmark's proxy counts them), that the read
+still sees what the database holds, and that a failure leaves nothing
+waiting on the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from test_riding import counted, models, normal, proxy, round_trips, through_proxy  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.postgresql_only  # (psycopg 3)
+
+
+def _loaded(engine: sa.Engine, Like: Any, n: int, post_id: int = 1) -> list[Any]:
+    with Session(engine) as session:
+        session.add_all([Like(post_id=post_id) for _ in range(n)])
+        session.commit()
+    with Session(engine, expire_on_commit=False) as session:
+        return list(session.scalars(sa.select(Like).where(Like.post_id == post_id).order_by(Like.id)))
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded", "bulk"])
+def test_a_delete_costs_the_round_trips_of_no_counter(proxy, through_proxy, models, strategy):  # noqa: F811
+    """deferred, sharded: BEGIN, DELETE (with its read), the write with the COMMIT: as many
+    round trips as without a counter. bulk writes at the flush: one more."""
+    found = {}
+    for kind in (None, strategy):
+        _, _, Like = models(kind)
+        it = iter(_loaded(through_proxy, Like, 12))
+
+        def delete() -> None:
+            with Session(through_proxy) as session:
+                session.delete(session.merge(next(it), load=False))
+                session.commit()
+
+        found[kind] = round_trips(proxy, through_proxy, delete, times=3, warm=6)
+        if kind is not None:
+            assert counted(through_proxy) == (3, 3)
+    assert found[None] == 3, found
+    assert found[strategy] == found[None] + (strategy == "bulk"), found
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded", "bulk"])
+def test_the_read_sees_a_row_moved_since_it_was_loaded(through_proxy, models, strategy):  # noqa: F811
+    """Loaded under post 1, moved to post 2 by another transaction, then deleted (two of them,
+    in one flush): post 2 loses them, post 1 keeps its count."""
+    _, _, Like = models(strategy)
+    stale = _loaded(through_proxy, Like, 4)
+    with Session(through_proxy) as other:
+        for like in other.scalars(sa.select(Like).where(Like.id.in_([stale[0].id, stale[1].id]))):
+            like.post_id = 2
+        other.commit()
+    with Session(through_proxy) as session:
+        for like in stale[:3]:
+            session.delete(session.merge(like, load=False))
+        session.commit()
+    assert counted(through_proxy, 1) == (1, 1)
+    assert counted(through_proxy, 2) == (0, 0)
+
+
+def test_a_failed_read_fails_the_flush_and_leaves_nothing_waiting(through_proxy, models):  # noqa: F811
+    """The row is locked by another transaction and the lock wait times out: the flush
+    fails with the driver's error, as SQLAlchemy raises it; the connection is normal again
+    and the next transaction on it counts right."""
+    _, _, Like = models("sharded")
+    likes = _loaded(through_proxy, Like, 3)
+    with through_proxy.connect() as locker:
+        locker.execute(sa.text("SELECT 1 FROM ride_likes WHERE id = :i FOR UPDATE"), {"i": likes[0].id})
+        with Session(through_proxy) as session:
+            session.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
+            session.delete(session.merge(likes[0], load=False))
+            with pytest.raises(DBAPIError, match="lock"):
+                session.commit()
+            session.rollback()
+            assert normal(session.connection().connection.dbapi_connection)
+        locker.rollback()
+    with Session(through_proxy) as session:
+        session.delete(session.merge(likes[1], load=False))
+        session.commit()
+    assert counted(through_proxy) == (2, 2)
+
+
+def test_a_flush_failing_before_its_delete_leaves_nothing_waiting(through_proxy, models):  # noqa: F811
+    """An application's ``before_delete`` listener raises after the read was set to wait: the
+    connection's cursors are psycopg's own again, and nothing runs later in its place."""
+    _, _, Like = models("deferred")
+    likes = _loaded(through_proxy, Like, 3)
+
+    def refuse(mapper: Any, connection: Any, target: Any) -> None:
+        raise RuntimeError("not this one")
+
+    event.listen(Like, "before_delete", refuse)
+    try:
+        with Session(through_proxy) as session:
+            session.delete(session.merge(likes[0], load=False))
+            with pytest.raises(RuntimeError, match="not this one"):
+                session.flush()
+            session.rollback()
+            dbapi_connection = session.connection().connection.dbapi_connection
+            assert normal(dbapi_connection), dbapi_connection.cursor_factory
+    finally:
+        event.remove(Like, "before_delete", refuse)
+    assert counted(through_proxy) == (3, 3)
+
+
+def test_a_statement_of_the_application_before_the_delete_takes_the_read_along(through_proxy, models):  # noqa: F811
+    """A ``before_delete`` listener that runs its own statement: the read goes with it, still
+    before the DELETE, and the count is right; the listener's statement answers as usual."""
+    _, _, Like = models("sharded")
+    likes = _loaded(through_proxy, Like, 3)
+    answers: list[int] = []
+
+    def audit(mapper: Any, connection: Any, target: Any) -> None:
+        answers.append(connection.execute(sa.text("SELECT count(*) FROM ride_likes")).scalar_one())
+
+    event.listen(Like, "before_delete", audit)
+    try:
+        with Session(through_proxy) as session:
+            session.delete(session.merge(likes[0], load=False))
+            session.delete(session.merge(likes[1], load=False))
+            session.commit()
+    finally:
+        event.remove(Like, "before_delete", audit)
+    assert answers == [3, 3]
+    assert counted(through_proxy) == (1, 1)
