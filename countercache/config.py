@@ -21,10 +21,11 @@ which also install the library's listeners, are in
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import _registry
-from .errors import ConfigurationError
+from .errors import ConfigurationError, CounterCacheWarning
 from .sidetable import DEFAULT_SHARDS, check_shards
 
 if TYPE_CHECKING:
@@ -147,6 +148,29 @@ def check_overrides_for(class_name: str) -> None:
     for key in _config.overrides:
         if key.split(".")[0] == class_name:
             _check_override_names_counter(key)
+
+
+def warn_unknown_overrides() -> None:
+    """Every mapper known is configured (``after_configured``): warn, once per
+    configuration, of an override whose class part names no mapped class and no
+    base of a class with counters (a misspelt name would otherwise be ignored
+    for good; the class may still be imported later, so a warning, not an error)."""
+    if not _config.overrides:
+        return
+    known = _registry.class_names() | {base.__name__ for c in _registry.all_counters() if c.cls is not None
+                                       for base in c.cls.__mro__[1:]}
+    for key in _config.overrides:
+        class_name = key.split(".")[0]
+        if class_name not in known and (_config.generation, key) not in _warned:
+            _warned.add((_config.generation, key))
+            warnings.warn(CounterCacheWarning(
+                f"override {key}: no mapped class is named {class_name!r} (classes with counters: "
+                f"{', '.join(sorted(c for c in _registry.class_names() if _registry.counter_names(c))) or 'none'}); "
+                "it applies to nothing until such a class is mapped"), stacklevel=2)
+
+
+#: (configuration generation, override key) already warned of
+_warned: set[tuple[int, str]] = set()
 
 
 def _reset() -> None:

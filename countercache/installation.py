@@ -184,6 +184,7 @@ def _after_configured() -> None:
             counter.check_post_update()
             counter.check_association_class()
             counter._checked = True
+    config.warn_unknown_overrides()
 
 
 _HOOKS = (

@@ -78,6 +78,9 @@ def configure(
     config._config.overrides = checked
     config._config.shard_overrides = shard_counts
     config._config.generation += 1
+    if checked and _registry.all_counters() and all(c.mapper is not None and c.mapper.configured
+                                                    for c in _registry.all_counters()):
+        config.warn_unknown_overrides()  # (the mappers are configured already: now, not at their configuration)
     if leaving:
         from .strategies.trigger import watch_leaving
 

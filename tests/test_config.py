@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 
 import pytest
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column
@@ -64,6 +65,27 @@ def test_override_for_class_declared_later_fails_at_mapping():
         class Later(Base):
             __tablename__ = "later"
             id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_an_override_naming_no_mapped_class_is_warned_of_once_the_mappers_are_configured():
+    """A misspelt class name ("Usr") is never declared: not an error (the class may be
+    imported later), but warned of, once per configuration, naming the classes there are."""
+    configure(overrides={"Usr.question_count": "deferred", "User.question_count": "per_row"})
+    m = qa(None)
+    with pytest.warns(countercache.CounterCacheWarning, match=r"override Usr\.question_count: no mapped class "
+                      r"is named 'Usr' \(classes with counters: .*User"):
+        configure_mappers()
+    assert configured_strategy(m.User.question_count) == "per_row"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure_mappers()  # (warned once)
+    # configured after the mappers: at configure()
+    with pytest.warns(countercache.CounterCacheWarning, match=r"override Usr\.answer_count"):
+        configure(overrides={"Usr.answer_count": "bulk"})
+    # a mixin's or base's name is not warned of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure(overrides={"User.question_count": "bulk", "DeclarativeBase.question_count": "bulk"})
 
 
 def test_override_applies_at_next_flush(engine, statements):
