@@ -16,6 +16,7 @@ are counted by the flush, not here.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, inspect, or_, select, tuple_
@@ -40,10 +41,15 @@ CHUNK = 500
 
 
 def _cascading(mapper: Mapper[Any]) -> list[Any]:
-    """``mapper``'s one-to-many relationships whose rows the database deletes with its rows."""
+    """``mapper``'s one-to-many relationships whose rows the database deletes with its rows
+    (found once per mapper and set of relationships: asked at every flush that deletes)."""
+    relationships = mapper.relationships  # (a new object when the mapper gains a relationship)
+    known = _cascades.get(mapper)
+    if known is not None and known[0] is relationships:
+        return known[1]
     found = []
     pk = set(mapper.primary_key)
-    for rel in mapper.relationships:
+    for rel in relationships:
         if not rel.passive_deletes or rel.secondary is not None or rel.direction.name != "ONETOMANY":
             continue
         pairs = rel.local_remote_pairs
@@ -52,7 +58,12 @@ def _cascading(mapper: Mapper[Any]) -> list[Any]:
         if all(any(fk.ondelete and fk.ondelete.upper() == "CASCADE" and fk.column is local
                    for fk in remote.foreign_keys) for local, remote in pairs):
             found.append(rel)
+    _cascades[mapper] = (relationships, found)
     return found
+
+
+#: mapper -> (its relationships when asked, those the database's cascade follows)
+_cascades: weakref.WeakKeyDictionary[Any, tuple[Any, list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def reaches_counted(mapper: Mapper[Any], depth: int = 0) -> bool:
@@ -127,10 +138,12 @@ def from_deleted_objects(fs: FlushState) -> None:
     """``before_flush``: what the database deletes with the objects given to
     ``session.delete()`` (their own many-to-many links are the flush's:
     :func:`countercache.many_to_many.read_cascaded`)."""
-    deleted = list(fs.session.deleted)
-    skip = {inspect(o).key for o in deleted}
+    states = [inspect(o) for o in fs.session.deleted]
+    cascading = [st for st in states if st.key is not None and _cascading(st.mapper)]
+    if not cascading:
+        return
+    skip = {st.key for st in states}
     switched = many_to_many.replaced(fs.session)
-    for obj in deleted:
-        state = inspect(obj)
-        if state.key is not None and state.key not in switched and _cascading(state.mapper):
+    for state in cascading:
+        if state.key not in switched:
             from_rows(fs, state.mapper, [tuple(state.key[1])], skip=skip, loaded=state.dict, links=False)

@@ -106,6 +106,7 @@ class _Child:
             self._layout = None
             self._single = None
             self._groupable = None
+            self.__dict__.pop("_locking_statements", None)  # (locking.py's, built for the keys before)
 
 
 #: Child mapper -> its counters (inherited ones included, filled lazily).

@@ -54,8 +54,11 @@ def chunk_size(connection: Connection) -> int:
 
 def child_primary_key(child: _Child) -> list[Any]:
     """Primary-key columns of the table holding the child's foreign keys."""
-    table = child.mapper.get_property(child.keys[0]).columns[0].table  # type: ignore[attr-defined]
-    return list(table.primary_key.columns)
+    found = child.__dict__.get("_primary_key")  # (asked at every flush that deletes or moves)
+    if found is None:
+        table = child.mapper.get_property(child.keys[0]).columns[0].table  # type: ignore[attr-defined]
+        found = child.__dict__["_primary_key"] = list(table.primary_key.columns)
+    return list(found)
 
 
 def _int_array(connection: Connection, child: _Child, keys: list[tuple[Any, ...]] | None) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Column, ForeignKey, Table, delete, event, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, clear_mappers, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, clear_mappers, configure_mappers, mapped_column, relationship
 
 import countercache
 from countercache import CounterCacheError, counter_cache
@@ -171,3 +171,50 @@ def test_an_unmapped_class_counter_is_not_a_counter(engine):
     assert countercache.check(engine, new.User.question_count) == []
     with pytest.raises(CounterCacheError, match="User.question_count: its class is no longer mapped"):
         countercache.check(engine, attribute)
+
+
+def test_a_cascading_relationship_added_after_a_flush_is_followed(engine):
+    """Which relationships the database's ``ON DELETE CASCADE`` follows is found once per
+    mapper; a relationship the mapper gains later (``passive_deletes=True``) is followed
+    from then on: the children the database deletes with a board are counted out of their
+    author."""
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+        engine.dispose()
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Author(Base):
+        __tablename__ = "lc_authors"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        note_count: Mapped[int] = counter_cache("notes")
+        notes = relationship("Note")
+
+    class Board(Base):
+        __tablename__ = "lc_boards"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Note(Base):
+        __tablename__ = "lc_notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        author_id: Mapped[int] = mapped_column(ForeignKey("lc_authors.id"))
+        board_id: Mapped[int] = mapped_column(ForeignKey("lc_boards.id", ondelete="CASCADE"))
+
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Author(id=1), Board(id=1), Board(id=2), Board(id=3)])
+        s.flush()
+        s.add_all([Note(author_id=1, board_id=b) for b in (1, 2, 2, 3, 3, 3)])
+        s.commit()
+    with Session(engine) as s:
+        s.delete(s.get(Board, 1))  # (no relationship yet: a flush that deletes asks, and finds none)
+        s.commit()
+    countercache.reconcile(engine)  # (the one note the database deleted uncounted)
+    Board.notes = relationship(Note, passive_deletes=True)
+    configure_mappers()
+    with Session(engine) as s:
+        s.delete(s.get(Board, 2))
+        s.commit()
+        assert s.get(Author, 1).note_count == 3
+    assert countercache.check(engine) == []
