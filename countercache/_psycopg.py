@@ -9,9 +9,10 @@
   lock and the UPDATE it precedes) in pipeline mode, answered together.
 * :func:`carry`: a read whose answer is needed only after the connection's
   next statement (the flush's locking pre-read of the rows its DELETE
-  removes) sent in pipeline mode with that statement, whatever it is: both
-  run in order, in one round trip. The connection's ``cursor_factory`` is
-  swapped for a subclass of it until then (:func:`take_carried`).
+  removes) sent in pipeline mode with that statement if it is a DELETE:
+  both run in order, in one round trip; before any other statement the read
+  runs first, on its own. The connection's ``cursor_factory`` is swapped for
+  a subclass of it until then (:func:`take_carried`).
 
 Private API used: ``Connection._pipeline`` (is the application's pipeline
 open?); ``Connection.lock``, ``Connection.wait`` and ``psycopg.generators.execute``
@@ -106,8 +107,9 @@ _carrying: dict[Any, Any] = {}
 
 
 def carry(dbapi_connection: Any, sql: str, parameters: Any, done: Any) -> bool:
-    """Run ``sql`` with the connection's next statement (in pipeline mode, before
-    it, one round trip for both) and call ``done(rows)`` right after them; False
+    """Run ``sql`` before the connection's next statement (with it in pipeline mode,
+    one round trip for both, if it is a DELETE) and call ``done(rows)`` before its
+    answer is read; False
     (nothing done) where the connection's cursors are not psycopg's plain ones
     or its statements are being recorded. The caller has checked
     :func:`can_pipeline`."""
@@ -174,14 +176,21 @@ def _carrying_cursor(factory: Any) -> Any:
     if carrying is not None:
         return carrying
 
-    def with_reads(cursor: Any, send: Any) -> None:
+    def with_reads(cursor: Any, query: Any, send: Any) -> None:
         reads = take_carried(cursor.connection)
         if not reads:
             send()
             return
         readers = [factory(cursor.connection) for _ in reads]
         try:
-            with cursor.connection.pipeline():  # (an error: raised here, for the statement sent)
+            if not (isinstance(query, str) and query.lstrip()[:6].upper() == "DELETE"):
+                # not the DELETE the reads wait for: they run first, on their own
+                for reader, (sql, parameters, done) in zip(readers, reads):
+                    reader.execute(sql, parameters)
+                    done(reader.fetchall())
+                send()
+                return
+            with cursor.connection.pipeline():  # (an error: raised here, for the DELETE)
                 for reader, (sql, parameters, _) in zip(readers, reads):
                     reader.execute(sql, parameters)
                 send()
@@ -193,11 +202,11 @@ def _carrying_cursor(factory: Any) -> Any:
 
     class CarryingCursor(factory):  # type: ignore[misc,valid-type]
         def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
-            with_reads(self, lambda: factory.execute(self, query, params, **kw))
+            with_reads(self, query, lambda: factory.execute(self, query, params, **kw))
             return self
 
         def executemany(self, query: Any, params_seq: Any, **kw: Any) -> None:
-            with_reads(self, lambda: factory.executemany(self, query, params_seq, **kw))
+            with_reads(self, query, lambda: factory.executemany(self, query, params_seq, **kw))
 
     carrying = _carrying[factory] = CarryingCursor
     return carrying

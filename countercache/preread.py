@@ -203,7 +203,7 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
     child = fs.child(mapper)
     if child is None:
         return
-    _pre_read(fs, connection, child)
+    _pre_read(fs, connection, child, delete_next=_delete_next(mapper))
     if child.views and child not in fs.deletes_counted:
         # the first delete of a middle class: every leaf of the flush is written,
         # no middle row is gone yet; translate, then count what each deleted one keeps
@@ -215,7 +215,15 @@ def _before_delete(mapper: Mapper[Any], connection: Connection, state: InstanceS
         through.add_leaf_counts(connection, child, deleting)
 
 
-def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
+def _delete_next(mapper: Mapper[Any]) -> bool:
+    """Is the flush's DELETE the next statement on the connection? SQLAlchemy calls
+    every ``before_delete`` of the rows first: yes if none but this one is
+    registered (an application's may run statements of its own)."""
+    return all(fn is _before_delete for m in mapper.base_mapper.self_and_descendants
+               for fn in m.dispatch.before_delete)
+
+
+def _pre_read(fs: FlushState, connection: Connection, child: _Child, delete_next: bool = False) -> None:
     """Read (and lock) the database's foreign keys of rows this flush deletes or moves
     (those of the class not read yet).
 
@@ -261,9 +269,8 @@ def _pre_read(fs: FlushState, connection: Connection, child: _Child) -> None:
                 for values, n in found:
                     _add_removed(pairs, values, n)
 
-            # (PostgreSQL, psycopg: the read goes with the DELETE, one round trip; flush.py runs
-            # it before the after_flush writes if no statement took it)
-            count_deleted(connection, child, list(wanted), counted, fs.carried)
+            # (PostgreSQL, psycopg, the DELETE next: the read goes with it, one round trip)
+            count_deleted(connection, child, list(wanted), counted, fs.carried if delete_next else None)
             for state in wanted.values():
                 fs.old[state] = _GONE  # counted (or deleted by someone else first)
             return

@@ -115,9 +115,10 @@ def test_a_flush_failing_before_its_delete_leaves_nothing_waiting(through_proxy,
     assert counted(through_proxy) == (3, 3)
 
 
-def test_a_statement_of_the_application_before_the_delete_takes_the_read_along(through_proxy, models):  # noqa: F811
-    """A ``before_delete`` listener that runs its own statement: the read goes with it, still
-    before the DELETE, and the count is right; the listener's statement answers as usual."""
+def test_with_an_application_before_delete_listener_the_read_runs_at_once(through_proxy, models):  # noqa: F811
+    """An application's ``before_delete`` listener may run statements of its own before the
+    DELETE: the read then runs at once, as a statement of its own (before them), and the
+    listener's statements answer as usual."""
     _, _, Like = models("sharded")
     likes = _loaded(through_proxy, Like, 3)
     answers: list[int] = []
@@ -135,3 +136,104 @@ def test_a_statement_of_the_application_before_the_delete_takes_the_read_along(t
         event.remove(Like, "before_delete", audit)
     assert answers == [3, 3]
     assert counted(through_proxy) == (1, 1)
+
+
+@pytest.mark.parametrize("strategy", ["deferred", "sharded", "bulk"])
+def test_a_listener_statement_that_fails_before_it_is_sent_loses_no_count(through_proxy, models, strategy):  # noqa: F811
+    """A best-effort statement of the application's, refused by psycopg before anything is
+    sent (a NUL character in a text value) and caught: the read is not lost with it."""
+    _, _, Like = models(strategy)
+    likes = _loaded(through_proxy, Like, 5)
+
+    def audit(mapper: Any, connection: Any, target: Any) -> None:
+        try:
+            connection.execute(sa.text("SELECT :note"), {"note": "a\x00b"})
+        except (DBAPIError, ValueError):
+            pass
+
+    event.listen(Like, "before_delete", audit)
+    try:
+        with Session(through_proxy) as session:
+            for like in likes[:2]:
+                session.delete(session.merge(like, load=False))
+            session.commit()
+    finally:
+        event.remove(Like, "before_delete", audit)
+    assert counted(through_proxy) == (3, 3)
+
+
+def test_a_listener_may_still_send_several_statements_in_one_string(through_proxy, models):  # noqa: F811
+    """Pipeline mode takes one statement per string: a listener's ``SET ...; SET ...``
+    (the simple protocol) must not be sent in one with the read."""
+    _, _, Like = models("deferred")
+    likes = _loaded(through_proxy, Like, 4)
+
+    def settings(mapper: Any, connection: Any, target: Any) -> None:
+        connection.exec_driver_sql("SET LOCAL application_name = 'a'; SET LOCAL work_mem = '8MB'")
+
+    event.listen(Like, "before_delete", settings)
+    try:
+        with Session(through_proxy) as session:
+            session.delete(session.merge(likes[0], load=False))
+            session.commit()
+    finally:
+        event.remove(Like, "before_delete", settings)
+    assert counted(through_proxy) == (3, 3)
+
+
+def test_a_failed_read_is_the_flush_error_not_a_listener_statement_error(through_proxy, models):  # noqa: F811
+    """With an application's listener that swallows errors of its own statements, a lock
+    wait that times out still fails the flush as the read's error (the lock), not later as
+    an aborted transaction."""
+    _, _, Like = models("sharded")
+    likes = _loaded(through_proxy, Like, 2)
+
+    def careful(mapper: Any, connection: Any, target: Any) -> None:
+        try:
+            connection.execute(sa.text("SELECT 1"))
+        except DBAPIError:
+            pass
+
+    event.listen(Like, "before_delete", careful)
+    try:
+        with through_proxy.connect() as locker:
+            locker.execute(sa.text("SELECT 1 FROM ride_likes WHERE id = :i FOR UPDATE"), {"i": likes[0].id})
+            with Session(through_proxy) as session:
+                session.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
+                session.delete(session.merge(likes[0], load=False))
+                with pytest.raises(DBAPIError, match="lock timeout"):
+                    session.flush()
+                session.rollback()
+            locker.rollback()
+    finally:
+        event.remove(Like, "before_delete", careful)
+    assert counted(through_proxy) == (2, 2)
+
+
+def test_a_waiting_read_runs_alone_before_any_statement_but_a_delete(through_proxy, models):  # noqa: F811
+    """The driver level: a read set to wait goes in one pipeline with a DELETE; before any
+    other statement (here two in one string, which a pipeline refuses) it runs first, on its
+    own; either way its rows reach the callback before the statement's answer is read."""
+    import psycopg
+
+    from countercache import _psycopg
+
+    _, _, Like = models("deferred")
+    _loaded(through_proxy, Like, 2)
+    with through_proxy.connect() as connection:
+        dbapi_connection = connection.connection.dbapi_connection
+        connection.execute(sa.text("SELECT 1"))  # (in a transaction)
+        got: list[Any] = []
+        assert _psycopg.carry(dbapi_connection, "SELECT count(*) FROM ride_likes", None, got.append)
+        assert dbapi_connection.cursor_factory is not psycopg.Cursor
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET LOCAL work_mem = '8MB'; SELECT 7")
+        assert got == [[(2,)]] and cursor.nextset() and cursor.fetchall() == [(7,)]
+        assert normal(dbapi_connection)
+        got.clear()
+        assert _psycopg.carry(dbapi_connection, "SELECT count(*) FROM ride_likes", None, got.append)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("DELETE FROM ride_likes WHERE id = (SELECT min(id) FROM ride_likes)")
+        assert got == [[(2,)]] and cursor.rowcount == 1
+        assert normal(dbapi_connection)
+        connection.rollback()
