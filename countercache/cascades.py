@@ -16,7 +16,6 @@ are counted by the flush, not here.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, inspect, or_, select, tuple_
@@ -44,9 +43,9 @@ def _cascading(mapper: Mapper[Any]) -> list[Any]:
     """``mapper``'s one-to-many relationships whose rows the database deletes with its rows
     (found once per mapper and set of relationships: asked at every flush that deletes)."""
     relationships = mapper.relationships  # (a new object when the mapper gains a relationship)
-    known = _cascades.get(mapper)
-    if known is not None and known[0] is relationships:
-        return known[1]
+    known = mapper.__dict__.get(_CACHE)  # (kept on the mapper: a cache elsewhere holding its
+    if known is not None and known[0] is relationships:  # relationships would keep it alive)
+        return known[1]  # type: ignore[no-any-return]
     found = []
     pk = set(mapper.primary_key)
     for rel in relationships:
@@ -58,12 +57,12 @@ def _cascading(mapper: Mapper[Any]) -> list[Any]:
         if all(any(fk.ondelete and fk.ondelete.upper() == "CASCADE" and fk.column is local
                    for fk in remote.foreign_keys) for local, remote in pairs):
             found.append(rel)
-    _cascades[mapper] = (relationships, found)
+    mapper.__dict__[_CACHE] = (relationships, found)
     return found
 
 
-#: mapper -> (its relationships when asked, those the database's cascade follows)
-_cascades: weakref.WeakKeyDictionary[Any, tuple[Any, list[Any]]] = weakref.WeakKeyDictionary()
+#: the mapper's attribute holding (its relationships when asked, those the database's cascade follows)
+_CACHE = "_countercache_cascading"
 
 
 def reaches_counted(mapper: Mapper[Any], depth: int = 0) -> bool:
