@@ -128,6 +128,11 @@ def _check_override_names_counter(key: str) -> None:
     class_name, attr = key.split(".")
     if class_name in _registry.class_names():
         if not _registry.by_name(key):
+            owner = _inherited_from(class_name, attr)
+            if owner is not None:
+                raise ConfigurationError(
+                    f"override {key}: {class_name} inherits the counter {attr!r} of {owner} (one column, one "
+                    f"strategy): name the class that declares it, {owner}.{attr}")
             raise ConfigurationError(
                 f"override {key}: class {class_name} has no counter {attr!r}; "
                 f"its counters are {', '.join(_registry.counter_names(class_name)) or 'none'}"
@@ -141,6 +146,20 @@ def _check_override_names_counter(key: str) -> None:
             f"override {key}: the classes that inherit from {class_name} have no counter {attr!r}; "
             f"theirs are {', '.join(sorted(inherited))}"
         )
+
+
+def _inherited_from(class_name: str, attr: str) -> str | None:
+    """The name of the class whose counter ``attr`` a mapped subclass called ``class_name`` shares."""
+    for counter in _registry.all_counters():
+        if counter.cls is None or str(counter.key) != attr:
+            continue
+        below = list(counter.cls.__subclasses__())
+        while below:
+            sub = below.pop()
+            if sub.__name__ == class_name:
+                return counter.cls.__name__
+            below.extend(sub.__subclasses__())
+    return None
 
 
 def check_overrides_for(class_name: str) -> None:

@@ -6,7 +6,8 @@ import textwrap
 import warnings
 
 import pytest
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column
+from sqlalchemy import ForeignKey
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column, relationship
 
 import countercache
 from countercache import CounterCacheError, configure, configured_strategy
@@ -53,6 +54,33 @@ def test_override_naming_no_counter_of_declared_class_fails_at_configure():
     qa(None)
     with pytest.raises(CounterCacheError, match=r"override User\.answer_count: .*no counter.*question_count"):
         configure(overrides={"User.answer_count": "bulk"})
+
+
+def test_an_override_naming_a_subclass_that_inherits_the_counter_names_the_declaring_class():
+    class Base(DeclarativeBase):
+        pass
+
+    class Post(Base):
+        __tablename__ = "inh_posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str] = mapped_column(default="p")
+        like_count: Mapped[int] = countercache.counter_cache("likes")
+        likes = relationship("Like")
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "p"}
+
+    class Sub(Post):
+        __mapper_args__ = {"polymorphic_identity": "s"}
+
+    class Like(Base):
+        __tablename__ = "inh_likes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        post_id: Mapped[int] = mapped_column(ForeignKey("inh_posts.id"))
+
+    configure_mappers()
+    with pytest.raises(CounterCacheError, match=r"override Sub\.like_count: Sub inherits the counter 'like_count' "
+                       r"of Post .*name the class that declares it, Post\.like_count"):
+        configure(overrides={"Sub.like_count": "deferred"})
+    assert configured_strategy(Post.like_count) == "bulk"
 
 
 def test_override_for_class_declared_later_fails_at_mapping():
