@@ -109,10 +109,9 @@ _carrying: dict[Any, Any] = {}
 def carry(dbapi_connection: Any, sql: str, parameters: Any, done: Any) -> bool:
     """Run ``sql`` before the connection's next statement (with it in pipeline mode,
     one round trip for both, if it is a DELETE) and call ``done(rows)`` before its
-    answer is read; False
-    (nothing done) where the connection's cursors are not psycopg's plain ones
-    or its statements are being recorded. The caller has checked
-    :func:`can_pipeline`."""
+    answer is read. False (nothing done) where the connection's cursors are not
+    psycopg's plain ones or its statements are being recorded. The caller has
+    checked :func:`can_pipeline`."""
     from psycopg import Cursor
 
     pending = getattr(dbapi_connection, "_countercache_carried", None)
@@ -149,12 +148,16 @@ def run_carried(connections: list[Any]) -> None:
         for sql, parameters, done in take_carried(dbapi_connection):
             cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(sql, parameters)
-                done(cursor.fetchall())
+                _read_now(cursor, sql, parameters, done)
             except connection.dialect.loaded_dbapi.Error as error:
                 raise_dbapi_error(connection, error, sql, parameters)
             finally:
                 cursor.close()
+
+
+def _read_now(cursor: Any, sql: str, parameters: Any, done: Any) -> None:
+    cursor.execute(sql, parameters)
+    done(cursor.fetchall())
 
 
 def drop_carried(connections: list[Any]) -> None:
@@ -186,8 +189,7 @@ def _carrying_cursor(factory: Any) -> Any:
             if not (isinstance(query, str) and query.lstrip()[:6].upper() == "DELETE"):
                 # not the DELETE the reads wait for: they run first, on their own
                 for reader, (sql, parameters, done) in zip(readers, reads):
-                    reader.execute(sql, parameters)
-                    done(reader.fetchall())
+                    _read_now(reader, sql, parameters, done)
                 send()
                 return
             with cursor.connection.pipeline():  # (an error: raised here, for the DELETE)
