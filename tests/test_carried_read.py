@@ -11,6 +11,8 @@ waiting on the connection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -29,6 +31,19 @@ def _loaded(engine: sa.Engine, Like: Any, n: int, post_id: int = 1) -> list[Any]
         session.commit()
     with Session(engine, expire_on_commit=False) as session:
         return list(session.scalars(sa.select(Like).where(Like.post_id == post_id).order_by(Like.id)))
+
+
+@contextmanager
+def row_locked_elsewhere(engine: sa.Engine, like: Any) -> Iterator[Session]:
+    """A session that deletes ``like``, whose row another transaction holds locked
+    (``FOR UPDATE``); its lock waits time out after 100 ms."""
+    with engine.connect() as locker:
+        locker.execute(sa.text("SELECT 1 FROM ride_likes WHERE id = :i FOR UPDATE"), {"i": like.id})
+        with Session(engine) as session:
+            session.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
+            session.delete(session.merge(like, load=False))
+            yield session
+        locker.rollback()
 
 
 @pytest.mark.parametrize("strategy", ["deferred", "sharded", "bulk"])
@@ -76,16 +91,11 @@ def test_a_failed_read_fails_the_flush_and_leaves_nothing_waiting(through_proxy,
     and the next transaction on it counts right."""
     _, _, Like = models("sharded")
     likes = _loaded(through_proxy, Like, 3)
-    with through_proxy.connect() as locker:
-        locker.execute(sa.text("SELECT 1 FROM ride_likes WHERE id = :i FOR UPDATE"), {"i": likes[0].id})
-        with Session(through_proxy) as session:
-            session.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
-            session.delete(session.merge(likes[0], load=False))
-            with pytest.raises(DBAPIError, match="lock"):
-                session.commit()
-            session.rollback()
-            assert normal(session.connection().connection.dbapi_connection)
-        locker.rollback()
+    with row_locked_elsewhere(through_proxy, likes[0]) as session:
+        with pytest.raises(DBAPIError, match="lock"):
+            session.commit()
+        session.rollback()
+        assert normal(session.connection().connection.dbapi_connection)
     with Session(through_proxy) as session:
         session.delete(session.merge(likes[1], load=False))
         session.commit()
@@ -196,15 +206,10 @@ def test_a_failed_read_is_the_flush_error_not_a_listener_statement_error(through
 
     event.listen(Like, "before_delete", careful)
     try:
-        with through_proxy.connect() as locker:
-            locker.execute(sa.text("SELECT 1 FROM ride_likes WHERE id = :i FOR UPDATE"), {"i": likes[0].id})
-            with Session(through_proxy) as session:
-                session.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
-                session.delete(session.merge(likes[0], load=False))
-                with pytest.raises(DBAPIError, match="lock timeout"):
-                    session.flush()
-                session.rollback()
-            locker.rollback()
+        with row_locked_elsewhere(through_proxy, likes[0]) as session:
+            with pytest.raises(DBAPIError, match="lock timeout"):
+                session.flush()
+            session.rollback()
     finally:
         event.remove(Like, "before_delete", careful)
     assert counted(through_proxy) == (2, 2)
