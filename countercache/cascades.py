@@ -10,8 +10,9 @@ and level (at most :data:`MAX_DEPTH` levels).
 
 A cascade is followed where every column of the child's foreign key says
 ``ondelete="CASCADE"`` in the metadata and refers to the parent's primary
-key. Rows the flush deletes itself (objects given to ``session.delete()``)
-are counted by the flush, not here.
+key, and only where the database runs it (:func:`countercache.locking.actions_run`:
+not on SQLite without ``PRAGMA foreign_keys=ON``). Rows the flush deletes
+itself (objects given to ``session.delete()``) are counted by the flush, not here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy import and_, inspect, or_, select, tuple_
 from . import many_to_many
 from .children import _child_for
 from .kinds import MultiLevel
-from .locking import child_primary_key, for_update, read_foreign_keys
+from .locking import actions_run, child_primary_key, for_update, read_foreign_keys
 from .tracking import _add_row
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ def from_rows(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[Any, ...]], 
         connection = session.connection(bind_arguments={"mapper": target})
         child = _child_for(target)
         below: list[tuple[Any, ...]] = []
+        running = actions_run(connection)  # (no cascade runs: nothing read, nothing counted)
         for criterion in _criteria(rel, mapper, keys):
+            criterion = and_(criterion, running)
             if child is not None and not child.views and child_primary_key(child) == list(target.primary_key):
                 found = read_foreign_keys(connection, child, where=criterion, lock="update")
                 plan = fs.plan(child)[0]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
 
-from . import _registry, config, memory
+from . import _registry, config, memory, transactions
 from .kinds import ManyToMany, MultiLevel
 from .errors import CounterCacheError
 from .strategies import trigger as trigger_strategy
@@ -76,49 +76,126 @@ def forget() -> None:
     _fed.clear()
 
 
-def fed_by(mappers: Any) -> list[CounterCache]:
+def fed_by(mappers: Any, deleting: Any = ()) -> list[CounterCache]:
     """The database-kept counters whose counted rows ``mappers`` write (a many-to-many
     counter's association rows: either side's class; a multi-level counter's middle rows
-    too); remembered per set of mappers (a flush asks it twice, and the next flushes
-    mostly write the same classes)."""
+    too), or whose counted rows the database's ``ON DELETE`` actions change when rows of
+    ``deleting`` go (a cascade the parent's trigger counts: its loaded value changes too);
+    remembered per set of mappers (a flush asks it twice, and the next flushes mostly
+    write the same classes)."""
     kept = counters()
     if not kept:
         return []
-    key = tuple(mappers)
+    key = (tuple(mappers), tuple(deleting))
     found = _fed.get(key)
     if found is None:
-        found = [c for c in kept if any(m.isa(c.child_mapper)  # type: ignore[arg-type]
-                                        or (isinstance(c.kind, ManyToMany) and m.isa(c.mapper))  # type: ignore[arg-type]
-                                        or (isinstance(c.kind, MultiLevel) and m.isa(c.kind.middle_mapper))
-                                        for m in key)]
+        reached = _reached({table for mapper in deleting for table in mapper.tables})
+        found = [c for c in kept if any(_feeds(c, m) for m in key[0]) or bool(reached & _counted_tables(c))]
         if len(_fed) >= FED_MAX:
             _fed.clear()
         _fed[key] = found
     return found
 
 
+def _feeds(counter: CounterCache, mapper: Mapper[Any]) -> bool:
+    """Does ``mapper`` write the counter's counted rows (a many-to-many counter's association
+    rows: either side's class; a multi-level counter's middle rows too)?"""
+    kind = counter.kind
+    return (mapper.isa(counter.child_mapper)  # type: ignore[arg-type]
+            or (isinstance(kind, ManyToMany) and mapper.isa(counter.mapper))  # type: ignore[arg-type]
+            or (isinstance(kind, MultiLevel) and mapper.isa(kind.middle_mapper)))
+
+
+#: foreign key actions that delete or change rows
+_ACTIONS = {"CASCADE", "SET NULL", "SET DEFAULT"}
+
+
+def _reached(tables: set[Any]) -> set[Any]:
+    """The tables whose rows the database's ``ON DELETE`` actions delete or change when
+    rows of ``tables`` are deleted, at any depth (up to 8 levels)."""
+    seen, level = set(tables), set(tables)
+    for _ in range(8):
+        below = set()
+        for table in {t for origin in level for t in origin.metadata.tables.values()} - seen:
+            for fk in table.foreign_keys:
+                if (fk.ondelete or "").upper() in _ACTIONS and _referred(fk) in level:
+                    below.add(table)
+                    break
+        if not below:
+            break
+        seen |= below
+        level = below
+    return seen - set(tables)
+
+
+def _referred(fk: Any) -> Any:
+    try:
+        return fk.column.table
+    except Exception:  # noqa: BLE001 - a table outside the metadata: no action of ours reaches it
+        return None
+
+
+def _counted_tables(counter: CounterCache) -> set[Any]:
+    kind = counter.kind
+    if isinstance(kind, ManyToMany):
+        return {kind.secondary}
+    tables = set(counter.child_mapper.tables)  # type: ignore[union-attr]
+    if isinstance(kind, MultiLevel):
+        tables |= set(kind.middle_mapper.tables)
+    return tables
+
+
 def _written(uow: Any) -> list[Mapper[Any]]:
     return [mapper for mapper, states in uow.mappers.items() if states]
+
+
+def _deleting(uow: Any) -> list[Mapper[Any]]:
+    return [mapper for mapper, states in uow.mappers.items() if any(uow.states[st][0] for st in states)]
 
 
 def after_flush(session: Session, uow: Any) -> None:
     """Raise (the flush is rolled back) where a counter's triggers are missing,
     or where a counter configured away from them still has them."""
-    if trigger_strategy.leaving:
-        written = _written(uow)
-        for counter in list(trigger_strategy.leaving):
-            if counter.strategy() in config.DATABASE_STRATEGIES or not _registry.live(counter):
-                trigger_strategy.leaving.discard(counter)
-            elif any(m.isa(counter.child_mapper) for m in written):
-                trigger_strategy.verify_gone(
-                    session.connection(bind_arguments={"mapper": counter.child_mapper}), counter)
+    written = _written(uow)
+    if written:
+        _check_leftovers(session, written)
     if not _cache[1] and _cache[0] == config._config.generation:
         return
-    kept = uow.countercache_kept = fed_by(_written(uow))
+    kept = uow.countercache_kept = fed_by(written, _deleting(uow))
     for counter in kept:
         _verify(session, counter)
     if session.new:
         uow.countercache_new = _new_parents(session)
+
+
+#: databases whose trigger catalog :func:`countercache.triggers.installed_bases` reads
+_CATALOGS = ("postgresql", "sqlite", "mysql", "mariadb")
+
+
+def _check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
+    """The ORM-kept counters whose rows this flush wrote: countercache triggers of theirs
+    still in the database (a counter switched away from ``trigger`` whose migration did
+    not drop them, or has not run) would count every row a second time: raise, naming
+    the counter (the flush is rolled back). Asked once per engine, configuration and
+    set of written classes (a catalog query per counter, at its first flush)."""
+    bind = session.bind
+    binds = getattr(session, "binds", getattr(session, "_Session__binds", True))
+    engine = getattr(bind, "engine", bind) if bind is not None and not binds else None
+    key = (config._config.generation, tuple(written))
+    if engine is not None and key in trigger_strategy.clean.get(engine, ()):
+        return
+    for counter in _registry.all_counters():
+        if counter.parent is None or counter.strategy() in config.DATABASE_STRATEGIES \
+                or not _registry.live(counter) or not any(_feeds(counter, m) for m in written):
+            continue
+        connection = session.connection(bind_arguments={"mapper": counter.child_mapper})
+        if connection.dialect.name in _CATALOGS:
+            trigger_strategy.verify_gone(connection, counter)
+    if engine is not None:
+        known = trigger_strategy.clean.setdefault(engine, set())
+        if len(known) >= FED_MAX:
+            known.clear()
+        known.add(key)
 
 
 def _new_parents(session: Session) -> list[tuple[Any, Any]]:
@@ -152,7 +229,7 @@ def after_flush_postexec(session: Session, uow: Any) -> None:
     if not _cache[1] and _cache[0] == config._config.generation:
         return
     kept = getattr(uow, "countercache_kept", None)
-    refresh(session, fed_by(_written(uow)) if kept is None else kept)
+    refresh(session, fed_by(_written(uow), _deleting(uow)) if kept is None else kept)
     inserted: dict[Any, list[tuple[Any, None]]] = {}
     for parent, obj in getattr(uow, "countercache_new", ()):
         key = instance_state(obj).key
@@ -162,23 +239,12 @@ def after_flush_postexec(session: Session, uow: Any) -> None:
         memory.apply(session, parent, results)
 
 
-def after_soft_rollback(session: Session, previous_transaction: Any) -> None:
-    """A rolled-back savepoint (or transaction) took the triggers' writes back:
-    the counters read after them are expired (read again on next access)."""
-    kept = counters()
-    if kept and session.identity_map:
-        expire(session, kept)
-        if not session.expire_on_commit and previous_transaction.parent is not None:
-            # (a savepoint's, where the commit keeps objects: read back at the commit)
-            for parent, keys in _loaded(session, kept).items():
-                memory.read_back_at_commit(session, parent, keys)
-
-
 def refresh(session: Session, kept: list[CounterCache]) -> None:
     """The counters ``kept`` of every parent in ``session``: expired, or read back."""
     if not kept or not session.identity_map:
         return
     for parent, keys in _loaded(session, kept).items():
+        transactions.remember_refreshed(session, parent, keys)  # (a savepoint's rollback shows the values before)
         memory.apply(session, parent, [(key, None) for key in keys])
 
 
@@ -200,7 +266,7 @@ def before_statement(state: ORMExecuteState, mapper: Mapper[Any], alone: bool) -
     watches its rows. ``alone`` (no ORM-kept counter does either): run it here
     and refresh the loaded parents after it, returning its result; else expire
     their counters now (read on next access) and return None."""
-    kept = fed_by(list(mapper.self_and_descendants))
+    kept = fed_by(list(mapper.self_and_descendants), list(mapper.self_and_descendants) if state.is_delete else ())
     if not kept:
         return None
     session = state.session
@@ -224,6 +290,8 @@ def expire(session: Session, kept: list[CounterCache]) -> None:
     """Expire the counters ``kept`` of every loaded parent (read again on next access, after
     the statement about to run: an ORM statement next to ORM-kept counters, a legacy bulk call;
     or after a rollback took the triggers' writes back)."""
+    for parent, loaded in _loaded(session, kept).items():
+        transactions.remember_refreshed(session, parent, loaded)  # (a savepoint's rollback shows the values before)
     keys: dict[type, list[str]] = {}
     for counter in kept:
         keys.setdefault(counter.mapper.class_, []).append(str(counter.key))  # type: ignore[union-attr]

@@ -242,8 +242,8 @@ class FlushState:
         for parent, results in self.results:
             merged.setdefault(parent, []).extend(results)
         for parent, results in merged.items():
+            transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])  # (first: values before)
             memory.apply(self.session, parent, results)
-            transactions.remember_refreshed(self.session, parent, [pk for pk, _ in results])
         self.results = []
 
     def finish(self) -> None:

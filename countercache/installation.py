@@ -271,7 +271,6 @@ _SESSION_HOOKS = (
     ("after_flush_postexec", _after_flush_postexec),
     ("after_flush_postexec", database_kept.after_flush_postexec),
     ("after_soft_rollback", _after_soft_rollback),
-    ("after_soft_rollback", database_kept.after_soft_rollback),
     ("after_transaction_end", _after_transaction_end),
     ("after_rollback", _after_rollback),
 )

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Mapper
 from . import _registry
 from .config import DATABASE_STRATEGIES
 from ._compat import PASSIVE_NO_INITIALIZE
-from .locking import for_update
+from .locking import actions_run, for_update
 
 if TYPE_CHECKING:
     from .declaration import CounterCache
@@ -145,7 +145,7 @@ def read_cascaded(fs: FlushState) -> None:
             criteria = [dest == getattr(obj, state.mapper.get_property_by_column(src).key)
                         for src, dest in rel.synchronize_pairs]
             connection = fs.session.connection(bind_arguments={"mapper": state.mapper})  # (no flush transaction yet)
-            stmt = select(*parent_cols).where(*criteria).order_by(*parent_cols)
+            stmt = select(*parent_cols).where(*criteria, actions_run(connection)).order_by(*parent_cols)
             stmt = for_update(stmt, connection)
             me = tuple(state.key[1])
             for row in connection.execute(stmt).all():
@@ -232,7 +232,7 @@ def count_cascaded_links(fs: FlushState, mapper: Mapper[Any], keys: list[tuple[A
             chunk = keys[start:start + 500]
             where = columns[0].in_([k[0] for k in chunk]) if len(columns) == 1 else \
                 tuple_(*columns).in_(chunk)
-            stmt = select(*parent_cols, *columns).where(where)
+            stmt = select(*parent_cols, *columns).where(where, actions_run(connection))
             stmt = for_update(stmt, connection)
             n = len(parent_cols)
             for row in connection.execute(stmt).all():

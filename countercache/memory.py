@@ -123,6 +123,47 @@ def read_back_unread(session: Session) -> None:
         read_back(session, parent, keys)
 
 
+def loaded_values(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> dict[Any, Any]:
+    """``{key: {counter attribute: value}}`` of these parents' counters loaded in ``session``."""
+    identity_map = session.identity_map
+    key_from_pk = parent.mapper.identity_key_from_primary_key
+    counter_keys = [str(c.key) for c in parent.counters]
+    found = {}
+    for pk in keys:
+        obj = identity_map.get(key_from_pk(pk))
+        if obj is not None:
+            loaded = instance_state(obj).dict
+            values = {key: loaded[key] for key in counter_keys if key in loaded}
+            if values:
+                found[pk] = values
+    return found
+
+
+def take_back(session: Session, refreshed: list[tuple[ParentTable, list[tuple[Any, ...]], dict[Any, Any]]]) -> None:
+    """A savepoint rolled back: the counters it set in memory (``refreshed``, in order, with
+    the values shown before each) show again what they showed before it, with no load (an
+    ``AsyncSession`` could not lazy-load them); those not loaded then are expired (and,
+    where the commit keeps objects, read back at the commit)."""
+    before: dict[tuple[ParentTable, Any], dict[str, Any] | None] = {}
+    for parent, keys, values in refreshed:
+        for pk in keys:
+            before.setdefault((parent, pk), values.get(pk))  # (the earliest: before the savepoint)
+    unknown: dict[ParentTable, list[tuple[Any, ...]]] = {}
+    for (parent, pk), values in before.items():
+        obj = session.identity_map.get(parent.mapper.identity_key_from_primary_key(pk))
+        if obj is None:
+            continue
+        missing = [str(c.key) for c in parent.counters if values is None or str(c.key) not in values]
+        for key, value in (values or {}).items():
+            set_committed_value(obj, key, value)
+        if missing:
+            session.expire(obj, missing)
+            unknown.setdefault(parent, []).append(pk)
+    if not session.expire_on_commit:  # (used after the commit, detached: read back)
+        for parent, keys in unknown.items():
+            read_back_at_commit(session, parent, keys)
+
+
 def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
     """Expire the counters of these parents, where ``session`` holds them."""
     identity_map = session.identity_map

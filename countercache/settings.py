@@ -81,10 +81,10 @@ def configure(
     if checked and _registry.all_counters() and all(c.mapper is not None and c.mapper.configured
                                                     for c in _registry.all_counters()):
         config.warn_unknown_overrides()  # (the mappers are configured already: now, not at their configuration)
-    if leaving:
-        from .strategies.trigger import watch_leaving
+    if leaving:  # (their triggers must be gone: asked again at their next flush)
+        from .strategies.trigger import forget_verified
 
-        watch_leaving(leaving)
+        forget_verified()
 
 
 def _check_database_kept(default_strategy: str | None, overrides: dict[str, str]) -> list[Any]:

@@ -105,8 +105,9 @@ def exact(session: Any, instance: Any, counter: str) -> int:
     """
     sync = session_of(session, "exact")
     state = inspect(instance)
-    definition = _registry.lookup(getattr(type(instance), counter, counter)
-                                  if isinstance(counter, str) else counter)
+    if isinstance(counter, str) and not hasattr(type(instance), counter):
+        raise CounterCacheError(f"{type(instance).__name__}.{counter}: no such counter")
+    definition = _registry.lookup(getattr(type(instance), counter) if isinstance(counter, str) else counter)
     if state.key is None or definition.parent is None:
         raise CounterCacheError(f"{definition.name}: exact() needs a persistent parent instance")
     sync.flush()

@@ -46,7 +46,8 @@ class _Entry:
         self._transaction = weakref.ref(transaction)
         self.deferred: dict[ParentTable, Deltas] = {}
         self.sharded: dict[ParentTable, Deltas] = {}
-        self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]]]] = []
+        #: (parent, keys, {key: values shown before}) set in memory, in order
+        self.refreshed: list[tuple[ParentTable, list[tuple[Any, ...]], dict[Any, Any]]] = []
         #: parents with sharded counters deleted inside this boundary
         self.deleted: dict[ParentTable, set[tuple[Any, ...]]] = {}
         #: multi-level leaf deltas of deferred / sharded counters, per middle
@@ -235,9 +236,10 @@ def holds_shards(session: Session) -> bool:
 
 
 def remember_refreshed(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:
-    """Inside a savepoint, note parents whose counters were set in memory."""
+    """Inside a savepoint, note parents whose counters are about to be set in memory,
+    with the values they show now (restored if it rolls back)."""
     if keys and session.in_nested_transaction():
-        current_entry(session).refreshed.append((parent, keys))
+        current_entry(session).refreshed.append((parent, keys, memory.loaded_values(session, parent, keys)))
 
 
 # -- session hooks ------------------------------------------------------------
@@ -350,16 +352,14 @@ def _after_rollback(session: Session) -> None:
         _states.pop(session, None)  # SQLAlchemy expires every object itself
         memory._unread.pop(session, None)  # (nothing to read back at a commit of this transaction)
         return
-    kept = []
+    kept, refreshed = [], []
     for entry in state.stack:
         if _within(entry.transaction, boundary):
-            for parent, keys in entry.refreshed:
-                memory.expire(session, parent, keys)
-                if not session.expire_on_commit:  # (used after the commit, detached: read back)
-                    memory.read_back_at_commit(session, parent, keys)
+            refreshed.extend(entry.refreshed)
         else:
             kept.append(entry)
     state.stack[:] = kept
+    memory.take_back(session, refreshed)
 
 
 def _within(transaction: SessionTransaction | None, boundary: SessionTransaction) -> bool:

@@ -157,3 +157,32 @@ def test_a_savepoint_rolled_back_inside_its_context_then_a_keeping_commit(engine
     run(engine, backend, body)
     assert seen["after commit"] == (1,)
     assert_counts(engine)
+
+
+def test_a_rolled_back_savepoint_leaves_the_counter_readable_without_io(engine, backend, strategy):
+    """After ``await nested.rollback()`` the counter shows again what it showed before
+    the savepoint, readable with no lazy load (an expired one raised ``MissingGreenlet``;
+    found by an outside tester)."""
+    m = qa(strategy)
+    m.Base.metadata.create_all(engine)
+    seen = {}
+
+    async def body(async_engine):
+        async with AsyncSession(async_engine, expire_on_commit=False) as s:
+            a = m.User(name="a")
+            s.add_all([a, m.Question(user=a)])
+            await s.commit()
+            seen["before"] = await counts(s, strategy, a)
+            async with s.begin_nested() as nested:
+                s.add(m.Question(user_id=a.id))
+                await s.flush()
+                await nested.rollback()
+            seen["after rollback"] = await counts(s, strategy, a)  # (no IO: raises MissingGreenlet if expired)
+            s.add(m.Question(user_id=a.id))
+            await s.commit()
+            seen["after commit"] = await counts(s, strategy, a)
+
+    run(engine, backend, body)
+    assert seen["before"] == seen["after rollback"] == (1,)
+    assert seen["after commit"] == (2,)
+    assert_counts(engine)

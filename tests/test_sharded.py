@@ -152,6 +152,8 @@ def test_exact_refuses_what_is_not_a_persistent_parent(engine, m):
             countercache.exact(s, m.User(name="new"), "question_count")
         with pytest.raises(CounterCacheError, match="not a counter|no such counter"):
             countercache.exact(s, m.User(name="x"), "name")
+        with pytest.raises(CounterCacheError, match=r"^User\.nope: no such counter$"):  # (the class named)
+            countercache.exact(s, m.User(name="x"), "nope")
 
 
 def test_fold_moves_pending_deltas_into_the_columns(engine, m):

@@ -90,24 +90,19 @@ def forget_verified() -> None:
     """Ask again (after triggers were dropped or created behind the library's back)."""
     _verified.clear()
     _gone.clear()
+    clean.clear()
 
 
-#: counters configured away from ``trigger`` whose triggers may still be there
-leaving: set[Any] = set()
-#: engine -> names of the leaving counters found without triggers on it
+#: engine -> names of the ORM-kept counters found without triggers on it
 _gone: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
-
-def watch_leaving(counters: list[Any]) -> None:
-    leaving.update(counters)
-    _gone.clear()
+#: engine -> (configuration generation, written mappers) whose ORM-kept counters have no triggers there
+clean: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
 
 
 def verify_gone(connection: Connection, counter: CounterCache) -> None:
-    """Raise if a counter configured away from ``trigger`` still has its triggers
-    (they and the ORM strategy would both count); asked once per engine."""
-    from .. import triggers
-
+    """Raise if an ORM-kept counter still has countercache triggers in the database
+    (configured away from ``trigger``, or a migration that left them): they and the
+    ORM strategy would both count; asked once per engine."""
     engine = connection.engine
     found = _gone.get(engine)
     if found is not None and counter.name in found:
