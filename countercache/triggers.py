@@ -49,6 +49,7 @@ placeholder).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import text
@@ -62,8 +63,8 @@ from .trigger_sql import (EVENTS, FUNCTION_SUFFIX, MAX_NAME, MIDDLE, MIDDLE_FUNC
                           table_sql, trigger_name, trigger_names)
 
 __all__ = ["trigger_name", "trigger_names", "function_name", "refusal", "create_statements", "drop_statements",
-           "execute", "installed", "installed_bases", "drop_named_statements", "base_name", "MAX_NAME", "EVENTS",
-           "TRUNCATE", "PARENT", "FUNCTION_SUFFIX", "PARENT_FUNCTION_SUFFIX"]
+           "execute", "installed", "installed_bases", "installed_tables", "drop_named_statements", "base_name",
+           "MAX_NAME", "EVENTS", "TRUNCATE", "PARENT", "FUNCTION_SUFFIX", "PARENT_FUNCTION_SUFFIX"]
 
 _DATABASES = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "mysql": "MariaDB/MySQL", "mariadb": "MariaDB/MySQL"}
 
@@ -117,7 +118,8 @@ def refusal(counter: Any, dialect: Any) -> str | None:
                         f"{own.ondelete.upper()}, whose deletes fire no trigger on MariaDB/MySQL, which the "
                         f"{label} strategy needs there; declare it without ON DELETE, or use strategy {alternative}")
             return (f"{name}: MariaDB/MySQL triggers cannot update the table that fired them "
-                    f"({shape.child.name}: a self-referential counter); use strategy {alternative}")
+                    f"({shape.child.name}: a self-referential counter); use strategy {alternative}, or "
+                    "'sharded_trigger' (its triggers write the side table)")
         action = _silent_action(shape)
         if action is not None:
             return (f"{name}: {shape.child.name}'s foreign key to {action} changes counted rows by a "
@@ -330,26 +332,42 @@ def installed(connection: Any, counter: Any) -> bool:
 
 
 
-_BASE = re.compile(r"^(cc_[a-z0-9_]*_[0-9a-f]{8})(" + "|".join({**EVENTS, **TRUNCATE}.values()) + ")$")
+_CHILD_SUFFIXES = {*EVENTS.values(), *TRUNCATE.values()}
+#: every suffix of a counter's trigger names (counted, parent and middle table's; ``sharded_trigger``'s)
+_SUFFIXES = sorted({*_CHILD_SUFFIXES, *PARENT.values(), *triggers_sharded.PARENT_TRIGGERS.values(), *MIDDLE.values()})
+_BASE = re.compile(r"^(cc_[a-z0-9_]*_[0-9a-f]{8})(" + "|".join(_SUFFIXES) + ")$")
 
 
 def installed_bases(connection: Any, schema: str | None = None) -> dict[str, str]:
-    """``{base name: counted table}``: the countercache triggers (``cc_`` names) found in
-    the catalog of ``connection``'s database (``schema``: None for the default one)."""
+    """``{base name: counted table}``: the countercache triggers (``cc_`` names) on a counted
+    table found in the catalog of ``connection``'s database (``schema``: None for the default one)."""
+    found = {base: next(table for suffix, table in tables.items() if suffix in _CHILD_SUFFIXES)
+             for (_, base), tables in installed_tables(connection, (schema,)).items()
+             if _CHILD_SUFFIXES & tables.keys()}
+    return dict(sorted(found.items()))
+
+
+def installed_tables(connection: Any, schemas: Iterable[str | None] = (None,)
+                     ) -> dict[tuple[str | None, str], dict[str, str]]:
+    """``{(schema, base name): {suffix: table}}``: every countercache trigger (``cc_`` names: on
+    the counted, parent or middle table) found in the catalog of ``connection``'s database, in each
+    of ``schemas`` (None: the default one; SQLite: its main database, whatever the schema)."""
     dialect = connection.dialect
-    params: dict[str, Any] = {"p": "cc!_%", "s": schema}
     if dialect.name == "postgresql":
         query = ("SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                  "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal "
                  "AND n.nspname = coalesce(:s, current_schema()) AND t.tgname LIKE :p ESCAPE '!'")
     elif dialect.name == "sqlite":
         query = "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' AND name LIKE :p ESCAPE '!'"
+        schemas = (None,)
     else:
         query = ("SELECT trigger_name, event_object_table FROM information_schema.triggers WHERE trigger_schema = "
                  "coalesce(:s, DATABASE()) AND trigger_name LIKE :p ESCAPE '!'")
-    found: dict[str, str] = {}
-    for name, table in connection.execute(text(query), params if dialect.name != "sqlite" else {"p": "cc!_%"}):
-        matched = _BASE.match(name)
-        if matched:
-            found[matched.group(1)] = table
-    return dict(sorted(found.items()))
+    found: dict[tuple[str | None, str], dict[str, str]] = {}
+    for schema in dict.fromkeys(schemas):
+        params: dict[str, Any] = {"p": "cc!_%"} if dialect.name == "sqlite" else {"p": "cc!_%", "s": schema}
+        for name, table in connection.execute(text(query), params):
+            matched = _BASE.match(name)
+            if matched:
+                found.setdefault((schema, matched.group(1)), {})[matched.group(2)] = table
+    return found

@@ -375,7 +375,8 @@ def test_mariadb_refuses_a_self_referential_counter(engine):
     counter = counter_of(comments().Comment.reply_count)
     message = triggers.refusal(counter, engine.dialect)
     assert message == ("Comment.reply_count: MariaDB/MySQL triggers cannot update the table that fired them "
-                       "(comments: a self-referential counter); use strategy 'bulk'")
+                       "(comments: a self-referential counter); use strategy 'bulk', or 'sharded_trigger' "
+                       "(its triggers write the side table)")
     with pytest.raises(ConfigurationError, match="self-referential"):
         triggers.create_statements(counter, engine.dialect)
 

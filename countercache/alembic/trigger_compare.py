@@ -9,18 +9,23 @@
   counter that autogenerate cannot keep with triggers on the database
   (:func:`countercache.triggers.refusal`) raises
   :class:`~countercache.CounterCacheError` naming it.
-* countercache triggers in the database (``cc_`` names, on a table of the
-  target metadata) that no ``trigger`` counter wants under that name (the
-  counter switched to another strategy, no longer declared, or its
-  definition changed: the names carry a hash of it) get
-  ``op.drop_counter_trigger(...)`` (a changed shard count too: the names
-  carry it), with the definition when it is known
-  (the counter is still declared, or a migration recorded its
+* countercache triggers in the database (``cc_`` names) on a table of the
+  target metadata (the counted table, or the parent's: a counted table renamed
+  or dropped leaves the parent's triggers, which read it), in the schema of
+  any table of the metadata that ``include_name`` lets autogenerate compare,
+  that no ``trigger`` counter wants under that name (the counter switched to
+  another strategy, no longer declared, or its definition changed: the names
+  carry a hash of it) get ``op.drop_counter_trigger(...)`` (a changed shard
+  count too: the names carry it), with the definition when it is known (the
+  counter is still declared, or a migration recorded its
   ``create_counter_trigger``), so that the downgrade creates them again;
-  else by name (the downgrade cannot recreate them and says so).
+  else, or when their counted table is gone already, by name (the downgrade
+  cannot recreate them and says so).
 
 Drops come first in the upgrade (after the downgrade's restoring
-backfills), creates and their backfills last.
+backfills), creates and their backfills last. The triggers that stay are
+dropped and created again around an SQLite batch operation that copies one
+of their tables (:mod:`.batch_compare`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from sqlalchemy import inspect
 from .. import triggers
 from ..trigger_sql import is_through
 from ..errors import CounterCacheError
+from .batch_compare import around_batches
 from .history import UNKNOWN, recorded_calls
 from .operations import BackfillCounterOp, RestoreCounterOp
 from .trigger_ops import CreateCounterTriggerOp, DropCounterTriggerOp, _TriggerOp
@@ -46,6 +52,8 @@ _KEYWORDS = {"where": None, "sum": None, "parent_key": None, "schema": None, "st
              "through": None}
 #: The strategies kept by triggers that a migration creates.
 _DATABASE = ("trigger", "sharded_trigger")
+#: The suffixes of the triggers on a counter's counted table.
+_COUNTED = {*triggers.EVENTS.values(), *triggers.TRUNCATE.values()}
 
 
 def _one(names: list[str]) -> str | tuple[str, ...]:
@@ -111,28 +119,43 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
             continue
         if trigger:
             wanted[base] = (col, counter)
-    tables = {t.name for md in _metadatas(autogen_context) for t in md.tables.values()}
+    default = dialect.default_schema_name
+    tables = {(None if t.schema == default else t.schema, t.name)
+              for md in _metadatas(autogen_context) for t in md.tables.values()}
+    # (every schema a table of the metadata is in, as autogenerate's include_name lets it compare)
+    schemas = [s for s in dict.fromkeys([None, *sorted({s for s, _ in tables if s is not None})])
+               if autogen_context.run_name_filters(s, "schema", {})]
     drops: list[Any] = []
     recorded: dict[str, DropCounterTriggerOp] | None = None
-    for base, child in triggers.installed_bases(connection).items():
-        if base in wanted or child not in tables:
+    for (schema, base), found in triggers.installed_tables(connection, schemas).items():
+        # (stale: on a table of the metadata, the counted one or the parent's, whose counted table
+        # may be gone: renamed, or no longer declared)
+        if base in wanted or not any((schema, table) in tables for table in found.values()):
             continue
         if recorded is None:
             recorded = _recorded(autogen_context)
-        if base in declared:
+        counted = [table for suffix, table in found.items() if suffix in _COUNTED]
+        if not counted:  # (their counted table gone already: the downgrade could not create them there)
+            drop = DropCounterTriggerOp(child_table=next(iter(found.values())), name=base, schema=schema)
+        elif base in declared:
             drop = DropCounterTriggerOp(**declared[base].definition())
         else:
-            drop = recorded.get(base) or DropCounterTriggerOp(child_table=child, name=base)
+            drop = recorded.get(base) or DropCounterTriggerOp(child_table=counted[0], name=base, schema=schema)
         if drop.to_diff_tuple() not in present:
             drops.append(drop)
     at = next((i for i, op in enumerate(upgrade_ops.ops) if not isinstance(op, RestoreCounterOp)),
               len(upgrade_ops.ops))
     upgrade_ops.ops[at:at] = drops
+    kept: list[CreateCounterTriggerOp] = []
     for base, (col, counter) in wanted.items():
         create = create_for(counter)
         key = (create.schema, create.table_name, create.column_name)
-        if create.to_diff_tuple() in present or triggers.installed(connection, counter) or not (
-                key[:2] in created or key in added or _in_database(connection, key)):
+        if create.to_diff_tuple() in present:
+            continue
+        if triggers.installed(connection, counter):
+            kept.append(create)  # (SQLite: dropped and created again around a batch copy of one of its tables)
+            continue
+        if not (key[:2] in created or key in added or _in_database(connection, key)):
             continue  # (a column neither in the database nor added: filtered out by env.py)
         upgrade_ops.ops.append(create)
         if key[:2] in created:
@@ -143,6 +166,7 @@ def compare_triggers(autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOp
         else:
             upgrade_ops.ops.remove(backfill)  # after the create: it counts what the triggers will not
         upgrade_ops.ops.append(backfill)
+    around_batches(autogen_context, upgrade_ops, kept, present)  # (SQLite's batch copies)
 
 
 def _recorded(autogen_context: AutogenContext) -> dict[str, DropCounterTriggerOp]:
