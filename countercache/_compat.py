@@ -7,8 +7,7 @@ tests/run.py --matrix all`` runs them (README, "Tests"). When SQLAlchemy
 changes one of these, this module is the one to mend; each entry says what
 it is for.
 
-Read directly where they are used, for speed (a per-row path must not pay a
-function call), and listed here so that a search finds them all:
+Read directly where used, for speed (a per-row path must not pay a call), listed here:
 
 * ``InstanceState.committed_state``: the loaded values of changed attributes
   (the row hooks in :mod:`countercache.tracking`, :mod:`countercache.preread`,
@@ -29,6 +28,8 @@ function call), and listed here so that a search finds them all:
 * ``Connection._dbapi_connection``: the DBAPI connection under a
   connection without reconnecting it (:func:`dbapi_connection_of`); psycopg's
   own private API is in :mod:`countercache._psycopg`.
+* ``InstanceState.runid`` and ``orm.loading._new_runid()``: the query that loaded an object
+  last, and the number the next one gets (:func:`countercache.memory.take_back`).
 * ``ClauseElement._traverse_internals`` on the side table's own construct
   (:mod:`countercache.sidetable`), with :data:`InternalTraversal`, so that
   SQLAlchemy's statement cache tells two of them apart.

@@ -55,6 +55,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     refuse_rekey(state, mapper.tables, params=False)
     if not is_suspended(state.session):
         skipping.check_statement(state, mapper)  # (rows the database may skip or replace)
+        database_kept.check_leftovers(state.session, list(mapper.self_and_descendants))  # (triggers counting too)
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)
@@ -71,10 +72,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
             forget_locked(state.session)
         return None
     if state.execution_options.get("autoflush", True):
-        # SQLAlchemy autoflushes when the statement runs (invoke_statement
-        # below), which would be after the locking read: flush first, so that
-        # the read sees the rows the statement will see (the second autoflush
-        # then finds nothing to do)
+        # SQLAlchemy autoflushes when the statement runs (invoke_statement below), after the locking read:
+        # flush first, so that the read sees the rows the statement will (the second autoflush finds nothing)
         autoflush(state.session)
     if not state.is_insert:
         forget_locked(state.session)  # rows may change behind the loaded objects

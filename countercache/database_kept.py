@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _registry, config, memory, transactions
@@ -38,7 +39,7 @@ from .strategies.trigger import verify_installed
 from .trigger_sql import trigger_name
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+    from sqlalchemy.orm import Mapper, ORMExecuteState
 
     from .declaration import CounterCache
 
@@ -74,6 +75,7 @@ def forget() -> None:
     """Ask again (a counter was just resolved, or the listeners removed)."""
     _cache[0] = -1
     _fed.clear()
+    _orm_fed.clear()
 
 
 def fed_by(mappers: Any, deleting: Any = ()) -> list[CounterCache]:
@@ -158,7 +160,7 @@ def after_flush(session: Session, uow: Any) -> None:
     or where a counter configured away from them still has them."""
     written = _written(uow)
     if written:
-        _check_leftovers(session, written)
+        check_leftovers(session, written)
     if not _cache[1] and _cache[0] == config._config.generation:
         return
     kept = uow.countercache_kept = fed_by(written, _deleting(uow))
@@ -172,22 +174,30 @@ def after_flush(session: Session, uow: Any) -> None:
 _CATALOGS = ("postgresql", "sqlite", "mysql", "mariadb")
 
 
-def _check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
-    """The ORM-kept counters whose rows this flush wrote: countercache triggers of theirs
+def check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
+    """The ORM-kept counters whose rows this flush (or an ORM statement) writes: countercache triggers of theirs
     still in the database (a counter switched away from ``trigger`` whose migration did
     not drop them, or has not run) would count every row a second time: raise, naming
-    the counter (the flush is rolled back). Asked once per engine, configuration and
-    set of written classes (a catalog query per counter, at its first flush)."""
+    the counter (the flush is rolled back). Asked once per engine and counter (a catalog
+    query, at its first flush there); a session whose connections all come from its one
+    bind skips even the lookups once its classes were checked there."""
+    key = (config._config.generation, frozenset(written))
+    fed = _orm_fed.get(key)
+    if fed is None:
+        fed = [c for c in _registry.all_counters() if c.parent is not None and _registry.live(c)
+               and c.strategy() not in config.DATABASE_STRATEGIES and any(_feeds(c, m) for m in written)]
+        if len(_orm_fed) >= FED_MAX:
+            _orm_fed.clear()
+        _orm_fed[key] = fed
+    if not fed:
+        return
     bind = session.bind
     binds = getattr(session, "binds", getattr(session, "_Session__binds", True))
-    engine = getattr(bind, "engine", bind) if bind is not None and not binds else None
-    key = (config._config.generation, tuple(written))
+    engine = getattr(bind, "engine", bind) if bind is not None and not binds \
+        and type(session).get_bind is Session.get_bind else None  # (else a connection may come from elsewhere)
     if engine is not None and key in trigger_strategy.clean.get(engine, ()):
         return
-    for counter in _registry.all_counters():
-        if counter.parent is None or counter.strategy() in config.DATABASE_STRATEGIES \
-                or not _registry.live(counter) or not any(_feeds(counter, m) for m in written):
-            continue
+    for counter in fed:
         connection = session.connection(bind_arguments={"mapper": counter.child_mapper})
         if connection.dialect.name in _CATALOGS:
             trigger_strategy.verify_gone(connection, counter)
@@ -196,6 +206,10 @@ def _check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
         if len(known) >= FED_MAX:
             known.clear()
         known.add(key)
+
+
+#: (configuration generation, written mappers) -> the ORM-kept counters they feed
+_orm_fed: dict[tuple[Any, ...], list[Any]] = {}
 
 
 def _new_parents(session: Session) -> list[tuple[Any, Any]]:

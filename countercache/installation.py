@@ -278,7 +278,7 @@ _SESSION_HOOKS = (
 
 def _install_session_hooks() -> None:
     for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
-                     + legacy_bulk.SESSION_HOOKS):
+                     + legacy_bulk.SESSION_HOOKS + memory.SESSION_HOOKS):
         if not event.contains(Session, name, fn):
             event.listen(Session, name, fn)
     if not event.contains(Session, "do_orm_execute", _do_orm_execute):
@@ -288,7 +288,7 @@ def _install_session_hooks() -> None:
 def _uninstall_session_hooks() -> None:
     """Every session and row hook, and what the flush remembers of counted classes."""
     for name, fn in (skipping.SESSION_HOOKS + _SESSION_HOOKS + transactions.SESSION_HOOKS + commit.SESSION_HOOKS
-                     + legacy_bulk.SESSION_HOOKS):
+                     + legacy_bulk.SESSION_HOOKS + memory.SESSION_HOOKS):
         if event.contains(Session, name, fn):
             event.remove(Session, name, fn)
     if event.contains(Session, "do_orm_execute", _do_orm_execute):

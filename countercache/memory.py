@@ -139,11 +139,37 @@ def loaded_values(session: Session, parent: ParentTable, keys: list[tuple[Any, .
     return found
 
 
-def take_back(session: Session, refreshed: list[tuple[ParentTable, list[tuple[Any, ...]], dict[Any, Any]]]) -> None:
-    """A savepoint rolled back: the counters it set in memory (``refreshed``, in order, with
+#: savepoint (nested SessionTransaction) -> the number of the first query run inside it
+_begun: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+#: session -> what a savepoint's rollback takes back once SQLAlchemy has restored its objects
+_taking_back: weakref.WeakKeyDictionary[Session, tuple[Any, Any, int | None]] = weakref.WeakKeyDictionary()
+
+
+def _savepoint_begun(session: Session, transaction: Any) -> None:
+    if transaction.nested:
+        from sqlalchemy.orm import loading
+
+        _begun[transaction] = loading._new_runid()  # (an object a query loads inside it has a later runid)
+
+
+def take_back(session: Session, refreshed: list[tuple[ParentTable, list[tuple[Any, ...]], dict[Any, Any]]],
+              savepoint: Any) -> None:
+    """``savepoint`` rolled back: the counters it set in memory (``refreshed``, in order, with
     the values shown before each) show again what they showed before it, with no load (an
-    ``AsyncSession`` could not lazy-load them); those not loaded then are expired (and,
-    where the commit keeps objects, read back at the commit)."""
+    ``AsyncSession`` could not lazy-load them), once SQLAlchemy has put back the objects it
+    deleted (``after_soft_rollback``). Counters not loaded when first set, or of objects a
+    query loaded inside it (what they showed may be its own), are expired (and, where the
+    commit keeps objects, read back at the commit)."""
+    _taking_back[session] = (refreshed, weakref.ref(savepoint), _begun.get(savepoint))
+
+
+def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    refreshed, savepoint, since = _taking_back.pop(session, ((), None, None))
+    transaction = previous_transaction
+    while transaction is not None and transaction is not (savepoint and savepoint()):
+        transaction = transaction.parent
+    if transaction is None:  # (not this rollback's: one that raised before it ended)
+        return
     before: dict[tuple[ParentTable, Any], dict[str, Any] | None] = {}
     for parent, keys, values in refreshed:
         for pk in keys:
@@ -153,6 +179,9 @@ def take_back(session: Session, refreshed: list[tuple[ParentTable, list[tuple[An
         obj = session.identity_map.get(parent.mapper.identity_key_from_primary_key(pk))
         if obj is None:
             continue
+        runid = instance_state(obj).runid
+        if since is None or (runid is not None and runid >= since):
+            values = None  # (loaded inside the savepoint)
         missing = [str(c.key) for c in parent.counters if values is None or str(c.key) not in values]
         for key, value in (values or {}).items():
             set_committed_value(obj, key, value)
@@ -162,6 +191,9 @@ def take_back(session: Session, refreshed: list[tuple[ParentTable, list[tuple[An
     if not session.expire_on_commit:  # (used after the commit, detached: read back)
         for parent, keys in unknown.items():
             read_back_at_commit(session, parent, keys)
+
+
+SESSION_HOOKS = (("after_transaction_create", _savepoint_begun), ("after_soft_rollback", _after_soft_rollback))
 
 
 def expire(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> None:

@@ -359,7 +359,7 @@ def _after_rollback(session: Session) -> None:
         else:
             kept.append(entry)
     state.stack[:] = kept
-    memory.take_back(session, refreshed)
+    memory.take_back(session, refreshed, boundary)
 
 
 def _within(transaction: SessionTransaction | None, boundary: SessionTransaction) -> bool:

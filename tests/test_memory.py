@@ -8,7 +8,7 @@ memory lags by design, so these tests read it through ``countercache.exact``
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 import countercache
@@ -164,3 +164,53 @@ def test_a_savepoint_rolled_back_leaves_no_expired_counter_at_a_keeping_commit(e
     if strategy == "sharded":  # (its column lags until a fold)
         return
     assert user.question_count == expected  # detached: no load possible
+
+
+def stored(engine_or_session, user_id: int) -> int:
+    return engine_or_session.execute(text("SELECT question_count FROM users WHERE id = :i"), {"i": user_id}).scalar()
+
+
+def test_a_parent_loaded_inside_a_rolled_back_savepoint_shows_no_value_of_it(engine, strategy):
+    """A savepoint changes a counter while its parent is not loaded, then loads it and
+    changes it again: what it showed was the savepoint's own; after the rollback it
+    shows the database's, not that (found by a second reader)."""
+    if strategy in ("deferred", "sharded", "sharded_trigger"):
+        pytest.skip(f"{strategy}: the column changes at the commit (or a fold), not in the savepoint")
+    m, ids = qa_seeded(engine, strategy, per_user=(0,))
+    with Session(engine) as s:
+        s.execute(select(m.Question)).all()  # (the transaction begun)
+        with s.begin_nested() as savepoint:
+            s.add(m.Question(user_id=ids[0]))
+            s.flush()
+            user = s.get(m.User, ids[0])
+            assert user.question_count == 1
+            s.add(m.Question(user_id=ids[0]))
+            s.flush()
+            assert user.question_count == 2
+            savepoint.rollback()
+        assert user.question_count == stored(s, ids[0]) == 0
+        s.commit()
+    assert_counts(engine)
+
+
+def test_a_parent_deleted_inside_a_rolled_back_savepoint_comes_back_with_its_counter(engine, strategy):
+    """The savepoint deletes one of a parent's children, then the parent (and its other
+    child): SQLAlchemy puts the parent back after the rollback, with the counter it had
+    before the savepoint (found by a second reader: it kept the lowered one)."""
+    if strategy in ("deferred", "sharded", "sharded_trigger"):
+        pytest.skip(f"{strategy}: the column changes at the commit (or a fold), not in the savepoint")
+    m, ids = qa_seeded(engine, strategy, per_user=(2,), cascade="all, delete-orphan")
+    with Session(engine) as s:
+        user = s.get(m.User, ids[0])
+        assert user.question_count == 2
+        with s.begin_nested() as savepoint:
+            user.questions.pop(0)  # (an orphan: deleted)
+            s.flush()
+            assert user.question_count == 1
+            s.delete(user)
+            s.flush()
+            savepoint.rollback()
+        assert user in s
+        assert user.question_count == stored(s, ids[0]) == 2
+        s.commit()
+    assert_counts(engine)

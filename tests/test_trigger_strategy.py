@@ -408,21 +408,32 @@ def test_configuring_away_from_trigger_while_its_triggers_exist_fails_the_flush(
     assert kept(engine)[1][0] == 2
 
 
+@pytest.mark.parametrize("how", ["flush", "insert", "update", "delete"])
 @pytest.mark.parametrize("strategy", ["bulk", "deferred"])
-def test_a_counter_declared_away_from_trigger_over_its_triggers_fails_the_flush(engine, schema, strategy):
+def test_a_counter_declared_away_from_trigger_over_its_triggers_fails_the_first_write(engine, schema, strategy, how):
     """The application now declares the counter with an ORM strategy, but the migration
-    that drops its triggers was not written or not run (an outside tester's: autogenerate
-    missed it in another schema): the triggers and the ORM would both count. The first
-    flush writing its rows fails, naming it, and nothing is kept."""
+    that drops its triggers was not written or not run (outside testers': autogenerate
+    missed it in another schema; an ORM statement as the first write): the triggers and
+    the ORM would both count. The first write of its rows fails, naming it (a flush, or
+    an ORM statement before it runs), and nothing is kept."""
     with Session(engine) as s:
-        s.add(schema[3](id=1, user_id=1))
+        s.add_all([schema[3](id=1, user_id=1), schema[3](id=2, user_id=2)])
         s.commit()
     Base, Forum, User, Question = models(strategy)  # (the same tables, declared anew)
     with Session(engine) as s:
-        s.add(Question(id=2, user_id=1))
+        s.get(User, 1)  # (loaded: the statement's rows would be counted in memory too)
         with pytest.raises(countercache.CounterCacheError,
                            match=rf"User\.question_count: strategy '{strategy}' now, but the database .* still has"):
-            s.commit()
+            if how == "flush":
+                s.add(Question(id=3, user_id=1))
+                s.commit()
+            elif how == "insert":
+                s.execute(insert(Question), [{"id": 3, "user_id": 1}])
+            elif how == "update":
+                s.execute(update(Question).where(Question.id == 1).values(user_id=2))
+            else:
+                s.execute(delete(Question).where(Question.id == 1))
+        s.rollback()
     assert_exact(engine)
     assert kept(engine)[1][0] == 1
 

@@ -70,7 +70,9 @@ def _stale_alike(connection: Connection, counter: CounterCache) -> list[str]:
 
     body = triggers.trigger_name(counter).rsplit("_", 1)[0]
     schema = counter.column.table.schema  # type: ignore[union-attr]
-    alike = [b for b in triggers.installed_bases(connection, schema) if b.rsplit("_", 1)[0] == body]
+    counted = triggers.counted_table(counter).name.lower()  # (on its own counted table, not one named alike)
+    alike = [b for b, table in triggers.installed_bases(connection, schema).items()
+             if b.rsplit("_", 1)[0] == body and table.lower() == counted]
     if not alike:
         return alike
     column = counter.column
