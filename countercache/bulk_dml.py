@@ -55,7 +55,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     refuse_rekey(state, mapper.tables, params=False)
     if not is_suspended(state.session):
         skipping.check_statement(state, mapper)  # (rows the database may skip or replace)
-        database_kept.check_leftovers(state.session, list(mapper.self_and_descendants))  # (triggers counting too)
+        database_kept.check_leftovers(state.session, list(mapper.self_and_descendants), state.statement)
     child = _child_for(mapper)
     family = _family(mapper)
     cascading = state.is_delete and cascades.reaches_counted(mapper)

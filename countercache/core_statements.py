@@ -25,9 +25,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
 from ._compat import has_post_values_clause, multi_values, statement_prefixes, statement_values
+from . import database_kept
 from ._registry import all_counters
 from .bulk_rows import invoke
 from .counter_writes import refuse_rekey
@@ -55,6 +57,8 @@ def core_statement(state: ORMExecuteState) -> Any:
     kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE"
     changed = _changed_columns(state, table) if state.is_update else set()
     links, others = [], []
+    if any(counter.kind is None for counter in all_counters()):
+        configure_mappers()  # (the first statement of a process may come before any query: resolve its counters)
     for counter in all_counters():
         if counter.kind is None:
             continue
@@ -70,6 +74,7 @@ def core_statement(state: ORMExecuteState) -> Any:
         how = (f"run it on the mapped class ({_classes(others, table)}: an ORM statement is counted)" if others
                else "change the relationship's collection (counted)")
         _refuse(links + others, f"a Core {kind} on {table.name} run through the session is not counted; {how}")
+    database_kept.check_leftovers(state.session, [counter.mapper for counter in links], clause=state.statement)
     rows = _link_rows(state, table, links)
     result = invoke(state)
     fs = FlushState(state.session, None)

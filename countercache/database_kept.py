@@ -174,7 +174,7 @@ def after_flush(session: Session, uow: Any) -> None:
 _CATALOGS = ("postgresql", "sqlite", "mysql", "mariadb")
 
 
-def check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
+def check_leftovers(session: Session, written: list[Mapper[Any]], clause: Any = None) -> None:
     """The ORM-kept counters whose rows this flush (or an ORM statement) writes: countercache triggers of theirs
     still in the database (a counter switched away from ``trigger`` whose migration did
     not drop them, or has not run) would count every row a second time: raise, naming
@@ -197,8 +197,8 @@ def check_leftovers(session: Session, written: list[Mapper[Any]]) -> None:
         and type(session).get_bind is Session.get_bind else None  # (else a connection may come from elsewhere)
     if engine is not None and key in trigger_strategy.clean.get(engine, ()):
         return
-    for counter in fed:
-        connection = session.connection(bind_arguments={"mapper": counter.child_mapper})
+    for counter in fed:  # (a statement's clause: the connection its own get_bind gives it)
+        connection = session.connection(bind_arguments={"mapper": counter.child_mapper, "clause": clause})
         if connection.dialect.name in _CATALOGS:
             trigger_strategy.verify_gone(connection, counter)
     if engine is not None:

@@ -124,7 +124,7 @@ def read_back_unread(session: Session) -> None:
 
 
 def loaded_values(session: Session, parent: ParentTable, keys: list[tuple[Any, ...]]) -> dict[Any, Any]:
-    """``{key: {counter attribute: value}}`` of these parents' counters loaded in ``session``."""
+    """``{key: (object, {counter attribute: value})}`` of these parents' counters loaded in ``session``."""
     identity_map = session.identity_map
     key_from_pk = parent.mapper.identity_key_from_primary_key
     counter_keys = [str(c.key) for c in parent.counters]
@@ -135,7 +135,7 @@ def loaded_values(session: Session, parent: ParentTable, keys: list[tuple[Any, .
             loaded = instance_state(obj).dict
             values = {key: loaded[key] for key in counter_keys if key in loaded}
             if values:
-                found[pk] = values
+                found[pk] = (weakref.ref(obj), values)  # (the object: another may take its key later)
     return found
 
 
@@ -170,16 +170,17 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
         transaction = transaction.parent
     if transaction is None:  # (not this rollback's: one that raised before it ended)
         return
-    before: dict[tuple[ParentTable, Any], dict[str, Any] | None] = {}
+    before: dict[tuple[ParentTable, Any], tuple[Any, dict[str, Any]] | None] = {}
     for parent, keys, values in refreshed:
         for pk in keys:
             before.setdefault((parent, pk), values.get(pk))  # (the earliest: before the savepoint)
     unknown: dict[ParentTable, list[tuple[Any, ...]]] = {}
-    for (parent, pk), values in before.items():
+    for (parent, pk), recorded in before.items():
         obj = session.identity_map.get(parent.mapper.identity_key_from_primary_key(pk))
         if obj is None:
             continue
         runid = instance_state(obj).runid
+        values = recorded[1] if recorded is not None and recorded[0]() is obj else None  # (else another object's)
         if since is None or (runid is not None and runid >= since):
             values = None  # (loaded inside the savepoint)
         missing = [str(c.key) for c in parent.counters if values is None or str(c.key) not in values]

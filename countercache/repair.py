@@ -293,7 +293,9 @@ def _walk(bind: Any, counters: tuple[Any, ...], batch_size: int, progress: Progr
                 found.extend(drifts)
                 if repair and drifts and isinstance(bind, Session):
                     assert counter.parent is not None
-                    memory.expire(bind, counter.parent, [d.pk if isinstance(d.pk, tuple) else (d.pk,) for d in drifts])
+                    drifted = [d.pk if isinstance(d.pk, tuple) else (d.pk,) for d in drifts]
+                    transactions.remember_refreshed(bind, counter.parent, drifted)  # (a savepoint's rollback: shown before)
+                    memory.expire(bind, counter.parent, drifted)
                 done += len(keys)
                 after = hi
                 if progress is not None:

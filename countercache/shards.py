@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 
-from . import _registry, commit, memory
+from . import _registry, commit, memory, transactions
 from .errors import CounterCacheError
 from .repair import _connection
 from .scope import counters_for
@@ -180,6 +180,7 @@ def fold(bind: Engine | Connection | Session | scoped_session[Any], *counters: A
                 if not keys:
                     break
                 if isinstance(bind, Session):
+                    transactions.remember_refreshed(bind, counter.parent, keys)  # type: ignore[arg-type]
                     memory.expire(bind, counter.parent, keys)  # type: ignore[arg-type]
                 done += rows
                 if progress is not None:

@@ -112,3 +112,64 @@ def test_a_session_routing_its_flush_to_another_engine_is_checked_there(engine, 
             assert c.execute(text("SELECT post_count, (SELECT count(*) FROM posts) FROM users")).one() == (0, 0)
     finally:
         other.dispose()
+
+
+def tags(strategy: str):
+    from sqlalchemy import Column, Table
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table("post_tags", Base.metadata,
+                      Column("post_id", ForeignKey("posts.id"), primary_key=True),
+                      Column("tag_id", ForeignKey("tags.id"), primary_key=True))
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags")
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts")
+
+    return Base, Tag, Post, post_tags
+
+
+def links_and_count(engine) -> tuple[int, int]:
+    with engine.connect() as c:
+        return c.execute(text("SELECT (SELECT count(*) FROM post_tags), post_count FROM tags")).one()
+
+
+def test_a_core_insert_of_links_over_leftover_triggers_is_refused(engine):
+    """A Core INSERT of association rows through the session, counted by the ORM strategy,
+    while the counter's former triggers are still there: refused before it runs (second reader)."""
+    Base, Tag, Post, post_tags = tags("trigger")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Tag(id=1), Post(id=1), Post(id=2)])
+        s.commit()
+    Base, Tag, Post, post_tags = tags("bulk")
+    sa.orm.configure_mappers()
+    with Session(engine) as s:
+        with pytest.raises(countercache.CounterCacheError, match=r"Tag\.post_count: strategy 'bulk' now"):
+            s.execute(post_tags.insert(), [{"post_id": 1, "tag_id": 1}, {"post_id": 2, "tag_id": 1}])
+    assert links_and_count(engine) == (0, 0)
+
+
+def test_a_core_insert_of_links_before_any_query_is_counted(engine):
+    """The first thing a process does is a Core INSERT of association rows through the
+    session, before anything configured the mappers: counted (it was not: second reader)."""
+    Base, Tag, Post, post_tags = tags("bulk")
+    Base.metadata.create_all(engine)
+    with engine.begin() as c:
+        c.execute(sa.insert(Base.metadata.tables["tags"]), [{"id": 1, "post_count": 0}])
+        c.execute(sa.insert(Base.metadata.tables["posts"]), [{"id": 1}, {"id": 2}])
+    Base, Tag, Post, post_tags = tags("bulk")  # (declared anew: not configured yet)
+    with Session(engine) as s:
+        s.execute(post_tags.insert(), [{"post_id": 1, "tag_id": 1}, {"post_id": 2, "tag_id": 1}])
+        s.commit()
+    assert links_and_count(engine) == (2, 2)
+
