@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Optional
 
-from sqlalchemy import CheckConstraint, ForeignKey, String, func, select
+from sqlalchemy import CheckConstraint, Column, ForeignKey, String, Table, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from countercache import counter_cache
@@ -79,3 +79,31 @@ def qa_seeded(engine, strategy: str | None = "bulk", per_user=(3, 2, 0),
     m = qa(strategy, **kw)
     m.Base.metadata.create_all(engine)
     return m, seed(engine, m, per_user)
+
+
+def passive_links(strategy: str) -> SimpleNamespace:
+    """``Tag.post_count`` over ``post_tags``, whose foreign keys say ``ON DELETE CASCADE``,
+    both relationships ``passive_deletes=True``: a deleted post's unloaded links are left
+    to the database (and read before it goes)."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    post_tags = Table(
+        "post_tags", Base.metadata,
+        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+    )
+
+    class Tag(Base):
+        __tablename__ = "tags"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags", passive_deletes=True)
+        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
+
+    class Post(Base):
+        __tablename__ = "posts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts", passive_deletes=True)
+
+    return SimpleNamespace(Base=Base, Tag=Tag, Post=Post)

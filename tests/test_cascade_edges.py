@@ -15,12 +15,13 @@ import contextlib
 import pytest
 from typing import Iterator, Optional
 
-from sqlalchemy import Column, ForeignKey, Table, text
+from sqlalchemy import ForeignKey, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import countercache
 from countercache import counter_cache
 from helpers import assert_counts, orm_kept_only_on_mariadb
+from models import passive_links
 
 WHY = "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)"
 
@@ -90,26 +91,8 @@ def test_a_cascade_the_database_does_not_run_deletes_nothing(engine, strategy):
 def test_links_a_cascade_the_database_does_not_run_leaves(engine, strategy):
     orm_kept_only_on_mariadb(engine, strategy, WHY)
 
-    class Base(DeclarativeBase):
-        pass
-
-    post_tags = Table(
-        "post_tags", Base.metadata,
-        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
-        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
-    )
-
-    class Tag(Base):
-        __tablename__ = "tags"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags", passive_deletes=True)
-        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
-
-    class Post(Base):
-        __tablename__ = "posts"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts", passive_deletes=True)
-
+    m = passive_links(strategy)
+    Base, Tag, Post = m.Base, m.Tag, m.Post
     if strategy == "sharded":
         countercache.shard_table(Base.metadata)
     Base.metadata.create_all(engine)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 import countercache
 from countercache import counter_cache
 from helpers import assert_counts, exact_value, orm_kept_only_on_mariadb
+from models import passive_links
 
 
 def blog(strategy):
@@ -173,26 +174,8 @@ def test_links_the_database_cascade_removes(engine, strategy):
     orm_kept_only_on_mariadb(engine, strategy, "MariaDB refuses it: its foreign key actions fire no trigger (test_trigger_ddl checks the refusal)")
     from sqlalchemy import event
 
-    class Base(DeclarativeBase):
-        pass
-
-    post_tags = Table(
-        "post_tags", Base.metadata,
-        Column("post_id", ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
-        Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
-    )
-
-    class Tag(Base):
-        __tablename__ = "tags"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        posts: Mapped[list["Post"]] = relationship(secondary=post_tags, back_populates="tags", passive_deletes=True)
-        post_count: Mapped[int] = counter_cache("posts", strategy=strategy)
-
-    class Post(Base):
-        __tablename__ = "posts"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        tags: Mapped[list[Tag]] = relationship(secondary=post_tags, back_populates="posts", passive_deletes=True)
-
+    m = passive_links(strategy)
+    Base, Tag, Post = m.Base, m.Tag, m.Post
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
         engine.dispose()
