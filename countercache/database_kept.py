@@ -191,10 +191,7 @@ def check_leftovers(session: Session, written: list[Mapper[Any]], clause: Any = 
         _orm_fed[key] = fed
     if not fed:
         return
-    bind = session.bind
-    binds = getattr(session, "binds", getattr(session, "_Session__binds", True))
-    engine = getattr(bind, "engine", bind) if bind is not None and not binds \
-        and type(session).get_bind is Session.get_bind else None  # (else a connection may come from elsewhere)
+    engine = _one_engine(session)
     if engine is not None and key in trigger_strategy.clean.get(engine, ()):
         return
     for counter in fed:  # (a statement's clause: the connection its own get_bind gives it)
@@ -220,12 +217,21 @@ def _new_parents(session: Session) -> list[tuple[Any, Any]]:
     return [(parent, obj) for obj in session.new for cls, parent in parents.items() if isinstance(obj, cls)]
 
 
-def _verify(session: Session, counter: CounterCache) -> None:
-    """The counter's triggers exist where its rows are written, and its parents are there too."""
+def _one_engine(session: Session) -> Any:
+    """The engine every connection of ``session`` comes from (one bind, no ``binds=``, the
+    default ``get_bind``), else None (a connection may come from another engine)."""
     bind = session.bind
     binds = getattr(session, "binds", getattr(session, "_Session__binds", True))  # (its name in SQLAlchemy 2.0 / 2.1)
-    if bind is not None and not binds:  # (one bind: the usual case)
-        found = trigger_strategy._verified.get(getattr(bind, "engine", bind))
+    if bind is None or binds or type(session).get_bind is not Session.get_bind:
+        return None
+    return getattr(bind, "engine", bind)
+
+
+def _verify(session: Session, counter: CounterCache) -> None:
+    """The counter's triggers exist where its rows are written, and its parents are there too."""
+    engine = _one_engine(session)
+    if engine is not None:  # (one bind: the usual case)
+        found = trigger_strategy._verified.get(engine)
         if found is not None and trigger_name(counter) in found:
             return
     child_bind = session.get_bind(mapper=counter.child_mapper)
